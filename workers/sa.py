@@ -1,0 +1,182 @@
+"""Runtime SA state used by the per-packet path, and the table the codecs look SAs up in.
+
+An ``SaState`` is built once from an ``SaRecord`` (pipeline/satable.py): cipher objects,
+salt, outer header template, replay window and counters. Building it validates the record's
+key material; the per-packet path can then assume a well-formed SA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from pipeline.batch import Batch
+from pipeline.satable import Direction, Protocol, SaRecord, SaRecordError
+from workers.algorithms import AlgorithmError, CipherKind, EspTransform, IntegAlg, parse_ah, parse_esp
+from workers.replay import ReplayWindow
+
+__all__ = ["SaState", "SaTable"]
+
+SEQ_MAX_32 = (1 << 32) - 1
+SEQ_MAX_64 = (1 << 64) - 1
+
+AeadCall = Callable[[bytes, bytes, bytes, memoryview], int]
+
+
+class SaState:
+    """One SA as a worker holds it."""
+
+    __slots__ = (
+        "record", "index", "esp", "integ", "salt", "aead_encrypt_into", "aead_decrypt_into",
+        "ecb_encrypt", "ecb_decrypt", "integ_key", "replay", "seq_out", "packets", "bytes",
+        "local_addr", "remote_addr",
+    )
+
+    def __init__(self, record: SaRecord, index: int) -> None:
+        self.record = record
+        self.index = index
+        self.esp: EspTransform | None = None
+        self.integ: IntegAlg | None = None
+        self.salt = b""
+        self.aead_encrypt_into: AeadCall | None = None
+        self.aead_decrypt_into: AeadCall | None = None
+        self.ecb_encrypt: CipherContext | None = None
+        self.ecb_decrypt: CipherContext | None = None
+        self.integ_key = record.integ_key
+        self.local_addr = record.local_addr.packed
+        self.remote_addr = record.remote_addr.packed
+        try:
+            self._init_crypto(record)
+        except AlgorithmError as exc:
+            raise SaRecordError(f"alg: {exc}") from None
+        self.replay = ReplayWindow(record.replay_window, record.esn)
+        self.seq_out = 0  # last sequence number reserved (outbound)
+        self.packets = 0
+        self.bytes = 0
+
+    def _init_crypto(self, record: SaRecord) -> None:
+        if record.protocol is Protocol.AH:
+            self.integ, _ = parse_ah(record.alg)
+            self._check_len("integ_key", record.integ_key, self.integ.key_len)
+            return
+        esp = self.esp = parse_esp(record.alg)
+        self.integ = esp.integ
+        key = record.enc_key
+        self._check_len("enc_key", key, esp.key_material_len)
+        if esp.integ is not None:
+            self._check_len("integ_key", record.integ_key, esp.integ.key_len)
+        if esp.kind is CipherKind.AEAD_AES_GCM:
+            aead: AESGCM | ChaCha20Poly1305 = AESGCM(key[: esp.enc_key_len])
+        elif esp.kind is CipherKind.AEAD_CHACHA20_POLY1305:
+            aead = ChaCha20Poly1305(key[: esp.enc_key_len])
+        elif esp.kind is CipherKind.AES_CBC:
+            # CBC is run as ECB over a whole batch with the chaining done in numpy
+            # (workers/esp.py), so one context per SA serves every packet.
+            cipher = Cipher(algorithms.AES(key), modes.ECB())
+            self.ecb_encrypt = cipher.encryptor()
+            self.ecb_decrypt = cipher.decryptor()
+            return
+        else:
+            return
+        self.salt = key[esp.enc_key_len :]
+        self.aead_encrypt_into = aead.encrypt_into
+        self.aead_decrypt_into = aead.decrypt_into
+
+    @staticmethod
+    def _check_len(name: str, key: bytes, want: int) -> None:
+        if len(key) != want:
+            raise SaRecordError(f"{name}: {len(key)} bytes given, the algorithm needs {want}")
+
+    @property
+    def seq_limit(self) -> int:
+        return SEQ_MAX_64 if self.record.esn else SEQ_MAX_32
+
+    def reserve(self, count: int) -> int:
+        """Reserve ``count`` consecutive outbound sequence numbers; returns the first.
+
+        Numbers are never reissued. Returns 0 when fewer than ``count`` remain (the caller
+        drops those packets as SEQ_OVERFLOW: RFC 4303 §3.3.3 forbids cycling the counter).
+        """
+        first = self.seq_out + 1
+        if first + count - 1 > self.seq_limit:
+            return 0
+        self.seq_out += count
+        return first
+
+
+class SaTable:
+    """SAs by index, with a vectorized inbound lookup by (protocol, SPI)."""
+
+    def __init__(self) -> None:
+        self._sas: list[SaState | None] = []
+        self._keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self._idx: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
+
+    def install(self, record: SaRecord, index: int | None = None) -> SaState:
+        if index is None:
+            index = next((i for i, s in enumerate(self._sas) if s is None), len(self._sas))
+        while len(self._sas) <= index:
+            self._sas.append(None)
+        state = SaState(record, index)
+        self._sas[index] = state
+        self._reindex()
+        return state
+
+    def remove(self, index: int) -> None:
+        if 0 <= index < len(self._sas):
+            self._sas[index] = None
+            self._reindex()
+
+    def __getitem__(self, index: int) -> SaState | None:
+        return self._sas[index] if 0 <= index < len(self._sas) else None
+
+    def __iter__(self) -> Iterator[SaState]:
+        return (s for s in self._sas if s is not None)
+
+    def __len__(self) -> int:
+        return len(self._sas)
+
+    def _reindex(self) -> None:
+        inbound = [s for s in self._sas if s is not None and s.record.direction is Direction.IN]
+        keys = np.array([(int(s.record.protocol) << 32) | s.record.spi for s in inbound],
+                        dtype=np.uint64)
+        order = np.argsort(keys)
+        self._keys = keys[order]
+        self._idx = np.array([s.index for s in inbound], dtype=np.uint32)[order]
+
+    def lookup_inbound(
+        self, protocol: int, spi: npt.NDArray[np.uint32]
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
+        """SA indices for SPIs (RFC 4301 §4.1: unicast SAs are found by SPI alone)."""
+        keys = (np.uint64(protocol) << np.uint64(32)) | spi.astype(np.uint64)
+        if self._keys.size == 0:
+            return np.zeros(spi.shape, np.uint32), np.zeros(spi.shape, np.bool_)
+        pos = np.searchsorted(self._keys, keys).clip(0, self._keys.size - 1)
+        found = self._keys[pos] == keys
+        return self._idx[pos], found
+
+    def assign_sequence(self, batch: Batch) -> None:
+        """Give each passing packet the next sequence numbers of its outbound SA, in order.
+
+        The data plane's dispatcher does this per batch (DESIGN §4); packets beyond the
+        counter's end get 0, which the codec drops as SEQ_OVERFLOW.
+        """
+        meta = batch.active()
+        live = np.flatnonzero(meta["verdict"] == 0)
+        sa_of = meta["sa"][live]
+        for key in np.unique(sa_of).tolist():
+            sa = self[key]
+            if sa is None:
+                continue
+            sel = live[sa_of == key]
+            room = sa.seq_limit - sa.seq_out
+            count = min(sel.size, room)
+            seq = np.zeros(sel.size, dtype=np.uint64)
+            if count:
+                first = sa.reserve(count)
+                seq[:count] = np.arange(first, first + count, dtype=np.uint64)
+            meta["seq"][sel] = seq
