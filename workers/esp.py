@@ -1,15 +1,19 @@
 """ESP (RFC 4303) encapsulation and decapsulation of whole batches, in place, sans-IO.
 
-Headers, nonces, padding, lengths and checksums are computed for the whole batch with numpy;
-the AEAD (or cipher and HMAC) runs once per packet into the batch buffer itself. Nothing in
-the per-packet path raises: each packet leaves with a verdict (pipeline/batch.py ``Verdict``),
+Headers, nonces, padding, lengths and checksums are computed for the whole batch with numpy
+(workers/layout.py views the headers of a group of packets as one structured array); the
+AEAD, or the cipher and HMAC, runs once per packet into the batch buffer itself. Nothing in
+the per-packet path raises: each packet leaves with a verdict (pipeline/batch.py ``Verdict``)
 and the caller counts them.
 
-Packet layout produced by ``encap`` (tunnel mode; transport keeps the original IP header):
+Packets are processed in *groups* that share an SA and a header layout (where the packet
+starts in its slot, IP version and header length, UDP encapsulation). Steady traffic makes
+one group per batch, and a group that is the whole batch works on live views with no copy.
 
-    [outer IPv4/IPv6][UDP 4500 (RFC 3948)][SPI|Seq (RFC 4303 §2)][IV][inner packet ...
-     ... TFC pad][Padding 1,2,3..][Pad Length][Next Header][ICV]
-                                              ^ encrypted from IV+len(IV) to Next Header
+Encapsulated packet (tunnel mode; transport keeps the original IP header in front):
+
+    [outer IPv4/IPv6][UDP (RFC 3948)][SPI|Seq][IV][inner packet|TFC][Padding|PadLen|NH][ICV]
+                                                  \\___________ encrypted _______________/
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import starmap
 
 import numpy as np
@@ -28,461 +32,595 @@ from pipeline.batch import Batch, Verdict
 from pipeline.satable import Direction, Mode, Protocol
 from workers import vec
 from workers.algorithms import CipherKind, EspTransform
+from workers.layout import (
+    INNER_PEEK,
+    GroupRows,
+    first_failure,
+    group_by,
+    header_dtype,
+    rows,
+    windows,
+)
 from workers.sa import SaState, SaTable
 from workers.views import SlotArgCache
 
 __all__ = ["EspCodec"]
 
 I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 Mask = npt.NDArray[np.bool_]
+Sel = slice | I64
 
-# Field sizes and offsets, RFC 4303 §2 and RFC 791 / RFC 8200 / RFC 768.
+# RFC 4303 §2, RFC 791, RFC 8200, RFC 768.
 ESP_HDR_LEN = 8  # SPI (4) + Sequence Number (4)
 ESP_TRAILER_LEN = 2  # Pad Length (1) + Next Header (1)
 IPV4_HDR_LEN = 20
 IPV6_HDR_LEN = 40
 UDP_HDR_LEN = 8
 PROTO_UDP = 17
-NH_IPV4 = 4  # IANA protocol number of IPv4-in-IP, the Next Header of a tunnelled IPv4 packet
+NH_IPV4 = 4  # Next Header of a tunnelled IPv4 packet (IANA: IPv4 encapsulation)
 NH_IPV6 = 41
 NH_NONE = 59  # RFC 4303 §2.6: a dummy packet
 OUTER_TTL = 64
-# RFC 3948 §2.2: a UDP payload starting with a zero SPI is a Non-ESP Marker (IKE).
-NAT_KEEPALIVE = 0xFF  # RFC 3948 §2.3: a one-byte 0xFF UDP payload
-# IPv6 extension headers that ESP in transport mode would have to step over (RFC 8200 §4);
+IPV4_DF = 0x4000
+NAT_KEEPALIVE = 0xFF  # RFC 3948 §2.3: a one-byte UDP payload of 0xFF
+# IPv6 extension headers that transport-mode ESP would have to step over (RFC 8200 §4);
 # this data plane does not, and says so with Verdict.UNSUPPORTED.
-IPV6_EXT_HEADERS = np.array([0, 43, 44, 51, 60, 135, 139, 140, 253, 254])
+IPV6_EXT_HEADERS = (0, 43, 44, 51, 60, 135, 139, 140, 253, 254)
+MAX_PAD = 255
 
-_nothing: deque[object] = deque(maxlen=0)  # consumes an iterator at C speed
+# Row p: the trailer of a packet with p bytes of padding, before its Next Header:
+# 1, 2, ..., p (RFC 4303 §2.4 default padding), then Pad Length p. Written with a fixed
+# width; what lies beyond a packet's trailer is where its ICV goes, written afterwards.
+_TRAILERS = np.zeros((MAX_PAD + 1, MAX_PAD + 2), dtype=np.uint8)
+for _p in range(MAX_PAD + 1):
+    _TRAILERS[_p, :_p] = np.arange(1, _p + 1)
+    _TRAILERS[_p, _p] = _p
+_COLS = np.arange(MAX_PAD + 2)
+# By IP version nibble: the shortest packet of that version (IPv4 20, IPv6 40; others never).
+_MIN_INNER_LEN = np.full(16, 1 << 30, dtype=np.int64)
+_MIN_INNER_LEN[4], _MIN_INNER_LEN[6] = IPV4_HDR_LEN, IPV6_HDR_LEN
+_IS_V6 = (np.arange(16) == 6).astype(np.uint8)
+_NH_OF_VERSION = np.zeros(16, dtype=np.uint8)  # Next Header a tunnelled packet must carry
+_NH_OF_VERSION[4], _NH_OF_VERSION[6] = NH_IPV4, NH_IPV6
+# The four bytes before Pad Length for a pad of p <= 4: the last p are 1..p.
+_PAD_MASK = np.zeros((5, 4), dtype=np.uint8)
+_PAD_EXPECT = np.zeros((5, 4), dtype=np.uint8)
+for _p in range(5):
+    if _p:
+        _PAD_MASK[_p, 4 - _p :] = 0xFF
+        _PAD_EXPECT[_p, 4 - _p :] = np.arange(1, _p + 1)
+_PAD_MASK32 = _PAD_MASK.view("<u4")[:, 0].copy()
+_PAD_EXPECT32 = _PAD_EXPECT.view("<u4")[:, 0].copy()
+# Byte 0, and the protocol byte of an IPv4 (offset 9) and IPv6 (offset 6) header.
+_PROTO_PEEK = np.dtype({"names": ["b0", "p6", "p4"], "formats": ["u1", "u1", "u1"],
+                        "offsets": [0, 6, 9], "itemsize": 10})
+_IV64 = np.dtype(">u8")
+# The same with the Next Header of a tunnelled IPv4 (row 0) or IPv6 (row 1) packet.
+_TUNNEL_TRAILERS = np.stack([_TRAILERS, _TRAILERS])
+for _p in range(MAX_PAD + 1):
+    _TUNNEL_TRAILERS[0, _p, _p + 1] = NH_IPV4
+    _TUNNEL_TRAILERS[1, _p, _p + 1] = NH_IPV6
 
 
-def _consume(it: object) -> None:
-    _nothing.extend(it)  # type: ignore[call-overload]
+def _bases(batch: Batch) -> I64:
+    """Offset of each slot in the batch buffer."""
+    bases = batch._views.get("bases")
+    if not isinstance(bases, np.ndarray):
+        bases = np.arange(batch.capacity, dtype=np.int64) * batch.slot_size
+        batch._views["bases"] = bases
+    return bases
 
 
-def _align(n: I64, block: int) -> I64:
-    return (n + block - 1) // block * block
+def _arange(batch: Batch) -> I64:
+    idx = batch._views.get("arange")
+    if not isinstance(idx, np.ndarray):
+        idx = np.arange(batch.capacity, dtype=np.int64)
+        batch._views["arange"] = idx
+    return idx
+
+_nothing: deque[object] = deque(maxlen=0)
+
+
+def _consume(it: Iterable[object]) -> None:
+    """Run an iterator to its end at C speed (no per-item bytecode)."""
+    _nothing.extend(it)
 
 
 class EspCodec:
     """Encapsulate and decapsulate batches for the ESP SAs of an ``SaTable``.
 
-    ``random`` supplies CBC IVs (RFC 3602 §2: unpredictable); AEAD IVs are the 64-bit
-    sequence number, unique per SA by construction (RFC 4106 §3.1, RFC 7634 §2).
+    ``random`` supplies CBC IVs (RFC 3602 §2: unpredictable). AEAD IVs are the 64-bit
+    sequence number: unique per SA by construction (RFC 4106 §3.1, RFC 7634 §2).
     """
 
     def __init__(self, sas: SaTable, random: Callable[[int], bytes] = os.urandom) -> None:
         self.sas = sas
         self.random = random
 
-    # ------------------------------------------------------------------ helpers
     @staticmethod
     def _cache(batch: Batch, name: str, tag_delta: int) -> SlotArgCache:
         cache = batch._views.get(name)
-        if cache is None:
+        if not isinstance(cache, SlotArgCache):
             cache = SlotArgCache(batch.data, batch.capacity, tag_delta)
             batch._views[name] = cache
-        assert isinstance(cache, SlotArgCache)
         return cache
 
-    def _groups(self, batch: Batch, direction: Direction) -> list[tuple[SaState, I64]]:
-        """Packets still passing, grouped by SA, in slot order; unknown SAs dropped NO_SA."""
-        meta = batch.active()
-        live = np.flatnonzero(meta["verdict"] == Verdict.PASS)
-        if live.size == 0:
-            return []
-        sa_of = meta["sa"][live]
-        first = int(sa_of[0])
-        if (sa_of == first).all():
-            keys, groups = [first], [live]
-        else:
-            order = np.argsort(sa_of, kind="stable")
-            keys_arr, starts = np.unique(sa_of[order], return_index=True)
-            keys = keys_arr.tolist()
-            groups = np.split(live[order], starts[1:])
-        out = []
-        for key, slots in zip(keys, groups, strict=True):
-            sa = self.sas[key]
-            if (sa is None or sa.esp is None or sa.record.direction is not direction
-                    or sa.record.protocol is not Protocol.ESP):
-                meta["verdict"][slots] = Verdict.NO_SA
-                continue
-            out.append((sa, slots.astype(np.int64)))
-        return out
+    def _sa(self, index: int, direction: Direction) -> SaState | None:
+        sa = self.sas[index]
+        if (sa is None or sa.esp is None or sa.record.direction is not direction
+                or sa.record.protocol is not Protocol.ESP):
+            return None
+        return sa
 
-    # ------------------------------------------------------------------ encap
+    # ================================================================== encap
     def encap(self, batch: Batch) -> None:
-        """ESP-protect every passing packet for the outbound SA in its ``sa`` column.
+        """ESP-protect every passing packet with the outbound SA named in its ``sa`` column.
 
-        Each packet's ``seq`` must hold its reserved sequence number (pipeline dispatcher,
-        or ``SaTable.assign_sequence``); 0 means none was left and drops as SEQ_OVERFLOW.
+        Each packet's ``seq`` holds its reserved sequence number (the dispatcher's, or
+        ``SaTable.assign_sequence``); 0 means none was left: SEQ_OVERFLOW.
         """
-        for sa, slots in self._groups(batch, Direction.OUT):
-            self._encap_sa(batch, sa, slots)
+        n, meta, size = batch.count, batch.meta, batch.slot_size
+        if n == 0:
+            return
+        bases = _bases(batch)
+        if not meta["verdict"][:n].any():
+            # Fast path: one SA, every packet at the same place in its slot.
+            sa_col, off = meta["sa"][:n], meta["offset"][:n]
+            s0, c0 = int(sa_col[0]), int(off[0])
+            if (sa_col == s0).all() and (off == bases[:n] + c0).all() and c0 < size:
+                sa = self._sa(s0, Direction.OUT)
+                if sa is not None:
+                    self._encap_group(batch, sa, _arange(batch)[:n], c0, True)
+                    return
+        live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
+        if live.size == 0:
+            return
+        in_slot = meta["offset"][live].astype(np.int64) - bases[live]
+        key = (meta["sa"][live].astype(np.int64) << 20) | (in_slot & 0xFFFFF)
+        bad_off = (in_slot < 0) | (in_slot >= size)
+        for k, pos in group_by(np.where(bad_off, -1, key)):
+            slots = live[pos]
+            sa = self._sa(k >> 20, Direction.OUT) if k >= 0 else None
+            if sa is None:
+                meta["verdict"][slots] = Verdict.NO_SA if k >= 0 else Verdict.RUNT
+                continue
+            self._encap_group(batch, sa, slots, k & 0xFFFFF, slots.size == n)
 
-    def _encap_sa(self, batch: Batch, sa: SaState, slots: I64) -> None:
-        meta, data, rec = batch.meta, batch.data, sa.record
-        t = sa.esp
+    def _encap_group(self, batch: Batch, sa: SaState, slots: I64, c: int, dense: bool) -> None:
+        """Packets of one SA whose IP header starts at byte ``c`` of their slots."""
+        rec, t = sa.record, sa.esp
         assert t is not None
-        verdict = meta["verdict"]
-        off = meta["offset"][slots].astype(np.int64)
-        length = meta["length"][slots].astype(np.int64)
-        seq = meta["seq"][slots]
-        version = data[off] >> 4
-        bad = np.where(seq == 0, Verdict.SEQ_OVERFLOW, Verdict.PASS)
-        bad = np.where((seq > sa.seq_limit) & (bad == 0), Verdict.SEQ_OVERFLOW, bad)
+        data, meta, size = batch.data, batch.meta, batch.slot_size
+        sel: Sel = slice(0, slots.size) if dense else slots
+        length = meta["length"][sel].astype(np.int64)
+        seq = meta["seq"][sel]
+        peek = GroupRows(data, INNER_PEEK, size, c, slots, dense).rec
+        b0 = peek["b0"]
         tunnel = rec.mode is Mode.TUNNEL
-        if tunnel:
-            ok_version = ((version == 4) & (length >= IPV4_HDR_LEN)) | (
-                (version == 6) & (length >= IPV6_HDR_LEN))
-            bad = np.where(~ok_version & (bad == 0), Verdict.PROTO, bad)
-            next_header = np.where(version == 4, NH_IPV4, NH_IPV6)
-            ip_len = np.zeros_like(off)
-            payload_len = np.maximum(length, rec.tfc_pad)  # RFC 4303 §2.7 TFC padding
-            outer_hdr = IPV6_HDR_LEN if rec.ipv6 else IPV4_HDR_LEN
-        else:
-            want = 6 if rec.ipv6 else 4
-            ip_len = np.where(version == 4, (data[off] & 0xF).astype(np.int64) * 4, IPV6_HDR_LEN)
-            next_header = np.where(version == 4, data[off + 9], data[off + 6]).astype(np.int64)
-            frag = np.where(version == 4, vec.be16(data, off + 6) & 0x3FFF, 0)
-            bad = np.where((version != want) & (bad == 0), Verdict.PROTO, bad)
-            bad = np.where((length < ip_len) & (bad == 0), Verdict.RUNT, bad)
-            bad = np.where((frag != 0) & (bad == 0), Verdict.FRAGMENT, bad)
-            ext = (version == 6) & np.isin(next_header, IPV6_EXT_HEADERS)
-            bad = np.where(ext & (bad == 0), Verdict.UNSUPPORTED, bad)
-            payload_len = length - ip_len
-            outer_hdr = 0
-        ct_start = off + ip_len  # the payload is encrypted where it lies
-        padded = _align(payload_len + ESP_TRAILER_LEN, t.block_len)
         udp = UDP_HDR_LEN if rec.encap is not None else 0
-        esp_off = ct_start - t.iv_len - ESP_HDR_LEN
-        new_off = esp_off - udp - (outer_hdr if tunnel else ip_len)
-        slot_base = slots * batch.slot_size
-        esn_room = 4 if (rec.esn and not t.is_aead) else 0
-        fits = (new_off >= slot_base) & (
-            ct_start + padded + t.icv_len + esn_room <= slot_base + batch.slot_size)
-        bad = np.where(~fits & (bad == 0), Verdict.TOO_BIG, bad)
-        if bad.any():
-            verdict[slots] = bad
-            keep = bad == 0
-            if not keep.any():
-                return
-            slots, off, length, seq, version = slots[keep], off[keep], length[keep], seq[keep], version[keep]
-            next_header, ip_len, payload_len = next_header[keep], ip_len[keep], payload_len[keep]
-            ct_start, padded, esp_off, new_off = ct_start[keep], padded[keep], esp_off[keep], new_off[keep]
-        n = slots.size
-
-        if not tunnel:
-            # Transport mode: the IP header moves to the front of the new packet (RFC 4303
-            # §3.1.1); take a copy before the ESP header overwrites its old place.
-            hdr_width = int(ip_len.max())
-            saved_hdr = vec.gather(data, off, hdr_width)
-        elif rec.tfc_pad:
-            extra = payload_len - length
-            if extra.any():
-                width = int(extra.max())
-                vec.scatter_masked(data, off + length, np.zeros((n, width), np.uint8), extra)
-
-        # Padding 1, 2, 3, ... (RFC 4303 §2.4), Pad Length, Next Header.
-        pad = padded - payload_len - ESP_TRAILER_LEN
-        trailer_at = ct_start + payload_len
-        max_pad = int(pad.max())
-        if max_pad:
-            pattern = np.broadcast_to(np.arange(1, max_pad + 1, dtype=np.uint8), (n, max_pad))
-            vec.scatter_masked(data, trailer_at, pattern, pad)
-        data[ct_start + padded - 2] = pad
-        data[ct_start + padded - 1] = next_header
-
-        # ESP header: SPI, low 32 bits of the sequence number (RFC 4303 §2.1, §2.2).
-        vec.put_be32(data, esp_off, rec.spi)
-        vec.put_be32(data, esp_off + 4, seq & np.uint64(0xFFFFFFFF))
-
-        if t.is_aead:
-            self._aead_encrypt(batch, sa, t, slots, seq, esp_off, ct_start, padded)
-        else:
-            self._cbc_hmac_encrypt(batch, sa, t, slots, seq, esp_off, ct_start, padded)
-        ct_end = ct_start + padded + t.icv_len
-        esp_len = ct_end - esp_off
-
-        if udp:
-            # RFC 3948 §2.1: UDP header before ESP; checksum zero over IPv4.
-            udp_off = esp_off - UDP_HDR_LEN
-            vec.put_be16(data, udp_off, rec.encap.local_port)  # type: ignore[union-attr]
-            vec.put_be16(data, udp_off + 2, rec.encap.remote_port)  # type: ignore[union-attr]
-            vec.put_be16(data, udp_off + 4, esp_len + UDP_HDR_LEN)
-            vec.put_be16(data, udp_off + 6, 0)
-        proto = PROTO_UDP if udp else int(Protocol.ESP)
-        total = ct_end - new_off
-
         if tunnel:
-            inner_tos = np.where(version == 4, data[off + 1],
-                                 ((data[off] & 0x0F) << 4) | (data[off + 1] >> 4))
-            df = np.where(version == 4, data[off + 6] & 0x40, 0)
-            if rec.ipv6:
-                self._write_ipv6(data, new_off, inner_tos, total - IPV6_HDR_LEN, proto,
-                                 sa.local_addr, sa.remote_addr)
-            else:
-                self._write_ipv4(data, new_off, inner_tos, total, seq, df, proto,
-                                 sa.local_addr, sa.remote_addr)
+            version = b0 >> 4
+            ip_len = 0
+            checks = [(length < _MIN_INNER_LEN[version], Verdict.PROTO)]
+            payload_len = np.maximum(length, rec.tfc_pad) if rec.tfc_pad else length
+            outer = IPV6_HDR_LEN if rec.ipv6 else IPV4_HDR_LEN
+            new_c = c - outer - udp - ESP_HDR_LEN - t.iv_len
         else:
-            vec.scatter_masked(data, new_off, saved_hdr, ip_len)
-            if rec.ipv6:
-                data[new_off + 6] = proto
-                vec.put_be16(data, new_off + 4, total - IPV6_HDR_LEN)
+            if not (b0 == b0[0]).all():  # mixed header lengths: one group per layout
+                for _, pos in group_by(b0.astype(np.int64)):
+                    self._encap_group(batch, sa, slots[pos], c, False)
+                return
+            version_no = int(b0[0]) >> 4
+            ip_len = (int(b0[0]) & 0xF) * 4 if version_no == 4 else IPV6_HDR_LEN
+            if version_no != rec.local_addr.version or ip_len < IPV4_HDR_LEN:
+                meta["verdict"][slots] = Verdict.PROTO
+                return
+            ip = GroupRows(data, header_dtype(version_no, ip_len, False, 0), size, c, slots,
+                           dense).rec["ip"]
+            checks = [(length < ip_len, Verdict.RUNT)]
+            if version_no == 6:
+                next_header = ip["next_header"]
+                checks.append((np.isin(next_header, IPV6_EXT_HEADERS), Verdict.UNSUPPORTED))
             else:
-                data[new_off + 9] = proto
-                vec.put_be16(data, new_off + 2, total)
-                self._ipv4_checksum(data, new_off, ip_len)
-        if udp and rec.ipv6:
-            self._udp6_checksum(data, new_off, total)
+                next_header = ip["proto"]
+                checks.append(((ip["frag"] & 0x3FFF) != 0, Verdict.FRAGMENT))
+            payload_len = length - ip_len
+            new_c = c - udp - ESP_HDR_LEN - t.iv_len
+        block = t.block_len  # a power of two
+        padded = (payload_len + (ESP_TRAILER_LEN + block - 1)) & -block
+        esn_room = 4 if (rec.esn and not t.is_aead) else 0
+        room = size - (c + ip_len + t.icv_len + esn_room) if new_c >= 0 else -1
+        checks += [
+            (seq - np.uint64(1) >= np.uint64(sa.seq_limit), Verdict.SEQ_OVERFLOW),  # 0 or past
+            (padded > room, Verdict.TOO_BIG),
+        ]
+        verdicts = first_failure(checks, slots.size)
+        if verdicts is not None:
+            meta["verdict"][slots] = verdicts
+            keep = verdicts == 0
+            if keep.any():
+                self._encap_group(batch, sa, slots[keep], c, False)
+            return
 
-        meta["offset"][slots] = new_off
-        meta["length"][slots] = total
+        n = slots.size
+        base = _bases(batch)[:n] if dense else slots * size
+        ct_c = c + ip_len  # the payload is encrypted where it lies
+        ct_start = base + ct_c
+        if tunnel and rec.tfc_pad and (extra := payload_len - length).any():
+            # RFC 4303 §2.7: TFC padding (zeros) after the inner packet.
+            vec.scatter_masked(data, ct_start + length,
+                               np.zeros((n, int(extra.max())), np.uint8), extra)
+        # Trailer: padding 1, 2, 3, ..., Pad Length (RFC 4303 §2.4), Next Header (§2.6).
+        # Written with a fixed width per algorithm: what spills past a packet's trailer lands
+        # where its ICV goes, which is written afterwards.
+        pad = padded - payload_len - ESP_TRAILER_LEN
+        width = block + ESP_TRAILER_LEN - 1 if block > 4 else 5
+        if int(pad.max()) + ESP_TRAILER_LEN > width:  # TFC or odd lengths: the long way
+            width = int(pad.max()) + ESP_TRAILER_LEN
+        if tunnel:
+            trailer = _TUNNEL_TRAILERS[_IS_V6[version], pad, :width]
+        else:
+            trailer = _TRAILERS[pad, :width]
+            trailer[np.arange(n), pad + 1] = next_header
+        windows(data, width)[ct_start + payload_len] = trailer
+
+        # The header block [IP][UDP][ESP][IV] at new_c of every slot.
+        dtype = header_dtype(6 if rec.ipv6 else 4, outer if tunnel else ip_len, bool(udp),
+                             t.iv_len)
+        total = (ct_c - new_c) + padded + t.icv_len  # the new packet's length
+        if not tunnel:
+            old = GroupRows(data, dtype, size, c, slots, dense).rec
+            old_ip = old["ip"].copy()
+            old_opts = old["ip_options"].copy() if "ip_options" in dtype.names else None
+        hdr = GroupRows(data, dtype, size, new_c, slots, dense)
+        h = hdr.rec
+        if tunnel:
+            raw = hdr.fill(self._template(sa, dtype))
+            ip = h["ip"]
+            all_v4 = not _IS_V6[version].any()
+            # RFC 4301 §5.1.2.1: DSCP and ECN are copied from the inner header.
+            tos = peek["b1"] if all_v4 else np.where(
+                version == 4, peek["b1"], ((b0 & 0x0F) << 4) | (peek["b1"] >> 4))
+            if rec.ipv6:
+                ip["ver_tc_flow"] = (tos.astype(np.uint32) << 20) | 0x60000000
+                ip["payload_length"] = total - IPV6_HDR_LEN
+            else:
+                raw[:, 1] = tos
+                ip["total_length"] = total
+                ident = seq & np.uint64(0xFFFF)  # distinct over 2^16 packets of this SA
+                ip["ident"] = ident
+                # DF is copied from an inner IPv4 header (RFC 4301 §8.1 default).
+                df = peek["b6"] & 0x40 if all_v4 else np.where(version == 4, peek["b6"] & 0x40, 0)
+                raw[:, 6] = df
+                # RFC 1071 sum: the template's words plus the fields set here.
+                total_sum = (ident + np.uint64(self._template_sum(sa, dtype))) + (
+                    (tos.astype(np.uint64) << np.uint64(8)) + (df.astype(np.uint64) << np.uint64(8))
+                    + total.astype(np.uint64))
+                ip["checksum"] = 0xFFFE - (total_sum - np.uint64(1)) % np.uint64(0xFFFF)
+        else:
+            h["ip"] = old_ip
+            if old_opts is not None:
+                h["ip_options"] = old_opts
+            proto = PROTO_UDP if udp else int(Protocol.ESP)
+            h["esp"]["spi"] = rec.spi
+            if rec.ipv6:
+                h["ip"]["next_header"] = proto
+                h["ip"]["payload_length"] = total - IPV6_HDR_LEN
+            else:
+                h["ip"]["proto"] = proto
+                h["ip"]["total_length"] = total
+        if udp:
+            assert rec.encap is not None
+            if not tunnel:
+                h["udp"]["sport"] = rec.encap.local_port
+                h["udp"]["dport"] = rec.encap.remote_port
+            h["udp"]["length"] = padded + (UDP_HDR_LEN + ESP_HDR_LEN + t.iv_len + t.icv_len)
+        h["esp"]["seq"] = seq  # RFC 4303 §2.2: the low 32 bits (assignment truncates)
+        if t.is_aead:
+            h["iv"] = seq  # RFC 4106 §3.1 / RFC 7634 §2: the IV is a counter
+        elif t.kind is CipherKind.AES_CBC:
+            h["iv"] = np.frombuffer(self.random(16 * n), dtype=np.uint8).reshape(n, 16)
+        hdr.commit()
+        if not tunnel and not rec.ipv6:
+            _ipv4_checksum(data, base + new_c, ip_len)
+
+        esp_c = new_c + (outer if tunnel else ip_len) + udp
+        if t.is_aead:
+            cache = self._cache(batch, "esp-encrypt", 16)
+            cache.nonce["salt"][sel] = sa.salt_array
+            cache.nonce["iv"][sel] = seq
+            if rec.esn:
+                # RFC 4106 §5: AAD = SPI || Seq high || Seq low; the high half is never sent.
+                cache.esn_aad["spi"][sel] = rec.spi
+                cache.esn_aad["seq"][sel] = seq
+            args = cache.args(slots, ct_c, padded, esp_c, rec.esn, dense)
+            assert sa.aead_encrypt_into is not None
+            _consume(starmap(sa.aead_encrypt_into, args))
+        else:
+            esp_off = base + esp_c
+            if t.kind is CipherKind.AES_CBC:
+                _cbc_run(data, ct_start, padded, vec.gather(data, esp_off + ESP_HDR_LEN, 16), sa,
+                         encrypt=True)
+            ct_end = ct_start + padded
+            vec.scatter(data, ct_end, _hmac_many(data, sa, seq, esp_off, ct_end))
+        if udp and rec.ipv6:
+            _udp6_checksum(data, base + new_c, total)
+
+        meta["offset"][sel] = base + new_c
+        meta["length"][sel] = total
         sa.packets += n
         sa.bytes += int(length.sum())
 
-    def _aead_encrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64,
-                      seq: npt.NDArray[np.uint64], esp_off: I64, ct_start: I64,
-                      padded: I64) -> None:
-        data = batch.data
-        iv = seq.astype(">u8").view(np.uint8).reshape(-1, 8)
-        vec.scatter(data, esp_off + ESP_HDR_LEN, iv)  # RFC 4106 §3.1: IV = counter
-        cache = self._cache(batch, "esp-encrypt", 16)
-        cache.nonce[slots, :4] = np.frombuffer(sa.salt, dtype=np.uint8)
-        cache.nonce[slots, 4:] = iv
-        if sa.record.esn:
-            # RFC 4106 §5: AAD = SPI || Seq high || Seq low (the high half is never sent).
-            cache.esn_aad[slots, :4] = vec.gather(data, esp_off, 4)
-            cache.esn_aad[slots, 4:] = seq.astype(">u8").view(np.uint8).reshape(-1, 8)
-        args = cache.args(slots, ct_start, padded, esp_off, sa.record.esn)
-        assert sa.aead_encrypt_into is not None
-        _consume(starmap(sa.aead_encrypt_into, args))
-
-    def _cbc_hmac_encrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64,
-                          seq: npt.NDArray[np.uint64], esp_off: I64, ct_start: I64,
-                          padded: I64) -> None:
-        data = batch.data
-        if t.kind is CipherKind.AES_CBC:
-            iv = np.frombuffer(self.random(16 * slots.size), dtype=np.uint8).reshape(-1, 16)
-            vec.scatter(data, esp_off + ESP_HDR_LEN, iv)
-            _cbc_run(data, ct_start, padded, iv, sa, encrypt=True)
-        ct_end = ct_start + padded
-        icvs = _hmac_many(data, sa, seq, esp_off, ct_end)
-        vec.scatter(data, ct_end, icvs)
+    @staticmethod
+    def _template(sa: SaState, dtype: np.dtype[np.void]) -> npt.NDArray[np.uint8]:
+        """The constant part of an outbound tunnel header block for this SA."""
+        key = ("esp-template", dtype)
+        tmpl = sa.derived.get(key)
+        if tmpl is None:
+            rec = sa.record
+            t = np.zeros((), dtype=dtype)
+            udp = rec.encap is not None
+            proto = PROTO_UDP if udp else int(Protocol.ESP)
+            if rec.ipv6:
+                t["ip"]["next_header"], t["ip"]["hop_limit"] = proto, OUTER_TTL
+            else:
+                t["ip"]["ver_ihl"], t["ip"]["ttl"], t["ip"]["proto"] = 0x45, OUTER_TTL, proto
+            t["ip"]["src"] = np.frombuffer(sa.local_addr, dtype=np.uint8)
+            t["ip"]["dst"] = np.frombuffer(sa.remote_addr, dtype=np.uint8)
+            if udp:
+                assert rec.encap is not None
+                t["udp"]["sport"], t["udp"]["dport"] = rec.encap.local_port, rec.encap.remote_port
+            t["esp"]["spi"] = rec.spi
+            sa.derived[key] = tmpl = np.frombuffer(t.tobytes(), dtype=np.uint8)
+        assert isinstance(tmpl, np.ndarray)
+        return tmpl
 
     @staticmethod
-    def _write_ipv4(data: npt.NDArray[np.uint8], at: I64, tos: npt.ArrayLike, total: I64,
-                    seq: npt.NDArray[np.uint64], df: npt.ArrayLike, proto: int, src: bytes,
-                    dst: bytes) -> None:
-        n = at.size
-        hdr = np.zeros((n, IPV4_HDR_LEN), dtype=np.uint8)
-        hdr[:, 0] = 0x45
-        hdr[:, 1] = tos  # DSCP and ECN copied from the inner header (RFC 4301 §5.1.2.1)
-        hdr[:, 2], hdr[:, 3] = total >> 8, total & 0xFF
-        # Identification from the sequence number: distinct for 2^16 consecutive packets.
-        ident = (seq & np.uint64(0xFFFF)).astype(np.int64)
-        hdr[:, 4], hdr[:, 5] = ident >> 8, ident & 0xFF
-        hdr[:, 6] = df  # DF copied from an inner IPv4 header (RFC 4301 §8.1 default)
-        hdr[:, 8] = OUTER_TTL
-        hdr[:, 9] = proto
-        hdr[:, 12:16] = np.frombuffer(src, dtype=np.uint8)
-        hdr[:, 16:20] = np.frombuffer(dst, dtype=np.uint8)
-        csum = vec.inet_checksum(hdr)
-        hdr[:, 10], hdr[:, 11] = csum >> 8, csum & 0xFF
-        vec.scatter(data, at, hdr)
+    def _template_sum(sa: SaState, dtype: np.dtype[np.void]) -> int:
+        """RFC 1071 sum of the template's IPv4 header words (varying fields are zero)."""
+        key = ("esp-template-sum", dtype)
+        total = sa.derived.get(key)
+        if total is None:
+            raw = EspCodec._template(sa, dtype)[:IPV4_HDR_LEN].tobytes()
+            total = sum(int.from_bytes(raw[i : i + 2], "big") for i in range(0, 20, 2))
+            sa.derived[key] = total
+        assert isinstance(total, int)
+        return total
 
-    @staticmethod
-    def _write_ipv6(data: npt.NDArray[np.uint8], at: I64, tc: npt.ArrayLike, payload: I64,
-                    proto: int, src: bytes, dst: bytes) -> None:
-        n = at.size
-        hdr = np.zeros((n, IPV6_HDR_LEN), dtype=np.uint8)
-        tc = np.asarray(tc, dtype=np.int64)
-        hdr[:, 0] = 0x60 | (tc >> 4)
-        hdr[:, 1] = (tc & 0x0F) << 4
-        hdr[:, 4], hdr[:, 5] = payload >> 8, payload & 0xFF
-        hdr[:, 6] = proto
-        hdr[:, 7] = OUTER_TTL
-        hdr[:, 8:24] = np.frombuffer(src, dtype=np.uint8)
-        hdr[:, 24:40] = np.frombuffer(dst, dtype=np.uint8)
-        vec.scatter(data, at, hdr)
-
-    @staticmethod
-    def _ipv4_checksum(data: npt.NDArray[np.uint8], at: I64, ihl_bytes: I64) -> None:
-        vec.put_be16(data, at + 10, 0)
-        width = int(ihl_bytes.max())
-        rows = vec.gather(data, at, width)
-        rows[np.arange(width)[None, :] >= ihl_bytes[:, None]] = 0
-        vec.put_be16(data, at + 10, vec.inet_checksum(rows))
-
-    @staticmethod
-    def _udp6_checksum(data: npt.NDArray[np.uint8], at: I64, total: I64) -> None:
-        """UDP checksum over IPv6 (mandatory there, RFC 8200 §8.1), for encapsulated ESP."""
-        udp_off = at + IPV6_HDR_LEN
-        udp_len = total - IPV6_HDR_LEN
-        vec.put_be16(data, udp_off + 6, 0)
-        width = int(udp_len.max())
-        rows = vec.gather(data, udp_off, width)
-        rows[np.arange(width)[None, :] >= udp_len[:, None]] = 0
-        pseudo = vec.gather(data, at + 8, 32).astype(np.int64)  # source and destination
-        initial = (pseudo[:, 0::2] << 8).sum(axis=1) + pseudo[:, 1::2].sum(axis=1)
-        initial = initial + udp_len + PROTO_UDP
-        csum = vec.inet_checksum(rows, initial)
-        vec.put_be16(data, udp_off + 6, np.where(csum == 0, 0xFFFF, csum))
-
-    # ------------------------------------------------------------------ decap
+    # ================================================================== decap
     def decap(self, batch: Batch) -> None:
-        """Verify, decrypt and strip ESP from every passing packet (outer IP header first).
+        """Verify, decrypt and strip ESP from every passing packet (each an IP packet).
 
         On return each passing packet is the inner packet (tunnel mode) or the restored
-        transport-mode packet, its ``sa`` column names the inbound SA and ``seq`` holds the
+        transport-mode packet; its ``sa`` column names the inbound SA and ``seq`` holds the
         full (ESN-inferred) sequence number.
         """
-        meta, data = batch.meta, batch.data
-        n = batch.count
+        n, meta, data, size = batch.count, batch.meta, batch.data, batch.slot_size
         if n == 0:
             return
-        verdict = meta["verdict"][:n]
-        slots = np.flatnonzero(verdict == Verdict.PASS).astype(np.int64)
-        off = meta["offset"][slots].astype(np.int64)
-        length = meta["length"][slots].astype(np.int64)
-        bad = np.where(length < IPV4_HDR_LEN, Verdict.RUNT, Verdict.PASS)
-        safe_off = np.where(bad == 0, off, slots * batch.slot_size)  # reads stay in-slot
-        version = data[safe_off] >> 4
-        is4 = version == 4
-        ip_len = np.where(is4, (data[safe_off] & 0xF).astype(np.int64) * 4, IPV6_HDR_LEN)
-        proto = np.where(is4, data[safe_off + 9], data[safe_off + 6]).astype(np.int64)
-        ip_total = np.where(is4, vec.be16(data, safe_off + 2),
-                            vec.be16(data, safe_off + 4) + IPV6_HDR_LEN)
-        frag = np.where(is4, vec.be16(data, safe_off + 6) & 0x3FFF, 0)
-        bad = np.where((bad == 0) & ~is4 & (version != 6), Verdict.PROTO, bad)
-        bad = np.where((bad == 0) & ((ip_total > length) | (ip_total < ip_len + ESP_HDR_LEN)
-                                     | (ip_len < IPV4_HDR_LEN)), Verdict.RUNT, bad)
-        bad = np.where((bad == 0) & (frag != 0), Verdict.FRAGMENT, bad)
-        is_udp = proto == PROTO_UDP
-        bad = np.where((bad == 0) & ~is_udp & (proto != Protocol.ESP), Verdict.PROTO, bad)
-        length = np.minimum(length, ip_total)  # drop link-layer padding
-        esp_off = off + ip_len + np.where(is_udp, UDP_HDR_LEN, 0)
-        udp_payload = length - (esp_off - off)
-        if is_udp.any():
-            first = data[np.where(bad == 0, esp_off, safe_off)].astype(np.int64)
-            keepalive = is_udp & (udp_payload == 1) & (first == NAT_KEEPALIVE)
-            bad = np.where((bad == 0) & keepalive, Verdict.KEEPALIVE, bad)
-        bad = np.where((bad == 0) & (udp_payload < ESP_HDR_LEN), Verdict.RUNT, bad)
-        esp_read = np.where(bad == 0, esp_off, safe_off)
-        spi = vec.be32(data, esp_read)
-        seq_lo = vec.be32(data, esp_read + 4)
-        # RFC 3948 §2.2: SPI 0 in a UDP payload is the Non-ESP Marker: IKE, not ours.
-        bad = np.where((bad == 0) & is_udp & (spi == 0), Verdict.ENCAP, bad)
-        sa_idx, found = self.sas.lookup_inbound(Protocol.ESP, spi)
-        bad = np.where((bad == 0) & ~found, Verdict.NO_SA, bad)
-        verdict[slots] = bad
-        meta["sa"][slots] = np.where(found, sa_idx, 0)
-        ok = bad == 0
-        if not ok.any():
+        bases = _bases(batch)
+        if not meta["verdict"][:n].any():
+            # Fast path: every packet at the same place in its slot, one header layout.
+            off = meta["offset"][:n]
+            c0 = int(off[0])
+            if c0 + IPV6_HDR_LEN <= size and (off == bases[:n] + c0).all():
+                peek = rows(data, _PROTO_PEEK, size, c0)[:n]
+                b0, p4, p6 = int(peek["b0"][0]), int(peek["p4"][0]), int(peek["p6"][0])
+                proto = p4 if b0 >> 4 == 4 else p6
+                same = (peek["b0"] == b0) & ((peek["p4"] if b0 >> 4 == 4 else peek["p6"]) == proto)
+                if same.all() and (meta["length"][:n] >= IPV4_HDR_LEN).all():
+                    self._decap_layout(batch, _arange(batch)[:n], c0, b0, proto, True)
+                    return
+        live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
+        if live.size == 0:
             return
-        fields = (slots[ok], off[ok], length[ok], esp_off[ok], ip_len[ok], is_udp[ok],
-                  seq_lo[ok], version[ok])
-        sa_of = sa_idx[ok]
-        for key in np.unique(sa_of).tolist():
-            sel = sa_of == key
-            sa = self.sas[key]
-            assert sa is not None
-            self._decap_sa(batch, sa, *(f[sel] for f in fields))
+        off = meta["offset"][live].astype(np.int64)
+        in_slot = off - bases[live]
+        fits = (in_slot >= 0) & (in_slot + IPV6_HDR_LEN <= size)
+        off = np.where(fits, off, bases[live])
+        short = ~fits | (meta["length"][live] < IPV4_HDR_LEN)
+        b0 = data[off].astype(np.int64)
+        proto = np.where(b0 >> 4 == 4, data[off + 9], data[off + 6]).astype(np.int64)
+        key = np.where(short, -1, (in_slot << 16) | (b0 << 8) | proto)
+        for k, pos in group_by(key):
+            slots = live[pos]
+            if k < 0:
+                meta["verdict"][slots] = Verdict.RUNT
+                continue
+            self._decap_layout(batch, slots, k >> 16, (k >> 8) & 0xFF, k & 0xFF, False)
 
-    def _decap_sa(self, batch: Batch, sa: SaState, slots: I64, off: I64, length: I64,
-                  esp_off: I64, ip_len: I64, is_udp: Mask,
-                  seq_lo: npt.NDArray[np.uint32], version: npt.NDArray[np.uint8]) -> None:
-        meta, data, rec = batch.meta, batch.data, sa.record
-        t = sa.esp
+    def _decap_layout(self, batch: Batch, slots: I64, c: int, b0: int, proto: int,
+                      dense: bool) -> None:
+        """Packets whose outer header starts at ``c`` with first byte ``b0``, protocol
+        ``proto``: one header layout."""
+        data, meta, size = batch.data, batch.meta, batch.slot_size
+        version = b0 >> 4
+        ip_len = (b0 & 0xF) * 4 if version == 4 else IPV6_HDR_LEN
+        if version not in (4, 6) or ip_len < IPV4_HDR_LEN:
+            meta["verdict"][slots] = Verdict.PROTO
+            return
+        if proto not in (Protocol.ESP, PROTO_UDP):
+            unsupported = version == 6 and proto in IPV6_EXT_HEADERS
+            meta["verdict"][slots] = Verdict.UNSUPPORTED if unsupported else Verdict.PROTO
+            return
+        udp = proto == PROTO_UDP
+        dtype = header_dtype(version, ip_len, udp, 0)
+        if c + dtype.itemsize > size:
+            meta["verdict"][slots] = Verdict.RUNT
+            return
+        sel: Sel = slice(0, slots.size) if dense else slots
+        h = GroupRows(data, dtype, size, c, slots, dense).rec
+        ip = h["ip"]
+        length = meta["length"][sel]
+        if version == 4:
+            ip_total = ip["total_length"].astype(np.int64)
+            checks = [(ip_total > length, Verdict.RUNT),
+                      ((ip["frag"] & 0x3FFF) != 0, Verdict.FRAGMENT)]
+        else:
+            ip_total = ip["payload_length"].astype(np.int64) + IPV6_HDR_LEN
+            checks = [(ip_total > length, Verdict.RUNT)]
+        spi = h["esp"]["spi"]
+        if udp:
+            tiny = ip_total == ip_len + UDP_HDR_LEN + 1
+            if tiny.any():
+                first = data[slots * size + (c + ip_len + UDP_HDR_LEN)]
+                checks.append((tiny & (first == NAT_KEEPALIVE), Verdict.KEEPALIVE))
+        checks.append((ip_total < dtype.itemsize, Verdict.RUNT))
+        if udp:
+            checks.append((spi == 0, Verdict.ENCAP))  # RFC 3948 §2.2: Non-ESP Marker, IKE
+        spi0 = int(spi[0])
+        if (spi == spi0).all():
+            index, found = self.sas.lookup_one(Protocol.ESP, spi0)
+            sa_idx = np.full(slots.size, index, dtype=np.int64)
+            if not found:
+                checks.append((np.ones(slots.size, dtype=np.bool_), Verdict.NO_SA))
+        else:
+            sa_idx, found_mask = self.sas.lookup_inbound(Protocol.ESP, spi)
+            checks.append((~found_mask, Verdict.NO_SA))
+        verdicts = first_failure(checks, slots.size)
+        seq_lo = h["esp"]["seq"]
+        if verdicts is not None:
+            meta["verdict"][slots] = verdicts
+            keep = verdicts == 0
+            slots, ip_total, seq_lo, sa_idx = slots[keep], ip_total[keep], seq_lo[keep], sa_idx[keep]
+            dense = False
+        meta["sa"][slots if not dense else sel] = sa_idx
+        for k, pos in group_by(sa_idx.astype(np.int64)):
+            sa = self._sa(k, Direction.IN)
+            if sa is None:
+                meta["verdict"][slots[pos]] = Verdict.NO_SA
+                continue
+            whole = pos.size == slots.size
+            self._decap_sa(batch, sa, slots if whole else slots[pos], c, version, ip_len, udp,
+                           ip_total if whole else ip_total[pos],
+                           seq_lo if whole else seq_lo[pos], dense and whole)
+
+    def _decap_sa(self, batch: Batch, sa: SaState, slots: I64, c: int, version: int,
+                  ip_len: int, udp: bool, ip_total: I64, seq_lo: npt.NDArray[np.uint32],
+                  dense: bool) -> None:
+        rec, t = sa.record, sa.esp
         assert t is not None
-        verdict = meta["verdict"]
-        bad = np.where(is_udp != (rec.encap is not None), Verdict.ENCAP, Verdict.PASS)
+        data, meta, size = batch.data, batch.meta, batch.slot_size
+        n = slots.size
+        if version != rec.local_addr.version or udp != (rec.encap is not None):
+            meta["verdict"][slots] = Verdict.PROTO if udp == (rec.encap is not None) \
+                else Verdict.ENCAP
+            return
         seq = sa.replay.infer(seq_lo)
-        bad = np.where((bad == 0) & sa.replay.precheck(seq), Verdict.REPLAY, bad)
-        ct_start = esp_off + ESP_HDR_LEN + t.iv_len
-        ct_len = length - (ct_start - off) - t.icv_len  # encrypted part, trailer included
-        bad = np.where((bad == 0) & (ct_len < ESP_TRAILER_LEN), Verdict.RUNT, bad)
-        bad = np.where((bad == 0) & (ct_len % t.block_len != 0), Verdict.PAD, bad)
+        esp_c = c + ip_len + (UDP_HDR_LEN if udp else 0)
+        ct_c = esp_c + ESP_HDR_LEN + t.iv_len
+        ct_len = ip_total - ((ct_c - c) + t.icv_len)  # encrypted bytes, trailer included
         esn_room = 4 if (rec.esn and not t.is_aead) else 0
-        slot_end = (slots + 1) * batch.slot_size
-        bad = np.where((bad == 0) & (ct_start + ct_len + t.icv_len + esn_room > slot_end),
-                       Verdict.TOO_BIG, bad)
-        if bad.any():
-            verdict[slots] = bad
-            keep = bad == 0
-            slots, off, length, esp_off, ip_len = slots[keep], off[keep], length[keep], esp_off[keep], ip_len[keep]
-            seq, ct_start, ct_len, version = seq[keep], ct_start[keep], ct_len[keep], version[keep]
-            if slots.size == 0:
+        verdicts = first_failure([
+            (sa.replay.precheck(seq), Verdict.REPLAY),
+            (ct_len < ESP_TRAILER_LEN, Verdict.RUNT),
+            ((ct_len & (t.block_len - 1)) != 0, Verdict.PAD),  # RFC 4303 §2.4 alignment
+            (ct_len > size - (ct_c + t.icv_len + esn_room), Verdict.TOO_BIG),
+        ], n)
+        if verdicts is not None:
+            meta["verdict"][slots] = verdicts
+            keep = verdicts == 0
+            slots, seq, ct_len = slots[keep], seq[keep], ct_len[keep]
+            n, dense = slots.size, False
+            if n == 0:
                 return
-        meta["seq"][slots] = seq
+        sel: Sel = slice(0, n) if dense else slots
+        base = _bases(batch)[:n] if dense else slots * size
+        ct_start = base + ct_c
+        meta["seq"][sel] = seq
 
         if t.is_aead:
-            authentic = self._aead_decrypt(batch, sa, t, slots, seq, esp_off, ct_start, ct_len)
+            authentic = self._aead_decrypt(batch, sa, t, slots, seq, esp_c, ct_c, ct_len, dense)
         else:
-            authentic = self._hmac_cbc_decrypt(batch, sa, t, slots, seq, esp_off, ct_start,
-                                               ct_len)
-        bad = np.where(authentic, Verdict.PASS, Verdict.INTEGRITY)
+            esp_off = base + esp_c
+            authentic = _hmac_verify(data, sa, t, seq, esp_off, ct_start + ct_len)
+            if t.kind is CipherKind.AES_CBC and authentic.any():
+                # Encrypt-then-MAC: only authenticated ciphertext is decrypted.
+                a = np.flatnonzero(authentic)
+                iv = vec.gather(data, esp_off[a] + ESP_HDR_LEN, 16)
+                _cbc_run(data, ct_start[a], ct_len[a], iv, sa, encrypt=False)
 
-        # Trailer (RFC 4303 §2.4-2.6).
-        end = ct_start + ct_len
-        pad = data[end - 2].astype(np.int64)
-        next_header = data[end - 1].astype(np.int64)
-        bad = np.where((bad == 0) & (pad + ESP_TRAILER_LEN > ct_len), Verdict.PAD, bad)
-        max_pad = int(np.where(bad == 0, pad, 0).max())
-        if max_pad:
-            # RFC 4303 §2.4: the default padding is 1, 2, 3, ...; a receiver checks it.
-            got = vec.gather(data, np.where(bad == 0, end - 2 - pad, end - 2), max_pad)
-            cols = np.arange(max_pad)
-            wrong = ((got != cols + 1) & (cols[None, :] < pad[:, None])).any(axis=1)
-            bad = np.where((bad == 0) & wrong, Verdict.PAD, bad)
-        bad = np.where((bad == 0) & (next_header == NH_NONE), Verdict.DUMMY, bad)
+        # The trailer (RFC 4303 §2.4-2.6): 4 bytes before it, Pad Length, Next Header.
+        tail = windows(data, 8)[ct_start + (ct_len - 6)]  # 4 bytes, Pad Length, NH, 2 more
+        pad = tail[:, 4].astype(np.int64)
+        next_header = tail[:, 5]
+        bad_pad = pad + ESP_TRAILER_LEN > ct_len
+        if int(pad.max()) <= 4:
+            # RFC 4303 §2.4: the receiver checks the default padding 1, 2, 3, ...
+            word = tail.view("<u4")[:, 0]
+            bad_pad |= (word & _PAD_MASK32[pad]) != _PAD_EXPECT32[pad]
+        else:
+            bad_pad |= _bad_padding(data, ct_start + ct_len - 2, pad, ~bad_pad & authentic)
         inner_len = ct_len - pad - ESP_TRAILER_LEN
 
         if rec.mode is Mode.TUNNEL:
-            iv = data[ct_start] >> 4
-            wrong_nh = ~(((next_header == NH_IPV4) & (iv == 4)) | ((next_header == NH_IPV6) & (iv == 6)))
-            bad = np.where((bad == 0) & wrong_nh, Verdict.PROTO, bad)
-            # The inner header's own length removes TFC padding (RFC 4303 §2.7).
-            safe = np.where(bad == 0, ct_start, off)
-            ilen = np.where(iv == 4, vec.be16(data, safe + 2), vec.be16(data, safe + 4) + 40)
-            bad = np.where((bad == 0) & ((ilen > inner_len) | (inner_len < IPV4_HDR_LEN)),
-                           Verdict.RUNT, bad)
-            new_off, new_len = ct_start, np.minimum(ilen, inner_len)
-        else:
-            # Transport: the original IP header moves up against the payload (RFC 4303 §3.4.4).
-            new_off = ct_start - ip_len
-            new_len = ip_len + inner_len
-            hdr = vec.gather(data, off, int(ip_len.max()))
-            vec.scatter_masked(data, new_off, hdr, ip_len)
-            if rec.ipv6:
-                data[new_off + 6] = next_header
-                vec.put_be16(data, new_off + 4, new_len - IPV6_HDR_LEN)
+            inner = GroupRows(data, INNER_PEEK, size, ct_c, slots, dense).rec
+            iv_ = inner["b0"] >> 4
+            if _IS_V6[iv_].any():
+                ilen = np.where(iv_ == 4, inner["w2"], inner["w4"].astype(np.int64) + IPV6_HDR_LEN)
             else:
-                data[new_off + 9] = next_header
-                vec.put_be16(data, new_off + 2, new_len)
-                self._ipv4_checksum(data, new_off, ip_len)
+                ilen = inner["w2"].astype(np.int64)
+            wrong_nh = _NH_OF_VERSION[iv_] != next_header
+            bad_len = (ilen > inner_len) | (inner_len < IPV4_HDR_LEN)
+            new_off = ct_start
+            # The inner header's own length drops TFC padding (RFC 4303 §2.7).
+            new_len = np.minimum(ilen, inner_len)
+        else:
+            # Transport: the IP header moves up against the payload (RFC 4303 §3.4.4).
+            wrong_nh = bad_len = np.zeros(n, dtype=np.bool_)
+            dtype = header_dtype(version, ip_len, False, 0)
+            old = GroupRows(data, dtype, size, c, slots, dense).rec
+            moved = GroupRows(data, dtype, size, ct_c - ip_len, slots, dense)
+            saved_ip = old["ip"].copy()
+            saved_opts = old["ip_options"].copy() if "ip_options" in dtype.names else None
+            new_len = ip_len + inner_len
+            moved.rec["ip"] = saved_ip
+            if saved_opts is not None:
+                moved.rec["ip_options"] = saved_opts
+            if version == 6:
+                moved.rec["ip"]["next_header"] = next_header
+                moved.rec["ip"]["payload_length"] = new_len - IPV6_HDR_LEN
+            else:
+                moved.rec["ip"]["proto"] = next_header
+                moved.rec["ip"]["total_length"] = new_len
+            moved.commit()
+            new_off = ct_start - ip_len
+            if version == 4:
+                _ipv4_checksum(data, new_off, ip_len)
+        verdict = first_failure([
+            (~authentic, Verdict.INTEGRITY),
+            (bad_pad, Verdict.PAD),
+            (next_header == NH_NONE, Verdict.DUMMY),
+            (wrong_nh, Verdict.PROTO),
+            (bad_len, Verdict.RUNT),
+        ], n)
+        ok = np.ones(n, dtype=np.bool_) if verdict is None else verdict == 0
+        # Only verified packets move the window, in order (RFC 4303 §3.4.3).
+        replay = sa.replay.commit(seq, ok)
+        if verdict is not None or replay.any():
+            if verdict is None:
+                verdict = np.zeros(n, dtype=np.uint8)
+            verdict[replay & ok] = Verdict.REPLAY
+            ok = verdict == 0
+            meta["verdict"][slots] = verdict
+            slots, new_off, new_len, sel = slots[ok], new_off[ok], new_len[ok], slots[ok]
+        meta["offset"][sel] = new_off
+        meta["length"][sel] = new_len
+        sa.packets += slots.size
+        sa.bytes += int(new_len.sum())
 
-        # Only now, for packets that verified, does the window move (RFC 4303 §3.4.3).
-        replay = sa.replay.commit(seq, bad == 0)
-        bad = np.where((bad == 0) & replay, Verdict.REPLAY, bad)
-        good = bad == 0
-        verdict[slots] = bad
-        meta["offset"][slots[good]] = new_off[good]
-        meta["length"][slots[good]] = new_len[good]
-        sa.packets += int(good.sum())
-        sa.bytes += int(new_len[good].sum())
-
-    def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64,
-                      seq: npt.NDArray[np.uint64], esp_off: I64, ct_start: I64,
-                      ct_len: I64) -> Mask:
-        data = batch.data
+    def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64, seq: U64,
+                      esp_c: int, ct_c: int, ct_len: I64, dense: bool) -> Mask:
+        data, size = batch.data, batch.slot_size
+        sel: Sel = slice(0, slots.size) if dense else slots
         cache = self._cache(batch, "esp-decrypt", -16)
-        cache.nonce[slots, :4] = np.frombuffer(sa.salt, dtype=np.uint8)
-        cache.nonce[slots, 4:] = vec.gather(data, esp_off + ESP_HDR_LEN, 8)
+        cache.nonce["salt"][sel] = sa.salt_array
+        cache.nonce["iv"][sel] = rows(data, _IV64, size, esp_c + ESP_HDR_LEN)[sel]
         if sa.record.esn:
-            cache.esn_aad[slots, :4] = vec.gather(data, esp_off, 4)
-            cache.esn_aad[slots, 4:] = seq.astype(">u8").view(np.uint8).reshape(-1, 8)
-        args = cache.args(slots, ct_start, ct_len + t.icv_len, esp_off, sa.record.esn)
+            cache.esn_aad["spi"][sel] = sa.record.spi
+            cache.esn_aad["seq"][sel] = seq
+        args = cache.args(slots, ct_c, ct_len + t.icv_len, esp_c, sa.record.esn, dense)
         assert sa.aead_decrypt_into is not None
         authentic = np.ones(slots.size, dtype=np.bool_)
         remaining = iter(args)
@@ -492,31 +630,46 @@ class EspCodec:
                 _consume(calls)
                 return authentic
             except InvalidTag:
-                # The tag was checked in constant time by OpenSSL; the starmap resumes with
-                # the next packet. Which one failed: everything the iterator has handed out.
+                # OpenSSL checked the tag in constant time. starmap resumes with the next
+                # packet; the failed one is the last the argument iterator handed out.
                 authentic[slots.size - remaining.__length_hint__() - 1] = False
 
-    def _hmac_cbc_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64,
-                          seq: npt.NDArray[np.uint64], esp_off: I64, ct_start: I64,
-                          ct_len: I64) -> Mask:
-        data = batch.data
-        ct_end = ct_start + ct_len
-        received = vec.gather(data, ct_end, t.icv_len)  # before the ESN bits overwrite it
-        expected = _hmac_many(data, sa, seq, esp_off, ct_end)
-        authentic = np.fromiter(
-            map(hmac.compare_digest, map(bytes, received), map(bytes, expected)),
-            dtype=np.bool_, count=slots.size)
-        if t.kind is CipherKind.AES_CBC and authentic.any():
-            # Encrypt-then-MAC: only authenticated ciphertext is decrypted (RFC 4303 §3.4.4.1).
-            a = np.flatnonzero(authentic)
-            iv = vec.gather(data, esp_off[a] + ESP_HDR_LEN, 16)
-            _cbc_run(data, ct_start[a], ct_len[a], iv, sa, encrypt=False)
-        return authentic
+
+def _bad_padding(data: npt.NDArray[np.uint8], pad_len_at: I64, pad: I64, check: Mask) -> Mask:
+    """Padding other than 1, 2, 3, ... (RFC 4303 §2.4), for pads longer than 4 bytes."""
+    p = np.where(check, pad, 0)
+    width = int(p.max())
+    if width == 0:
+        return np.zeros(pad.size, dtype=np.bool_)
+    got = data[(pad_len_at - p)[:, None] + _COLS[:width]]
+    cols = _COLS[:width]
+    return ((got != cols + 1) & (cols < p[:, None])).any(axis=1)  # type: ignore[no-any-return]
 
 
-def _hmac_many(data: npt.NDArray[np.uint8], sa: SaState, seq: npt.NDArray[np.uint64],
-               esp_off: I64, ct_end: I64) -> npt.NDArray[np.uint8]:
-    """HMAC-SHA2 ICVs over ESP header .. trailer, ESN high bits appended (RFC 4303 §2.2.1)."""
+def _ipv4_checksum(data: npt.NDArray[np.uint8], at: I64, ip_len: int) -> None:
+    """Recompute the IPv4 header checksum of the headers at ``at`` (RFC 791 §3.1)."""
+    vec.put_be16(data, at + 10, 0)
+    vec.put_be16(data, at + 10, vec.inet_checksum(vec.gather(data, at, ip_len)))
+
+
+def _udp6_checksum(data: npt.NDArray[np.uint8], at: I64, total: I64) -> None:
+    """UDP checksum of encapsulated ESP over IPv6, mandatory there (RFC 8200 §8.1)."""
+    udp_off = at + IPV6_HDR_LEN
+    udp_len = total - IPV6_HDR_LEN
+    vec.put_be16(data, udp_off + 6, 0)
+    width = int(udp_len.max())
+    segment = vec.gather(data, udp_off, width)
+    segment[np.arange(width)[None, :] >= udp_len[:, None]] = 0
+    pseudo = vec.gather(data, at + 8, 32).astype(np.int64)  # source and destination
+    initial = (pseudo[:, 0::2] << 8).sum(axis=1) + pseudo[:, 1::2].sum(axis=1)
+    csum = vec.inet_checksum(segment, initial + udp_len + PROTO_UDP)
+    vec.put_be16(data, udp_off + 6, np.where(csum == 0, 0xFFFF, csum))
+
+
+def _hmac_many(data: npt.NDArray[np.uint8], sa: SaState, seq: U64, esp_off: I64,
+               ct_end: I64) -> npt.NDArray[np.uint8]:
+    """HMAC-SHA2 ICVs over ESP header .. Next Header, with the ESN high bits appended for
+    the computation only (RFC 4303 §2.2.1, §3.3.2.1)."""
     integ = sa.integ
     assert integ is not None
     msg_end = ct_end
@@ -531,20 +684,28 @@ def _hmac_many(data: npt.NDArray[np.uint8], sa: SaState, seq: npt.NDArray[np.uin
     return np.frombuffer(digests, dtype=np.uint8).reshape(-1, icv)
 
 
+def _hmac_verify(data: npt.NDArray[np.uint8], sa: SaState, t: EspTransform, seq: U64,
+                 esp_off: I64, ct_end: I64) -> Mask:
+    received = vec.gather(data, ct_end, t.icv_len)  # before the ESN bits overwrite it
+    expected = _hmac_many(data, sa, seq, esp_off, ct_end)
+    return np.fromiter(
+        map(hmac.compare_digest, map(bytes, received), map(bytes, expected)),
+        dtype=np.bool_, count=received.shape[0])
+
+
 def _cbc_run(data: npt.NDArray[np.uint8], start: I64, length: I64, iv: npt.NDArray[np.uint8],
              sa: SaState, encrypt: bool) -> None:
     """AES-CBC over many packets at once (RFC 3602), as ECB with the chaining in numpy.
 
     Encryption is sequential within a packet, so it walks block columns: block j of every
-    packet in one ECB call. Decryption is parallel: all blocks in one ECB call, then XOR with
-    the previous ciphertext block.
+    packet in one ECB call. Decryption is parallel: every block of every packet in one ECB
+    call, then XOR with the previous ciphertext block.
     """
     n = start.size
     width = int(length.max())
     cols = np.arange(width)
-    idx = start[:, None] + cols
     inside = cols[None, :] < length[:, None]
-    idx = np.where(inside, idx, start[:, None])  # short packets read their own first byte
+    idx = np.where(inside, start[:, None] + cols, start[:, None])
     blocks = data[idx].reshape(n, width // 16, 16)
     if encrypt:
         ctx = sa.ecb_encrypt
@@ -559,7 +720,5 @@ def _cbc_run(data: npt.NDArray[np.uint8], start: I64, length: I64, iv: npt.NDArr
         ctx = sa.ecb_decrypt
         assert ctx is not None
         plain = np.frombuffer(ctx.update(blocks.tobytes()), dtype=np.uint8).reshape(blocks.shape)
-        chain = np.concatenate([iv[:, None, :], blocks[:, :-1]], axis=1)
-        out = plain ^ chain
-    flat = out.reshape(n, width)
-    data[idx[inside]] = flat[inside]
+        out = plain ^ np.concatenate([iv[:, None, :], blocks[:, :-1]], axis=1)
+    data[idx[inside]] = out.reshape(n, width)[inside]

@@ -66,8 +66,8 @@ class ReplayWindow:
 
     def precheck(self, seq: U64Array) -> BoolArray:
         """True where a packet is a replay given the current window (no state change)."""
-        if self.size == 0:
-            return np.zeros(seq.shape, dtype=np.bool_)
+        if self.size == 0 or (seq.size and int(seq.min()) > self.top):
+            return np.zeros(seq.shape, dtype=np.bool_)  # all new: the common case
         top = np.uint64(self.top)
         # Sequence number 0 is never sent (RFC 4303 §3.3.3: the first packet carries 1).
         too_old = (seq == 0) | (seq + np.uint64(self.size) <= top)
@@ -84,6 +84,10 @@ class ReplayWindow:
         if self.size == 0:
             if n and verified.any():
                 self.top = max(self.top, int(seq[verified].max()))
+            return np.zeros(n, dtype=np.bool_)
+        if n and verified.all() and seq[0] > self.top and (seq[1:] > seq[:-1]).all():
+            # The common case: fresh numbers in order. None is a replay.
+            self._advance(seq, int(seq[-1]))
             return np.zeros(n, dtype=np.bool_)
         replay = verified & self.precheck(seq)
         cand = verified & ~replay
@@ -106,7 +110,22 @@ class ReplayWindow:
         dup[idx[first]] = False
         replay |= left_of_window | dup
         accepted = cand & ~left_of_window & ~dup
-        new_top = max(self.top, int(seq[accepted].max()))
+        self._advance(seq[accepted], max(self.top, int(seq[accepted].max())))
+        return replay
+
+    def _advance(self, accepted: U64Array, new_top: int) -> None:
+        """Slide the window to ``new_top`` and mark ``accepted`` as seen."""
+        ring = self._ring.shape[0]
+        if (accepted.size == new_top - self.top and accepted.size < ring
+                and int(accepted[0]) == self.top + 1):
+            # Exactly the numbers after top, in order (commit's fast path checked order):
+            # their bits are set and the bits they take over were those cleared.
+            start = (self.top + 1) & self._mask
+            end = start + accepted.size
+            self._ring[start : min(end, ring)] = True
+            self._ring[: max(end - ring, 0)] = True
+            self.top = new_top
+            return
         advance = new_top - self.top
         if advance >= self._ring.shape[0]:
             self._ring[:] = False
@@ -114,7 +133,5 @@ class ReplayWindow:
             cleared = np.arange(self.top + 1, new_top + 1, dtype=np.uint64) & np.uint64(self._mask)
             self._ring[cleared.astype(np.intp)] = False
         self.top = new_top
-        acc = seq[accepted]
-        acc = acc[acc + np.uint64(self.size) > np.uint64(new_top)]
+        acc = accepted[accepted + np.uint64(self.size) > np.uint64(new_top)]
         self._ring[(acc & np.uint64(self._mask)).astype(np.intp)] = True
-        return replay

@@ -33,7 +33,7 @@ class SaState:
     __slots__ = (
         "record", "index", "esp", "integ", "salt", "aead_encrypt_into", "aead_decrypt_into",
         "ecb_encrypt", "ecb_decrypt", "integ_key", "replay", "seq_out", "packets", "bytes",
-        "local_addr", "remote_addr",
+        "local_addr", "remote_addr", "derived", "salt_array",
     )
 
     def __init__(self, record: SaRecord, index: int) -> None:
@@ -42,6 +42,7 @@ class SaState:
         self.esp: EspTransform | None = None
         self.integ: IntegAlg | None = None
         self.salt = b""
+        self.salt_array: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
         self.aead_encrypt_into: AeadCall | None = None
         self.aead_decrypt_into: AeadCall | None = None
         self.ecb_encrypt: CipherContext | None = None
@@ -49,6 +50,8 @@ class SaState:
         self.integ_key = record.integ_key
         self.local_addr = record.local_addr.packed
         self.remote_addr = record.remote_addr.packed
+        # Per-SA values the codecs derive once (header templates and their checksums).
+        self.derived: dict[object, object] = {}
         try:
             self._init_crypto(record)
         except AlgorithmError as exc:
@@ -83,6 +86,7 @@ class SaState:
         else:
             return
         self.salt = key[esp.enc_key_len :]
+        self.salt_array = np.frombuffer(self.salt, dtype=np.uint8)
         self.aead_encrypt_into = aead.encrypt_into
         self.aead_decrypt_into = aead.decrypt_into
 
@@ -115,6 +119,7 @@ class SaTable:
         self._sas: list[SaState | None] = []
         self._keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self._idx: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
+        self._by_key: dict[int, int] = {}
 
     def install(self, record: SaRecord, index: int | None = None) -> SaState:
         if index is None:
@@ -147,6 +152,12 @@ class SaTable:
         order = np.argsort(keys)
         self._keys = keys[order]
         self._idx = np.array([s.index for s in inbound], dtype=np.uint32)[order]
+        self._by_key = {(int(s.record.protocol) << 32) | s.record.spi: s.index for s in inbound}
+
+    def lookup_one(self, protocol: int, spi: int) -> tuple[int, bool]:
+        """The inbound SA index for one SPI (the whole batch shares it: the common case)."""
+        index = self._by_key.get((protocol << 32) | spi)
+        return (0, False) if index is None else (index, True)
 
     def lookup_inbound(
         self, protocol: int, spi: npt.NDArray[np.uint32]

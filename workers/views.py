@@ -28,13 +28,19 @@ class SlotArgCache:
     __slots__ = ("data", "nonce", "esn_aad", "_mv", "_nonce_mv", "_aad_mv", "_keys", "_args",
                  "_tag")
 
+    NONCE = np.dtype([("salt", "u1", (4,)), ("iv", ">u8")])
+    ESN_AAD = np.dtype([("spi", ">u4"), ("seq", ">u8")])
+
     def __init__(self, data: npt.NDArray[np.uint8], capacity: int, tag_delta: int) -> None:
         self.data = data
-        self.nonce: npt.NDArray[np.uint8] = np.zeros((capacity, NONCE_LEN), dtype=np.uint8)
-        self.esn_aad: npt.NDArray[np.uint8] = np.zeros((capacity, ESN_AAD_LEN), dtype=np.uint8)
+        nonce = np.zeros(capacity * NONCE_LEN, dtype=np.uint8)
+        esn_aad = np.zeros(capacity * ESN_AAD_LEN, dtype=np.uint8)
+        # Per-slot nonce (salt || IV) and ESN AAD records, written by numpy a batch at a time.
+        self.nonce: npt.NDArray[np.void] = nonce.view(self.NONCE)
+        self.esn_aad: npt.NDArray[np.void] = esn_aad.view(self.ESN_AAD)
         self._mv = memoryview(data)  # type: ignore[arg-type]
-        self._nonce_mv = memoryview(self.nonce.reshape(-1))  # type: ignore[arg-type]
-        self._aad_mv = memoryview(self.esn_aad.reshape(-1))  # type: ignore[arg-type]
+        self._nonce_mv = memoryview(nonce)  # type: ignore[arg-type]
+        self._aad_mv = memoryview(esn_aad)  # type: ignore[arg-type]
         self._keys = np.full(capacity, -1, dtype=np.int64)
         self._args: list[AeadArgs | None] = [None] * capacity
         # Output length minus input length: +16 when encrypting (tag appended), -16 decrypting.
@@ -43,40 +49,46 @@ class SlotArgCache:
     def args(
         self,
         slots: npt.NDArray[np.int64],
-        start: npt.NDArray[np.int64],
+        start: int,
         length: npt.NDArray[np.int64],
-        aad_off: npt.NDArray[np.int64],
+        aad: int,
         esn: bool,
+        dense: bool,
     ) -> list[AeadArgs]:
-        """Argument tuples for the packets in ``slots``.
+        """Argument tuples for a group of packets whose AEAD input starts at byte ``start``
+        of their slots and is ``length`` long (``dense``: the group is slots 0..n-1).
 
-        ``start``/``length`` delimit the AEAD input; ``aad_off`` is where the 8-byte
-        SPI || sequence AAD lies in the packet (used without ESN).
+        ``aad`` is where the 8-byte SPI || Sequence Number AAD lies in the slot (used
+        without ESN; with ESN the per-slot ``esn_aad`` record is the AAD).
         """
-        key = (start << 20) | (length << 1) | int(esn)
-        stale = np.flatnonzero(self._keys[slots] != key)
-        if stale.size:
-            self._rebuild(slots[stale], start[stale], length[stale], aad_off[stale], esn,
-                          key[stale])
+        key = (length << 1) + ((start << 20) | int(esn))
+        old = self._keys[: slots.size] if dense else self._keys[slots]
+        if (old != key).any():
+            stale = np.flatnonzero(old != key)
+            self._rebuild(slots[stale], start, length[stale], aad, esn, key[stale])
         cached = self._args
-        if slots.size == len(cached) or (slots.size and slots[-1] == slots.size - 1):
-            # Every slot from 0 in order: a list slice, no per-packet Python work.
+        if dense:
+            # A list slice: no per-packet Python work at all.
             return cached[: slots.size]  # type: ignore[return-value]
         return [cached[s] for s in slots.tolist()]  # type: ignore[misc]
 
     def _rebuild(
         self,
         slots: npt.NDArray[np.int64],
-        start: npt.NDArray[np.int64],
+        start: int,
         length: npt.NDArray[np.int64],
-        aad_off: npt.NDArray[np.int64],
+        aad: int,
         esn: bool,
         key: npt.NDArray[np.int64],
     ) -> None:
         mv, nmv, amv, tag = self._mv, self._nonce_mv, self._aad_mv, self._tag
-        for s, a, ln, ao in zip(slots.tolist(), start.tolist(), length.tolist(),
-                                aad_off.tolist(), strict=True):
-            aad = amv[s * ESN_AAD_LEN : (s + 1) * ESN_AAD_LEN] if esn else mv[ao : ao + 8]
-            self._args[s] = (nmv[s * NONCE_LEN : (s + 1) * NONCE_LEN], mv[a : a + ln], aad,
+        slot_size = self.data.shape[0] // len(self._args)
+        for s, ln in zip(slots.tolist(), length.tolist(), strict=True):
+            a = s * slot_size + start
+            if esn:
+                aad_view = amv[s * ESN_AAD_LEN : (s + 1) * ESN_AAD_LEN]
+            else:
+                aad_view = mv[s * slot_size + aad : s * slot_size + aad + 8]
+            self._args[s] = (nmv[s * NONCE_LEN : (s + 1) * NONCE_LEN], mv[a : a + ln], aad_view,
                              mv[a : a + ln + tag])
         self._keys[slots] = key
