@@ -59,6 +59,7 @@ class Row:
     alg: str
     mode: str
     size: int | str
+    batch: int
     pps: float
     gbps: float
     aead_only_pps: float | None
@@ -81,7 +82,8 @@ def make_table(alg: str, mode: Mode) -> tuple[SaTable, SaState, SaState]:
     return table, out, inb
 
 
-def timed(fn: Callable[[], None], prep: Callable[[], None], seconds: float) -> float:
+def timed(fn: Callable[[], None], prep: Callable[[], None], seconds: float,
+          batch: int = BATCH) -> float:
     """Packets per second of ``fn`` over batches, ``prep`` run untimed before each."""
     spent, batches = 0.0, 0
     while spent < seconds:
@@ -90,31 +92,52 @@ def timed(fn: Callable[[], None], prep: Callable[[], None], seconds: float) -> f
         fn()
         spent += time.perf_counter() - t0
         batches += 1
-    return batches * BATCH / spent
+    return batches * batch / spent
 
 
-def aead_args(batch: Batch, sa: SaState, op: str) -> tuple[Callable[..., int], list[tuple[object, ...]]]:
-    """Bare AEAD call arguments for the batch's packets, built once, outside any timing."""
-    mv = memoryview(batch.data)  # type: ignore[arg-type]
-    # Decryption in place would destroy the input for the next round: write elsewhere.
-    out_mv = memoryview(np.zeros_like(batch.data))  # type: ignore[arg-type]
-    salt = sa.salt
-    args: list[tuple[object, ...]] = []
-    for i in range(batch.count):
-        off, ln = int(batch.meta["offset"][i]), int(batch.meta["length"][i])
-        nonce = salt + os.urandom(8)
-        if op == "encap":
-            args.append((nonce, mv[off : off + ln], mv[off - 16 : off - 8], mv[off : off + ln + 16]))
-        else:
-            args.append((nonce, mv[off : off + ln + 16], mv[off - 16 : off - 8],
-                         out_mv[off : off + ln]))
-    fn = sa.aead_encrypt_into if op == "encap" else sa.aead_decrypt_into
-    assert fn is not None
-    if op == "decap":  # make the tags valid so the bare loop does the same work
-        for nonce, data, aad, _ in args:
-            ct = (sa.aead_encrypt_into.__self__).encrypt(nonce, bytes(data[:-16]), bytes(aad))  # type: ignore[union-attr]
-            data[:] = ct  # type: ignore[index]
-    return fn, args
+class BareLoop:
+    """The same AEAD calls over the same packets, every argument prepared beforehand.
+
+    Its input buffer is refilled before each batch (untimed), as the codec's is, so both
+    read freshly written packets.
+    """
+
+    def __init__(self, sa: SaState, op: str, lengths: list[int], batch: int) -> None:
+        self.holder = Batch(batch)
+        self.holder.load([bytes(ln) for ln in lengths])
+        mv = memoryview(self.holder.data)  # type: ignore[arg-type]
+        # Decryption in place would destroy the input for the next round: write elsewhere.
+        out_mv = memoryview(np.zeros_like(self.holder.data))  # type: ignore[arg-type]
+        aead = sa.aead_encrypt_into.__self__  # type: ignore[union-attr]
+        self.args: list[tuple[bytes, memoryview, memoryview, memoryview]] = []
+        for i, ln in enumerate(lengths):
+            off = int(self.holder.meta["offset"][i])
+            nonce = sa.salt + os.urandom(8)
+            aad = mv[off - 16 : off - 8]
+            if op == "encap":
+                self.args.append((nonce, mv[off : off + ln], aad, mv[off : off + ln + 16]))
+            else:
+                # Valid ciphertext and tag, so decryption does the full work.
+                ct = aead.encrypt(nonce, bytes(ln), bytes(aad))
+                self.holder.data[off : off + ln + 16] = np.frombuffer(ct, dtype=np.uint8)
+                self.args.append((nonce, mv[off : off + ln + 16], aad, out_mv[off : off + ln]))
+        fn = sa.aead_encrypt_into if op == "encap" else sa.aead_decrypt_into
+        assert fn is not None
+        self.fn = fn
+        self.source = self.holder.data.copy()
+
+    def prep(self) -> None:
+        np.copyto(self.holder.data, self.source)
+
+    def for_loop(self) -> None:
+        """The bare loop the ratio is defined against: a plain Python ``for``."""
+        fn = self.fn
+        for nonce, data, aad, out in self.args:
+            fn(nonce, data, aad, out)
+
+    def starmap(self) -> None:
+        """The same calls driven from C, as the codec drives them: a stricter ceiling."""
+        _consume(starmap(self.fn, self.args))
 
 
 def scapy_rate(alg: str, mode: Mode, packets: list[bytes], key: bytes) -> float | None:
@@ -137,91 +160,79 @@ def scapy_rate(alg: str, mode: Mode, packets: list[bytes], key: bytes) -> float 
 
 
 def bench_one(alg: str, mode: Mode, size: int | str, seconds: float, rounds: int,
-              with_scapy: bool) -> list[Row]:
+              with_scapy: bool, batch: int = BATCH) -> list[Row]:
     table, out_sa, in_sa = make_table(alg, mode)
     codec = EspCodec(table)
     rng = np.random.default_rng(1)
 
     def sizes() -> list[int]:
         if size == "mixed":
-            return rng.integers(64, 1401, BATCH).tolist()
-        return [int(size)] * BATCH
+            return [int(x) for x in rng.integers(64, 1401, batch)]
+        return [int(size)] * batch
 
-    template_in = Batch(BATCH)
+    template_in = Batch(batch)
     template_in.load([inner_packet(s, i) for i, s in enumerate(sizes())], sa=out_sa.index)
-    work = Batch(BATCH)
+    work = Batch(batch)
+    template_out = Batch(batch)
 
     def prep_encap() -> None:
-        if size == "mixed":
+        if size == "mixed":  # new sizes every batch: no slot geometry repeats
             template_in.load([inner_packet(s, i) for i, s in enumerate(sizes())],
                              sa=out_sa.index)
         work.copy_from(template_in)
         table.assign_sequence(work)
 
-    # Encrypted template for decap: the codec's own output, re-laid at slot headroom.
-    prep_encap()
-    codec.encap(work)
-    template_out = Batch(BATCH)
-    template_out.load(work.packets(), sa=0)
-    template_out.meta["seq"][:BATCH] = work.meta["seq"][:BATCH]
-    wire_bytes = int(template_out.meta["length"][:BATCH].sum())
-    inner_bytes = int(template_in.meta["length"][:BATCH].sum())
+    def refresh_wire() -> None:
+        """The codec's own output, re-laid at slot headroom: the decap input."""
+        prep_encap()
+        codec.encap(work)
+        template_out.load(work.packets(), sa=0)
+        template_out.meta["seq"][:batch] = work.meta["seq"][:batch]
 
     def prep_decap() -> None:
         if size == "mixed":
-            prep_encap()
-            codec.encap(work)
-            template_out.load(work.packets(), sa=0)
-            template_out.meta["seq"][:BATCH] = work.meta["seq"][:BATCH]
+            refresh_wire()
         work.copy_from(template_out)
         # Steady state: the window ends just before this batch's first number.
         in_sa.replay = ReplayWindow(in_sa.record.replay_window, in_sa.record.esn)
         in_sa.replay.top = int(work.meta["seq"][0]) - 1
 
-    rows = []
+    refresh_wire()
+    wire_bytes = int(template_out.meta["length"][:batch].sum())
+    inner_bytes = int(template_in.meta["length"][:batch].sum())
     t = parse_esp(alg)
+    payload = [int(x) - (20 if mode is Mode.TRANSPORT else 0)
+               for x in template_in.meta["length"][:batch]]
+    plaintext = [-(-(ln + 2) // 4) * 4 for ln in payload]  # padded as the codec pads
+    rows = []
     for op, fn, prep in (("encap", lambda: codec.encap(work), prep_encap),
                          ("decap", lambda: codec.decap(work), prep_decap)):
         prep()
         fn()
         assert work.verdict_counts() == {}, work.verdict_counts()
-        ratios, codec_pps, base_pps, strict_pps, strict_ratios = [], [], [], [], []
-        bare = None
-        if t.is_aead:
-            # A batch laid out like the codec's input, for the bare loop: its own buffers.
-            bare_batch = Batch(BATCH)
-            hdr = 20 if mode is Mode.TRANSPORT else 0
-            lens = [int(x) - hdr for x in template_in.meta["length"][:BATCH]]
-            bare_batch.load([bytes(-(-(ln + 2) // 4) * 4) for ln in lens])
-            bare_fn, bare_list = aead_args(bare_batch, in_sa if op == "decap" else out_sa, op)
-
-            def bare() -> None:
-                # The bare loop the ratio is defined against: a plain Python for loop.
-                for nonce, data, aad, out in bare_list:
-                    bare_fn(nonce, data, aad, out)
-
-            def bare_starmap() -> None:
-                # The same calls driven from C, as the codec drives them: the stricter ceiling.
-                _consume(starmap(bare_fn, bare_list))
+        bare = BareLoop(out_sa if op == "encap" else in_sa, op, plaintext, batch) \
+            if t.is_aead else None
+        codec_pps, loop_pps, star_pps, ratios, star_ratios = [], [], [], [], []
         for _ in range(rounds):
-            c = timed(fn, prep, seconds / rounds)
+            c = timed(fn, prep, seconds / rounds, batch)
             codec_pps.append(c)
             if bare is not None:
-                b = timed(bare, lambda: None, seconds / rounds)
-                base_pps.append(b)
+                b = timed(bare.for_loop, bare.prep, seconds / rounds, batch)
+                b2 = timed(bare.starmap, bare.prep, seconds / rounds, batch)
+                loop_pps.append(b)
+                star_pps.append(b2)
                 ratios.append(c / b)
-                b2 = timed(bare_starmap, lambda: None, seconds / rounds)
-                strict_pps.append(b2)
-                strict_ratios.append(c / b2)
+                star_ratios.append(c / b2)
         pps = statistics.median(codec_pps)
-        nbytes = inner_bytes if op == "encap" else wire_bytes - 0
+        nbytes = inner_bytes if op == "encap" else wire_bytes
+        median = statistics.median
         rows.append(Row(
-            op=op, alg=alg, mode=mode.name.lower(), size=size, pps=pps,
-            gbps=pps * (nbytes / BATCH) * 8 / 1e9,
-            aead_only_pps=statistics.median(base_pps) if base_pps else None,
-            ratio=statistics.median(ratios) if ratios else None,
-            aead_starmap_pps=statistics.median(strict_pps) if strict_pps else None,
-            ratio_starmap=statistics.median(strict_ratios) if strict_ratios else None,
+            op=op, alg=alg, mode=mode.name.lower(), size=size, batch=batch, pps=pps,
+            gbps=pps * (nbytes / batch) * 8 / 1e9,
+            aead_only_pps=median(loop_pps) if loop_pps else None,
+            ratio=median(ratios) if ratios else None,
+            aead_starmap_pps=median(star_pps) if star_pps else None,
+            ratio_starmap=median(star_ratios) if star_ratios else None,
             scapy_pps=(scapy_rate(alg, mode, template_in.packets(), out_sa.record.enc_key)
                        if with_scapy and op == "encap" and size != "mixed" else None),
         ))
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="tunnel,transport")
     ap.add_argument("--seconds", type=float, default=1.0, help="per op and row, both sides")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=BATCH, help="packets per batch")
     ap.add_argument("--no-scapy", action="store_true")
     ap.add_argument("--out", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -250,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.sizes.split(","):
                 size: int | str = s if s == "mixed" else int(s)
                 for row in bench_one(alg, mode, size, args.seconds, args.rounds,
-                                     not args.no_scapy):
+                                     not args.no_scapy, args.batch):
                     rows.append(row)
                     if args.json:
                         print(json.dumps(row.__dict__), flush=True)
                     else:
                         ao = f"{row.aead_only_pps:10.0f}" if row.aead_only_pps else f"{'-':>10}"
                         ra = f"{row.ratio:6.3f}" if row.ratio else f"{'-':>6}"
-                        sm = (f"{row.aead_starmap_pps:10.0f} {row.ratio_starmap:6.3f}"
-                              if row.aead_starmap_pps and row.ratio_starmap else f"{'-':>10} {'-':>6}")
+                        sm = f"{'-':>10} {'-':>6}"
+                        if row.aead_starmap_pps and row.ratio_starmap:
+                            sm = f"{row.aead_starmap_pps:10.0f} {row.ratio_starmap:6.3f}"
                         sc = f"{row.scapy_pps:9.0f}" if row.scapy_pps else f"{'':>9}"
                         print(f"{row.op:6} {row.alg:17} {row.mode:9} {row.size!s:>6} "
                               f"{row.pps:10.0f} {row.gbps:7.3f} {ao} {ra} {sm} {sc}", flush=True)

@@ -96,7 +96,7 @@ class Batch:
         self.data: npt.NDArray[np.uint8] = np.zeros(capacity * slot_size, dtype=np.uint8)
         # Per-slot memoryview caches owned by the codecs (see workers/views.py). They are
         # tied to this buffer, which is why a batch is reused rather than reallocated.
-        self._views: dict[str, object] = {}
+        self._views: dict[object, object] = {}
 
     @staticmethod
     def max_packet_for(slot_size: int) -> int:

@@ -23,6 +23,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import starmap
+from operator import length_hint
 
 import numpy as np
 import numpy.typing as npt
@@ -112,6 +113,16 @@ def _bases(batch: Batch) -> I64:
     return bases
 
 
+def _offsets(batch: Batch, in_slot: int) -> npt.NDArray[np.uint32]:
+    """Offsets of byte ``in_slot`` of every slot (the usual packet start, cached)."""
+    key = ("offsets", in_slot)
+    offs = batch._views.get(key)
+    if not isinstance(offs, np.ndarray):
+        offs = (_bases(batch) + in_slot).astype(np.uint32)
+        batch._views[key] = offs
+    return offs
+
+
 def _arange(batch: Batch) -> I64:
     idx = batch._views.get("arange")
     if not isinstance(idx, np.ndarray):
@@ -168,7 +179,7 @@ class EspCodec:
             # Fast path: one SA, every packet at the same place in its slot.
             sa_col, off = meta["sa"][:n], meta["offset"][:n]
             s0, c0 = int(sa_col[0]), int(off[0])
-            if (sa_col == s0).all() and (off == bases[:n] + c0).all() and c0 < size:
+            if c0 < size and (sa_col == s0).all() and (off == _offsets(batch, c0)[:n]).all():
                 sa = self._sa(s0, Direction.OUT)
                 if sa is not None:
                     self._encap_group(batch, sa, _arange(batch)[:n], c0, True)
@@ -201,6 +212,7 @@ class EspCodec:
         udp = UDP_HDR_LEN if rec.encap is not None else 0
         if tunnel:
             version = b0 >> 4
+            all_v4 = bool((version == 4).all())
             ip_len = 0
             checks = [(length < _MIN_INNER_LEN[version], Verdict.PROTO)]
             payload_len = np.maximum(length, rec.tfc_pad) if rec.tfc_pad else length
@@ -259,7 +271,8 @@ class EspCodec:
         if int(pad.max()) + ESP_TRAILER_LEN > width:  # TFC or odd lengths: the long way
             width = int(pad.max()) + ESP_TRAILER_LEN
         if tunnel:
-            trailer = _TUNNEL_TRAILERS[_IS_V6[version], pad, :width]
+            trailer = (_TUNNEL_TRAILERS[0, :, :width][pad] if all_v4
+                       else _TUNNEL_TRAILERS[_IS_V6[version], pad, :width])
         else:
             trailer = _TRAILERS[pad, :width]
             trailer[np.arange(n), pad + 1] = next_header
@@ -272,13 +285,12 @@ class EspCodec:
         if not tunnel:
             old = GroupRows(data, dtype, size, c, slots, dense).rec
             old_ip = old["ip"].copy()
-            old_opts = old["ip_options"].copy() if "ip_options" in dtype.names else None
+            old_opts = old["ip_options"].copy() if "ip_options" in (dtype.names or ()) else None
         hdr = GroupRows(data, dtype, size, new_c, slots, dense)
         h = hdr.rec
         if tunnel:
             raw = hdr.fill(self._template(sa, dtype))
             ip = h["ip"]
-            all_v4 = not _IS_V6[version].any()
             # RFC 4301 §5.1.2.1: DSCP and ECN are copied from the inner header.
             tos = peek["b1"] if all_v4 else np.where(
                 version == 4, peek["b1"], ((b0 & 0x0F) << 4) | (peek["b1"] >> 4))
@@ -404,7 +416,7 @@ class EspCodec:
             # Fast path: every packet at the same place in its slot, one header layout.
             off = meta["offset"][:n]
             c0 = int(off[0])
-            if c0 + IPV6_HDR_LEN <= size and (off == bases[:n] + c0).all():
+            if c0 + IPV6_HDR_LEN <= size and (off == _offsets(batch, c0)[:n]).all():
                 peek = rows(data, _PROTO_PEEK, size, c0)[:n]
                 b0, p4, p6 = int(peek["b0"][0]), int(peek["p4"][0]), int(peek["p6"][0])
                 proto = p4 if b0 >> 4 == 4 else p6
@@ -470,9 +482,9 @@ class EspCodec:
         if udp:
             checks.append((spi == 0, Verdict.ENCAP))  # RFC 3948 §2.2: Non-ESP Marker, IKE
         spi0 = int(spi[0])
+        index = -1  # the one SA of the whole group, when all share an SPI
         if (spi == spi0).all():
             index, found = self.sas.lookup_one(Protocol.ESP, spi0)
-            sa_idx = np.full(slots.size, index, dtype=np.int64)
             if not found:
                 checks.append((np.ones(slots.size, dtype=np.bool_), Verdict.NO_SA))
         else:
@@ -480,10 +492,21 @@ class EspCodec:
             checks.append((~found_mask, Verdict.NO_SA))
         verdicts = first_failure(checks, slots.size)
         seq_lo = h["esp"]["seq"]
+        if index >= 0 and verdicts is None:
+            meta["sa"][sel] = index
+            sa = self._sa(index, Direction.IN)
+            if sa is None:
+                meta["verdict"][slots] = Verdict.NO_SA
+                return
+            self._decap_sa(batch, sa, slots, c, version, ip_len, udp, ip_total, seq_lo, dense)
+            return
+        if index >= 0:
+            sa_idx = np.full(slots.size, index, dtype=np.int64)
         if verdicts is not None:
             meta["verdict"][slots] = verdicts
             keep = verdicts == 0
-            slots, ip_total, seq_lo, sa_idx = slots[keep], ip_total[keep], seq_lo[keep], sa_idx[keep]
+            slots, ip_total = slots[keep], ip_total[keep]
+            seq_lo, sa_idx = seq_lo[keep], sa_idx[keep]
             dense = False
         meta["sa"][slots if not dense else sel] = sa_idx
         for k, pos in group_by(sa_idx.astype(np.int64)):
@@ -535,7 +558,7 @@ class EspCodec:
         else:
             esp_off = base + esp_c
             authentic = _hmac_verify(data, sa, t, seq, esp_off, ct_start + ct_len)
-            if t.kind is CipherKind.AES_CBC and authentic.any():
+            if t.kind is CipherKind.AES_CBC and authentic is not None and authentic.any():
                 # Encrypt-then-MAC: only authenticated ciphertext is decrypted.
                 a = np.flatnonzero(authentic)
                 iv = vec.gather(data, esp_off[a] + ESP_HDR_LEN, 16)
@@ -551,7 +574,8 @@ class EspCodec:
             word = tail.view("<u4")[:, 0]
             bad_pad |= (word & _PAD_MASK32[pad]) != _PAD_EXPECT32[pad]
         else:
-            bad_pad |= _bad_padding(data, ct_start + ct_len - 2, pad, ~bad_pad & authentic)
+            checked = ~bad_pad if authentic is None else ~bad_pad & authentic
+            bad_pad |= _bad_padding(data, ct_start + ct_len - 2, pad, checked)
         inner_len = ct_len - pad - ESP_TRAILER_LEN
 
         if rec.mode is Mode.TUNNEL:
@@ -573,7 +597,7 @@ class EspCodec:
             old = GroupRows(data, dtype, size, c, slots, dense).rec
             moved = GroupRows(data, dtype, size, ct_c - ip_len, slots, dense)
             saved_ip = old["ip"].copy()
-            saved_opts = old["ip_options"].copy() if "ip_options" in dtype.names else None
+            saved_opts = old["ip_options"].copy() if "ip_options" in (dtype.names or ()) else None
             new_len = ip_len + inner_len
             moved.rec["ip"] = saved_ip
             if saved_opts is not None:
@@ -589,19 +613,19 @@ class EspCodec:
             if version == 4:
                 _ipv4_checksum(data, new_off, ip_len)
         verdict = first_failure([
-            (~authentic, Verdict.INTEGRITY),
+            (None if authentic is None else ~authentic, Verdict.INTEGRITY),
             (bad_pad, Verdict.PAD),
             (next_header == NH_NONE, Verdict.DUMMY),
             (wrong_nh, Verdict.PROTO),
             (bad_len, Verdict.RUNT),
         ], n)
-        ok = np.ones(n, dtype=np.bool_) if verdict is None else verdict == 0
+        ok = None if verdict is None else verdict == 0
         # Only verified packets move the window, in order (RFC 4303 §3.4.3).
         replay = sa.replay.commit(seq, ok)
         if verdict is not None or replay.any():
             if verdict is None:
                 verdict = np.zeros(n, dtype=np.uint8)
-            verdict[replay & ok] = Verdict.REPLAY
+            verdict[replay if ok is None else replay & ok] = Verdict.REPLAY
             ok = verdict == 0
             meta["verdict"][slots] = verdict
             slots, new_off, new_len, sel = slots[ok], new_off[ok], new_len[ok], slots[ok]
@@ -611,7 +635,9 @@ class EspCodec:
         sa.bytes += int(new_len.sum())
 
     def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64, seq: U64,
-                      esp_c: int, ct_c: int, ct_len: I64, dense: bool) -> Mask:
+                      esp_c: int, ct_c: int, ct_len: I64, dense: bool) -> Mask | None:
+        """Decrypt in place; None when every packet authenticated, else the mask of those
+        that did."""
         data, size = batch.data, batch.slot_size
         sel: Sel = slice(0, slots.size) if dense else slots
         cache = self._cache(batch, "esp-decrypt", -16)
@@ -622,7 +648,7 @@ class EspCodec:
             cache.esn_aad["seq"][sel] = seq
         args = cache.args(slots, ct_c, ct_len + t.icv_len, esp_c, sa.record.esn, dense)
         assert sa.aead_decrypt_into is not None
-        authentic = np.ones(slots.size, dtype=np.bool_)
+        authentic: Mask | None = None
         remaining = iter(args)
         calls = starmap(sa.aead_decrypt_into, remaining)
         while True:
@@ -632,7 +658,9 @@ class EspCodec:
             except InvalidTag:
                 # OpenSSL checked the tag in constant time. starmap resumes with the next
                 # packet; the failed one is the last the argument iterator handed out.
-                authentic[slots.size - remaining.__length_hint__() - 1] = False
+                if authentic is None:
+                    authentic = np.ones(slots.size, dtype=np.bool_)
+                authentic[slots.size - length_hint(remaining) - 1] = False
 
 
 def _bad_padding(data: npt.NDArray[np.uint8], pad_len_at: I64, pad: I64, check: Mask) -> Mask:
@@ -685,12 +713,14 @@ def _hmac_many(data: npt.NDArray[np.uint8], sa: SaState, seq: U64, esp_off: I64,
 
 
 def _hmac_verify(data: npt.NDArray[np.uint8], sa: SaState, t: EspTransform, seq: U64,
-                 esp_off: I64, ct_end: I64) -> Mask:
+                 esp_off: I64, ct_end: I64) -> Mask | None:
+    """ICV check in constant time per packet; None when all verify."""
     received = vec.gather(data, ct_end, t.icv_len)  # before the ESN bits overwrite it
     expected = _hmac_many(data, sa, seq, esp_off, ct_end)
-    return np.fromiter(
+    ok = np.fromiter(
         map(hmac.compare_digest, map(bytes, received), map(bytes, expected)),
         dtype=np.bool_, count=received.shape[0])
+    return None if ok.all() else ok
 
 
 def _cbc_run(data: npt.NDArray[np.uint8], start: I64, length: I64, iv: npt.NDArray[np.uint8],

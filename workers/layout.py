@@ -9,7 +9,9 @@ beside them; nothing else in the data plane hard-codes a header offset.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +52,7 @@ INNER_PEEK = np.dtype([
 
 
 @lru_cache(maxsize=256)
-def header_dtype(ip_version: int, ip_len: int, udp: bool, iv_len: int) -> np.dtype[np.void]:
+def header_dtype(ip_version: int, ip_len: int, udp: bool, iv_len: int) -> np.dtype[Any]:
     """[IP header][UDP][ESP header][IV] as one record; ``ip_version`` 0 means no IP header."""
     fields: list[tuple[str, object]] = []
     if ip_version == 4:
@@ -66,14 +68,14 @@ def header_dtype(ip_version: int, ip_len: int, udp: bool, iv_len: int) -> np.dty
         fields.append(("iv", np.dtype(">u8")))
     elif iv_len:
         fields.append(("iv", np.dtype(("u1", (iv_len,)))))
-    return np.dtype(fields)  # type: ignore[arg-type]
+    return np.dtype(fields)
 
 
-_ROWS: dict[tuple[int, np.dtype[np.void], int, int], npt.NDArray[np.void]] = {}
+_ROWS: dict[tuple[int, np.dtype[Any], int, int], npt.NDArray[Any]] = {}
 
 
-def rows(data: npt.NDArray[np.uint8], dtype: np.dtype[np.void], slot_size: int,
-         in_slot: int) -> npt.NDArray[np.void]:
+def rows(data: npt.NDArray[np.uint8], dtype: np.dtype[Any], slot_size: int,
+         in_slot: int) -> npt.NDArray[Any]:
     """A record per slot, at byte ``in_slot`` of each slot, sharing ``data``'s memory."""
     key = (id(data), dtype, slot_size, in_slot)
     view = _ROWS.get(key)
@@ -96,11 +98,11 @@ def windows(data: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.uint8]:
     key = (id(data), _WINDOWS, 0, width)
     view = _ROWS.get(key)
     if view is not None and view.base is data:
-        return view  # type: ignore[return-value]
+        return view
     view = np.ndarray((data.shape[0] - width + 1, width), dtype=np.uint8, buffer=data,
                       strides=(1, 1))
-    _ROWS[key] = view  # type: ignore[assignment]
-    return view  # type: ignore[return-value]
+    _ROWS[key] = view
+    return view
 
 
 _WINDOWS = np.dtype("u1")
@@ -112,7 +114,7 @@ class GroupRows:
 
     __slots__ = ("_all", "_slots", "_raw", "rec")
 
-    def __init__(self, data: npt.NDArray[np.uint8], dtype: np.dtype[np.void], slot_size: int,
+    def __init__(self, data: npt.NDArray[np.uint8], dtype: np.dtype[Any], slot_size: int,
                  in_slot: int, slots: npt.NDArray[np.int64], dense: bool) -> None:
         self._all = rows(data, dtype, slot_size, in_slot)
         self._slots = None if dense else slots
@@ -125,15 +127,20 @@ class GroupRows:
         width = self.rec.dtype.itemsize
         if self._slots is None:
             data, slot_size, in_slot = self._raw
-            raw = rows(data, np.dtype(("u1", (width,))), slot_size, in_slot)[: self.rec.shape[0]]
+            raw = rows(data, _bytes_dtype(width), slot_size, in_slot)[: self.rec.shape[0]]
         else:
             raw = self.rec.view(np.uint8).reshape(-1, width)
         raw[:] = template
-        return raw  # type: ignore[no-any-return]
+        return raw
 
     def commit(self) -> None:
         if self._slots is not None:
             self._all[self._slots] = self.rec
+
+
+@lru_cache(maxsize=64)
+def _bytes_dtype(width: int) -> np.dtype[Any]:
+    return np.dtype(("u1", (width,)))
 
 
 def group_by(keys: npt.NDArray[np.int64]) -> list[tuple[int, npt.NDArray[np.int64]]]:
@@ -149,17 +156,21 @@ def group_by(keys: npt.NDArray[np.int64]) -> list[tuple[int, npt.NDArray[np.int6
 
 
 def first_failure(
-    checks: list[tuple[npt.NDArray[np.bool_], int]], size: int
+    checks: Sequence[tuple[npt.NDArray[np.bool_] | None, int]], size: int
 ) -> npt.NDArray[np.uint8] | None:
     """Verdicts for an ordered table of (failed-mask, verdict) checks, the first failing
-    check naming each packet's verdict; None when nothing failed (the fast path)."""
-    failed = np.zeros(size, dtype=np.bool_)
-    for mask, _ in checks:
-        failed |= mask
+    check naming each packet's verdict; None when nothing failed (the fast path).
+    A mask of None is a check known to pass for every packet."""
+    masks = [m for m, _ in checks if m is not None]
+    if not masks:
+        return None
+    failed = masks[0]
+    for extra in masks[1:]:
+        failed = failed | extra
     if not failed.any():
         return None
     verdict = np.zeros(size, dtype=np.uint8)
     for mask, code in reversed(checks):
-        verdict[mask] = code
+        if mask is not None:
+            verdict[mask] = code
     return verdict
-

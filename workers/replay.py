@@ -72,22 +72,26 @@ class ReplayWindow:
         # Sequence number 0 is never sent (RFC 4303 §3.3.3: the first packet carries 1).
         too_old = (seq == 0) | (seq + np.uint64(self.size) <= top)
         seen = (seq <= top) & self._ring[(seq & np.uint64(self._mask)).astype(np.intp)]
-        return too_old | seen
+        replay: BoolArray = too_old | seen
+        return replay
 
-    def commit(self, seq: U64Array, verified: BoolArray) -> BoolArray:
-        """Move the window for verified packets, in order; True where one is a replay.
+    def commit(self, seq: U64Array, verified: BoolArray | None) -> BoolArray:
+        """Move the window for verified packets (None: all), in order; True where one is
+        a replay.
 
         Equivalent to running RFC 4303 §3.4.3's check-then-update packet by packet: a packet
         is a replay if the window, as the packets before it in the batch left it, rejects it.
         """
         n = seq.shape[0]
+        if verified is None:
+            if n and int(seq[0]) > self.top and (n == 1 or (seq[1:] > seq[:-1]).all()):
+                # The common case: fresh numbers in order. None is a replay.
+                self._advance(seq, int(seq[-1]), in_order=True)
+                return np.zeros(n, dtype=np.bool_)
+            verified = np.ones(n, dtype=np.bool_)
         if self.size == 0:
             if n and verified.any():
                 self.top = max(self.top, int(seq[verified].max()))
-            return np.zeros(n, dtype=np.bool_)
-        if n and verified.all() and seq[0] > self.top and (seq[1:] > seq[:-1]).all():
-            # The common case: fresh numbers in order. None is a replay.
-            self._advance(seq, int(seq[-1]))
             return np.zeros(n, dtype=np.bool_)
         replay = verified & self.precheck(seq)
         cand = verified & ~replay
@@ -113,17 +117,19 @@ class ReplayWindow:
         self._advance(seq[accepted], max(self.top, int(seq[accepted].max())))
         return replay
 
-    def _advance(self, accepted: U64Array, new_top: int) -> None:
-        """Slide the window to ``new_top`` and mark ``accepted`` as seen."""
+    def _advance(self, accepted: U64Array, new_top: int, in_order: bool = False) -> None:
+        """Slide the window to ``new_top`` and mark ``accepted`` as seen. ``in_order``:
+        ``accepted`` is strictly increasing and starts above the current top."""
         ring = self._ring.shape[0]
-        if (accepted.size == new_top - self.top and accepted.size < ring
-                and int(accepted[0]) == self.top + 1):
-            # Exactly the numbers after top, in order (commit's fast path checked order):
-            # their bits are set and the bits they take over were those cleared.
-            start = (self.top + 1) & self._mask
-            end = start + accepted.size
-            self._ring[start : min(end, ring)] = True
-            self._ring[: max(end - ring, 0)] = True
+        if in_order and accepted.size == new_top - self.top:
+            # Exactly top+1 .. new_top: every bit they reach is set, nothing else changes.
+            if accepted.size >= ring:
+                self._ring[:] = True
+            else:
+                start = (self.top + 1) & self._mask
+                end = start + accepted.size
+                self._ring[start : min(end, ring)] = True
+                self._ring[: max(end - ring, 0)] = True
             self.top = new_top
             return
         advance = new_top - self.top

@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from pipeline.batch import Batch
 from pipeline.satable import Direction, Protocol, SaRecord, SaRecordError
-from workers.algorithms import AlgorithmError, CipherKind, EspTransform, IntegAlg, parse_ah, parse_esp
+from workers.algorithms import (
+    AlgorithmError,
+    CipherKind,
+    EspTransform,
+    IntegAlg,
+    parse_ah,
+    parse_esp,
+)
 from workers.replay import ReplayWindow
 
 __all__ = ["SaState", "SaTable"]

@@ -21,7 +21,8 @@ Offsets = npt.NDArray[np.int64]
 
 def gather(data: Buf, off: Offsets, width: int) -> Buf:
     """(n, width) array of the bytes at ``off[i] .. off[i] + width``."""
-    return data[off[:, None] + np.arange(width)]
+    rows: Buf = data[off[:, None] + np.arange(width)]
+    return rows
 
 
 def scatter(data: Buf, off: Offsets, values: npt.NDArray[np.uint8]) -> None:
@@ -42,7 +43,8 @@ def be16(data: Buf, off: Offsets) -> npt.NDArray[np.int64]:
 
 def be32(data: Buf, off: Offsets) -> npt.NDArray[np.uint32]:
     b = gather(data, off, 4).astype(np.uint32)
-    return (b[:, 0] << 24) | (b[:, 1] << 16) | (b[:, 2] << 8) | b[:, 3]
+    word = (b[:, 0] << 24) | (b[:, 1] << 16) | (b[:, 2] << 8) | b[:, 3]
+    return word.astype(np.uint32)
 
 
 def put_u8(data: Buf, off: Offsets, value: npt.ArrayLike) -> None:
@@ -75,4 +77,5 @@ def inet_checksum(rows: Buf, initial: npt.NDArray[np.int64] | int = 0) -> npt.ND
         if np.array_equal(folded, total):
             break
         total = folded
-    return ~total & 0xFFFF
+    csum: npt.NDArray[np.int64] = ~total & 0xFFFF
+    return csum

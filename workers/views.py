@@ -70,7 +70,7 @@ class SlotArgCache:
         if dense:
             # A list slice: no per-packet Python work at all.
             return cached[: slots.size]  # type: ignore[return-value]
-        return [cached[s] for s in slots.tolist()]  # type: ignore[misc]
+        return [cached[s] for s in slots.tolist()]
 
     def _rebuild(
         self,
