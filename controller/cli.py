@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Runs bench/esp_codec.py; extra arguments are passed on to it.")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="arguments for bench.esp_codec (see: espline bench --help-bench)")
-    args = parser.parse_args(argv)
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to the benchmark's own parser.
         from bench import esp_codec
 
-        passed = list(args.args)
+        passed = argv[1:]
         if passed[:1] == ["--help-bench"]:
             passed = ["--help"]
         if not passed:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             passed = ["--algs", "aes128gcm16,chacha20poly1305,aes128-sha256",
                       "--modes", "tunnel", "--sizes", "64,512,1400", "--seconds", "1"]
         return esp_codec.main(passed)
+    parser.parse_args(argv)
     parser.print_help()
     return 2
 

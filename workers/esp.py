@@ -243,10 +243,11 @@ class EspCodec:
         padded = (payload_len + (ESP_TRAILER_LEN + block - 1)) & -block
         esn_room = 4 if (rec.esn and not t.is_aead) else 0
         room = size - (c + ip_len + t.icv_len + esn_room) if new_c >= 0 else -1
-        checks += [
-            (seq - np.uint64(1) >= np.uint64(sa.seq_limit), Verdict.SEQ_OVERFLOW),  # 0 or past
-            (padded > room, Verdict.TOO_BIG),
-        ]
+        # Scalar bounds first: a mask is built only when some packet is out of bounds.
+        if int(seq.min()) == 0 or int(seq.max()) > sa.seq_limit:
+            checks.append(((seq == 0) | (seq > np.uint64(sa.seq_limit)), Verdict.SEQ_OVERFLOW))
+        if int(padded.max()) > room:
+            checks.append((padded > room, Verdict.TOO_BIG))
         verdicts = first_failure(checks, slots.size)
         if verdicts is not None:
             meta["verdict"][slots] = verdicts
@@ -478,7 +479,8 @@ class EspCodec:
             if tiny.any():
                 first = data[slots * size + (c + ip_len + UDP_HDR_LEN)]
                 checks.append((tiny & (first == NAT_KEEPALIVE), Verdict.KEEPALIVE))
-        checks.append((ip_total < dtype.itemsize, Verdict.RUNT))
+        if int(ip_total.min()) < dtype.itemsize:
+            checks.append((ip_total < dtype.itemsize, Verdict.RUNT))
         if udp:
             checks.append((spi == 0, Verdict.ENCAP))  # RFC 3948 §2.2: Non-ESP Marker, IKE
         spi0 = int(spi[0])
@@ -535,11 +537,13 @@ class EspCodec:
         ct_c = esp_c + ESP_HDR_LEN + t.iv_len
         ct_len = ip_total - ((ct_c - c) + t.icv_len)  # encrypted bytes, trailer included
         esn_room = 4 if (rec.esn and not t.is_aead) else 0
+        room = size - (ct_c + t.icv_len + esn_room)
+        lo, hi = int(ct_len.min()), int(ct_len.max())
         verdicts = first_failure([
-            (sa.replay.precheck(seq), Verdict.REPLAY),
-            (ct_len < ESP_TRAILER_LEN, Verdict.RUNT),
+            (None if sa.replay.all_fresh(seq) else sa.replay.precheck(seq), Verdict.REPLAY),
+            (ct_len < ESP_TRAILER_LEN if lo < ESP_TRAILER_LEN else None, Verdict.RUNT),
             ((ct_len & (t.block_len - 1)) != 0, Verdict.PAD),  # RFC 4303 §2.4 alignment
-            (ct_len > size - (ct_c + t.icv_len + esn_room), Verdict.TOO_BIG),
+            (ct_len > room if hi > room else None, Verdict.TOO_BIG),
         ], n)
         if verdicts is not None:
             meta["verdict"][slots] = verdicts
@@ -558,11 +562,12 @@ class EspCodec:
         else:
             esp_off = base + esp_c
             authentic = _hmac_verify(data, sa, t, seq, esp_off, ct_start + ct_len)
-            if t.kind is CipherKind.AES_CBC and authentic is not None and authentic.any():
+            if t.kind is CipherKind.AES_CBC:
                 # Encrypt-then-MAC: only authenticated ciphertext is decrypted.
-                a = np.flatnonzero(authentic)
+                a = slice(None) if authentic is None else np.flatnonzero(authentic)
                 iv = vec.gather(data, esp_off[a] + ESP_HDR_LEN, 16)
-                _cbc_run(data, ct_start[a], ct_len[a], iv, sa, encrypt=False)
+                if iv.size:
+                    _cbc_run(data, ct_start[a], ct_len[a], iv, sa, encrypt=False)
 
         # The trailer (RFC 4303 §2.4-2.6): 4 bytes before it, Pad Length, Next Header.
         tail = windows(data, 8)[ct_start + (ct_len - 6)]  # 4 bytes, Pad Length, NH, 2 more

@@ -64,6 +64,10 @@ class ReplayWindow:
         full = (hi.astype(np.int64) << 32) | lo
         return np.where(hi < 0, 0, full).astype(np.uint64)
 
+    def all_fresh(self, seq: U64Array) -> bool:
+        """True when no packet can be a replay: all are right of the window (or it is off)."""
+        return self.size == 0 or (seq.size > 0 and int(seq.min()) > self.top)
+
     def precheck(self, seq: U64Array) -> BoolArray:
         """True where a packet is a replay given the current window (no state change)."""
         if self.size == 0 or (seq.size and int(seq.min()) > self.top):
