@@ -341,7 +341,7 @@ class EspCodec:
         esp_c = new_c + (outer if tunnel else ip_len) + udp
         if t.is_aead:
             cache = self._cache(batch, "esp-encrypt", 16)
-            cache.nonce["salt"][sel] = sa.salt_array
+            cache.set_salt(sel, dense, sa.salt_array)
             cache.nonce["iv"][sel] = seq
             if rec.esn:
                 # RFC 4106 §5: AAD = SPI || Seq high || Seq low; the high half is never sent.
@@ -646,7 +646,7 @@ class EspCodec:
         data, size = batch.data, batch.slot_size
         sel: Sel = slice(0, slots.size) if dense else slots
         cache = self._cache(batch, "esp-decrypt", -16)
-        cache.nonce["salt"][sel] = sa.salt_array
+        cache.set_salt(sel, dense, sa.salt_array)
         cache.nonce["iv"][sel] = rows(data, _IV64, size, esp_c + ESP_HDR_LEN)[sel]
         if sa.record.esn:
             cache.esn_aad["spi"][sel] = sa.record.spi

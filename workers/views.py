@@ -26,7 +26,7 @@ class SlotArgCache:
     """(nonce, input, aad, output) views per slot of one batch buffer."""
 
     __slots__ = ("data", "nonce", "esn_aad", "_mv", "_nonce_mv", "_aad_mv", "_keys", "_args",
-                 "_tag")
+                 "_tag", "_salted")
 
     NONCE = np.dtype([("salt", "u1", (4,)), ("iv", ">u8")])
     ESN_AAD = np.dtype([("spi", ">u4"), ("seq", ">u8")])
@@ -45,6 +45,22 @@ class SlotArgCache:
         self._args: list[AeadArgs | None] = [None] * capacity
         # Output length minus input length: +16 when encrypting (tag appended), -16 decrypting.
         self._tag = tag_delta
+        # (salt, n): slots 0..n-1 all hold this salt already (steady traffic on one SA).
+        self._salted: tuple[bytes, int] = (b"", 0)
+
+    def set_salt(self, sel: slice | npt.NDArray[np.int64], dense: bool,
+                 salt: npt.NDArray[np.uint8]) -> None:
+        """Write the SA's salt into the nonces of the selected slots (RFC 4106 §4)."""
+        if dense:
+            n = sel.stop if isinstance(sel, slice) else len(sel)
+            key = salt.tobytes()
+            if self._salted[0] == key and self._salted[1] >= n:
+                return
+            self.nonce["salt"][:n] = salt
+            self._salted = (key, max(n, self._salted[1]) if self._salted[0] == key else n)
+            return
+        self.nonce["salt"][sel] = salt
+        self._salted = (b"", 0)
 
     def args(
         self,
