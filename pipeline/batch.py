@@ -68,6 +68,8 @@ class Verdict(IntEnum):
     TOO_BIG = 11  # the packet does not fit its slot once headers are added
     FRAGMENT = 12  # an IP fragment reached the codec (reassembly happens before it)
     UNSUPPORTED = 13  # a header layout this data plane does not process (e.g. IPv6 ext. hdrs)
+    POLICY = 14  # outbound: no SPD entry protects it, or one says discard (RFC 4301 §5.1)
+    LOST = 15  # its batch was lost with a worker and skipped by the reassembler
 
     @property
     def label(self) -> str:

@@ -145,9 +145,14 @@ class EspCodec:
     sequence number: unique per SA by construction (RFC 4106 §3.1, RFC 7634 §2).
     """
 
-    def __init__(self, sas: SaTable, random: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, sas: SaTable, random: Callable[[int], bytes] = os.urandom,
+                 replay: bool = True) -> None:
         self.sas = sas
         self.random = random
+        # replay=False: the pipeline's dispatcher infers each packet's full sequence number
+        # into meta "seq" and pre-checks it, and its reassembler commits the window in
+        # order (DESIGN §4); the codec then only verifies and decrypts.
+        self.replay = replay
 
     @staticmethod
     def _cache(batch: Batch, name: str, tag_delta: int) -> SlotArgCache:
@@ -532,7 +537,10 @@ class EspCodec:
             meta["verdict"][slots] = Verdict.PROTO if udp == (rec.encap is not None) \
                 else Verdict.ENCAP
             return
-        seq = sa.replay.infer(seq_lo)
+        if self.replay:
+            seq = sa.replay.infer(seq_lo)
+        else:
+            seq = meta["seq"][slots if not dense else slice(0, n)].copy()
         esp_c = c + ip_len + (UDP_HDR_LEN if udp else 0)
         ct_c = esp_c + ESP_HDR_LEN + t.iv_len
         ct_len = ip_total - ((ct_c - c) + t.icv_len)  # encrypted bytes, trailer included
@@ -540,7 +548,8 @@ class EspCodec:
         room = size - (ct_c + t.icv_len + esn_room)
         lo, hi = int(ct_len.min()), int(ct_len.max())
         verdicts = first_failure([
-            (None if sa.replay.all_fresh(seq) else sa.replay.precheck(seq), Verdict.REPLAY),
+            (None if not self.replay or sa.replay.all_fresh(seq) else sa.replay.precheck(seq),
+             Verdict.REPLAY),
             (ct_len < ESP_TRAILER_LEN if lo < ESP_TRAILER_LEN else None, Verdict.RUNT),
             ((ct_len & (t.block_len - 1)) != 0, Verdict.PAD),  # RFC 4303 §2.4 alignment
             (ct_len > room if hi > room else None, Verdict.TOO_BIG),
@@ -626,11 +635,12 @@ class EspCodec:
         ], n)
         ok = None if verdict is None else verdict == 0
         # Only verified packets move the window, in order (RFC 4303 §3.4.3).
-        replay = sa.replay.commit(seq, ok)
-        if verdict is not None or replay.any():
+        replay = sa.replay.commit(seq, ok) if self.replay else None
+        if verdict is not None or (replay is not None and replay.any()):
             if verdict is None:
                 verdict = np.zeros(n, dtype=np.uint8)
-            verdict[replay if ok is None else replay & ok] = Verdict.REPLAY
+            if replay is not None:
+                verdict[replay if ok is None else replay & ok] = Verdict.REPLAY
             ok = verdict == 0
             meta["verdict"][slots] = verdict
             slots, new_off, new_len, sel = slots[ok], new_off[ok], new_len[ok], slots[ok]
