@@ -32,11 +32,18 @@ class Reassembler:
         self._held: dict[int, tuple[Batch, Direction]] = {}
         self._waiting_since: float | None = None  # when a later batch first made us wait
         self.skipped = 0  # batches given up on
+        self.lost_packets = 0  # the packets they held
         self.emitted = 0
+        self._sizes: dict[int, int] = {}
 
     def expect(self, batch_id: int) -> None:
         """The dispatcher numbers batches from here (ids are consecutive)."""
         self.next_id = batch_id
+
+    def sent(self, batch_id: int, count: int) -> None:
+        """The dispatcher sent this batch to a worker: if it never returns, ``count``
+        packets are lost."""
+        self._sizes[batch_id] = count
 
     def push(self, batch: Batch, direction: Direction, now: float) -> None:
         if batch.batch_id < self.next_id:
@@ -52,6 +59,7 @@ class Reassembler:
             held = self._held.pop(self.next_id, None)
             if held is not None:
                 batch, direction = held
+                self._sizes.pop(self.next_id, None)
                 if direction is Direction.INBOUND:
                     self._commit(batch)
                 self.next_id += 1
@@ -64,6 +72,7 @@ class Reassembler:
                 return
             if self._waiting_since is not None and now - self._waiting_since >= self.timeout:
                 self.skipped += 1
+                self.lost_packets += self._sizes.pop(self.next_id, 0)
                 self.next_id += 1
                 self._waiting_since = now
                 continue
@@ -71,6 +80,10 @@ class Reassembler:
 
     def pending(self) -> int:
         return len(self._held)
+
+    def outstanding(self) -> int:
+        """Batches sent to workers and neither released nor given up on yet."""
+        return len(self._sizes)
 
     def _commit(self, batch: Batch) -> None:
         """Move each SA's window for the packets its worker verified, in batch order."""
