@@ -26,6 +26,7 @@ import numpy.typing as npt
 from pipeline.batch import Batch, Verdict
 from pipeline.satable import Protocol
 from workers import vec
+from workers.layout import group_by, rows
 from workers.sa import SaTable
 
 __all__ = ["Action", "Dispatcher", "Policy"]
@@ -35,10 +36,14 @@ U64 = npt.NDArray[np.uint64]
 
 PROTO_UDP = 17
 UDP_HDR_LEN = 8
-# IPv4 addresses are matched as IPv4-mapped IPv6 addresses (RFC 4291 §2.5.5.2), so one
-# 128-bit comparison serves both families.
-_V4_MAPPED_HI = 0
-_V4_MAPPED_LO = 0xFFFF << 32
+# The address fields of an IPv4 (RFC 791) or IPv6 (RFC 8200) header, overlaid: which apply
+# depends on the version nibble of b0.
+_ADDRS = np.dtype({
+    "names": ["b0", "src4", "dst4", "src6h", "src6l", "dst6h", "dst6l"],
+    "formats": ["u1", ">u4", ">u4", ">u8", ">u8", ">u8", ">u8"],
+    "offsets": [0, 12, 16, 8, 16, 24, 32],
+    "itemsize": 40,
+})
 
 
 class Action(Enum):
@@ -58,12 +63,8 @@ class Policy:
 
 
 def _split(net: Network) -> tuple[int, int, int, int]:
-    """(address hi, lo, mask hi, lo) of a prefix in the 128-bit (v4-mapped) space."""
-    if net.version == 4:
-        addr = (0xFFFF << 32) | int(net.network_address)
-        mask = ((1 << 96) - 1) << 32 | int(net.netmask)
-    else:
-        addr, mask = int(net.network_address), int(net.netmask)
+    """(address hi, lo, mask hi, lo) of an IPv6 prefix as 64-bit halves."""
+    addr, mask = int(net.network_address), int(net.netmask)
     return addr >> 64, addr & (2**64 - 1), mask >> 64, mask & (2**64 - 1)
 
 
@@ -73,16 +74,21 @@ class Dispatcher:
         self.set_policies(policies)
 
     def set_policies(self, policies: Sequence[Policy]) -> None:
-        """Flatten the SPD into arrays: one row per (local, remote) selector pair, in
-        order; the first matching row decides (RFC 4301 §4.4.1: the SPD is ordered)."""
-        rows = []
+        """Flatten the SPD into rows, one per (local, remote) selector pair, in order; the
+        first matching row decides (RFC 4301 §4.4.1: the SPD is ordered)."""
+        self._policies = list(policies)
+        self._rows4: list[tuple[int, int, int, int, int]] = []
+        self._rows6: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int], int]] = []
         for i, p in enumerate(policies):
             for lts in p.local_ts:
                 for rts in p.remote_ts:
-                    rows.append((*_split(lts), *_split(rts), i))
-        table = np.array(rows, dtype=np.uint64).reshape(-1, 9)
-        self._spd = table
-        self._policies = list(policies)
+                    if lts.version != rts.version:
+                        continue  # a v4 packet never matches a v6 selector, nor the reverse
+                    if lts.version == 4:
+                        self._rows4.append((int(lts.network_address), int(lts.netmask),
+                                            int(rts.network_address), int(rts.netmask), i))
+                    else:
+                        self._rows6.append((_split(lts), _split(rts), i))
         self._actions = np.array(
             [(p.sa_index if p.action is Action.PROTECT else -1) for p in policies]
             + [-1], dtype=np.int64)  # the extra entry: no match
@@ -94,19 +100,34 @@ class Dispatcher:
         if n == 0:
             return
         meta, data = batch.meta, batch.data
+        no_match = len(self._policies)
+        policy = np.full(n, no_match, dtype=np.int64)
         off = meta["offset"][:n].astype(np.int64)
-        src_hi, src_lo, dst_hi, dst_lo, ok = _addresses(data, off, meta["length"][:n])
-        spd = self._spd
-        if spd.shape[0] == 0:
-            meta["verdict"][:n] = np.where(meta["verdict"][:n] == 0, Verdict.POLICY,
-                                           meta["verdict"][:n])
-            return
-        col = spd[:, :, None]
-        match = (((src_hi & col[:, 2]) == col[:, 0]) & ((src_lo & col[:, 3]) == col[:, 1])
-                 & ((dst_hi & col[:, 6]) == col[:, 4]) & ((dst_lo & col[:, 7]) == col[:, 5]))
-        hit = match.any(axis=0) & ok
-        first = match.argmax(axis=0)
-        policy = np.where(hit, spd[first, 8].astype(np.int64), len(self._policies))
+        in_slot = off - np.arange(n, dtype=np.int64) * batch.slot_size
+        for c, pos in group_by(np.where((in_slot >= 0) & (in_slot + 40 <= batch.slot_size),
+                                        in_slot, -1)):
+            if c < 0:
+                continue
+            dense = pos.size == n
+            sel = slice(0, n) if dense else pos
+            hdr = rows(data, _ADDRS, batch.slot_size, c)[sel]
+            length = meta["length"][sel]
+            version = hdr["b0"] >> 4
+            v4 = (version == 4) & (length >= 20)
+            got = policy[sel]
+            if self._rows4 and v4.any():
+                src, dst = hdr["src4"], hdr["dst4"]
+                for lnet, lmask, rnet, rmask, i in self._rows4:
+                    hit = v4 & ((src & lmask) == lnet) & ((dst & rmask) == rnet)
+                    got = np.where(hit & (got == no_match), i, got)
+            v6 = (version == 6) & (length >= 40)
+            if self._rows6 and v6.any():
+                sh, sl, dh, dl = hdr["src6h"], hdr["src6l"], hdr["dst6h"], hdr["dst6l"]
+                for (la, lb, lma, lmb), (ra, rb, rma, rmb), i in self._rows6:
+                    hit = (v6 & ((sh & np.uint64(lma)) == la) & ((sl & np.uint64(lmb)) == lb)
+                           & ((dh & np.uint64(rma)) == ra) & ((dl & np.uint64(rmb)) == rb))
+                    got = np.where(hit & (got == no_match), i, got)
+            policy[sel] = got
         sa = self._actions[policy]
         verdict = meta["verdict"][:n]
         verdict[(sa < 0) & (verdict == 0)] = Verdict.POLICY
@@ -147,26 +168,3 @@ class Dispatcher:
             seq = sa.replay.infer(seq_lo[sel])
             meta["seq"][sel] = seq
             verdict[sel[sa.replay.precheck(seq)]] = Verdict.REPLAY
-
-
-def _addresses(data: npt.NDArray[np.uint8], off: npt.NDArray[np.int64],
-               length: npt.NDArray[np.uint32]) -> tuple[U64, U64, U64, U64,
-                                                         npt.NDArray[np.bool_]]:
-    """Source and destination of each IP packet as 128-bit (hi, lo) pairs."""
-    b0 = data[off] >> 4
-    v4 = (b0 == 4) & (length >= 20)
-    v6 = (b0 == 6) & (length >= 40)
-    hdr = vec.gather(data, off, 40).astype(np.uint64)
-    shifts = (np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(8))
-
-    def word(cols: slice) -> U64:
-        return (hdr[:, cols] << shifts).sum(axis=1, dtype=np.uint64)  # type: ignore[no-any-return]
-
-    src4 = (hdr[:, 12:16] << shifts[4:]).sum(axis=1, dtype=np.uint64)
-    dst4 = (hdr[:, 16:20] << shifts[4:]).sum(axis=1, dtype=np.uint64)
-    mapped = np.uint64(_V4_MAPPED_LO)
-    src_hi = np.where(v4, np.uint64(_V4_MAPPED_HI), word(slice(8, 16)))
-    src_lo = np.where(v4, mapped | src4, word(slice(16, 24)))
-    dst_hi = np.where(v4, np.uint64(_V4_MAPPED_HI), word(slice(24, 32)))
-    dst_lo = np.where(v4, mapped | dst4, word(slice(32, 40)))
-    return src_hi, src_lo, dst_hi, dst_lo, v4 | v6

@@ -311,9 +311,10 @@ class EspCodec:
                 # DF is copied from an inner IPv4 header (RFC 4301 §8.1 default).
                 df = peek["b6"] & 0x40 if all_v4 else np.where(version == 4, peek["b6"] & 0x40, 0)
                 raw[:, 6] = df
-                # RFC 1071 sum: the template's words plus the fields set here.
+                # RFC 1071 sum: the template's words plus the fields set here. TOS is the
+                # low byte of word 0; the DF byte the high byte of word 3.
                 total_sum = (ident + np.uint64(self._template_sum(sa, dtype))) + (
-                    (tos.astype(np.uint64) << np.uint64(8)) + (df.astype(np.uint64) << np.uint64(8))
+                    tos.astype(np.uint64) + (df.astype(np.uint64) << np.uint64(8))
                     + total.astype(np.uint64))
                 ip["checksum"] = 0xFFFE - (total_sum - np.uint64(1)) % np.uint64(0xFFFF)
         else:
@@ -333,6 +334,7 @@ class EspCodec:
             if not tunnel:
                 h["udp"]["sport"] = rec.encap.local_port
                 h["udp"]["dport"] = rec.encap.remote_port
+                h["udp"]["checksum"] = 0  # RFC 3948 §2.1 over IPv4; IPv6 computes it below
             h["udp"]["length"] = padded + (UDP_HDR_LEN + ESP_HDR_LEN + t.iv_len + t.icv_len)
         h["esp"]["seq"] = seq  # RFC 4303 §2.2: the low 32 bits (assignment truncates)
         if t.is_aead:

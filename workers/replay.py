@@ -74,7 +74,10 @@ class ReplayWindow:
             return np.zeros(seq.shape, dtype=np.bool_)  # all new: the common case
         top = np.uint64(self.top)
         # Sequence number 0 is never sent (RFC 4303 §3.3.3: the first packet carries 1).
-        too_old = (seq == 0) | (seq + np.uint64(self.size) <= top)
+        # Left of the window: seq <= top - size (written so nothing wraps near 2^64).
+        too_old = seq == 0
+        if self.top >= self.size:
+            too_old |= seq <= np.uint64(self.top - self.size)
         seen = (seq <= top) & self._ring[(seq & np.uint64(self._mask)).astype(np.intp)]
         replay: BoolArray = too_old | seen
         return replay
@@ -109,7 +112,8 @@ class ReplayWindow:
         seen_top = np.empty(n, dtype=np.uint64)
         seen_top[0] = self.top
         seen_top[1:] = np.maximum(running[:-1], np.uint64(self.top))
-        left_of_window = cand & (seq + np.uint64(self.size) <= seen_top)
+        size = np.uint64(self.size)
+        left_of_window = cand & (seen_top >= size) & (seq <= seen_top - np.minimum(seen_top, size))
         # Duplicates inside the batch: the first occurrence wins.
         idx = np.flatnonzero(cand & ~left_of_window)
         _, first = np.unique(seq[idx], return_index=True)
@@ -118,7 +122,8 @@ class ReplayWindow:
         dup[idx[first]] = False
         replay |= left_of_window | dup
         accepted = cand & ~left_of_window & ~dup
-        self._advance(seq[accepted], max(self.top, int(seq[accepted].max())))
+        if accepted.any():
+            self._advance(seq[accepted], max(self.top, int(seq[accepted].max())))
         return replay
 
     def _advance(self, accepted: U64Array, new_top: int, in_order: bool = False) -> None:
@@ -143,5 +148,7 @@ class ReplayWindow:
             cleared = np.arange(self.top + 1, new_top + 1, dtype=np.uint64) & np.uint64(self._mask)
             self._ring[cleared.astype(np.intp)] = False
         self.top = new_top
-        acc = accepted[accepted + np.uint64(self.size) > np.uint64(new_top)]
+        if new_top >= self.size:
+            accepted = accepted[accepted > np.uint64(new_top - self.size)]
+        acc = accepted
         self._ring[(acc & np.uint64(self._mask)).astype(np.intp)] = True

@@ -1,0 +1,141 @@
+"""Multi-core scaling of the data plane on ONE SA: packets/s for 1, 2, 4, ... workers.
+
+The whole pipeline runs as in production (dispatcher with sequence-number blocks, ZeroMQ
+batches, pinned worker processes, in-order reassembly); only the packet I/O is synthetic: the
+inside always has a full batch of 1400-byte packets ready (one memcpy per batch) and the
+outside counts what leaves. The I/O process takes one core; workers get the others, round
+robin (more workers than cores share).
+
+    python -m bench.scaling                 # table
+    python -m bench.scaling --json          # one JSON object per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from bench.esp_codec import inner_packet
+from pipeline.batch import Batch
+from pipeline.dataplane import DataPlane, Settings
+from pipeline.dispatch import Policy
+from pipeline.satable import Direction, SaRecord
+
+LOCAL = ipaddress.ip_address("192.0.2.1")
+REMOTE = ipaddress.ip_address("192.0.2.2")
+
+
+class Source:
+    """Inside: a full batch is always ready."""
+
+    def __init__(self, size: int, batch: int) -> None:
+        self.template = Batch(batch)
+        self.template.load([inner_packet(size, i) for i in range(batch)])
+        # A socket that stays readable: poll always reports the inside ready.
+        self._r, self._w = socket.socketpair()
+        self._w.send(b"x")
+
+    def fileno_list(self) -> list[int]:
+        return [self._r.fileno()]
+
+    def read_batch(self, batch: Batch, max_packets: int) -> int:
+        batch.copy_from(self.template)
+        return batch.count
+
+    def write_batch(self, batch: Batch) -> int:
+        return 0
+
+
+class Sink:
+    """Outside: counts packets and bytes that leave."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self.packets = 0
+        self.bytes = 0
+
+    def fileno_list(self) -> list[int]:
+        return [self._r.fileno()]
+
+    def read_batch(self, batch: Batch, max_packets: int) -> int:
+        return 0
+
+    def write_batch(self, batch: Batch) -> int:
+        n = batch.count
+        ok = batch.meta["verdict"][:n] == 0
+        self.packets += int(ok.sum())
+        self.bytes += int(batch.meta["length"][:n][ok].sum())
+        return n
+
+
+def measure(workers: int, seconds: float, size: int, batch: int) -> dict[str, float]:
+    cpus = sorted(os.sched_getaffinity(0))
+    worker_cpus = tuple(cpus[1:] or cpus)  # the I/O process keeps the first core
+    records = [(0, SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
+                            local_addr=LOCAL, remote_addr=REMOTE, enc_key=os.urandom(20)))]
+    policy = Policy((ipaddress.ip_network("10.1.0.0/24"),),
+                    (ipaddress.ip_network("10.2.0.0/24"),), sa_index=0)
+    source, sink = Source(size, batch), Sink()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=workers, cpus=worker_cpus, max_packets=batch,
+                                   runtime_dir=rundir, max_in_flight=4 * workers + 4),
+                          records, [policy], source, sink)
+        os.sched_setaffinity(0, {cpus[0]})
+        thread = threading.Thread(target=plane.run, daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.0)  # workers start (spawn) and warm up
+            p0, t0 = sink.packets, time.perf_counter()
+            time.sleep(seconds)
+            p1, t1 = sink.packets, time.perf_counter()
+        finally:
+            plane.stop()
+            thread.join(10)
+            os.sched_setaffinity(0, set(cpus))
+    pps = (p1 - p0) / (t1 - t0)
+    return {"workers": workers, "pps": pps, "gbps": pps * size * 8 / 1e9,
+            "lost_batches": plane.reassembler.skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--size", type=int, default=1400)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
+    args = ap.parse_args(argv)
+    counts, w = [], 1
+    while w <= args.max_workers:
+        counts.append(w)
+        w *= 2
+    if counts[-1] != args.max_workers:
+        counts.append(args.max_workers)
+    base = None
+    if not args.json:
+        print(f"cores: {len(os.sched_getaffinity(0))}, one SA (aes128gcm16), "
+              f"{args.size}-byte packets, batch {args.batch}")
+        print(f"{'workers':>7} {'pps':>10} {'Gbit/s':>7} {'ratio':>6} {'lost':>5}")
+    for w in counts:
+        row = measure(w, args.seconds, args.size, args.batch)
+        base = base or row["pps"]
+        row["ratio"] = row["pps"] / base if base else float(np.nan)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{w:7d} {row['pps']:10.0f} {row['gbps']:7.3f} {row['ratio']:6.2f} "
+                  f"{int(row['lost_batches']):5d}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

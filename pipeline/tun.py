@@ -1,0 +1,413 @@
+"""The TUN inside interface of the routed data plane (DESIGN §7).
+
+Remote subnets are routed into a TUN device; the I/O process reads the plaintext packets the
+kernel routes there into the slots of a :class:`~pipeline.batch.Batch` and writes decapsulated
+packets back, one syscall per packet (TUN offers no batched read), with no per-packet Python
+object beyond the ``int`` that ``os.readv`` returns.
+
+Everything here happens in the network namespace of the calling process: the device, its
+address and its routes (set with pyroute2). ``IFF_MULTI_QUEUE`` gives one fd per reader;
+another process can attach its own queue to an existing device with :meth:`TunQueue.attach`.
+
+The device is not persistent: it disappears when its last queue fd closes, taking its address
+and routes with it. :meth:`TunDevice.close` still removes the routes it added first, so that a
+device shared with other attached queues leaves no route behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import struct
+from collections.abc import Iterable
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pipeline.batch import HEADROOM, Batch, Verdict
+
+__all__ = [
+    "IFF_MULTI_QUEUE",
+    "IFF_NO_PI",
+    "IFF_TUN",
+    "TUN_PATH",
+    "TunDevice",
+    "TunError",
+    "TunQueue",
+]
+
+TUN_PATH = "/dev/net/tun"
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000  # no 4-byte packet-information prefix: reads and writes are bare IP packets
+IFF_MULTI_QUEUE = 0x0100
+IFNAMSIZ = 16
+# struct ifreq: char ifr_name[IFNAMSIZ]; then a union whose largest member (struct ifmap)
+# makes the whole struct 40 bytes on 64-bit Linux; ifr_flags is a short at its start.
+_IFREQ = struct.Struct("16sH22x")
+
+_CAP_HINT = (
+    "creating a TUN device needs CAP_NET_ADMIN in the network namespace "
+    "(run as root, or grant NET_ADMIN to the container / setcap cap_net_admin+ep)"
+)
+_MISSING_HINT = (
+    f"{TUN_PATH} is missing: load the tun kernel module (modprobe tun) or, in a container, "
+    f"pass the device in (docker --device {TUN_PATH}; Kubernetes: mount it from the host)"
+)
+
+# Key of this module's per-slot view cache in Batch._views (see pipeline/batch.py).
+_RX_VIEWS_KEY = "pipeline.tun.rx"
+
+
+class TunError(OSError):
+    """Opening or configuring the TUN device failed; the message says what is needed."""
+
+
+def _open_queue_fd(name: str, multi_queue: bool) -> tuple[int, str]:
+    """Open /dev/net/tun and attach it to (or create) the TUN device ``name``.
+
+    Returns the non-blocking fd and the device's name as the kernel settled it (a ``%d``
+    pattern in ``name`` is filled in by the kernel).
+    """
+    encoded = name.encode()
+    if not encoded or len(encoded) >= IFNAMSIZ:
+        raise ValueError(f"TUN device name must be 1..{IFNAMSIZ - 1} bytes, got {name!r}")
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise TunError(errno.ENOENT, _MISSING_HINT) from exc
+    except PermissionError as exc:
+        raise TunError(exc.errno, f"cannot open {TUN_PATH}: {_CAP_HINT}") from exc
+    flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(encoded, flags))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.EPERM:
+            raise TunError(exc.errno, f"TUNSETIFF {name!r}: {_CAP_HINT}") from exc
+        if exc.errno == errno.EBUSY:
+            raise TunError(
+                exc.errno,
+                f"TUNSETIFF {name!r}: the device exists and is in use "
+                "(or its multi-queue flag differs from this request)",
+            ) from exc
+        if exc.errno == errno.EINVAL and multi_queue:
+            raise TunError(
+                exc.errno,
+                f"TUNSETIFF {name!r}: rejected; the device may exist without IFF_MULTI_QUEUE, "
+                "or the kernel's queue limit is reached",
+            ) from exc
+        raise TunError(exc.errno, f"TUNSETIFF {name!r} failed: {exc.strerror}") from exc
+    raw_name, _ = _IFREQ.unpack(ifr)
+    return fd, raw_name.rstrip(b"\0").decode()
+
+
+class TunQueue:
+    """One queue (one fd) of a TUN device: what one reader reads from and writes to.
+
+    The fd is non-blocking; wait for it with select/poll or ``loop.add_reader(queue, ...)``.
+    Counters are plain ints, read by the metrics exporter.
+    """
+
+    __slots__ = ("_fd", "name", "rx_packets", "rx_too_big", "tx_packets", "tx_errors")
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self.name = name
+        self.rx_packets = 0
+        self.rx_too_big = 0  # longer than a slot's payload area: truncated, marked TOO_BIG
+        self.tx_packets = 0
+        self.tx_errors = 0  # writes the kernel refused (e.g. not an IPv4/IPv6 packet)
+
+    @classmethod
+    def attach(cls, name: str) -> TunQueue:
+        """Attach a new queue to the existing multi-queue device ``name`` (e.g. in a worker)."""
+        fd, settled = _open_queue_fd(name, multi_queue=True)
+        return cls(fd, settled)
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"TUN queue of {self.name} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def read_batch(self, batch: Batch, max_packets: int | None = None) -> int:
+        """Read packets into ``batch`` from slot 0 on, until EAGAIN or ``max_packets``.
+
+        Each packet lands at its slot's start + HEADROOM; its metadata gets offset and length,
+        verdict PASS and zeroes elsewhere. A packet longer than the slot's payload area
+        (``batch.max_packet``: the device MTU exceeds it) is kept, cut to that length, with
+        verdict TOO_BIG, so that it is counted as a drop downstream. Sets and returns
+        ``batch.count``.
+        """
+        fd = self.fd
+        limit = batch.capacity if max_packets is None else min(max_packets, batch.capacity)
+        views, offsets = _rx_views(batch)
+        room = batch.max_packet
+        readv = os.readv
+        lengths: list[int] = []
+        append = lengths.append
+        try:
+            for i in range(limit):
+                append(readv(fd, views[i]))
+        except BlockingIOError:
+            pass
+        finally:
+            # Another error (EBADFD: the device was torn down) still leaves what was read in
+            # the batch before it propagates.
+            self._commit(batch, lengths, offsets, room)
+        return batch.count
+
+    def _commit(
+        self, batch: Batch, lengths: list[int], offsets: npt.NDArray[np.uint32], room: int
+    ) -> None:
+        n = len(lengths)
+        batch.count = n
+        if n:
+            meta = batch.meta
+            meta[:n] = 0  # verdict PASS, sa/flags/seq cleared
+            meta["offset"][:n] = offsets[:n]
+            got = meta["length"][:n]
+            got[:] = lengths
+            over = got > room
+            if over.any():
+                self.rx_too_big += int(over.sum())
+                meta["verdict"][:n][over] = Verdict.TOO_BIG
+                got[over] = room
+            self.rx_packets += n
+
+    def write_batch(self, batch: Batch) -> int:
+        """Write every packet of ``batch`` whose verdict is PASS; return how many were sent.
+
+        Nothing raises per packet: a write the kernel refuses is counted in ``tx_errors``.
+        """
+        fd = self.fd
+        n = batch.count
+        if not n:
+            return 0
+        meta = batch.meta[:n]
+        passing = meta["verdict"] == Verdict.PASS
+        offsets: list[int] = meta["offset"][passing].tolist()
+        lengths: list[int] = meta["length"][passing].tolist()
+        data = memoryview(batch.data)  # type: ignore[arg-type]
+        write = os.write
+        sent = 0
+        errors = 0
+        for off, length in zip(offsets, lengths, strict=True):
+            try:
+                write(fd, data[off : off + length])
+                sent += 1
+            except OSError:
+                errors += 1
+        self.tx_packets += sent
+        self.tx_errors += errors
+        return sent
+
+
+def _rx_views(batch: Batch) -> tuple[list[list[memoryview]], npt.NDArray[np.uint32]]:
+    """Per slot, the iovec list for os.readv and the slot's packet offset.
+
+    The iovecs are the slot's payload area plus one spill byte shared by all slots: TUN
+    reads return the bytes copied (a longer packet is cut silently), so a read that reaches
+    the spill byte is how a packet too long for its slot is recognised.
+    Cached on the batch, which is reused batch after batch, so a read allocates nothing.
+    """
+    cached = batch._views.get(_RX_VIEWS_KEY)
+    if cached is None:
+        data = memoryview(batch.data)  # type: ignore[arg-type]
+        room = batch.max_packet
+        spill = memoryview(bytearray(1))
+        offsets = np.arange(batch.capacity, dtype=np.uint32) * batch.slot_size + HEADROOM
+        views = [[data[off : off + room], spill] for off in offsets.tolist()]
+        cached = (views, offsets)
+        batch._views[_RX_VIEWS_KEY] = cached
+    return cached  # type: ignore[return-value]
+
+
+def _prefix(route: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(route, strict=True)
+
+
+class TunDevice:
+    """A TUN device with its address and routes, in the caller's network namespace.
+
+    ``TunDevice(name, mtu=..., address="10.99.0.1/24", routes=["10.98.0.0/24"])`` creates the
+    device (``IFF_TUN | IFF_NO_PI``; ``queues > 1`` adds ``IFF_MULTI_QUEUE`` and one fd per
+    queue), sets the MTU, brings it up, adds the address and routes the remote subnets into it.
+    ``close()`` (idempotent; also on leaving a ``with`` block) removes the routes it added and
+    closes the fds, which removes the device.
+
+    ``read_batch``/``write_batch``/``fileno`` act on queue 0; ``queues`` holds them all.
+    """
+
+    def __init__(
+        self,
+        name: str = "espl%d",
+        *,
+        mtu: int | None = None,
+        address: str | None = None,
+        routes: Iterable[str] = (),
+        queues: int = 1,
+        multi_queue: bool | None = None,
+    ) -> None:
+        if queues < 1:
+            raise ValueError(f"queues must be >= 1, got {queues}")
+        mq = queues > 1 if multi_queue is None else multi_queue
+        if queues > 1 and not mq:
+            raise ValueError("several queues need IFF_MULTI_QUEUE")
+        self._routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.queues: tuple[TunQueue, ...] = ()
+        self.ifindex = 0
+        fd, self.name = _open_queue_fd(name, mq)
+        opened = [TunQueue(fd, self.name)]
+        self.queues = tuple(opened)
+        try:
+            for _ in range(queues - 1):
+                fd, _same = _open_queue_fd(self.name, True)
+                opened.append(TunQueue(fd, self.name))
+                self.queues = tuple(opened)
+            self._configure(mtu, address, routes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _configure(self, mtu: int | None, address: str | None, routes: Iterable[str]) -> None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=self.name)
+            if not found:
+                raise TunError(errno.ENODEV, f"TUN device {self.name} vanished after creation")
+            self.ifindex = int(found[0])
+            try:
+                if mtu is not None:
+                    ipr.link("set", index=self.ifindex, mtu=mtu)
+                ipr.link("set", index=self.ifindex, state="up")
+                if address is not None:
+                    iface = ipaddress.ip_interface(address)
+                    ipr.addr(
+                        "add",
+                        index=self.ifindex,
+                        address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen,
+                    )
+            except NetlinkError as exc:
+                raise self._netlink_error("configure", exc) from exc
+        for route in routes:
+            self.add_route(route)
+
+    def _netlink_error(self, what: str, exc: NetlinkError) -> TunError:
+        code = int(exc.code)
+        hint = f": {_CAP_HINT}" if code == errno.EPERM else ""
+        return TunError(code, f"{what} TUN device {self.name}: {exc}{hint}")
+
+    # -- routes ---------------------------------------------------------------------------
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The remote subnets this device routes, as added."""
+        return tuple(str(r) for r in self._routes)
+
+    def add_route(self, route: str) -> None:
+        """Route the remote subnet ``route`` (e.g. a Child SA's remote TS) into the device."""
+        net = _prefix(route)
+        if net in self._routes:
+            return
+        self._require_open()
+        with IPRoute() as ipr:
+            try:
+                ipr.route("add", dst=str(net), oif=self.ifindex)
+            except NetlinkError as exc:
+                raise self._netlink_error(f"add route {net} via", exc) from exc
+        self._routes.append(net)
+
+    def remove_route(self, route: str) -> None:
+        """Withdraw a route added by :meth:`add_route`; a route already gone is not an error."""
+        net = _prefix(route)
+        if net not in self._routes:
+            return
+        self._routes.remove(net)
+        with IPRoute() as ipr:
+            self._del_route(ipr, net)
+
+    def _del_route(self, ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        try:
+            ipr.route("del", dst=str(net), oif=self.ifindex)
+        except NetlinkError as exc:
+            # ESRCH: already gone (the device went down, or someone removed it).
+            if exc.code not in (errno.ESRCH, errno.ENODEV):
+                raise self._netlink_error(f"remove route {net} via", exc) from exc
+
+    # -- I/O (queue 0) ----------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        self._require_open()
+        return self.queues[0].fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read_batch(self, batch: Batch, max_packets: int | None = None) -> int:
+        self._require_open()
+        return self.queues[0].read_batch(batch, max_packets)
+
+    def write_batch(self, batch: Batch) -> int:
+        self._require_open()
+        return self.queues[0].write_batch(batch)
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return not self.queues or all(q.closed for q in self.queues)
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"TUN device {self.name} is closed")
+
+    def close(self) -> None:
+        """Remove the routes this device added, then close its queues (removing the device)."""
+        if self.closed:
+            return
+        try:
+            if self._routes and self.ifindex:
+                with IPRoute() as ipr:
+                    while self._routes:
+                        self._del_route(ipr, self._routes.pop())
+        finally:
+            self._routes.clear()
+            for q in self.queues:
+                q.close()
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.queues)} queue(s)"
+        return f"<TunDevice {self.name} ifindex={self.ifindex} {state}>"

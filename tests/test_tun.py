@@ -1,0 +1,284 @@
+"""The TUN inside interface (pipeline/tun.py), end to end in a network namespace.
+
+The TUN code runs inside a lab namespace: this module doubles as the script that does it
+(``python -m tests.test_tun inner`` under ``ip netns exec``), printing one JSON line of
+observations that the tests below assert on. The namespace is the lab's, so a failure
+leaves no device, route or process behind in the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from pipeline import tun as tun_mod
+from pipeline.batch import HEADROOM, Batch, Verdict
+from pipeline.tun import TunDevice, TunError
+from tests.netns import REPO_ROOT, NetnsLab, netns_lab_fixture  # noqa: F401  (netns_lab)
+
+TUN_ADDRESS = "10.99.0.1/24"
+REMOTE_SUBNET = "10.98.0.0/24"
+REMOTE_HOST = "10.98.0.5"
+
+
+# -- helpers shared by the in-namespace script ------------------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _echo_reply(request: bytes) -> bytes:
+    """The ICMP echo reply (RFC 792) to an IPv4 echo request: addresses swapped, type 0."""
+    ihl = (request[0] & 0x0F) * 4
+    icmp = bytearray(request[ihl:])
+    icmp[0] = 0  # echo reply
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = struct.pack("!H", _checksum(bytes(icmp)))
+    ip = bytearray(request[:ihl])
+    ip[12:16], ip[16:20] = request[16:20], request[12:16]
+    ip[8] = 64
+    ip[10:12] = b"\0\0"
+    ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
+    return bytes(ip + icmp)
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False).stdout
+
+
+def _inner() -> dict[str, Any]:
+    """Runs inside the namespace: TUN up, ping through it, answer, close."""
+    out: dict[str, Any] = {}
+    batch = Batch(capacity=8)
+    tun = TunDevice("espltun%d", mtu=1400, address=TUN_ADDRESS, routes=[REMOTE_SUBNET])
+    pinger = None
+    try:
+        out["name"] = tun.name
+        out["link"] = _ip("-o", "link", "show", tun.name)
+        out["route"] = _ip("-o", "route", "show", REMOTE_SUBNET)
+        out["empty_read"] = tun.read_batch(batch)  # EAGAIN at once: non-blocking
+        out["empty_read_packets"] = [batch.packet(i).hex() for i in range(batch.count)]
+
+        pinger = subprocess.Popen(
+            [sys.executable, "-m", "tests.netns", "ping", REMOTE_HOST, "--timeout", "4"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        request = None
+        deadline = time.monotonic() + 4
+        while request is None and time.monotonic() < deadline:
+            select.select([tun], [], [], 0.5)
+            n = tun.read_batch(batch, max_packets=8)
+            for i in range(n):
+                pkt = batch.packet(i)
+                # Skip what else the kernel sends into a fresh device (IPv6 RS, MLD).
+                if pkt[0] >> 4 == 4 and pkt[9] == 1 and pkt[(pkt[0] & 0x0F) * 4] == 8:
+                    request = pkt
+                    m = batch.meta[i]
+                    out["meta"] = {
+                        "slot": i,
+                        "offset": int(m["offset"]),
+                        "length": int(m["length"]),
+                        "verdict": int(m["verdict"]),
+                        "count": batch.count,
+                    }
+                    break
+        if request is None:
+            out["error"] = "no echo request read from the TUN"
+            return out
+        ihl = (request[0] & 0x0F) * 4
+        out["ip"] = {
+            "version": request[0] >> 4,
+            "ihl": ihl,
+            "total_length": struct.unpack_from("!H", request, 2)[0],
+            "ttl": request[8],
+            "protocol": request[9],
+            "header_checksum_ok": _checksum(request[:ihl]) == 0,
+            "src": str(ipaddress.IPv4Address(request[12:16])),
+            "dst": str(ipaddress.IPv4Address(request[16:20])),
+            "icmp_type": request[ihl],
+            "icmp_code": request[ihl + 1],
+            "icmp_checksum_ok": _checksum(request[ihl:]) == 0,
+            "len": len(request),
+        }
+
+        # Slot 0 is refused by the kernel (not IPv4/IPv6), slot 1 is a drop and must not be
+        # written, slot 2 is the reply.
+        out_batch = Batch.for_packets([b"\0" * 20, b"\xff" * 20, _echo_reply(request)])
+        out_batch.meta["verdict"][1] = Verdict.INTEGRITY
+        out["written"] = tun.write_batch(out_batch)
+        q = tun.queues[0]
+        out["counters"] = {"tx_packets": q.tx_packets, "tx_errors": q.tx_errors}
+        out["pinger_rc"] = pinger.wait(timeout=5)
+        out["pinger_out"] = pinger.stdout.read().strip() if pinger.stdout else ""
+    finally:
+        if pinger is not None and pinger.poll() is None:
+            pinger.kill()
+            pinger.wait()
+        tun.close()
+    tun.close()  # idempotent
+    out["closed_link"] = _ip("-o", "link", "show", out["name"])
+    out["closed_route"] = _ip("-o", "route", "show", REMOTE_SUBNET)
+    try:
+        tun.read_batch(batch)
+        out["read_after_close"] = "no error"
+    except ValueError as exc:
+        out["read_after_close"] = str(exc)
+    return out
+
+
+def _inner_multiqueue() -> dict[str, Any]:
+    with TunDevice("esplmq%d", queues=3, routes=["2001:db8:98::/64"]) as tun:
+        fds = [q.fileno() for q in tun.queues]
+        extra = tun_mod.TunQueue.attach(tun.name)
+        try:
+            fds.append(extra.fileno())
+        finally:
+            extra.close()
+        route = _ip("-o", "-6", "route", "show", "2001:db8:98::/64")
+        name = tun.name
+    return {"fds": fds, "route": route, "name": name, "after": _ip("-o", "link", "show", name)}
+
+
+def _inner_oversize() -> dict[str, Any]:
+    """A packet longer than a slot's payload area (device MTU above it) is kept truncated and
+    marked TOO_BIG; the one after it is read normally."""
+    import socket
+
+    batch = Batch(capacity=4)  # 2048-byte slots: 1600 bytes of payload area
+    with TunDevice("esplbig%d", mtu=2000, address=TUN_ADDRESS, routes=[REMOTE_SUBNET]) as tun:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"x" * 1800, (REMOTE_HOST, 9))
+            udp.sendto(b"y" * 10, (REMOTE_HOST, 9))
+        got = 0
+        deadline = time.monotonic() + 3
+        while got < 2 and time.monotonic() < deadline:
+            select.select([tun], [], [], 0.5)
+            got = tun.read_batch(batch, max_packets=2)
+        m = batch.meta[: batch.count]
+        return {
+            "count": batch.count,
+            "verdicts": m["verdict"].tolist(),
+            "lengths": m["length"].tolist(),
+            "max_packet": batch.max_packet,
+            "rx_too_big": tun.queues[0].rx_too_big,
+            "rx_packets": tun.queues[0].rx_packets,
+        }
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def _run_inner(netns_lab: NetnsLab, which: str, *, ipv6: bool = True) -> dict[str, Any]:
+    ns = netns_lab.namespace()
+    if not ipv6:
+        # No router solicitations or MLD reports from the fresh device: the only packets in
+        # the TUN are the ones the test sends.
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+    proc = ns.python("-m", "tests.test_tun", which, timeout=30)
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_tun_ping_roundtrip(netns_lab: NetnsLab) -> None:
+    r = _run_inner(netns_lab, "inner", ipv6=False)
+    assert "error" not in r, r
+    name = r["name"]
+    assert name.startswith("espltun")
+    assert "mtu 1400" in r["link"] and ",UP" in r["link"]
+    assert f"dev {name}" in r["route"]
+    assert r["empty_read"] == 0, r["empty_read_packets"]
+
+    meta = r["meta"]
+    assert meta["verdict"] == Verdict.PASS
+    assert (meta["slot"], meta["count"]) == (0, 1)
+    assert meta["offset"] == meta["slot"] * Batch().slot_size + HEADROOM
+    assert meta["length"] == r["ip"]["len"] == r["ip"]["total_length"]
+    ip = r["ip"]
+    assert (ip["version"], ip["ihl"], ip["protocol"]) == (4, 20, 1)
+    assert (ip["src"], ip["dst"]) == ("10.99.0.1", REMOTE_HOST)
+    assert ip["ttl"] == 64
+    assert ip["header_checksum_ok"] and ip["icmp_checksum_ok"]
+    assert (ip["icmp_type"], ip["icmp_code"]) == (8, 0)
+
+    assert r["written"] == 1
+    assert r["counters"] == {"tx_packets": 1, "tx_errors": 1}
+    assert r["pinger_rc"] == 0, r["pinger_out"]
+
+    assert r["closed_link"] == ""
+    assert r["closed_route"] == ""
+    assert "closed" in r["read_after_close"]
+
+
+def test_tun_multi_queue(netns_lab: NetnsLab) -> None:
+    r = _run_inner(netns_lab, "inner-multiqueue")
+    assert len(set(r["fds"])) == 4
+    assert f"dev {r['name']}" in r["route"]
+    assert r["after"] == ""
+
+
+def test_tun_oversize_packet_is_marked_too_big(netns_lab: NetnsLab) -> None:
+    r = _run_inner(netns_lab, "inner-oversize", ipv6=False)
+    assert r["count"] == 2
+    assert r["verdicts"] == [Verdict.TOO_BIG, Verdict.PASS]
+    assert r["lengths"] == [r["max_packet"], 20 + 8 + 10]
+    assert (r["rx_too_big"], r["rx_packets"]) == (1, 2)
+
+
+def test_tun_missing_device_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tun_mod, "TUN_PATH", "/nonexistent/net/tun")
+    with pytest.raises(TunError, match="missing"):
+        TunDevice()
+
+
+def test_tun_without_cap_net_admin_says_what_is_needed(netns_lab: NetnsLab) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    ns = netns_lab.namespace()
+    code = "from pipeline.tun import TunDevice\nTunDevice()"
+    proc = ns.run(
+        ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin",
+         sys.executable, "-c", code],
+        check=False, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "TunError" in proc.stderr and "CAP_NET_ADMIN" in proc.stderr, proc.stderr
+
+
+def test_batch_views_are_reused() -> None:
+    """read_batch allocates its readv buffers once per batch, not once per read."""
+    batch = Batch(capacity=4)
+    first = tun_mod._rx_views(batch)
+    assert tun_mod._rx_views(batch) is first
+    views, offsets = first
+    assert [v[0].nbytes for v in views] == [batch.max_packet] * 4
+    assert all(v[1].nbytes == 1 for v in views)  # the spill byte that reveals truncation
+    assert offsets.tolist() == [i * batch.slot_size + HEADROOM for i in range(4)]
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "inner"
+    inners = {
+        "inner": _inner,
+        "inner-multiqueue": _inner_multiqueue,
+        "inner-oversize": _inner_oversize,
+    }
+    result = inners[which]()
+    print(json.dumps(result), flush=True)
