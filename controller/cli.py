@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Runs bench/esp_codec.py; extra arguments are passed on to it.")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="arguments for bench.esp_codec (see: espline bench --help-bench)")
+    run = sub.add_parser("run", help="run the data plane in the foreground (static SAs)")
+    run.add_argument("-c", "--config", required=True, help="espline YAML configuration")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark's own parser.
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             passed = ["--algs", "aes128gcm16,chacha20poly1305,aes128-sha256",
                       "--modes", "tunnel", "--sizes", "64,512,1400", "--seconds", "1"]
         return esp_codec.main(passed)
-    parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        from controller.run import main as run_main
+
+        return run_main(args.config)
     parser.print_help()
     return 2
 

@@ -1,0 +1,177 @@
+"""``espline run -c FILE``: the data plane with the SAs of a ``static_sas`` section (manual
+keying, as ``ip xfrm state`` does for the kernel), in the foreground until SIGTERM/SIGINT.
+
+Builds the I/O adapters the ``dataplane`` section names, the SA table and SPD from the static
+SAs, starts the workers and runs the I/O loop. On exit it stops every process it started and
+removes the TUN device and the routes it created.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from controller.config import Config, ConfigError, StaticSa, load_config
+from pipeline.batch import Batch
+from pipeline.dataplane import DataPlane, PacketIO, Settings
+from pipeline.dispatch import Policy
+from pipeline.outside import SocketOutside
+from pipeline.satable import Mode, Protocol, SaRecord
+
+__all__ = ["build", "main"]
+
+log = logging.getLogger("espline.run")
+
+
+@dataclass
+class TunIO:
+    """The TUN device as the data plane's inside."""
+
+    device: object
+
+    def read_batch(self, batch: Batch, max_packets: int) -> int:
+        return self.device.read_batch(batch, max_packets)  # type: ignore[attr-defined, no-any-return]
+
+    def write_batch(self, batch: Batch) -> int:
+        return self.device.write_batch(batch)  # type: ignore[attr-defined, no-any-return]
+
+    def fileno_list(self) -> list[int]:
+        return [self.device.fileno()]  # type: ignore[attr-defined]
+
+
+class AfPacketIO:
+    """An AF_PACKET RX ring and TX path on one interface."""
+
+    def __init__(self, interface: str, *, esp_only: bool, fanout: bool) -> None:
+        from pipeline import afpacket, bpf
+
+        self.rx = afpacket.RxRing(interface, bpf=bpf.esp_filter() if esp_only else None,
+                                  fanout_group=afpacket.default_fanout_group() if fanout
+                                  else None)
+        self.tx = afpacket.TxPath(interface)
+
+    def read_batch(self, batch: Batch, max_packets: int) -> int:
+        batch.count = 0
+        return self.rx.read_into(batch, max_packets)
+
+    def write_batch(self, batch: Batch) -> int:
+        return self.tx.send(batch)
+
+    def fileno_list(self) -> list[int]:
+        return [self.rx.fileno()]
+
+    def close(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+def sa_records(static: tuple[StaticSa, ...]) -> tuple[list[tuple[int, SaRecord]],
+                                                      list[Policy]]:
+    """SA table entries (outbound 2i, inbound 2i+1) and one SPD entry per static SA."""
+    records: list[tuple[int, SaRecord]] = []
+    policies: list[Policy] = []
+    for i, sa in enumerate(static):
+        if sa.protocol is not Protocol.ESP:
+            raise ConfigError(f"static_sas[{i}].protocol",
+                              "the data plane pipeline runs ESP SAs only for now")
+        out, inbound = sa.records()
+        records += [(2 * i, out), (2 * i + 1, inbound)]
+        if sa.mode is Mode.TUNNEL:
+            policies.append(Policy(tuple(sa.local_ts), tuple(sa.remote_ts), sa_index=2 * i))
+        else:
+            local = sa.local_ts or (ipaddress.ip_network(sa.local_addr),)
+            remote = sa.remote_ts or (ipaddress.ip_network(sa.remote_addr),)
+            policies.append(Policy(tuple(local), tuple(remote), sa_index=2 * i))
+    return records, policies
+
+
+def tunnel_mtu(cfg: Config) -> int:
+    """The smallest inner MTU over the static SAs, for the outside link's MTU."""
+    from pipeline.mtu import inner_mtu
+    from workers.algorithms import parse_esp
+
+    return min(inner_mtu(cfg.dataplane.mtu, parse_esp(sa.outbound.alg), sa.local_addr.version == 6,
+                         sa.encap is not None, sa.mode is Mode.TUNNEL)
+               for sa in cfg.static_sas)
+
+
+def build(cfg: Config, stack: ExitStack) -> DataPlane:
+    """Everything ``run`` needs, with its cleanup registered on ``stack``."""
+    if not cfg.static_sas:
+        raise ConfigError("static_sas", "espline run needs at least one static SA "
+                          "(IKE-negotiated SAs come with the controller)")
+    dp = cfg.dataplane
+    records, policies = sa_records(cfg.static_sas)
+    inside: PacketIO
+    if dp.inside.mode == "tun":
+        from pipeline.tun import TunDevice
+
+        routes = sorted({str(n) for sa in cfg.static_sas for n in sa.remote_ts})
+        # The TUN's MTU is what fits through the tunnel: the kernel then answers bigger
+        # packets with ICMP fragmentation-needed itself, and TCP finds the path MTU.
+        device = TunDevice(dp.inside.interface, mtu=tunnel_mtu(cfg), routes=routes)
+        stack.callback(device.close)
+        inside = TunIO(device)
+    else:
+        assert dp.inside.interface is not None
+        port = AfPacketIO(dp.inside.interface, esp_only=False, fanout=False)
+        stack.callback(port.close)
+        inside = port
+    outside: PacketIO
+    if dp.outside.mode == "socket":
+        first = cfg.static_sas[0]
+        nat_t = 4500 if any(sa.encap is not None for sa in cfg.static_sas) else None
+        sock = SocketOutside(first.local_addr, nat_t)  # type: ignore[arg-type]
+        stack.callback(sock.close)
+        outside = sock
+    else:
+        from pipeline.afpacket import suppress_esp_unreachable
+
+        assert dp.outside.interface is not None
+        sink = suppress_esp_unreachable()
+        stack.callback(sink.close)
+        port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout)
+        stack.callback(port.close)
+        outside = port
+    settings = Settings(workers=dp.workers, cpus=dp.cpus, max_packets=dp.batch.max_packets,
+                        runtime_dir=dp.endpoints.runtime_dir)
+    return DataPlane(settings, records, policies, inside, outside)
+
+
+def main(config_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        print(f"espline: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"espline: cannot read {config_path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        try:
+            plane = build(cfg, stack)
+        except ConfigError as exc:
+            print(f"espline: {exc}", file=sys.stderr)
+            return 2
+        except PermissionError as exc:
+            print(f"espline: {exc} (the data plane needs CAP_NET_ADMIN and CAP_NET_RAW)",
+                  file=sys.stderr)
+            return 1
+
+        def on_signal(signum: int, frame: object) -> None:
+            plane.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        log.info("data plane up: %d static SA(s), %d worker(s)", len(cfg.static_sas),
+                 plane.settings.workers)
+        plane.run()
+        stats = plane.stats
+        log.info("stopped: out %s, in %s, lost batches %d", stats.outbound.snapshot(),
+                 stats.inbound.snapshot(), plane.reassembler.skipped)
+    return 0
