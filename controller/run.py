@@ -137,8 +137,10 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
         port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout)
         stack.callback(port.close)
         outside = port
+    clamp = dp.mss_clamp
     settings = Settings(workers=dp.workers, cpus=dp.cpus, max_packets=dp.batch.max_packets,
-                        runtime_dir=dp.endpoints.runtime_dir)
+                        runtime_dir=dp.endpoints.runtime_dir, outside_mtu=dp.mtu,
+                        mss_clamp="auto" if clamp == "auto" else clamp)
     return DataPlane(settings, records, policies, inside, outside)
 
 

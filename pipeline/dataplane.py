@@ -9,6 +9,8 @@ the reassembler's order is the order the sequence numbers were issued.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import time
 from collections import deque
@@ -16,8 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
+import numpy as np
+import numpy.typing as npt
 import zmq
 
+from pipeline import mtu
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy
 from pipeline.reorder import Reassembler
@@ -45,12 +50,33 @@ class Settings:
     reorder_timeout: float = 0.05  # how long a missing batch is waited for
     runtime_dir: str = "/run/espline"
     max_in_flight: int = 64  # batches out at workers before the loop stops reading
+    outside_mtu: int = 1500
+    mss_clamp: int | str | None = "auto"  # "auto": from each SA's overhead; int: fixed; None
+    stats_interval: float = 1.0  # seconds between writes of <runtime_dir>/stats.json
 
 
 @dataclass
 class Stats:
     outbound: Counters = field(default_factory=Counters)
     inbound: Counters = field(default_factory=Counters)
+    mss_clamped: int = 0
+    icmp_too_big: int = 0
+    fragmented: int = 0
+
+    def snapshot(self, plane: DataPlane) -> dict[str, object]:
+        return {
+            "outbound": self.outbound.snapshot(), "inbound": self.inbound.snapshot(),
+            "mss_clamped": self.mss_clamped, "icmp_too_big": self.icmp_too_big,
+            "fragmented": self.fragmented,
+            "lost_batches": plane.reassembler.skipped,
+            "lost_packets": plane.reassembler.lost_packets,
+            "worker_restarts": plane.supervisor.restarts,
+            "worker_pids": plane.supervisor.pids(),
+            "sas": [{"index": sa.index, "spi": f"{sa.record.spi:#010x}",
+                     "direction": sa.record.direction.name.lower(), "packets": sa.packets,
+                     "bytes": sa.bytes, "seq_out": sa.seq_out, "replay_top": sa.replay.top}
+                    for sa in plane.sas],
+        }
 
 
 class DataPlane:
@@ -60,6 +86,7 @@ class DataPlane:
         self.records = tuple(sas)
         self.sas = install_all(self.records)
         self.dispatcher = Dispatcher(self.sas, policies)
+        self._limits()
         self.reassembler = Reassembler(self.sas, settings.reorder_timeout)
         self.inside = inside
         self.outside = outside
@@ -79,6 +106,50 @@ class DataPlane:
         self._sending: deque[tuple[Batch, zmq.MessageTracker | None]] = deque()
         self._next_id = 0
         self._stop = False
+
+    def _limits(self) -> None:
+        """Per SA index: the inner MTU and the TCP MSS that fit the tunnel (DESIGN §7)."""
+        size = max((i for i, _ in self.records), default=-1) + 1
+        self._inner_mtu = np.full(size + 1, self.settings.outside_mtu, dtype=np.int64)
+        self._mss4 = np.full(size + 1, 1 << 16, dtype=np.int64)
+        self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
+        self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        for i, rec in self.records:
+            sa = self.sas[i]
+            if sa is None or sa.esp is None:
+                continue
+            m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
+                              rec.mode.name == "TUNNEL")
+            self._inner_mtu[i] = m
+            clamp = self.settings.mss_clamp
+            if clamp == "auto":
+                self._mss4[i], self._mss6[i] = mtu.mss_limit(m, False), mtu.mss_limit(m, True)
+            elif isinstance(clamp, int):
+                self._mss4[i] = self._mss6[i] = clamp
+            self._src[rec.local_addr.version] = rec.local_addr
+
+    def _outbound_mtu(self, batch: Batch) -> None:
+        """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the
+        sender for DF/IPv6, outer fragmentation later for the rest (RFC 4301 §8)."""
+        n = batch.count
+        sa = batch.meta["sa"][:n].astype(np.int64)
+        if self.settings.mss_clamp is not None:
+            self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
+        limit = self._inner_mtu[sa]
+        over = mtu.too_big(batch, limit)
+        if over.any():
+            errors = mtu.icmp_too_big(batch, over, limit, self._src.get(4),  # type: ignore[arg-type]
+                                      self._src.get(6))  # type: ignore[arg-type]
+            if errors:
+                self.stats.icmp_too_big += len(errors)
+                self.inside.write_batch(Batch.for_packets(errors))
+
+    def _write_stats(self) -> None:
+        path = os.path.join(self.settings.runtime_dir, "stats.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.stats.snapshot(self), f)
+        os.replace(tmp, path)
 
     # -- buffers ---------------------------------------------------------------
     def _take(self) -> Batch:
@@ -108,7 +179,7 @@ class DataPlane:
         for fd in inside_fds | outside_fds:
             poller.register(fd, zmq.POLLIN)
         poller.register(from_workers, zmq.POLLIN)
-        last_check = time.monotonic()
+        last_check = last_stats = time.monotonic()
         try:
             while not self._stop and not (until is not None and until()):
                 events = dict(poller.poll(10))
@@ -124,8 +195,12 @@ class DataPlane:
                 if now - last_check > 0.05:
                     self.supervisor.check()
                     last_check = now
+                if now - last_stats > self.settings.stats_interval:
+                    self._write_stats()
+                    last_stats = now
         finally:
             self.supervisor.stop()
+            self._write_stats()
             to_workers.close(linger=0)
             from_workers.close(linger=0)
             ctx.term()
@@ -143,6 +218,7 @@ class DataPlane:
             return
         if direction is Direction.OUTBOUND:
             self.dispatcher.outbound(batch)
+            self._outbound_mtu(batch)
         else:
             self.dispatcher.inbound(batch)
         batch.batch_id = self._next_id
@@ -170,9 +246,36 @@ class DataPlane:
 
     def _release(self, batch: Batch, direction: Direction) -> None:
         if direction is Direction.OUTBOUND:
+            fragmented = self._fragment_oversized(batch)
             self.outside.write_batch(batch)
+            if fragmented.size:
+                batch.meta["verdict"][fragmented] = Verdict.PASS  # left, as fragments
             self.stats.outbound.add(batch)
         else:
+            if self.settings.mss_clamp is not None:
+                sa = batch.meta["sa"][: batch.count].astype(np.int64)
+                self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
             self.inside.write_batch(batch)
             self.stats.inbound.add(batch)
         self._free.append(batch)
+
+    def _fragment_oversized(self, batch: Batch) -> npt.NDArray[np.int64]:
+        """Outer IPv4 packets over the outside MTU (their inner packet had no DF) leave as
+        fragments (RFC 4301 §8.1), sent here; they are marked TOO_BIG for the batch's own
+        write and the caller restores those it returns (sent as fragments)."""
+        over = mtu.too_big(batch, self.settings.outside_mtu)
+        if not over.any():
+            return np.zeros(0, dtype=np.int64)
+        frags: list[bytes] = []
+        sent = []
+        for i in np.flatnonzero(over).tolist():
+            batch.meta["verdict"][i] = Verdict.TOO_BIG
+            try:
+                frags += mtu.fragment_ipv4(batch.packet(i), self.settings.outside_mtu)
+            except ValueError:
+                continue  # DF set or not IPv4: stays a TOO_BIG drop
+            sent.append(i)
+        self.stats.fragmented += len(frags)
+        if frags:
+            self.outside.write_batch(Batch.for_packets(frags))
+        return np.array(sent, dtype=np.int64)
