@@ -360,8 +360,8 @@ class EspCodec:
         else:
             esp_off = base + esp_c
             if t.kind is CipherKind.AES_CBC:
-                _cbc_run(data, ct_start, padded, vec.gather(data, esp_off + ESP_HDR_LEN, 16), sa,
-                         encrypt=True)
+                _cbc_run(batch, slots, ct_c, padded, vec.gather(data, esp_off + ESP_HDR_LEN, 16),
+                         sa, encrypt=True)
             ct_end = ct_start + padded
             vec.scatter(data, ct_end, _hmac_many(data, sa, seq, esp_off, ct_end))
         if udp and rec.ipv6:
@@ -578,7 +578,7 @@ class EspCodec:
                 a = slice(None) if authentic is None else np.flatnonzero(authentic)
                 iv = vec.gather(data, esp_off[a] + ESP_HDR_LEN, 16)
                 if iv.size:
-                    _cbc_run(data, ct_start[a], ct_len[a], iv, sa, encrypt=False)
+                    _cbc_run(batch, slots[a], ct_c, ct_len[a], iv, sa, encrypt=False)
 
         # The trailer (RFC 4303 §2.4-2.6): 4 bytes before it, Pad Length, Next Header.
         tail = windows(data, 8)[ct_start + (ct_len - 6)]  # 4 bytes, Pad Length, NH, 2 more
@@ -740,32 +740,36 @@ def _hmac_verify(data: npt.NDArray[np.uint8], sa: SaState, t: EspTransform, seq:
     return None if ok.all() else ok
 
 
-def _cbc_run(data: npt.NDArray[np.uint8], start: I64, length: I64, iv: npt.NDArray[np.uint8],
+def _cbc_run(batch: Batch, slots: I64, ct_c: int, length: I64, iv: npt.NDArray[np.uint8],
              sa: SaState, encrypt: bool) -> None:
     """AES-CBC over many packets at once (RFC 3602), as ECB with the chaining in numpy.
 
-    Encryption is sequential within a packet, so it walks block columns: block j of every
-    packet in one ECB call. Decryption is parallel: every block of every packet in one ECB
-    call, then XOR with the previous ciphertext block.
+    The ciphertext of every packet starts at byte ``ct_c`` of its slot, so the blocks of the
+    group are one strided (packets, blocks, 16) array over the batch buffer. Encryption is
+    sequential within a packet, so it walks block columns: block j of every packet in one
+    ECB call. Decryption is parallel: every block of every packet in one ECB call, then XOR
+    with the previous ciphertext block. Packets shorter than the longest run on over bytes
+    of their own slot's tailroom (where their ICV goes afterwards); nothing else is touched.
     """
-    n = start.size
+    n = slots.size
     width = int(length.max())
-    cols = np.arange(width)
-    inside = cols[None, :] < length[:, None]
-    idx = np.where(inside, start[:, None] + cols, start[:, None])
-    blocks = data[idx].reshape(n, width // 16, 16)
+    size = batch.slot_size
+    dense = n and int(slots[-1]) == n - 1
+    rows_view = rows(batch.data, np.dtype(("u1", (width,))), size, ct_c)
+    blocks = (rows_view[:n] if dense else rows_view[slots]).reshape(n, width // 16, 16)
     if encrypt:
         ctx = sa.ecb_encrypt
         assert ctx is not None
         prev = iv
-        out = np.empty_like(blocks)
         for j in range(blocks.shape[1]):
             x = np.bitwise_xor(blocks[:, j], prev)
-            out[:, j] = np.frombuffer(ctx.update(x.tobytes()), dtype=np.uint8).reshape(n, 16)
-            prev = out[:, j]
+            blocks[:, j] = np.frombuffer(ctx.update(x.tobytes()), dtype=np.uint8).reshape(n, 16)
+            prev = blocks[:, j]
     else:
         ctx = sa.ecb_decrypt
         assert ctx is not None
         plain = np.frombuffer(ctx.update(blocks.tobytes()), dtype=np.uint8).reshape(blocks.shape)
-        out = plain ^ np.concatenate([iv[:, None, :], blocks[:, :-1]], axis=1)
-    data[idx[inside]] = out.reshape(n, width)[inside]
+        chain = np.concatenate([iv[:, None, :], blocks[:, :-1]], axis=1)
+        blocks[...] = plain ^ chain
+    if not dense:
+        rows_view[slots] = blocks.reshape(n, width)
