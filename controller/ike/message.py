@@ -1,0 +1,374 @@
+"""IKEv2 messages (RFC 7296 §3.1, §3.2): the IKE header, the payload chain, parse/serialize.
+
+The Next Payload fields are chained here and nowhere else: the IKE header names the first
+payload, each generic payload header names the payload after it, and the Encrypted payload's
+names the first payload *inside* it. ``parse_message`` (a datagram) and
+``parse_payload_chain`` (a decrypted SK payload) are the entry points for a peer's bytes:
+they turn a truncation (``BufferReadError``) into ``InvalidSyntax``, so callers see a result
+or an ``IkeProtocolError``, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from .buffer import Buffer, BufferReadError
+from .constants import ExchangeType, HeaderFlag, NotifyType, PayloadType, enum_or_int
+from .errors import InvalidMajorVersion, InvalidSyntax, UnsupportedCriticalPayload
+from .payloads import (
+    BODY_PULLERS,
+    EncryptedFragmentPayload,
+    EncryptedPayload,
+    NotifyPayload,
+    Payload,
+    UnknownPayload,
+    pull_encrypted_fragment_payload,
+    pull_encrypted_payload,
+    push_payload_body,
+)
+
+__all__ = [
+    "GENERIC_PAYLOAD_HEADER_LENGTH",
+    "IKE_HEADER_LENGTH",
+    "GenericPayloadHeader",
+    "IkeHeader",
+    "Message",
+    "parse_message",
+    "parse_payload_chain",
+    "pull_generic_payload_header",
+    "pull_ike_header",
+    "pull_payload_chain",
+    "push_generic_payload_header",
+    "push_ike_header",
+    "push_payload_chain",
+    "serialize_message",
+    "serialize_payload_body",
+    "serialize_payload_chain",
+]
+
+# RFC 7296 §3.1: IKE SA Initiator's SPI (8), Responder's SPI (8), Next Payload, MjVer|MnVer,
+# Exchange Type, Flags, Message ID (4), Length (4)
+IKE_HEADER_LENGTH = 8 + 8 + 1 + 1 + 1 + 1 + 4 + 4  # = 28
+IKE_SPI_LENGTH = 8
+IKE_MAJOR_VERSION = 2  # RFC 7296 §3.1: "MUST set the major version to 2"
+IKE_MINOR_VERSION = 0  # RFC 7296 §3.1: "MUST set the minor version to 0"
+MAX_MESSAGE_LENGTH = 2**32 - 1  # 32-bit Length field
+
+# RFC 7296 §3.2: Next Payload, C + RESERVED, Payload Length (2)
+GENERIC_PAYLOAD_HEADER_LENGTH = 1 + 1 + 2  # = 4
+MAX_PAYLOAD_LENGTH = 2**16 - 1  # 16-bit Payload Length, generic header included
+CRITICAL_BIT = 0x80  # RFC 7296 §3.2: "C", the top bit of the second octet
+
+_P = TypeVar("_P")
+
+
+# -- IKE header (RFC 7296 §3.1) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class IkeHeader:
+    """The IKE header (RFC 7296 §3.1), every field as on the wire.
+
+    ``serialize_message`` computes ``next_payload`` and ``length`` from the payloads and
+    ignores the values given here; ``parse_message`` returns them as received (checked).
+    """
+
+    spi_i: bytes
+    spi_r: bytes
+    next_payload: PayloadType | int = PayloadType.NONE
+    major_version: int = IKE_MAJOR_VERSION
+    minor_version: int = IKE_MINOR_VERSION
+    exchange_type: ExchangeType | int
+    flags: HeaderFlag = HeaderFlag(0)
+    message_id: int = 0
+    length: int = IKE_HEADER_LENGTH
+
+    @property
+    def is_initiator(self) -> bool:
+        """The I flag: sent by the original initiator of the IKE SA."""
+        return bool(self.flags & HeaderFlag.INITIATOR)
+
+    @property
+    def is_response(self) -> bool:
+        """The R flag: a response to the request with the same Message ID."""
+        return bool(self.flags & HeaderFlag.RESPONSE)
+
+
+def pull_ike_header(buf: Buffer) -> IkeHeader:
+    spi_i = buf.pull_bytes(IKE_SPI_LENGTH)
+    spi_r = buf.pull_bytes(IKE_SPI_LENGTH)
+    next_payload = enum_or_int(PayloadType, buf.pull_uint8())
+    version = buf.pull_uint8()
+    exchange_type = enum_or_int(ExchangeType, buf.pull_uint8())
+    # RFC 7296 §3.1: undefined flag bits "MUST be ignored on receipt"; kept, so that the
+    # header re-serializes unchanged (integrity and signatures cover the received bytes)
+    flags = HeaderFlag(buf.pull_uint8())
+    message_id = buf.pull_uint32()
+    length = buf.pull_uint32()
+    major_version, minor_version = version >> 4, version & 0x0F
+    # RFC 7296 §3.1, §2.5: reject a major version other than 2 with INVALID_MAJOR_VERSION;
+    # the minor version "MUST" be ignored
+    if major_version != IKE_MAJOR_VERSION:
+        raise InvalidMajorVersion(major_version)
+    return IkeHeader(
+        spi_i=spi_i,
+        spi_r=spi_r,
+        next_payload=next_payload,
+        major_version=major_version,
+        minor_version=minor_version,
+        exchange_type=exchange_type,
+        flags=flags,
+        message_id=message_id,
+        length=length,
+    )
+
+
+def push_ike_header(buf: Buffer, header: IkeHeader) -> None:
+    if len(header.spi_i) != IKE_SPI_LENGTH or len(header.spi_r) != IKE_SPI_LENGTH:
+        raise ValueError("IKE SPIs are 8 bytes (RFC 7296 §3.1)")
+    if not (0 <= header.major_version <= 0x0F and 0 <= header.minor_version <= 0x0F):
+        raise ValueError("IKE version numbers are 4 bits each")
+    buf.push_bytes(header.spi_i)
+    buf.push_bytes(header.spi_r)
+    buf.push_uint8(header.next_payload)
+    buf.push_uint8(header.major_version << 4 | header.minor_version)
+    buf.push_uint8(header.exchange_type)
+    buf.push_uint8(header.flags)
+    buf.push_uint32(header.message_id)
+    buf.push_uint32(header.length)
+
+
+# -- Generic payload header (RFC 7296 §3.2) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenericPayloadHeader:
+    """The 4 octets in front of every payload (RFC 7296 §3.2)."""
+
+    next_payload: PayloadType | int
+    critical: bool
+    length: int  # Payload Length, this header included
+
+
+def pull_generic_payload_header(buf: Buffer) -> GenericPayloadHeader:
+    next_payload = enum_or_int(PayloadType, buf.pull_uint8())
+    # RFC 7296 §3.2: the 7 RESERVED bits "MUST be ignored on receipt"
+    critical = bool(buf.pull_uint8() & CRITICAL_BIT)
+    return GenericPayloadHeader(next_payload, critical, buf.pull_uint16())
+
+
+def push_generic_payload_header(buf: Buffer, header: GenericPayloadHeader) -> None:
+    buf.push_uint8(header.next_payload)
+    buf.push_uint8(CRITICAL_BIT if header.critical else 0)
+    buf.push_uint16(header.length)
+
+
+# -- The payload chain ----------------------------------------------------------------------
+
+
+def _payload_name(payload_type: int) -> str:
+    try:
+        return PayloadType(payload_type).name
+    except ValueError:
+        return f"type-{payload_type}"
+
+
+def _pull_payload_body(payload_type: int, header: GenericPayloadHeader, body: Buffer) -> Payload:
+    # RFC 7296 §3.14 (and RFC 7383 §2.5 for SKF): the Next Payload of an Encrypted payload
+    # "is the payload type of the first embedded payload"
+    if payload_type == PayloadType.SK:
+        return pull_encrypted_payload(body, header.next_payload)
+    if payload_type == PayloadType.SKF:
+        return pull_encrypted_fragment_payload(body, header.next_payload)
+    puller = BODY_PULLERS.get(payload_type)
+    if puller is None:
+        # RFC 7296 §3.2: an unrecognized payload with the critical bit set rejects the
+        # message; without it the payload "MUST be ignored" (skipped, and kept for the record)
+        if header.critical:
+            raise UnsupportedCriticalPayload(payload_type)
+        return UnknownPayload(payload_type, body.pull_bytes(body.remaining()))
+    # RFC 7296 §3.2: the critical bit "MUST be ignored" for a recognized payload type
+    return puller(body)
+
+
+def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
+    """Read payloads from the cursor to ``end``, following the Next Payload chain.
+
+    ``first_type`` is the type named by whatever precedes the chain (the IKE header, or the
+    Encrypted payload for a decrypted chain). The chain must end exactly at ``end``.
+    """
+    payloads: list[Payload] = []
+    payload_type = first_type
+    while payload_type != PayloadType.NONE:
+        start = buf.tell()
+        name = f"{_payload_name(payload_type)} payload at offset {start}"
+        if end - start < GENERIC_PAYLOAD_HEADER_LENGTH:
+            raise InvalidSyntax(f"{name}: announced, but only {end - start} bytes remain")
+        header = pull_generic_payload_header(buf)
+        # RFC 7296 §3.2: Payload Length includes the generic header
+        if header.length < GENERIC_PAYLOAD_HEADER_LENGTH:
+            raise InvalidSyntax(f"{name}: Payload Length {header.length} < 4")
+        if start + header.length > end:
+            raise InvalidSyntax(
+                f"{name}: Payload Length {header.length} runs past the end "
+                f"({end - start} bytes left)"
+            )
+        body = Buffer(data=buf.pull_bytes(header.length - GENERIC_PAYLOAD_HEADER_LENGTH))
+        try:
+            payload = _pull_payload_body(payload_type, header, body)
+        except BufferReadError as exc:
+            exc.add_note(f"in the {name}")
+            raise
+        except InvalidSyntax as exc:
+            raise InvalidSyntax(f"{name}: {exc.reason}") from None
+        if not body.eof():  # every body parser reads to its end; a bug if not
+            raise InvalidSyntax(f"{name}: {body.remaining()} unparsed bytes")
+        payloads.append(payload)
+        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
+            # RFC 7296 §3.14: "the Encrypted payload, if present in a message, MUST be the
+            # last payload in the message" (so also SKF, RFC 7383 §2.5)
+            if buf.tell() != end:
+                raise InvalidSyntax(
+                    f"{name}: {end - buf.tell()} bytes follow it, it must be the last payload"
+                )
+            return payloads
+        payload_type = header.next_payload
+    # RFC 7296 §3.1: Length covers exactly the header and the payloads
+    if buf.tell() != end:
+        raise InvalidSyntax(
+            f"{end - buf.tell()} bytes after the last payload (Next Payload 0) at offset "
+            f"{buf.tell()}: a length mismatch"
+        )
+    return payloads
+
+
+def push_payload_chain(buf: Buffer, payloads: tuple[Payload, ...] | list[Payload]) -> int:
+    """Write payloads with their generic headers chained; return the first payload's type."""
+    for index, payload in enumerate(payloads):
+        last = index == len(payloads) - 1
+        next_payload: int
+        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
+            # RFC 7296 §3.14: last in the message, its Next Payload names the first inner one
+            if not last:
+                raise ValueError("the Encrypted payload must be the last payload (§3.14)")
+            next_payload = payload.first_payload
+        else:
+            next_payload = PayloadType.NONE if last else payloads[index + 1].payload_type
+        if isinstance(payload, UnknownPayload) and (
+            payload.payload_type in BODY_PULLERS
+            or payload.payload_type in (PayloadType.NONE, PayloadType.SK, PayloadType.SKF)
+        ):
+            raise ValueError(f"UnknownPayload of known type {payload.payload_type}")
+        start = buf.tell()
+        # RFC 7296 §3.2: C "MUST be set to zero for payload types defined in this document"
+        push_generic_payload_header(buf, GenericPayloadHeader(next_payload, False, 0))
+        push_payload_body(buf, payload)
+        end = buf.tell()
+        if end - start > MAX_PAYLOAD_LENGTH:
+            raise ValueError(f"{_payload_name(payload.payload_type)} payload too long")
+        buf.seek(start + 2)
+        buf.push_uint16(end - start)
+        buf.seek(end)
+    return payloads[0].payload_type if payloads else PayloadType.NONE
+
+
+# -- Messages -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """An IKE message: the header and the payloads, in order."""
+
+    header: IkeHeader
+    payloads: tuple[Payload, ...] = ()
+
+    def find(self, kind: type[_P]) -> _P | None:
+        """The first payload of class ``kind``, if any."""
+        for payload in self.payloads:
+            if isinstance(payload, kind):
+                return payload
+        return None
+
+    def find_all(self, kind: type[_P]) -> tuple[_P, ...]:
+        return tuple(payload for payload in self.payloads if isinstance(payload, kind))
+
+    def notify(self, notify_type: NotifyType | int) -> NotifyPayload | None:
+        """The first Notify payload of ``notify_type``, if any."""
+        for payload in self.payloads:
+            if isinstance(payload, NotifyPayload) and payload.notify_type == notify_type:
+                return payload
+        return None
+
+
+@contextmanager
+def _truncation_is_invalid_syntax() -> Iterator[None]:
+    """The one translation of BufferReadError into the protocol's error."""
+    try:
+        yield
+    except BufferReadError as exc:
+        where = "; ".join(getattr(exc, "__notes__", ()))
+        raise InvalidSyntax(f"truncated: {exc}" + (f" ({where})" if where else "")) from None
+
+
+def parse_message(data: bytes) -> Message:
+    """Parse one IKE message; raises ``IkeProtocolError`` (mostly ``InvalidSyntax``)."""
+    if len(data) < IKE_HEADER_LENGTH:
+        raise InvalidSyntax(f"{len(data)} bytes, shorter than the 28-byte IKE header")
+    with _truncation_is_invalid_syntax():
+        buf = Buffer(data=data)
+        header = pull_ike_header(buf)
+        # RFC 7296 §3.1: Length is "the total message (header + payloads) in octets"
+        if header.length != len(data):
+            raise InvalidSyntax(
+                f"IKE header Length {header.length} but the message is {len(data)} bytes: "
+                "a length mismatch"
+            )
+        payloads = pull_payload_chain(buf, header.next_payload, len(data))
+    return Message(header, tuple(payloads))
+
+
+def parse_payload_chain(data: bytes, first_type: int) -> tuple[Payload, ...]:
+    """Parse a decrypted Encrypted payload's content (padding already removed).
+
+    ``first_type`` is the Encrypted payload's ``first_payload``.
+    """
+    with _truncation_is_invalid_syntax():
+        payloads = pull_payload_chain(Buffer(data=data), first_type, len(data))
+    for payload in payloads:
+        # RFC 7296 §3.14 defines one level of encryption: an SK (or SKF) inside another
+        # could never be decrypted
+        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
+            raise InvalidSyntax("an Encrypted payload inside the Encrypted payload")
+    return tuple(payloads)
+
+
+def serialize_payload_chain(payloads: tuple[Payload, ...] | list[Payload]) -> tuple[int, bytes]:
+    """The chained payloads as bytes, and the type to put in whatever precedes them."""
+    buf = Buffer()
+    first_type = push_payload_chain(buf, payloads)
+    return first_type, buf.data
+
+
+def serialize_payload_body(payload: Payload) -> bytes:
+    """One payload's body, without the generic header.
+
+    RFC 7296 §2.15 signs "RestOfInitIDPayload", the body of the IDi payload.
+    """
+    buf = Buffer()
+    push_payload_body(buf, payload)
+    return buf.data
+
+
+def serialize_message(message: Message) -> bytes:
+    """The message as bytes; the header's Next Payload and Length are computed."""
+    first_type, body = serialize_payload_chain(message.payloads)
+    length = IKE_HEADER_LENGTH + len(body)
+    if length > MAX_MESSAGE_LENGTH:
+        raise ValueError(f"IKE message of {length} bytes exceeds the 32-bit Length field")
+    buf = Buffer(capacity=length)
+    push_ike_header(buf, replace(message.header, next_payload=first_type, length=length))
+    buf.push_bytes(body)
+    return buf.data
