@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -89,6 +90,30 @@ def sa_records(static: tuple[StaticSa, ...]) -> tuple[list[tuple[int, SaRecord]]
     return records, policies
 
 
+def claim_nat_t_ports(static: tuple[StaticSa, ...]) -> list[socket.socket]:
+    """UDP sockets on the local NAT-T ports of the UDP-encapsulated SAs, for the AF_PACKET
+    outside: the ring only copies ESP-in-UDP, and with no socket on the port the kernel
+    would answer every packet with ICMP port unreachable. Their filter drops everything
+    (there is no IKE to read here), which still counts as delivered: no ICMP."""
+    from pipeline import bpf
+
+    socks: list[socket.socket] = []
+    try:
+        for addr, port in sorted({(str(sa.local_addr), sa.encap.local_port)
+                                  for sa in static if sa.encap is not None}):
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            bpf.attach(s, bpf.REJECT_ALL)  # before bind: nothing is ever queued
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)
+            s.bind((addr, port))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 def tunnel_mtu(cfg: Config) -> int:
     """The smallest inner MTU over the static SAs, for the outside link's MTU."""
     from pipeline.mtu import inner_mtu
@@ -134,6 +159,8 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
         assert dp.outside.interface is not None
         sink = suppress_esp_unreachable()
         stack.callback(sink.close)
+        for nat_t_sock in claim_nat_t_ports(cfg.static_sas):
+            stack.callback(nat_t_sock.close)
         port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout)
         stack.callback(port.close)
         outside = port

@@ -107,6 +107,7 @@ PACKET_OUTGOING = 4  # sll_pkttype of a packet this host transmitted
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
+TP_STATUS_CSUMNOTREADY = 0x08  # RX: the L4 checksum is partial (CHECKSUM_PARTIAL)
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_AVAILABLE = 0  # TX ring: frame free for user space
 TP_STATUS_SEND_REQUEST = 1  # TX ring: frame filled, kernel to send
@@ -237,6 +238,7 @@ class RxRing:
             "not_ip": 0,  # ethertype neither IPv4 nor IPv6, or version nibble mismatch
             "truncated": 0,  # captured shorter than on the wire
             "too_big": 0,  # larger than the batch's slot payload area
+            "csum_completed": 0,  # partial TCP/UDP checksums filled in (see read_into)
             "kernel_packets": 0,  # tp_packets: passed the filter (drops included)
             "kernel_drops": 0,  # tp_drops: ring full
             "kernel_freeze_q_cnt": 0,  # times the ring froze for lack of a free block
@@ -345,7 +347,13 @@ class RxRing:
         Packets go into slots ``batch.count``, ``batch.count + 1``, ... each at the slot's
         ``HEADROOM``, L3 only (the Ethernet header is stripped; Ethernet padding of short
         frames is trimmed using the IP length). Metadata is reset (sa 0, verdict PASS, seq 0,
-        flags 0). If ``ethertypes`` is given (one uint16 per slot) it receives each packet's
+        flags 0).
+
+        A packet that a local sender handed over with its TCP/UDP checksum left to the
+        hardware (CHECKSUM_PARTIAL: frames from a veth peer or a tap, flagged
+        TP_STATUS_CSUMNOTREADY) carries only the pseudo-header sum there; its checksum is
+        completed here, since the packet leaves through a tunnel that will not finish it.
+        If ``ethertypes`` is given (one uint16 per slot) it receives each packet's
         ethertype; the IP version nibble says the same, because frames whose ethertype and
         version disagree are dropped here. Never blocks; a block left half read is resumed
         on the next call.
@@ -398,6 +406,7 @@ class RxRing:
                     counters[name] += c
                 good = np.flatnonzero(reason == 0)
                 l3, length, etype = l3[good], length[good], etype[good]
+                hdr = hdr[good]
             k = len(length)
             if k:
                 first = start + filled
@@ -415,6 +424,10 @@ class RxRing:
                 meta["seq"][sl] = 0
                 if ethertypes is not None:
                     ethertypes[sl] = etype
+                partial = np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY)
+                for j in partial.tolist():  # only from local senders (veth, tap)
+                    if complete_l4_checksum(batch.data, base + j * slot, int(length[j])):
+                        counters["csum_completed"] += 1
                 filled += k
             self._left -= take
             if not self._left:
@@ -449,6 +462,47 @@ class RxRing:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sum16(data: npt.NDArray[np.uint8]) -> int:
+    if len(data) % 2:
+        data = np.append(data, np.uint8(0))
+    return int(data.view(">u2").sum(dtype=np.uint64))
+
+
+def complete_l4_checksum(buf: npt.NDArray[np.uint8], off: int, length: int) -> bool:
+    """Compute the TCP or UDP checksum (RFC 9293 §3.1, RFC 768; RFC 8200 §8.1 for IPv6) of
+    the packet at ``buf[off : off + length]`` from scratch, in place. The sender left it
+    partial (CHECKSUM_PARTIAL). Returns False, leaving the packet as it is, for what this
+    does not handle: fragments, other protocols, IPv6 extension headers."""
+    pkt = buf[off : off + length]
+    if length < 20:
+        return False
+    version = int(pkt[0]) >> 4
+    if version == 4:
+        ihl = (int(pkt[0]) & 0xF) * 4
+        if ihl < 20 or length < ihl or (int(pkt[6]) & 0x3F) or int(pkt[7]):
+            return False  # a fragment (MF or an offset): its checksum is whole already
+        proto, l4 = int(pkt[9]), ihl
+        pseudo = _sum16(pkt[12:20])
+    elif version == 6 and length >= 40:
+        proto, l4 = int(pkt[6]), 40
+        pseudo = _sum16(pkt[8:40])
+    else:
+        return False
+    at = {6: 16, 17: 6}.get(proto)  # the checksum's offset in the TCP / UDP header
+    if at is None or length < l4 + at + 2:
+        return False
+    seg = pkt[l4:length]
+    seg[at] = seg[at + 1] = 0
+    total = pseudo + proto + len(seg) + _sum16(seg)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = ~total & 0xFFFF
+    if proto == 17 and csum == 0:
+        csum = 0xFFFF  # RFC 768: zero means "no checksum"
+    seg[at], seg[at + 1] = csum >> 8, csum & 0xFF
+    return True
 
 
 # --- neighbours -----------------------------------------------------------------------------

@@ -47,7 +47,11 @@ class Settings:
     cpus: tuple[int, ...] = ()  # cores for the workers, round robin; () leaves them unpinned
     max_packets: int = 256
     slot_size: int = SLOT_SIZE
-    reorder_timeout: float = 0.05  # how long a missing batch is waited for
+    # How long the reassembler waits for a missing batch: reorder_hold while every worker
+    # lives (a busy worker's batch is late, not lost: skipping it would drop it when it
+    # comes), reorder_timeout for the batches dispatched before a worker was found dead.
+    reorder_timeout: float = 0.05
+    reorder_hold: float = 1.0
     runtime_dir: str = "/run/espline"
     max_in_flight: int = 64  # batches out at workers before the loop stops reading
     outside_mtu: int = 1500
@@ -87,7 +91,8 @@ class DataPlane:
         self.sas = install_all(self.records)
         self.dispatcher = Dispatcher(self.sas, policies)
         self._limits()
-        self.reassembler = Reassembler(self.sas, settings.reorder_timeout)
+        self.reassembler = Reassembler(self.sas, settings.reorder_hold)
+        self._suspect_below = 0  # batch ids under this may have died with a worker
         self.inside = inside
         self.outside = outside
         self.stats = Stats()
@@ -191,9 +196,16 @@ class DataPlane:
                         self._ingest(self.outside, Direction.INBOUND, to_workers, now)
                 if from_workers in events:
                     self._collect(from_workers, now)
+                if self._suspect_below and self.reassembler.next_id >= self._suspect_below:
+                    self._suspect_below = 0  # those are all back or given up on
+                    self.reassembler.timeout = self.settings.reorder_hold
                 self.reassembler.pop(now, self._release)
                 if now - last_check > 0.05:
-                    self.supervisor.check()
+                    if self.supervisor.check():
+                        # Whatever was dispatched so far may have been lost with the dead
+                        # worker: stop waiting for it soon.
+                        self._suspect_below = self._next_id
+                        self.reassembler.timeout = self.settings.reorder_timeout
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:
                     self._write_stats()
