@@ -43,6 +43,11 @@ class TunIO:
     def fileno_list(self) -> list[int]:
         return [self.device.fileno()]  # type: ignore[attr-defined]
 
+    def io_stats(self) -> dict[str, int]:
+        q = self.device.queues[0]  # type: ignore[attr-defined]
+        return {"rx_packets": q.rx_packets, "rx_too_big": q.rx_too_big,
+                "tx_packets": q.tx_packets, "tx_errors": q.tx_errors}
+
 
 class AfPacketIO:
     """An AF_PACKET RX ring and TX path on one interface."""
@@ -64,6 +69,10 @@ class AfPacketIO:
 
     def fileno_list(self) -> list[int]:
         return [self.rx.fileno()]
+
+    def io_stats(self) -> dict[str, int]:
+        return {**{f"rx_{k}": v for k, v in self.rx.stats().items()},
+                **{f"tx_{k}": v for k, v in self.tx.stats().items()}}
 
     def close(self) -> None:
         self.rx.close()

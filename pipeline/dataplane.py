@@ -76,11 +76,19 @@ class Stats:
             "lost_packets": plane.reassembler.lost_packets,
             "worker_restarts": plane.supervisor.restarts,
             "worker_pids": plane.supervisor.pids(),
+            "inside_io": _io_stats(plane.inside),
+            "outside_io": _io_stats(plane.outside),
             "sas": [{"index": sa.index, "spi": f"{sa.record.spi:#010x}",
                      "direction": sa.record.direction.name.lower(), "packets": sa.packets,
                      "bytes": sa.bytes, "seq_out": sa.seq_out, "replay_top": sa.replay.top}
                     for sa in plane.sas],
         }
+
+
+def _io_stats(io: object) -> dict[str, int]:
+    """The adapter's own counters (kernel ring drops, send errors, ...), when it has any."""
+    get = getattr(io, "io_stats", None)
+    return dict(get()) if callable(get) else {}
 
 
 class DataPlane:
@@ -93,6 +101,7 @@ class DataPlane:
         self._limits()
         self.reassembler = Reassembler(self.sas, settings.reorder_hold)
         self._suspect_below = 0  # batch ids under this may have died with a worker
+        self._suspect_since = 0.0
         self.inside = inside
         self.outside = outside
         self.stats = Stats()
@@ -199,18 +208,24 @@ class DataPlane:
                 if self._suspect_below and self.reassembler.next_id >= self._suspect_below:
                     self._suspect_below = 0  # those are all back or given up on
                     self.reassembler.timeout = self.settings.reorder_hold
+                elif (self._suspect_below
+                      and now - self._suspect_since > self.settings.reorder_timeout):
+                    # Nothing later arrived to show the gap: give the dead worker's batches up.
+                    self.reassembler.give_up(self._suspect_below, self._release)
                 self.reassembler.pop(now, self._release)
                 if now - last_check > 0.05:
                     if self.supervisor.check():
                         # Whatever was dispatched so far may have been lost with the dead
                         # worker: stop waiting for it soon.
                         self._suspect_below = self._next_id
+                        self._suspect_since = now
                         self.reassembler.timeout = self.settings.reorder_timeout
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:
                     self._write_stats()
                     last_stats = now
         finally:
+            self._write_stats()
             self.supervisor.stop()
             self._write_stats()
             to_workers.close(linger=0)

@@ -115,6 +115,9 @@ class SocketOutside:
                 self.send_errors += 1
         return sent
 
+    def io_stats(self) -> dict[str, int]:
+        return {"send_errors": self.send_errors}
+
     def close(self) -> None:
         for s in (self.esp, self.udp, self.tx):
             if s is not None:

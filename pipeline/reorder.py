@@ -78,6 +78,20 @@ class Reassembler:
                 continue
             return
 
+    def give_up(self, below: int, release: Callable[[Batch, Direction], None]) -> None:
+        """Skip every batch id under ``below`` that has not come back (their worker died),
+        releasing those that did in order: the last batches before a worker's death are
+        counted as lost even when no later batch arrives to reveal the gap."""
+        while self.next_id < below:
+            held = self._held.get(self.next_id)
+            if held is None:
+                self.skipped += 1
+                self.lost_packets += self._sizes.pop(self.next_id, 0)
+                self.next_id += 1
+                continue
+            self.pop(float("-inf"), release)  # releases it and any that follow in order
+        self._waiting_since = None
+
     def pending(self) -> int:
         return len(self._held)
 
