@@ -219,7 +219,11 @@ class EspCodec:
             version = b0 >> 4
             all_v4 = bool((version == 4).all())
             ip_len = 0
-            checks = [(length < _MIN_INNER_LEN[version], Verdict.PROTO)]
+            checks: list[tuple[Mask | None, int]] = []
+            if not all_v4:
+                checks.append((length < _MIN_INNER_LEN[version], Verdict.PROTO))
+            elif int(length.min()) < IPV4_HDR_LEN:
+                checks.append((length < IPV4_HDR_LEN, Verdict.PROTO))
             payload_len = np.maximum(length, rec.tfc_pad) if rec.tfc_pad else length
             outer = IPV6_HDR_LEN if rec.ipv6 else IPV4_HDR_LEN
             new_c = c - outer - udp - ESP_HDR_LEN - t.iv_len
@@ -306,17 +310,16 @@ class EspCodec:
             else:
                 raw[:, 1] = tos
                 ip["total_length"] = total
-                ident = seq & np.uint64(0xFFFF)  # distinct over 2^16 packets of this SA
+                ident = (seq & np.uint64(0xFFFF)).astype(np.int64)  # distinct over 2^16
                 ip["ident"] = ident
                 # DF is copied from an inner IPv4 header (RFC 4301 §8.1 default).
                 df = peek["b6"] & 0x40 if all_v4 else np.where(version == 4, peek["b6"] & 0x40, 0)
                 raw[:, 6] = df
                 # RFC 1071 sum: the template's words plus the fields set here. TOS is the
-                # low byte of word 0; the DF byte the high byte of word 3.
-                total_sum = (ident + np.uint64(self._template_sum(sa, dtype))) + (
-                    tos.astype(np.uint64) + (df.astype(np.uint64) << np.uint64(8))
-                    + total.astype(np.uint64))
-                ip["checksum"] = 0xFFFE - (total_sum - np.uint64(1)) % np.uint64(0xFFFF)
+                # low byte of word 0, the DF byte the high byte of word 3: they never overlap.
+                varying = (df.astype(np.int64) << 8) | tos
+                total_sum = (total + (self._template_sum(sa, dtype) - 1)) + ident + varying
+                ip["checksum"] = 0xFFFE - total_sum % 0xFFFF
         else:
             h["ip"] = old_ip
             if old_opts is not None:
@@ -367,7 +370,7 @@ class EspCodec:
         if udp and rec.ipv6:
             _udp6_checksum(data, base + new_c, total)
 
-        meta["offset"][sel] = base + new_c
+        meta["offset"][sel] = _offsets(batch, new_c)[:n] if dense else base + new_c
         meta["length"][sel] = total
         sa.packets += n
         sa.bytes += int(length.sum())
@@ -475,8 +478,9 @@ class EspCodec:
         length = meta["length"][sel]
         if version == 4:
             ip_total = ip["total_length"].astype(np.int64)
+            frag = ip["frag"] & 0x3FFF
             checks = [(ip_total > length, Verdict.RUNT),
-                      ((ip["frag"] & 0x3FFF) != 0, Verdict.FRAGMENT)]
+                      ((frag != 0) if frag.any() else None, Verdict.FRAGMENT)]
         else:
             ip_total = ip["payload_length"].astype(np.int64) + IPV6_HDR_LEN
             checks = [(ip_total > length, Verdict.RUNT)]
@@ -597,11 +601,12 @@ class EspCodec:
         if rec.mode is Mode.TUNNEL:
             inner = GroupRows(data, INNER_PEEK, size, ct_c, slots, dense).rec
             iv_ = inner["b0"] >> 4
-            if _IS_V6[iv_].any():
-                ilen = np.where(iv_ == 4, inner["w2"], inner["w4"].astype(np.int64) + IPV6_HDR_LEN)
-            else:
+            if (iv_ == 4).all():
                 ilen = inner["w2"].astype(np.int64)
-            wrong_nh = _NH_OF_VERSION[iv_] != next_header
+                wrong_nh = next_header != NH_IPV4
+            else:
+                ilen = np.where(iv_ == 4, inner["w2"], inner["w4"].astype(np.int64) + IPV6_HDR_LEN)
+                wrong_nh = _NH_OF_VERSION[iv_] != next_header
             bad_len = (ilen > inner_len) | (inner_len < IPV4_HDR_LEN)
             new_off = ct_start
             # The inner header's own length drops TFC padding (RFC 4303 §2.7).
@@ -628,11 +633,14 @@ class EspCodec:
             new_off = ct_start - ip_len
             if version == 4:
                 _ipv4_checksum(data, new_off, ip_len)
+        # In tunnel mode a dummy packet (Next Header 59) is also a wrong Next Header: look
+        # for it only then. Transport mode takes any Next Header, so it always looks.
+        any_wrong_nh = bool(wrong_nh.any()) or rec.mode is Mode.TRANSPORT
         verdict = first_failure([
             (None if authentic is None else ~authentic, Verdict.INTEGRITY),
             (bad_pad, Verdict.PAD),
-            (next_header == NH_NONE, Verdict.DUMMY),
-            (wrong_nh, Verdict.PROTO),
+            (next_header == NH_NONE if any_wrong_nh else None, Verdict.DUMMY),
+            (wrong_nh if any_wrong_nh else None, Verdict.PROTO),
             (bad_len, Verdict.RUNT),
         ], n)
         ok = None if verdict is None else verdict == 0
