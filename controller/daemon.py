@@ -1,0 +1,152 @@
+"""The IKE adapter: asyncio (uvloop when available) around the sans-IO IKE SAs (DESIGN §2).
+
+About as thin as aioquic's asyncio layer: UDP sockets on the IKE port and the NAT-T port
+(RFC 3948 §2.2: IKE there carries a four-zero-byte Non-ESP Marker), a table of IKE SAs by
+SPI, one timer task driven by the SAs' ``get_timer()``, and the SAs' events handed to a
+callback. No blocking call runs on the loop.
+
+Not yet here (next steps): the switch to the NAT-T port after IKE_SA_INIT when a NAT is
+detected, rekeying, and installing the Child SAs into the data plane (SA distribution).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from controller.ike.ike_sa import Event, IkeConfig, IkeSa
+
+__all__ = ["IkeDaemon", "PeerConfig"]
+
+log = logging.getLogger("espline.ike")
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+IKE_HEADER_LEN = 28
+IKE_SA_INIT = 34
+FLAG_RESPONSE = 0x20
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A connection: its IKE configuration and where the peer is."""
+
+    ike: IkeConfig
+    remote: tuple[str, int]  # address and IKE port of the peer
+
+
+@dataclass
+class _Endpoint(asyncio.DatagramProtocol):
+    daemon: IkeDaemon
+    natt: bool
+    transport: asyncio.DatagramTransport | None = field(default=None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.natt:
+            if not data.startswith(NON_ESP_MARKER):
+                return  # ESP in UDP: the data plane's, not ours (or a NAT keepalive)
+            data = data[len(NON_ESP_MARKER):]
+        self.daemon.received(data, (addr[0], addr[1]), self.natt)
+
+
+class IkeDaemon:
+    def __init__(self, peers: Sequence[PeerConfig], local: str, port: int = 500,
+                 natt_port: int = 4500, *, on_event: Callable[[IkeSa, Event], None] | None = None,
+                 random: Callable[[int], bytes] = os.urandom,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.peers = list(peers)
+        self.local = local
+        self.port = port
+        self.natt_port = natt_port
+        self.on_event = on_event
+        self.random = random
+        self.clock = clock
+        self.sas: dict[bytes, IkeSa] = {}  # by the SPI we chose (ours identifies the SA)
+        self.dropped = 0  # datagrams that match no IKE SA and start none
+        self._ike: _Endpoint | None = None
+        self._natt: _Endpoint | None = None
+        self._wake = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, self._ike = await loop.create_datagram_endpoint(
+            lambda: _Endpoint(self, False), local_addr=(self.local, self.port))
+        _, self._natt = await loop.create_datagram_endpoint(
+            lambda: _Endpoint(self, True), local_addr=(self.local, self.natt_port))
+
+    def close(self) -> None:
+        for endpoint in (self._ike, self._natt):
+            if endpoint is not None and endpoint.transport is not None:
+                endpoint.transport.close()
+
+    async def run_timers(self, stop: asyncio.Event) -> None:
+        """Drive every SA's retransmission timer until ``stop`` is set."""
+        while not stop.is_set():
+            now = self.clock()
+            timers = [t for sa in self.sas.values() if (t := sa.get_timer()) is not None]
+            delay = max(0.0, min(timers) - now) if timers else 1.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
+            except TimeoutError:
+                pass
+            now = self.clock()
+            for sa in list(self.sas.values()):
+                timer = sa.get_timer()
+                if timer is not None and timer <= now:
+                    sa.handle_timer(now)
+                    self._flush(sa)
+
+    # -- IKE SAs -----------------------------------------------------------------------------
+    def initiate(self, name: str) -> IkeSa:
+        peer = next(p for p in self.peers if p.ike.name == name)
+        sa = IkeSa(peer.ike, initiator=True, local=(self.local, self.port), remote=peer.remote,
+                   random=self.random)
+        self.sas[sa.spi_i] = sa
+        sa.initiate(self.clock())
+        self._flush(sa)
+        return sa
+
+    def received(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
+        if len(data) < IKE_HEADER_LEN:
+            self.dropped += 1
+            return
+        spi_i, spi_r = data[:8], data[8:16]
+        exchange, flags = data[18], data[19]
+        sa = self.sas.get(spi_r) or self.sas.get(spi_i)
+        if sa is None:
+            if exchange != IKE_SA_INIT or flags & FLAG_RESPONSE or any(spi_r):
+                self.dropped += 1
+                return
+            peer = next((p for p in self.peers if p.remote[0] == addr[0]), None)
+            if peer is None:
+                self.dropped += 1  # nobody configured at that address
+                return
+            sa = IkeSa(peer.ike, initiator=False, local=(self.local, self.port), remote=addr,
+                       random=self.random)
+        sa.remote = addr  # answer where the peer is (ports may change with NAT-T)
+        sa.receive_datagram(data, addr, self.clock())
+        if not sa.initiator and sa.spi_r not in self.sas and sa.state.value != "initial":
+            self.sas[sa.spi_r] = sa  # the responder keeps state only once it answered
+        self._flush(sa)
+
+    def _flush(self, sa: IkeSa) -> None:
+        now = self.clock()
+        for data, addr in sa.datagrams_to_send(now):
+            natt = addr[1] == self.natt_port and self._natt is not None
+            endpoint = self._natt if natt else self._ike
+            if endpoint is None or endpoint.transport is None:
+                continue
+            endpoint.transport.sendto(NON_ESP_MARKER + data if natt else data, addr)
+        while (event := sa.next_event()) is not None:
+            log.info("%s: %s", sa.config.name, type(event).__name__)
+            if self.on_event is not None:
+                self.on_event(sa, event)
+        self._wake.set()

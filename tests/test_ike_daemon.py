@@ -1,0 +1,88 @@
+"""Two IKE daemons over real UDP sockets on loopback negotiate an IKE SA and a Child SA."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from controller.daemon import IkeDaemon, PeerConfig
+from controller.ike.ike_sa import ChildSaEstablished, Event, IkeSa, IkeSaEstablished
+from tests.test_ike_sa import configs
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_daemons_establish_over_udp() -> None:
+    async def main() -> tuple[list[Event], list[Event], int]:
+        p = free_ports(4)
+        i_cfg, r_cfg = configs()
+        got_i: list[Event] = []
+        got_r: list[Event] = []
+        done = asyncio.Event()
+
+        def record(into: list[Event]) -> object:
+            def on_event(sa: IkeSa, event: Event) -> None:
+                into.append(event)
+                if sum(isinstance(e, ChildSaEstablished) for e in got_i + got_r) == 2:
+                    done.set()
+            return on_event
+
+        initiator = IkeDaemon([PeerConfig(i_cfg, ("127.0.0.1", p[2]))], "127.0.0.1", p[0], p[1],
+                              on_event=record(got_i))  # type: ignore[arg-type]
+        responder = IkeDaemon([PeerConfig(r_cfg, ("127.0.0.1", p[0]))], "127.0.0.1", p[2], p[3],
+                              on_event=record(got_r))  # type: ignore[arg-type]
+        await initiator.start()
+        await responder.start()
+        stop = asyncio.Event()
+        timers = [asyncio.create_task(d.run_timers(stop)) for d in (initiator, responder)]
+        try:
+            initiator.initiate("site")
+            await asyncio.wait_for(done.wait(), timeout=10)
+        finally:
+            stop.set()
+            await asyncio.gather(*timers)
+            initiator.close()
+            responder.close()
+        return got_i, got_r, len(responder.sas)
+
+    got_i, got_r, responder_sas = asyncio.run(main())
+    assert [type(e) for e in got_i] == [IkeSaEstablished, ChildSaEstablished]
+    assert [type(e) for e in got_r] == [IkeSaEstablished, ChildSaEstablished]
+    ci, cr = got_i[1], got_r[1]
+    assert isinstance(ci, ChildSaEstablished) and isinstance(cr, ChildSaEstablished)
+    assert ci.spi_out == cr.spi_in and ci.enc_key_out == cr.enc_key_in
+    assert responder_sas == 1
+
+
+def test_unsolicited_garbage_is_counted_not_answered() -> None:
+    async def main() -> int:
+        p = free_ports(2)
+        d = IkeDaemon([], "127.0.0.1", p[0], p[1])
+        await d.start()
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            for payload in (b"x", bytes(40), b"\xff" * 60):
+                s.sendto(payload, ("127.0.0.1", p[0]))
+            s.sendto(b"\x00\x00\x00\x00" + bytes(40), ("127.0.0.1", p[1]))
+            await asyncio.sleep(0.2)
+            try:
+                s.recv(100)
+                answered = True
+            except BlockingIOError:
+                answered = False
+            s.close()
+            assert not answered
+            return d.dropped
+        finally:
+            d.close()
+
+    assert asyncio.run(main()) == 4
