@@ -12,6 +12,7 @@ detected, rekeying, and installing the Child SAs into the data plane (SA distrib
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -93,10 +94,8 @@ class IkeDaemon:
             timers = [t for sa in self.sas.values() if (t := sa.get_timer()) is not None]
             delay = max(0.0, min(timers) - now) if timers else 1.0
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
-            except TimeoutError:
-                pass
             now = self.clock()
             for sa in list(self.sas.values()):
                 timer = sa.get_timer()
