@@ -22,6 +22,7 @@ from pipeline.dataplane import DataPlane, PacketIO, Settings
 from pipeline.dispatch import Policy
 from pipeline.outside import SocketOutside
 from pipeline.satable import Mode, Protocol, SaRecord
+from pipeline.tun import TunDevice
 
 __all__ = ["build", "main"]
 
@@ -32,19 +33,19 @@ log = logging.getLogger("espline.run")
 class TunIO:
     """The TUN device as the data plane's inside."""
 
-    device: object
+    device: TunDevice
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
-        return self.device.read_batch(batch, max_packets)  # type: ignore[attr-defined, no-any-return]
+        return self.device.read_batch(batch, max_packets)
 
     def write_batch(self, batch: Batch) -> int:
-        return self.device.write_batch(batch)  # type: ignore[attr-defined, no-any-return]
+        return self.device.write_batch(batch)
 
     def fileno_list(self) -> list[int]:
-        return [self.device.fileno()]  # type: ignore[attr-defined]
+        return [self.device.fileno()]
 
     def io_stats(self) -> dict[str, int]:
-        q = self.device.queues[0]  # type: ignore[attr-defined]
+        q = self.device.queues[0]
         return {"rx_packets": q.rx_packets, "rx_too_big": q.rx_too_big,
                 "tx_packets": q.tx_packets, "tx_errors": q.tx_errors}
 
@@ -142,8 +143,6 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
     records, policies = sa_records(cfg.static_sas)
     inside: PacketIO
     if dp.inside.mode == "tun":
-        from pipeline.tun import TunDevice
-
         routes = sorted({str(n) for sa in cfg.static_sas for n in sa.remote_ts})
         # The TUN's MTU is what fits through the tunnel: the kernel then answers bigger
         # packets with ICMP fragmentation-needed itself, and TCP finds the path MTU.

@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "be16", "be32", "gather", "inet_checksum", "put_be16", "put_be32", "put_be64", "put_u8",
-    "scatter", "scatter_masked",
+    "be16", "be32", "gather", "inet_checksum", "put_be16", "put_be32", "scatter",
+    "scatter_masked",
 ]
 
 Buf = npt.NDArray[np.uint8]
@@ -47,10 +47,6 @@ def be32(data: Buf, off: Offsets) -> npt.NDArray[np.uint32]:
     return word.astype(np.uint32)
 
 
-def put_u8(data: Buf, off: Offsets, value: npt.ArrayLike) -> None:
-    data[off] = value
-
-
 def put_be16(data: Buf, off: Offsets, value: npt.ArrayLike) -> None:
     v = np.asarray(value, dtype=np.int64)
     data[off] = (v >> 8) & 0xFF
@@ -60,10 +56,6 @@ def put_be16(data: Buf, off: Offsets, value: npt.ArrayLike) -> None:
 def put_be32(data: Buf, off: Offsets, value: npt.ArrayLike) -> None:
     v = np.broadcast_to(np.asarray(value, dtype=np.uint64), off.shape)
     scatter(data, off, v.astype(">u4").view(np.uint8).reshape(-1, 4))
-
-
-def put_be64(data: Buf, off: Offsets, value: npt.NDArray[np.uint64]) -> None:
-    scatter(data, off, value.astype(">u8").view(np.uint8).reshape(-1, 8))
 
 
 def inet_checksum(rows: Buf, initial: npt.NDArray[np.int64] | int = 0) -> npt.NDArray[np.int64]:
