@@ -88,6 +88,10 @@ class SlotArgCache:
             return cached[: slots.size]  # type: ignore[return-value]
         return [cached[s] for s in slots.tolist()]
 
+    def current(self, n: int) -> list[AeadArgs]:
+        """The argument tuples of slots 0..n-1 as the last ``args`` call left them."""
+        return self._args[:n]  # type: ignore[return-value]
+
     def _rebuild(
         self,
         slots: npt.NDArray[np.int64],

@@ -1,0 +1,121 @@
+"""The encapsulation memo (steady traffic reuses per-slot header work) must never change a
+single output byte: a reused batch and a fresh one give identical packets, and anything that
+changes the geometry, the SA or the sequence numbers' validity takes the full path."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pytest
+
+from pipeline.batch import Batch, Verdict
+from pipeline.satable import Direction, SaRecord, UdpEncap
+from workers import esp
+from workers.esp import EspCodec
+from workers.sa import SaTable
+
+A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+A6, B6 = ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("2001:db8::2")
+
+
+def inner(i: int, size: int, tos: int = 0, df: bool = True) -> bytes:
+    payload = bytes([i & 0xFF]) * (size - 20)
+    return bytes([0x45, tos, size >> 8, size & 0xFF, i >> 8 & 0xFF, i & 0xFF,
+                  0x40 if df else 0, 0, 64, 17, 0, 0, 10, 1, 0, 1, 10, 2, 0, 1]) + payload
+
+
+def table(v6: bool = False, encap: bool = False, key: bytes = bytes(range(20))) -> tuple[
+        SaTable, int]:
+    t = SaTable()
+    out = t.install(SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
+                             local_addr=A6 if v6 else A, remote_addr=B6 if v6 else B,
+                             enc_key=key, encap=UdpEncap() if encap else None))
+    return t, out.index
+
+
+def encap_into(batch: Batch, codec: EspCodec, sa: int, packets: list[bytes],
+               first_seq: int) -> list[bytes]:
+    batch.load(packets, sa=sa)
+    batch.meta["seq"][: batch.count] = np.arange(first_seq, first_seq + batch.count)
+    codec.encap(batch)
+    return [p for _, p in batch]
+
+
+@pytest.mark.parametrize(("v6", "encap"), [(False, False), (False, True), (True, False)])
+def test_reused_batch_equals_fresh_batch(v6: bool, encap: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    replayed = []
+    original = esp._EncapMemo.replay
+
+    def counting(self: esp._EncapMemo, *args: object) -> bool:
+        ok = original(self, *args)  # type: ignore[arg-type]
+        replayed.append(ok)
+        return ok
+
+    monkeypatch.setattr(esp._EncapMemo, "replay", counting)
+    t, sa = table(v6, encap)
+    codec = EspCodec(t)
+    reused = Batch(16)
+    rounds = [
+        [inner(i, 100 + i) for i in range(16)],  # first: computes and remembers
+        [inner(i + 50, 100 + i) for i in range(16)],  # same geometry: replayed from memo
+        [inner(i + 90, 100 + i) for i in range(16)],  # again
+        [inner(i, 100 + i, tos=0xB8) for i in range(16)],  # TOS changed: full path
+        [inner(i, 100 + i, tos=0xB8) for i in range(16)],  # memo again, new values
+        [inner(i, 101 + i, tos=0xB8) for i in range(16)],  # lengths changed
+        [inner(i, 101 + i, tos=0xB8, df=False) for i in range(16)],  # DF changed
+        [inner(i, 101 + i) for i in range(12)],  # fewer packets
+    ]
+    seq = 1
+    for packets in rounds:
+        fresh_t, fresh_sa = table(v6, encap)
+        got = encap_into(reused, codec, sa, packets, seq)
+        want = encap_into(Batch(16), EspCodec(fresh_t), fresh_sa, packets, seq)
+        assert got == want
+        seq += len(packets)
+    # Rounds 2, 3 and 5 repeat the geometry before them: served from the memo.
+    assert replayed.count(True) == 3, replayed
+
+
+def test_ipv6_with_udp_is_never_memoized() -> None:
+    """Its UDP checksum (RFC 8200 §8.1) covers the ciphertext, so nothing can be reused."""
+    t, sa = table(v6=True, encap=True)
+    codec = EspCodec(t)
+    batch = Batch(4)
+    packets = [inner(i, 90) for i in range(4)]
+    for seq in (1, 5, 9):
+        fresh_t, fresh_sa = table(v6=True, encap=True)
+        assert encap_into(batch, codec, sa, packets, seq) == encap_into(
+            Batch(4), EspCodec(fresh_t), fresh_sa, packets, seq)
+        assert "esp-encap-memo" not in batch._views
+
+
+def test_a_replaced_sa_is_not_served_from_the_memo() -> None:
+    t, sa = table()
+    codec = EspCodec(t)
+    batch = Batch(8)
+    packets = [inner(i, 200) for i in range(8)]
+    encap_into(batch, codec, sa, packets, 1)
+    encap_into(batch, codec, sa, packets, 9)
+    t.install(SaRecord(spi=0x2002, direction=Direction.OUT, alg="aes128gcm16", local_addr=A,
+                       remote_addr=B, enc_key=bytes(20)), index=sa)  # rekeyed in place
+    got = encap_into(batch, codec, sa, packets, 1)
+    fresh_t = SaTable()
+    fresh = fresh_t.install(SaRecord(spi=0x2002, direction=Direction.OUT, alg="aes128gcm16",
+                                     local_addr=A, remote_addr=B, enc_key=bytes(20)))
+    assert got == encap_into(Batch(8), EspCodec(fresh_t), fresh.index, packets, 1)
+    assert all(p[20:24] == (0x2002).to_bytes(4, "big") for p in got)
+
+
+def test_exhausted_sequence_numbers_take_the_full_path() -> None:
+    t, sa = table()
+    codec = EspCodec(t)
+    batch = Batch(4)
+    packets = [inner(i, 80) for i in range(4)]
+    encap_into(batch, codec, sa, packets, 1)
+    batch.load(packets, sa=sa)
+    batch.meta["seq"][:4] = [5, 6, 0, 7]
+    codec.encap(batch)
+    assert [v for v, _ in batch] == [Verdict.PASS, Verdict.PASS, Verdict.SEQ_OVERFLOW,
+                                     Verdict.PASS]
