@@ -119,3 +119,94 @@ def test_exhausted_sequence_numbers_take_the_full_path() -> None:
     codec.encap(batch)
     assert [v for v, _ in batch] == [Verdict.PASS, Verdict.PASS, Verdict.SEQ_OVERFLOW,
                                      Verdict.PASS]
+
+
+def _inbound(v6: bool = False, encap: bool = True) -> tuple[SaTable, int, SaTable, int]:
+    """A sender table (outbound) and a receiver table (inbound) for one SA."""
+    tx, out = table(v6, encap)
+    rx = SaTable()
+    inb = rx.install(SaRecord(spi=0x1001, direction=Direction.IN, alg="aes128gcm16",
+                              local_addr=B6 if v6 else B, remote_addr=A6 if v6 else A,
+                              enc_key=bytes(range(20)), encap=UdpEncap() if encap else None,
+                              replay_window=1024))
+    return tx, out, rx, inb.index
+
+
+def _wire(tx: SaTable, out: int, packets: list[bytes], first_seq: int) -> list[bytes]:
+    return encap_into(Batch(len(packets)), EspCodec(tx), out, packets, first_seq)
+
+
+@pytest.mark.parametrize(("v6", "encap"), [(False, True), (False, False), (True, False)])
+def test_decap_memo_gives_what_a_fresh_batch_gives(v6: bool, encap: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    replayed = []
+    original = esp._DecapMemo.replay
+
+    def counting(self: esp._DecapMemo, *args: object) -> bool:
+        ok = original(self, *args)  # type: ignore[arg-type]
+        replayed.append(ok)
+        return ok
+
+    monkeypatch.setattr(esp._DecapMemo, "replay", counting)
+    tx, out, rx, _ = _inbound(v6, encap)
+    codec = EspCodec(rx)
+    reused = Batch(8)
+    packets = [inner(i, 120 + i) for i in range(8)]
+    seq = 1
+    results = []
+    for k in range(4):
+        wire = _wire(tx, out, packets, seq)
+        if k == 2:  # a forged ICV in a batch the memo serves
+            wire[3] = wire[3][:-1] + bytes([wire[3][-1] ^ 1])
+        reused.load(wire)
+        codec.decap(reused)
+        results.append([v for v, _ in reused])
+        assert [p for v, p in reused if v == Verdict.PASS] == [
+            p for j, p in enumerate(packets) if not (k == 2 and j == 3)]
+        seq += len(packets)
+    assert results[2][3] == Verdict.INTEGRITY
+    assert replayed.count(True) == 3, replayed  # batches 2-4
+    # The same packets again: replays. The memo sees it (not all fresh) and hands over.
+    reused.load(_wire(tx, out, packets, 1))
+    codec.decap(reused)
+    assert [v for v, _ in reused] == [Verdict.REPLAY] * 8
+
+
+def test_decap_memo_is_not_used_for_another_spi() -> None:
+    tx, out, rx, _ = _inbound()
+    codec = EspCodec(rx)
+    batch = Batch(4)
+    packets = [inner(i, 100) for i in range(4)]
+    for seq in (1, 5):
+        batch.load(_wire(tx, out, packets, seq))
+        codec.decap(batch)
+        assert batch.verdict_counts() == {}
+    other = SaTable()
+    o = other.install(SaRecord(spi=0x7777, direction=Direction.OUT, alg="aes128gcm16",
+                               local_addr=A, remote_addr=B, enc_key=bytes(range(20)),
+                               encap=UdpEncap()))
+    batch.load(_wire(other, o.index, packets, 9))
+    codec.decap(batch)
+    assert batch.verdict_counts() == {"no_sa": 4}
+
+
+def test_decap_memo_is_dropped_when_another_geometry_passes_in_between() -> None:
+    """A mixed batch (general path) rebuilds argument views; the memo must not survive it."""
+    tx, out, rx, _ = _inbound(encap=True)
+    codec = EspCodec(rx)
+    batch = Batch(4)
+    packets = [inner(i, 100) for i in range(4)]
+    seq = 1
+    for _ in range(2):
+        batch.load(_wire(tx, out, packets, seq))
+        codec.decap(batch)
+        seq += 4
+    # Different sizes, one slot already dropped: not the fast path.
+    mixed = _wire(tx, out, [inner(i, 300 + 8 * i) for i in range(4)], seq)
+    batch.load(mixed)
+    batch.meta["verdict"][0] = Verdict.RUNT
+    codec.decap(batch)
+    seq += 4
+    batch.load(_wire(tx, out, packets, seq))
+    codec.decap(batch)
+    assert batch.verdict_counts() == {} and [p for _, p in batch] == packets

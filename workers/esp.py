@@ -438,6 +438,8 @@ class EspCodec:
         full (ESN-inferred) sequence number.
         """
         n, meta, data, size = batch.count, batch.meta, batch.data, batch.slot_size
+        # Taken out whatever happens: any other path may change the argument views it relies on.
+        memo = batch._views.pop("esp-decap-memo", None)
         if n == 0:
             return
         bases = _bases(batch)
@@ -451,6 +453,8 @@ class EspCodec:
                 proto = p4 if b0 >> 4 == 4 else p6
                 same = (peek["b0"] == b0) & ((peek["p4"] if b0 >> 4 == 4 else peek["p6"]) == proto)
                 if same.all() and (meta["length"][:n] >= IPV4_HDR_LEN).all():
+                    if isinstance(memo, _DecapMemo) and memo.replay(self, batch, c0):
+                        return
                     self._decap_layout(batch, _arange(batch)[:n], c0, b0, proto, True)
                     return
         live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
@@ -589,6 +593,12 @@ class EspCodec:
         base = _bases(batch)[:n] if dense else slots * size
         ct_start = base + ct_c
         meta["seq"][sel] = seq
+        if dense and t.is_aead and rec.mode is Mode.TUNNEL:
+            # Everything up to here depended on the outer headers only: remember them.
+            batch._views["esp-decap-memo"] = _DecapMemo(
+                sa, c, n, version, ip_len, esp_c, ct_c, ct_len,
+                _outer_key(data, size, c, esp_c - c + 4, version, udp, n),
+                meta["length"][:n].copy())
 
         if t.is_aead:
             authentic = self._aead_decrypt(batch, sa, t, slots, seq, esp_c, ct_c, ct_len, dense)
@@ -602,6 +612,17 @@ class EspCodec:
                 if iv.size:
                     _cbc_run(batch, slots[a], ct_c, ct_len[a], iv, sa, encrypt=False)
 
+        self._decap_finish(batch, sa, slots, dense, c, version, ip_len, ct_c, ct_start, ct_len,
+                           seq, authentic)
+
+    def _decap_finish(self, batch: Batch, sa: SaState, slots: I64, dense: bool, c: int,
+                      version: int, ip_len: int, ct_c: int, ct_start: I64, ct_len: I64,
+                      seq: U64, authentic: Mask | None) -> None:
+        """After decryption: trailer, inner packet, window commit, metadata."""
+        rec = sa.record
+        data, meta, size = batch.data, batch.meta, batch.slot_size
+        n = slots.size
+        sel: Sel = slice(0, n) if dense else slots
         # The trailer (RFC 4303 §2.4-2.6): 4 bytes before it, Pad Length, Next Header.
         tail = windows(data, 8)[ct_start + (ct_len - 6)]  # 4 bytes, Pad Length, NH, 2 more
         pad = tail[:, 4].astype(np.int64)
@@ -678,7 +699,8 @@ class EspCodec:
         sa.bytes += int(new_len.sum())
 
     def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64, seq: U64,
-                      esp_c: int, ct_c: int, ct_len: I64, dense: bool) -> Mask | None:
+                      esp_c: int, ct_c: int, ct_len: I64, dense: bool,
+                      same_geometry: bool = False) -> Mask | None:
         """Decrypt in place; None when every packet authenticated, else the mask of those
         that did."""
         data, size = batch.data, batch.slot_size
@@ -689,7 +711,8 @@ class EspCodec:
         if sa.record.esn:
             cache.esn_aad["spi"][sel] = sa.record.spi
             cache.esn_aad["seq"][sel] = seq
-        args = cache.args(slots, ct_c, ct_len + t.icv_len, esp_c, sa.record.esn, dense)
+        args = (cache.current(slots.size) if same_geometry
+                else cache.args(slots, ct_c, ct_len + t.icv_len, esp_c, sa.record.esn, dense))
         assert sa.aead_decrypt_into is not None
         authentic: Mask | None = None
         remaining = iter(args)
@@ -780,6 +803,75 @@ class _EncapMemo:
         sa.packets += n
         sa.bytes += self.inner_bytes
         return True
+
+
+def _outer_key(data: npt.NDArray[np.uint8], size: int, c: int, width: int, version: int,
+               udp: bool, n: int) -> npt.NDArray[np.uint8]:
+    """Per slot, the outer header bytes (IP, UDP, SPI) that decapsulation's checks and
+    geometry depend on, with the fields that change per packet (IPv4 ID, TTL, checksum, TOS;
+    the UDP checksum) masked out."""
+    mask = np.full(width, 0xFF, dtype=np.uint8)
+    if version == 4:
+        mask[[1, 4, 5, 8, 10, 11]] = 0
+    else:
+        mask[[1, 2, 3, 7]] = 0  # traffic class/flow label, hop limit
+        mask[0] = 0xF0
+    if udp:
+        ip_len = width - 4 - UDP_HDR_LEN  # the key ends with the 4-byte SPI
+        mask[ip_len + 6 : ip_len + 8] = 0
+    key: npt.NDArray[np.uint8] = rows(data, np.dtype(("u1", (width,))), size, c)[:n] & mask
+    return key
+
+
+@dataclass(eq=False)
+class _DecapMemo:
+    """The outer-header work of one dense tunnel-mode AEAD decapsulation: which SA, where
+    the ciphertext starts and how long it is. A batch whose outer headers (minus the fields
+    that change per packet) equal the remembered ones skips straight to decryption; the
+    sequence numbers, the replay pre-check, the ICVs and everything inside are checked as
+    always."""
+
+    sa: SaState
+    c: int
+    n: int
+    version: int
+    ip_len: int
+    esp_c: int
+    ct_c: int
+    ct_len: I64
+    key: npt.NDArray[np.uint8]
+    length: npt.NDArray[np.uint32]
+
+    def replay(self, codec: EspCodec, batch: Batch, c: int) -> bool:
+        n, meta, data, size = batch.count, batch.meta, batch.data, batch.slot_size
+        sa = self.sa
+        t = sa.esp
+        if (c != self.c or n != self.n or t is None or codec.sas[sa.index] is not sa
+                or not (meta["length"][:n] == self.length).all()):
+            return False
+        key = _outer_key(data, size, c, self.key.shape[1], self.version,
+                         sa.record.encap is not None, n)
+        if not (key == self.key).all():
+            return False
+        if codec.replay:
+            seq = sa.replay.infer(rows(data, _SEQ32, size, self.esp_c + 4)[:n])
+            if not sa.replay.all_fresh(seq):
+                return False  # the general path sorts replays out packet by packet
+        else:
+            seq = meta["seq"][:n].copy()
+        slots = _arange(batch)[:n]
+        meta["sa"][:n] = sa.index
+        meta["seq"][:n] = seq
+        # Same SA and geometry as the batch that left this memo: its argument views stand.
+        authentic = codec._aead_decrypt(batch, sa, t, slots, seq, self.esp_c, self.ct_c,
+                                        self.ct_len, True, same_geometry=True)
+        batch._views["esp-decap-memo"] = self
+        codec._decap_finish(batch, sa, slots, True, c, self.version, self.ip_len, self.ct_c,
+                            _bases(batch)[:n] + self.ct_c, self.ct_len, seq, authentic)
+        return True
+
+
+_SEQ32 = np.dtype(">u4")
 
 
 def _ipv4_checksum(data: npt.NDArray[np.uint8], at: I64, ip_len: int) -> None:
