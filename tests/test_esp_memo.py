@@ -74,8 +74,9 @@ def test_reused_batch_equals_fresh_batch(v6: bool, encap: bool,
         want = encap_into(Batch(16), EspCodec(fresh_t), fresh_sa, packets, seq)
         assert got == want
         seq += len(packets)
-    # Rounds 2, 3 and 5 repeat the geometry before them: served from the memo.
-    assert replayed.count(True) == 3, replayed
+    # A memo is built once lengths repeat (round 2, again rounds 4 and 7) and serves the
+    # next batch of the same geometry: rounds 3 and 5.
+    assert replayed.count(True) == 2, replayed
 
 
 def test_ipv6_with_udp_is_never_memoized() -> None:
@@ -165,7 +166,7 @@ def test_decap_memo_gives_what_a_fresh_batch_gives(v6: bool, encap: bool,
             p for j, p in enumerate(packets) if not (k == 2 and j == 3)]
         seq += len(packets)
     assert results[2][3] == Verdict.INTEGRITY
-    assert replayed.count(True) == 3, replayed  # batches 2-4
+    assert replayed.count(True) == 2, replayed  # batch 2 builds it; 3 and 4 use it
     # The same packets again: replays. The memo sees it (not all fresh) and hands over.
     reused.load(_wire(tx, out, packets, 1))
     codec.decap(reused)

@@ -274,7 +274,8 @@ class EspCodec:
         n = slots.size
         base = _bases(batch)[:n] if dense else slots * size
         # (IPv6 with UDP is left out: its UDP checksum covers the ciphertext.)
-        memoize = dense and tunnel and t.is_aead and not rec.tfc_pad and not (rec.ipv6 and udp)
+        memoize = (dense and tunnel and t.is_aead and not rec.tfc_pad and not (rec.ipv6 and udp)
+                   and _steady(batch, "esp-encap-lengths", meta["length"][:n]))
         # The memo's key: inner header bytes as they are before encryption overwrites them.
         memo_key = _inner_key(data, size, c, n) if memoize else None
         ct_c = c + ip_len  # the payload is encrypted where it lies
@@ -593,7 +594,8 @@ class EspCodec:
         base = _bases(batch)[:n] if dense else slots * size
         ct_start = base + ct_c
         meta["seq"][sel] = seq
-        if dense and t.is_aead and rec.mode is Mode.TUNNEL:
+        if (dense and t.is_aead and rec.mode is Mode.TUNNEL
+                and _steady(batch, "esp-decap-lengths", meta["length"][:n])):
             # Everything up to here depended on the outer headers only: remember them.
             batch._views["esp-decap-memo"] = _DecapMemo(
                 sa, c, n, version, ip_len, esp_c, ct_c, ct_len,
@@ -738,6 +740,16 @@ def _bad_padding(data: npt.NDArray[np.uint8], pad_len_at: I64, pad: I64, check: 
     got = data[(pad_len_at - p)[:, None] + _COLS[:width]]
     cols = _COLS[:width]
     return ((got != cols + 1) & (cols < p[:, None])).any(axis=1)  # type: ignore[no-any-return]
+
+
+def _steady(batch: Batch, name: str, length: npt.NDArray[np.uint32]) -> bool:
+    """True when this batch's packet lengths repeat the previous batch's (the traffic looks
+    steady): only then is a memo worth building. Remembers them for the next call."""
+    previous = batch._views.get(name)
+    steady = (isinstance(previous, np.ndarray) and previous.shape == length.shape
+              and bool((previous == length).all()))
+    batch._views[name] = length.copy()
+    return steady
 
 
 _KEY_MASK = np.uint64(0x00FF_0000_FFFF_FFFF)  # inner bytes 0-3 and 6 (not IPv4's ID)
