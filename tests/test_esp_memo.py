@@ -211,3 +211,60 @@ def test_decap_memo_is_dropped_when_another_geometry_passes_in_between() -> None
     batch.load(_wire(tx, out, packets, seq))
     codec.decap(batch)
     assert batch.verdict_counts() == {} and [p for _, p in batch] == packets
+
+
+def test_decap_memo_fast_finish_falls_back_for_anything_unusual(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packets the memo's geometry fits but whose insides are unusual — bad padding, a
+    dummy, TFC padding, an IPv6 inner packet, a duplicate within the batch — get exactly the
+    verdicts and contents the general checks give."""
+    from tests.esp_support import keys_for, outer_ip, seal_esp
+
+    enc, _ = keys_for("aes128gcm16")
+    rx = SaTable()
+    rx.install(SaRecord(spi=0x4242, direction=Direction.IN, alg="aes128gcm16", local_addr=B,
+                        remote_addr=A, enc_key=enc, replay_window=1024))
+    codec = EspCodec(rx)
+    body = inner(7, 120)  # 120 + pad 2 + 2 = 124 bytes of plaintext
+
+    def wire(seq: int, plaintext: bytes) -> bytes:
+        assert len(plaintext) == 124  # same geometry as the memo's batches
+        return outer_ip(4, A, B, seal_esp("aes128gcm16", 0x4242, seq, plaintext, esn=False))
+
+    good = body + bytes([1, 2, 2, 4])
+    fast = []
+    original = esp._DecapMemo._finish_ipv4
+
+    def watching(self: esp._DecapMemo, *args: object) -> bool:
+        ok = original(self, *args)  # type: ignore[arg-type]
+        fast.append(ok)
+        return ok
+
+    monkeypatch.setattr(esp._DecapMemo, "_finish_ipv4", watching)
+    batch = Batch(4)
+    seq = 1
+    for _ in range(3):  # builds the memo (2nd batch), then uses it
+        batch.load([wire(seq + i, good) for i in range(4)])
+        codec.decap(batch)
+        assert batch.verdict_counts() == {} and batch.packets() == [body] * 4
+        seq += 4
+    assert fast == [True]
+    tfc_inner = inner(9, 100)
+    v6_inner = bytes([0x60, 0, 0, 0, 0, 80, 17, 64]) + bytes(32) + bytes(80)  # 120 bytes
+    cases = [
+        (body + bytes([7, 7, 2, 4]), Verdict.PAD, None),  # padding not 1, 2
+        (body + bytes([1, 2, 2, 59]), Verdict.DUMMY, None),  # RFC 4303 §2.6
+        (tfc_inner + bytes(20) + bytes([1, 2, 2, 4]), Verdict.PASS, tfc_inner),  # §2.7
+        (v6_inner + bytes([1, 2, 2, 41]), Verdict.PASS, v6_inner),
+    ]
+    batch.load([wire(seq + i, c[0]) for i, c in enumerate(cases)])
+    codec.decap(batch)
+    assert [v for v, _ in batch] == [c[1] for c in cases]
+    assert batch.packets() == [c[2] for c in cases if c[2] is not None]
+    assert fast[-1] is False  # the general checks decided
+    seq += 4
+    # Fresh numbers but a duplicate inside the batch: the commit catches it.
+    dup = [wire(seq, good), wire(seq + 1, good), wire(seq + 1, good), wire(seq + 2, good)]
+    batch.load(dup)
+    codec.decap(batch)
+    assert [v for v, _ in batch] == [Verdict.PASS, Verdict.PASS, Verdict.REPLAY, Verdict.PASS]
