@@ -449,13 +449,14 @@ class EspCodec:
             off = meta["offset"][:n]
             c0 = int(off[0])
             if c0 + IPV6_HDR_LEN <= size and (off == _offsets(batch, c0)[:n]).all():
+                # The memo's key covers the version, header length, protocol and lengths.
+                if isinstance(memo, _DecapMemo) and memo.replay(self, batch, c0):
+                    return
                 peek = rows(data, _PROTO_PEEK, size, c0)[:n]
                 b0, p4, p6 = int(peek["b0"][0]), int(peek["p4"][0]), int(peek["p6"][0])
                 proto = p4 if b0 >> 4 == 4 else p6
                 same = (peek["b0"] == b0) & ((peek["p4"] if b0 >> 4 == 4 else peek["p6"]) == proto)
                 if same.all() and (meta["length"][:n] >= IPV4_HDR_LEN).all():
-                    if isinstance(memo, _DecapMemo) and memo.replay(self, batch, c0):
-                        return
                     self._decap_layout(batch, _arange(batch)[:n], c0, b0, proto, True)
                     return
         live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
