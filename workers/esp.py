@@ -23,6 +23,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import starmap
 from operator import length_hint
 from typing import Any
@@ -38,6 +39,7 @@ from workers.algorithms import CipherKind, EspTransform
 from workers.layout import (
     INNER_PEEK,
     GroupRows,
+    bytes_dtype,
     first_failure,
     group_by,
     header_dtype,
@@ -797,7 +799,7 @@ class _EncapMemo:
                 or not (_inner_key(data, size, c, n) == self.key).all()):
             return False
         windows(data, self.width)[self.trailer_at] = self.trailer
-        rows(data, np.dtype(("u1", (self.dtype.itemsize,))), size, self.new_c)[:n] = self.header
+        rows(data, bytes_dtype(self.dtype.itemsize), size, self.new_c)[:n] = self.header
         h = rows(data, self.dtype, size, self.new_c)[:n]
         if self.csum_base is not None:
             ident = (seq & np.uint64(0xFFFF)).astype(np.int64)
@@ -823,6 +825,13 @@ def _outer_key(data: npt.NDArray[np.uint8], size: int, c: int, width: int, versi
     """Per slot, the outer header bytes (IP, UDP, SPI) that decapsulation's checks and
     geometry depend on, with the fields that change per packet (IPv4 ID, TTL, checksum, TOS;
     the UDP checksum) masked out."""
+    key: npt.NDArray[np.uint8] = rows(data, bytes_dtype(width), size, c)[:n] & _outer_mask(
+        width, version, udp)
+    return key
+
+
+@lru_cache(maxsize=64)
+def _outer_mask(width: int, version: int, udp: bool) -> npt.NDArray[np.uint8]:
     mask = np.full(width, 0xFF, dtype=np.uint8)
     if version == 4:
         mask[[1, 4, 5, 8, 10, 11]] = 0
@@ -832,8 +841,8 @@ def _outer_key(data: npt.NDArray[np.uint8], size: int, c: int, width: int, versi
     if udp:
         ip_len = width - 4 - UDP_HDR_LEN  # the key ends with the 4-byte SPI
         mask[ip_len + 6 : ip_len + 8] = 0
-    key: npt.NDArray[np.uint8] = rows(data, np.dtype(("u1", (width,))), size, c)[:n] & mask
-    return key
+    mask.flags.writeable = False
+    return mask
 
 
 @dataclass(eq=False)

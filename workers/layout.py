@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 __all__ = [
     "ESP_HDR",
+    "bytes_dtype",
     "INNER_PEEK",
     "IPV4_HDR",
     "IPV6_HDR",
@@ -127,7 +128,7 @@ class GroupRows:
         width = self.rec.dtype.itemsize
         if self._slots is None:
             data, slot_size, in_slot = self._raw
-            raw = rows(data, _bytes_dtype(width), slot_size, in_slot)[: self.rec.shape[0]]
+            raw = rows(data, bytes_dtype(width), slot_size, in_slot)[: self.rec.shape[0]]
         else:
             raw = self.rec.view(np.uint8).reshape(-1, width)
         raw[:] = template
@@ -139,7 +140,9 @@ class GroupRows:
 
 
 @lru_cache(maxsize=64)
-def _bytes_dtype(width: int) -> np.dtype[Any]:
+def bytes_dtype(width: int) -> np.dtype[Any]:
+    """``width`` raw bytes as one field: a header viewed as bytes (cached: dtypes are not
+    free to build)."""
     return np.dtype(("u1", (width,)))
 
 
