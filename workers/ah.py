@@ -61,7 +61,7 @@ IPV4_MAX_TOTAL = 0xFFFF  # Total Length is 16 bits (RFC 791)
 IPV6_MAX_PAYLOAD = 0xFFFF  # Payload Length is 16 bits; jumbograms are not handled (RFC 2675)
 IPV4_PROTO = 9  # offset of the Protocol field
 IPV4_TOTAL_LEN = 2
-IPV4_CHECKSUM = 10
+IPV4_CHECKSUM = vec.IPV4_CHECKSUM_OFFSET
 IPV4_FLAGS_FRAG = 6
 IPV4_MF_AND_OFFSET = 0x3FFF  # More Fragments + Fragment Offset (RFC 791)
 IPV6_PAYLOAD_LEN = 4
@@ -124,26 +124,11 @@ def _fail(bad: I64, cond: Mask | np.bool_, verdict: Verdict) -> I64:
     return np.where((bad == Verdict.PASS) & cond, int(verdict), bad)
 
 
-def _gather_masked(data: U8, off: I64, width: I64) -> U8:
-    """(n, max width) rows of ``width[i]`` bytes at ``off[i]``, zero beyond; no over-read."""
-    cols = np.arange(int(width.max()) if width.size else 0)
-    inside = cols[None, :] < width[:, None]
-    rows = np.zeros(inside.shape, dtype=np.uint8)
-    rows[inside] = data[(off[:, None] + cols)[inside]]
-    return rows
-
-
 def _move(data: U8, src: I64, dst: I64, width: I64) -> None:
     """Copy ``width[i]`` bytes from ``src[i]`` to ``dst[i]`` (the ranges may overlap)."""
     cols = np.arange(int(width.max()) if width.size else 0)
     inside = cols[None, :] < width[:, None]
     data[(dst[:, None] + cols)[inside]] = data[(src[:, None] + cols)[inside]]
-
-
-def _ipv4_checksum(data: U8, at: I64, ihl_bytes: I64) -> None:
-    """Recompute the IPv4 header checksum (RFC 791, RFC 1071) of each header at ``at``."""
-    vec.put_be16(data, at + IPV4_CHECKSUM, 0)
-    vec.put_be16(data, at + IPV4_CHECKSUM, vec.inet_checksum(_gather_masked(data, at, ihl_bytes)))
 
 
 def _ipv4_option_patches(hdr: bytes, outbound: bool) -> tuple[Verdict, list[Patch]]:
@@ -385,7 +370,7 @@ class AhCodec:
             else:
                 data[new_off + IPV4_PROTO] = NH_AH
                 vec.put_be16(data, new_off + IPV4_TOTAL_LEN, total)
-                _ipv4_checksum(data, new_off, hdr_len)
+                vec.ipv4_checksum(data, new_off, hdr_len)
 
         # RFC 4302 §2: Next Header, Payload Len, Reserved = 0, SPI, low 32 bits of the
         # sequence number; ICV zero until computed; padding zero (§2.6, §3.3.3.2: only as
@@ -607,7 +592,7 @@ class AhCodec:
                 vec.put_be16(data, new_off[v6] + IPV6_PAYLOAD_LEN, new_len[v6] - IPV6_HDR_LEN)
             if v4.size:
                 vec.put_be16(data, new_off[v4] + IPV4_TOTAL_LEN, new_len[v4])
-                _ipv4_checksum(data, new_off[v4], hdr_len[v4])
+                vec.ipv4_checksum(data, new_off[v4], hdr_len[v4])
         done = slots[good]
         meta["offset"][done] = new_off
         meta["length"][done] = new_len

@@ -359,7 +359,7 @@ class EspCodec:
             h["iv"] = np.frombuffer(self.random(16 * n), dtype=np.uint8).reshape(n, 16)
         hdr.commit()
         if not tunnel and not rec.ipv6:
-            _ipv4_checksum(data, base + new_c, ip_len)
+            vec.ipv4_checksum(data, base + new_c, ip_len)
 
         esp_c = new_c + (outer if tunnel else ip_len) + udp
         if t.is_aead:
@@ -676,7 +676,7 @@ class EspCodec:
             moved.commit()
             new_off = ct_start - ip_len
             if version == 4:
-                _ipv4_checksum(data, new_off, ip_len)
+                vec.ipv4_checksum(data, new_off, ip_len)
         # In tunnel mode a dummy packet (Next Header 59) is also a wrong Next Header: look
         # for it only then. Transport mode takes any Next Header, so it always looks.
         any_wrong_nh = bool(wrong_nh.any()) or rec.mode is Mode.TRANSPORT
@@ -952,20 +952,12 @@ for _p in range(4):
     _TAIL_V4[_p] = _e.view("<u8")[0]
 
 
-def _ipv4_checksum(data: npt.NDArray[np.uint8], at: I64, ip_len: int) -> None:
-    """Recompute the IPv4 header checksum of the headers at ``at`` (RFC 791 §3.1)."""
-    vec.put_be16(data, at + 10, 0)
-    vec.put_be16(data, at + 10, vec.inet_checksum(vec.gather(data, at, ip_len)))
-
-
 def _udp6_checksum(data: npt.NDArray[np.uint8], at: I64, total: I64) -> None:
     """UDP checksum of encapsulated ESP over IPv6, mandatory there (RFC 8200 §8.1)."""
     udp_off = at + IPV6_HDR_LEN
     udp_len = total - IPV6_HDR_LEN
     vec.put_be16(data, udp_off + 6, 0)
-    width = int(udp_len.max())
-    segment = vec.gather(data, udp_off, width)
-    segment[np.arange(width)[None, :] >= udp_len[:, None]] = 0
+    segment = vec.gather_masked(data, udp_off, udp_len)
     pseudo = vec.gather(data, at + 8, 32).astype(np.int64)  # source and destination
     initial = (pseudo[:, 0::2] << 8).sum(axis=1) + pseudo[:, 1::2].sum(axis=1)
     csum = vec.inet_checksum(segment, initial + udp_len + PROTO_UDP)

@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "be16", "be32", "gather", "inet_checksum", "put_be16", "put_be32", "scatter",
-    "scatter_masked",
+    "be16", "be32", "gather", "gather_masked", "inet_checksum", "ipv4_checksum", "put_be16",
+    "put_be32", "scatter", "scatter_masked",
 ]
 
 Buf = npt.NDArray[np.uint8]
@@ -22,6 +22,15 @@ Offsets = npt.NDArray[np.int64]
 def gather(data: Buf, off: Offsets, width: int) -> Buf:
     """(n, width) array of the bytes at ``off[i] .. off[i] + width``."""
     rows: Buf = data[off[:, None] + np.arange(width)]
+    return rows
+
+
+def gather_masked(data: Buf, off: Offsets, widths: npt.NDArray[np.int64]) -> Buf:
+    """(n, max width) rows of ``widths[i]`` bytes at ``off[i]``, zero beyond; no over-read."""
+    cols = np.arange(int(widths.max()) if widths.size else 0)
+    inside = cols[None, :] < widths[:, None]
+    rows: Buf = np.zeros(inside.shape, dtype=np.uint8)
+    rows[inside] = data[(off[:, None] + cols)[inside]]
     return rows
 
 
@@ -71,3 +80,17 @@ def inet_checksum(rows: Buf, initial: npt.NDArray[np.int64] | int = 0) -> npt.ND
         total = folded
     csum: npt.NDArray[np.int64] = ~total & 0xFFFF
     return csum
+
+
+IPV4_CHECKSUM_OFFSET = 10  # RFC 791 §3.1: Header Checksum, octets 10-11
+
+
+def ipv4_checksum(data: Buf, at: Offsets, ihl_bytes: npt.NDArray[np.int64] | int) -> None:
+    """Recompute the header checksum (RFC 791 §3.1, RFC 1071) of the IPv4 headers at ``at``,
+    each ``ihl_bytes`` long (one length for all, or one per header)."""
+    put_be16(data, at + IPV4_CHECKSUM_OFFSET, 0)
+    if isinstance(ihl_bytes, int):
+        rows = gather(data, at, ihl_bytes)
+    else:
+        rows = gather_masked(data, at, ihl_bytes)
+    put_be16(data, at + IPV4_CHECKSUM_OFFSET, inet_checksum(rows))
