@@ -8,7 +8,6 @@ removes the TUN device and the routes it created.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import socket
@@ -91,12 +90,9 @@ def sa_records(static: tuple[StaticSa, ...]) -> tuple[list[tuple[int, SaRecord]]
                               "the data plane pipeline runs ESP SAs only for now")
         out, inbound = sa.records()
         records += [(2 * i, out), (2 * i + 1, inbound)]
-        if sa.mode is Mode.TUNNEL:
-            policies.append(Policy(tuple(sa.local_ts), tuple(sa.remote_ts), sa_index=2 * i))
-        else:
-            local = sa.local_ts or (ipaddress.ip_network(sa.local_addr),)
-            remote = sa.remote_ts or (ipaddress.ip_network(sa.remote_addr),)
-            policies.append(Policy(tuple(local), tuple(remote), sa_index=2 * i))
+        # Transport-mode selectors are the SA's own addresses (controller/config.py sets and
+        # enforces that), so one SPD entry shape serves both modes.
+        policies.append(Policy(tuple(sa.local_ts), tuple(sa.remote_ts), sa_index=2 * i))
     return records, policies
 
 

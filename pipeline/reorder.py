@@ -36,10 +36,6 @@ class Reassembler:
         self.emitted = 0
         self._sizes: dict[int, int] = {}
 
-    def expect(self, batch_id: int) -> None:
-        """The dispatcher numbers batches from here (ids are consecutive)."""
-        self.next_id = batch_id
-
     def sent(self, batch_id: int, count: int) -> None:
         """The dispatcher sent this batch to a worker: if it never returns, ``count``
         packets are lost."""
@@ -91,9 +87,6 @@ class Reassembler:
                 continue
             self.pop(float("-inf"), release)  # releases it and any that follow in order
         self._waiting_since = None
-
-    def pending(self) -> int:
-        return len(self._held)
 
     def outstanding(self) -> int:
         """Batches sent to workers and neither released nor given up on yet."""

@@ -61,7 +61,6 @@ IPV4_MAX_TOTAL = 0xFFFF  # Total Length is 16 bits (RFC 791)
 IPV6_MAX_PAYLOAD = 0xFFFF  # Payload Length is 16 bits; jumbograms are not handled (RFC 2675)
 IPV4_PROTO = 9  # offset of the Protocol field
 IPV4_TOTAL_LEN = 2
-IPV4_CHECKSUM = vec.IPV4_CHECKSUM_OFFSET
 IPV4_FLAGS_FRAG = 6
 IPV4_MF_AND_OFFSET = 0x3FFF  # More Fragments + Fragment Offset (RFC 791)
 IPV6_PAYLOAD_LEN = 4
