@@ -99,9 +99,7 @@ class DataPlane:
         self.sas = install_all(self.records)
         self.dispatcher = Dispatcher(self.sas, policies)
         self._limits()
-        self.reassembler = Reassembler(self.sas, settings.reorder_hold)
-        self._suspect_below = 0  # batch ids under this may have died with a worker
-        self._suspect_since = 0.0
+        self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
         self.inside = inside
         self.outside = outside
         self.stats = Stats()
@@ -205,21 +203,11 @@ class DataPlane:
                         self._ingest(self.outside, Direction.INBOUND, to_workers, now)
                 if from_workers in events:
                     self._collect(from_workers, now)
-                if self._suspect_below and self.reassembler.next_id >= self._suspect_below:
-                    self._suspect_below = 0  # those are all back or given up on
-                    self.reassembler.timeout = self.settings.reorder_hold
-                elif (self._suspect_below
-                      and now - self._suspect_since > self.settings.reorder_timeout):
-                    # Nothing later arrived to show the gap: give the dead worker's batches up.
-                    self.reassembler.give_up(self._suspect_below, self._release)
                 self.reassembler.pop(now, self._release)
                 if now - last_check > 0.05:
                     if self.supervisor.check():
-                        # Whatever was dispatched so far may have been lost with the dead
-                        # worker: stop waiting for it soon.
-                        self._suspect_below = self._next_id
-                        self._suspect_since = now
-                        self.reassembler.timeout = self.settings.reorder_timeout
+                        # Whatever was dispatched so far may have died with the worker.
+                        self.reassembler.worker_lost(self._next_id, now)
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:
                     self._write_stats()

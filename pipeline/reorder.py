@@ -25,9 +25,17 @@ __all__ = ["Reassembler"]
 
 
 class Reassembler:
-    def __init__(self, sas: SaTable, timeout: float = 0.05) -> None:
+    """``timeout``: how long a missing batch is waited for while every worker lives (a busy
+    worker's batch is late, not lost: skipping it would drop it when it comes).
+    ``lost_timeout``: the wait for batches that were out when a worker died (``worker_lost``);
+    after it they are given up on, even when no later batch arrives to show the gap."""
+
+    def __init__(self, sas: SaTable, timeout: float = 0.05, lost_timeout: float = 0.05) -> None:
         self.sas = sas
         self.timeout = timeout
+        self.lost_timeout = lost_timeout
+        self._lost_below = 0  # batch ids under this may have died with a worker
+        self._lost_since = 0.0
         self.next_id = 0
         self._held: dict[int, tuple[Batch, Direction]] = {}
         self._waiting_since: float | None = None  # when a later batch first made us wait
@@ -48,9 +56,22 @@ class Reassembler:
         if batch.batch_id != self.next_id and self._waiting_since is None:
             self._waiting_since = now
 
+    def worker_lost(self, next_batch_id: int, now: float) -> None:
+        """A worker died: every batch dispatched before ``next_batch_id`` may be gone."""
+        self._lost_below, self._lost_since = next_batch_id, now
+
     def pop(self, now: float, release: Callable[[Batch, Direction], None]) -> None:
         """Release every batch that is next in order, skipping a missing one after the
         timeout; ``release`` gets each in order (and may reuse the buffer afterwards)."""
+        timeout = self.timeout
+        if self._lost_below:
+            if self.next_id >= self._lost_below:
+                self._lost_below = 0  # those are all back or given up on
+            elif now - self._lost_since > self.lost_timeout:
+                self.give_up(self._lost_below, release)
+                self._lost_below = 0
+            else:
+                timeout = self.lost_timeout
         while True:
             held = self._held.pop(self.next_id, None)
             if held is not None:
@@ -66,7 +87,7 @@ class Reassembler:
             if not self._held:
                 self._waiting_since = None
                 return
-            if self._waiting_since is not None and now - self._waiting_since >= self.timeout:
+            if self._waiting_since is not None and now - self._waiting_since >= timeout:
                 self.skipped += 1
                 self.lost_packets += self._sizes.pop(self.next_id, 0)
                 self.next_id += 1

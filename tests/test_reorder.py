@@ -53,3 +53,21 @@ def test_give_up_counts_the_last_batches_of_a_dead_worker() -> None:
     r.give_up(3, lambda b, d: out.append(b.batch_id))
     assert out == [1] and r.skipped == 2 and r.lost_packets == 10 and r.outstanding() == 0
     assert r.next_id == 3
+
+
+def test_after_a_worker_died_its_batches_are_given_up_within_the_lost_timeout() -> None:
+    r = Reassembler(SaTable(), timeout=10.0, lost_timeout=0.05)
+    out: list[int] = []
+    for i in (0, 1):
+        r.sent(i, 4)
+    r.worker_lost(2, now=1.0)
+    r.pop(1.01, lambda b, d: out.append(b.batch_id))
+    assert r.outstanding() == 2  # still within the short wait
+    r.pop(1.1, lambda b, d: out.append(b.batch_id))
+    assert r.outstanding() == 0 and r.skipped == 2 and r.lost_packets == 8
+    # Later batches are waited for with the normal (long) timeout again.
+    r.sent(2, 1)
+    r.sent(3, 1)
+    r.push(batch(3), Direction.OUTBOUND, 1.2)
+    r.pop(2.0, lambda b, d: out.append(b.batch_id))
+    assert out == [] and r.skipped == 2
