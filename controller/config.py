@@ -266,9 +266,15 @@ class ControllerConfig:
     metrics_listen: str | None = None  # "host:port" for the Prometheus endpoint
     keylog_dir: str | None = None  # opt-in Wireshark key logs (DESIGN.md §6)
     log_format: LogFormat = "text"
+    # A second YAML file with a ``secrets`` section (a Kubernetes Secret mounted apart
+    # from the ConfigMap); its shared keys are added to those of the main file.
+    secrets_file: str | None = None
+    ike_port: int = 500
+    natt_port: int = DEFAULT_NATT_PORT
 
 
-_CONTROLLER_KEYS = ("vici_socket", "metrics_listen", "keylog_dir", "log_format")
+_CONTROLLER_KEYS = ("vici_socket", "metrics_listen", "keylog_dir", "log_format",
+                    "secrets_file", "ike_port", "natt_port")
 
 
 def _parse_controller(value: object) -> ControllerConfig:
@@ -282,6 +288,10 @@ def _parse_controller(value: object) -> ControllerConfig:
         metrics_listen=metrics,
         keylog_dir=None if keylog is None else _str(keylog, s.at("keylog_dir")),
         log_format=cast(LogFormat, s.get_choice("log_format", "text", ("text", "json"))),
+        secrets_file=None if s.get("secrets_file", None) is None
+        else _str(s.get("secrets_file"), s.at("secrets_file")),
+        ike_port=s.get_int("ike_port", 500, 1, 65535),
+        natt_port=s.get_int("natt_port", DEFAULT_NATT_PORT, 1, 65535),
     )
 
 
@@ -990,6 +1000,9 @@ class Config:
     connections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     secrets: Mapping[str, Any] = field(default_factory=lambda: _Redacted({}), repr=False)
     pools: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # The same two sections, validated (controller/connections.py).
+    conns: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    shared_keys: tuple[Any, ...] = field(default=(), repr=False)
 
     def sa_records(self) -> tuple[SaRecord, ...]:
         """Every static SA's records, outbound then inbound, in file order."""
@@ -1018,13 +1031,19 @@ def parse_config(
                 _fail((), f"expected a mapping at the top level, got {_kind(mapping)}")
         top = _Section(mapping, (), _TOP_KEYS)
         dataplane = _parse_dataplane(top.get("dataplane", None), allowed)
+        from controller.connections import parse_connections, parse_secrets
+
+        connections = _raw_section(top.get("connections", None), "connections")
+        secrets = _raw_section(top.get("secrets", None), "secrets")
         return Config(
             controller=_parse_controller(top.get("controller", None)),
             dataplane=dataplane,
             static_sas=_parse_static_sas(top.get("static_sas", None), dataplane),
-            connections=MappingProxyType(_raw_section(top.get("connections", None), "connections")),
-            secrets=_Redacted(_raw_section(top.get("secrets", None), "secrets")),
+            connections=MappingProxyType(connections),
+            secrets=_Redacted(secrets),
             pools=MappingProxyType(_raw_section(top.get("pools", None), "pools")),
+            conns=MappingProxyType(parse_connections(connections)),
+            shared_keys=tuple(parse_secrets(secrets)),
         )
     except ConfigError as err:
         err.source = source

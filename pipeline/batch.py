@@ -83,7 +83,8 @@ class Batch:
     ``count`` says how many slots are in use.
     """
 
-    __slots__ = ("batch_id", "capacity", "count", "data", "meta", "slot_size", "_views")
+    __slots__ = ("batch_id", "capacity", "count", "data", "meta", "sa_version", "slot_size",
+                 "_views")
 
     def __init__(self, capacity: int = 256, slot_size: int = SLOT_SIZE) -> None:
         if capacity <= 0:
@@ -94,6 +95,7 @@ class Batch:
         self.slot_size = slot_size
         self.count = 0
         self.batch_id = 0
+        self.sa_version = 0  # the SA table version it was classified with (pipeline/sadist.py)
         self.meta: npt.NDArray[np.void] = np.zeros(capacity, dtype=META_DTYPE)
         self.data: npt.NDArray[np.uint8] = np.zeros(capacity * slot_size, dtype=np.uint8)
         # Per-slot memoryview caches owned by the codecs (see workers/views.py). They are

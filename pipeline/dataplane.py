@@ -9,6 +9,7 @@ the reassembler's order is the order the sequence numbers were issued.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -26,6 +27,7 @@ from pipeline import mtu
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy
 from pipeline.reorder import Reassembler
+from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
 from pipeline.supervisor import Supervisor
 from pipeline.transport import Direction, TransportError, recv_batch, send_batch
@@ -93,11 +95,20 @@ def _io_stats(io: object) -> dict[str, int]:
 
 class DataPlane:
     def __init__(self, settings: Settings, sas: Sequence[tuple[int, SaRecord]],
-                 policies: Sequence[Policy], inside: PacketIO, outside: PacketIO) -> None:
+                 policies: Sequence[Policy], inside: PacketIO, outside: PacketIO, *,
+                 sa_updates: tuple[str, str] | None = None,
+                 reports: str | None = None) -> None:
+        """``sas``/``policies``: a fixed table (static SAs). ``sa_updates``: the controller's
+        SA distribution endpoints (pipeline/sadist.py), followed live by this process and
+        every worker. ``reports``: where to PUSH the stats snapshot each ``stats_interval``
+        (the controller's counters for VICI and metrics)."""
         self.settings = settings
-        self.records = tuple(sas)
-        self.sas = install_all(self.records)
+        self.records: dict[int, SaRecord] = dict(sas)
+        self.sas = install_all(tuple(self.records.items()))
         self.dispatcher = Dispatcher(self.sas, policies)
+        self.sa_updates = sa_updates
+        self.reports = reports
+        self.sa_version = 0
         self._limits()
         self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
         self.inside = inside
@@ -111,8 +122,8 @@ class DataPlane:
         self.supervisor = Supervisor([
             WorkerSpec(index=i, cpu=cpus[i % len(cpus)] if cpus else None,
                        batches_in=self.endpoint_in, batches_out=self.endpoint_out,
-                       sas=self.records, capacity=settings.max_packets,
-                       slot_size=settings.slot_size)
+                       sas=tuple(self.records.items()), capacity=settings.max_packets,
+                       slot_size=settings.slot_size, sa_updates=sa_updates)
             for i in range(settings.workers)])
         self._free: list[Batch] = []
         self._sending: deque[tuple[Batch, zmq.MessageTracker | None]] = deque()
@@ -121,12 +132,12 @@ class DataPlane:
 
     def _limits(self) -> None:
         """Per SA index: the inner MTU and the TCP MSS that fit the tunnel (DESIGN §7)."""
-        size = max((i for i, _ in self.records), default=-1) + 1
+        size = max(self.records, default=-1) + 1
         self._inner_mtu = np.full(size + 1, self.settings.outside_mtu, dtype=np.int64)
         self._mss4 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        for i, rec in self.records:
+        for i, rec in self.records.items():
             sa = self.sas[i]
             if sa is None or sa.esp is None:
                 continue
@@ -139,6 +150,29 @@ class DataPlane:
             elif isinstance(clamp, int):
                 self._mss4[i] = self._mss6[i] = clamp
             self._src[rec.local_addr.version] = rec.local_addr
+
+    # -- the controller's SA table (pipeline/sadist.py SaSink) ------------------------------
+    def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None:
+        for index in list(self.records):
+            if sas.get(index) != self.records[index]:
+                self.remove(index)
+        for index, record in sas.items():
+            if self.records.get(index) != record:
+                self.install(index, record)
+        self.set_policies(policies)
+
+    def install(self, index: int, record: SaRecord) -> None:
+        self.sas.install(record, index)
+        self.records[index] = record
+        self._limits()
+
+    def remove(self, index: int) -> None:
+        self.sas.remove(index)
+        self.records.pop(index, None)
+        self._limits()
+
+    def set_policies(self, policies: Sequence[Policy]) -> None:
+        self.dispatcher.set_policies(policies)
 
     def _outbound_mtu(self, batch: Batch) -> None:
         """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the
@@ -156,12 +190,16 @@ class DataPlane:
                 self.stats.icmp_too_big += len(errors)
                 self.inside.write_batch(Batch.for_packets(errors))
 
-    def _write_stats(self) -> None:
+    def _write_stats(self, report: zmq.Socket[bytes] | None = None) -> None:
+        snapshot = json.dumps(self.stats.snapshot(self))
         path = os.path.join(self.settings.runtime_dir, "stats.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.stats.snapshot(self), f)
+            f.write(snapshot)
         os.replace(tmp, path)
+        if report is not None:
+            with contextlib.suppress(zmq.Again):
+                report.send(snapshot.encode(), zmq.NOBLOCK)  # a busy controller skips one
 
     # -- buffers ---------------------------------------------------------------
     def _take(self) -> Batch:
@@ -184,8 +222,21 @@ class DataPlane:
         for sock, ep in ((to_workers, self.endpoint_in), (from_workers, self.endpoint_out)):
             sock.bind(ep)
             os.chmod(ep.removeprefix("ipc://"), 0o600)  # keys never cross these, batches do
+        updates: SaSubscriber | None = None
+        report: zmq.Socket[bytes] | None = None
+        if self.sa_updates is not None:
+            updates = SaSubscriber(ctx, *self.sa_updates, sink=self)
+            updates.sync()
+            self.sa_version = updates.version
+        if self.reports is not None:
+            report = ctx.socket(zmq.PUSH)
+            report.setsockopt(zmq.SNDHWM, 4)
+            report.setsockopt(zmq.LINGER, 0)
+            report.connect(self.reports)
         self.supervisor.start()
         poller = zmq.Poller()
+        if updates is not None:
+            poller.register(updates.sub, zmq.POLLIN)
         inside_fds = set(self.inside.fileno_list())
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
@@ -196,6 +247,9 @@ class DataPlane:
             while not self._stop and not (until is not None and until()):
                 events = dict(poller.poll(10))
                 now = time.monotonic()
+                if updates is not None and updates.sub in events:
+                    updates.drain()
+                    self.sa_version = updates.version
                 if self.reassembler.outstanding() < self.settings.max_in_flight:
                     if any(fd in events for fd in inside_fds):
                         self._ingest(self.inside, Direction.OUTBOUND, to_workers, now)
@@ -210,12 +264,16 @@ class DataPlane:
                         self.reassembler.worker_lost(self._next_id, now)
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:
-                    self._write_stats()
+                    self._write_stats(report)
                     last_stats = now
         finally:
-            self._write_stats()
+            if updates is not None:
+                updates.close()
+            self._write_stats(report)
             self.supervisor.stop()
-            self._write_stats()
+            self._write_stats(report)
+            if report is not None:
+                report.close(linger=0)
             to_workers.close(linger=0)
             from_workers.close(linger=0)
             ctx.term()
@@ -237,6 +295,7 @@ class DataPlane:
         else:
             self.dispatcher.inbound(batch)
         batch.batch_id = self._next_id
+        batch.sa_version = self.sa_version
         self._next_id += 1
         if not (batch.meta["verdict"][: batch.count] == Verdict.PASS).any():
             # Nothing for a worker to do: straight to the reassembler, keeping its place.
@@ -266,6 +325,7 @@ class DataPlane:
             if fragmented.size:
                 batch.meta["verdict"][fragmented] = Verdict.PASS  # left, as fragments
             self.stats.outbound.add(batch)
+            self._count_outbound(batch)
         else:
             if self.settings.mss_clamp is not None:
                 sa = batch.meta["sa"][: batch.count].astype(np.int64)
@@ -273,6 +333,22 @@ class DataPlane:
             self.inside.write_batch(batch)
             self.stats.inbound.add(batch)
         self._free.append(batch)
+
+    def _count_outbound(self, batch: Batch) -> None:
+        """Per outbound SA: packets and bytes that left (the inbound ones are counted by
+        the reassembler as their windows move)."""
+        meta = batch.meta[: batch.count]
+        sent = meta["verdict"] == Verdict.PASS
+        if not sent.any():
+            return
+        sa_of = meta["sa"][sent].astype(np.int64)
+        packets = np.bincount(sa_of)
+        octets = np.bincount(sa_of, weights=meta["length"][sent])
+        for index in np.flatnonzero(packets).tolist():
+            sa = self.sas[index]
+            if sa is not None:
+                sa.packets += int(packets[index])
+                sa.bytes += int(octets[index])
 
     def _fragment_oversized(self, batch: Batch) -> npt.NDArray[np.int64]:
         """Outer IPv4 packets over the outside MTU (their inner packet had no DF) leave as

@@ -1,7 +1,9 @@
 """Batches over ZeroMQ (DESIGN §3): one multipart message per batch, never one per packet.
 
 Wire form, three frames:
-  1. header: ``<Q B B H I``: batch id, direction, flags, packet count, slot size (16 bytes)
+  1. header: ``<Q B B H I I``: batch id, direction, flags, packet count, slot size, and the
+     SA table version the batch was classified with (20 bytes): a worker that has not yet
+     applied that version of the controller's table (pipeline/sadist.py) waits for it
   2. metadata: ``count`` records of ``META_DTYPE``
   3. data: the first ``count`` slots of the batch buffer
 
@@ -22,7 +24,7 @@ from pipeline.batch import META_DTYPE, Batch
 
 __all__ = ["HEADER", "Direction", "TransportError", "recv_batch", "send_batch"]
 
-HEADER = struct.Struct("<QBBHI")
+HEADER = struct.Struct("<QBBHII")
 
 
 class Direction(IntEnum):
@@ -39,7 +41,8 @@ class TransportError(ValueError):
 def send_batch(sock: zmq.Socket[bytes], batch: Batch, direction: Direction, flags: int = 0,
                track: bool = False) -> zmq.MessageTracker | None:
     n = batch.count
-    header = HEADER.pack(batch.batch_id, direction, flags, n, batch.slot_size)
+    header = HEADER.pack(batch.batch_id, direction, flags, n, batch.slot_size,
+                         batch.sa_version)
     meta = memoryview(batch.meta[:n]).cast("B")  # type: ignore[arg-type]
     data = memoryview(batch.data[: n * batch.slot_size])  # type: ignore[arg-type]
     tracker: zmq.MessageTracker | None = sock.send_multipart(
@@ -58,7 +61,7 @@ def recv_batch(sock: zmq.Socket[bytes], batch: Batch, flags: int = 0) -> tuple[D
     try:
         if len(header) != HEADER.size or not sock.getsockopt(zmq.RCVMORE):
             raise TransportError(f"batch header of {len(header)} bytes, want {HEADER.size}")
-        batch_id, direction, bflags, n, slot_size = HEADER.unpack(header)
+        batch_id, direction, bflags, n, slot_size, sa_version = HEADER.unpack(header)
         if slot_size != batch.slot_size or n > batch.capacity:
             raise TransportError(
                 f"batch of {n} packets in {slot_size}-byte slots does not fit "
@@ -79,4 +82,5 @@ def recv_batch(sock: zmq.Socket[bytes], batch: Batch, flags: int = 0) -> tuple[D
         raise
     batch.count = n
     batch.batch_id = batch_id
+    batch.sa_version = sa_version
     return Direction(direction), bflags

@@ -355,12 +355,16 @@ def test_controller_section() -> None:
 
 def test_swanctl_sections_pass_through_raw_and_copied() -> None:
     c = base()
-    c["connections"] = {"gw": {"remote_addrs": ["198.51.100.1"], "children": {"net": {}}}}
+    gw = {"remote_addrs": ["198.51.100.1"], "local": {"auth": "psk"}, "remote": {"auth": "psk"},
+          "children": {"net": {"local_ts": ["10.1.0.0/24"], "remote_ts": ["10.2.0.0/24"]}}}
+    c["connections"] = {"gw": copy.deepcopy(gw)}
     c["secrets"] = {"ike-gw": {"id": "gw", "secret": PSK}}
     c["pools"] = {"p": {"addrs": "10.3.0.0/24"}}
     cfg = parse(c)
     c["connections"]["gw"]["remote_addrs"].append("changed")
-    assert cfg.connections == {"gw": {"remote_addrs": ["198.51.100.1"], "children": {"net": {}}}}
+    assert cfg.connections == {"gw": gw}
+    assert cfg.conns["gw"].remote_addrs == ("198.51.100.1",)
+    assert [k.owners for k in cfg.shared_keys] == [("gw",)]
     assert cfg.secrets["ike-gw"]["secret"] == PSK
     assert cfg.pools == {"p": {"addrs": "10.3.0.0/24"}}
     assert "ike-gw" in repr(cfg.secrets)
@@ -1208,8 +1212,10 @@ def test_yaml_text_errors(text: str, path: str, line: int, reason: str) -> None:
 
 
 def test_yaml_aliases_are_walked_once() -> None:
-    cfg = parse_config_text("connections:\n  a: &x [*x]\n", allowed_cpus=CPUS)
-    assert list(cfg.connections) == ["a"]
+    with pytest.raises(ConfigError) as info:
+        parse_config_text("connections:\n  a: &x [*x]\n", allowed_cpus=CPUS)
+    assert (info.value.path, info.value.reason) == ("connections.a",
+                                                    "expected a section, got list")
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

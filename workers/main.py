@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import zmq
 
 from pipeline.batch import SLOT_SIZE, Batch
+from pipeline.dispatch import Policy
+from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
 from pipeline.transport import Direction, TransportError, recv_batch, send_batch
 from workers.esp import EspCodec
 from workers.sa import SaTable
 
-__all__ = ["WorkerSpec", "run_worker"]
+__all__ = ["TableSink", "WorkerSpec", "run_worker"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,33 @@ class WorkerSpec:
     sas: tuple[tuple[int, SaRecord], ...]  # (SA index, record), indices as the I/O process has
     capacity: int = 256
     slot_size: int = SLOT_SIZE
+    # The controller's SA distribution (pub, snapshot endpoints); None: ``sas`` is all.
+    sa_updates: tuple[str, str] | None = None
+
+
+class TableSink:
+    """A worker's SA table as a subscriber of the controller's (pipeline/sadist.py)."""
+
+    def __init__(self, table: SaTable) -> None:
+        self.table = table
+
+    def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None:
+        for sa in list(self.table):
+            if sas.get(sa.index) != sa.record:
+                self.table.remove(sa.index)
+        for index, record in sas.items():
+            current = self.table[index]
+            if current is None or current.record != record:
+                self.table.install(record, index)
+
+    def install(self, index: int, record: SaRecord) -> None:
+        self.table.install(record, index)
+
+    def remove(self, index: int) -> None:
+        self.table.remove(index)
+
+    def set_policies(self, policies: Sequence[Policy]) -> None:
+        pass  # the SPD is the dispatcher's
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -49,6 +78,10 @@ def run_worker(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, on_signal)
     codec = EspCodec(install_all(spec.sas), replay=False)
     ctx = zmq.Context()
+    updates: SaSubscriber | None = None
+    if spec.sa_updates is not None:
+        updates = SaSubscriber(ctx, *spec.sa_updates, sink=TableSink(codec.sas))
+        updates.sync()  # a restarted worker resyncs here (DESIGN §2)
     pull = ctx.socket(zmq.PULL)
     push = ctx.socket(zmq.PUSH)
     pull.connect(spec.batches_in)
@@ -60,6 +93,8 @@ def run_worker(spec: WorkerSpec) -> None:
     turn = 0
     try:
         while not stop:
+            if updates is not None:
+                updates.drain()
             if not pull.poll(100):
                 continue
             tracker = trackers[turn]
@@ -70,10 +105,14 @@ def run_worker(spec: WorkerSpec) -> None:
                 direction, flags = recv_batch(pull, batch)
             except TransportError:
                 continue
+            if updates is not None and batch.sa_version > updates.version:
+                updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
             process(codec, batch, direction)
             trackers[turn] = send_batch(push, batch, direction, flags, track=True)
             turn ^= 1
     finally:
+        if updates is not None:
+            updates.close()
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()

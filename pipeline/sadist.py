@@ -1,0 +1,283 @@
+"""SA distribution from the controller to the data plane (DESIGN §5): ZeroMQ's "clone" pattern.
+
+The controller owns the truth: a versioned table of SA records by index plus the SPD. Each
+change is one delta with the next version number, published on a PUB socket. A subscriber
+(the I/O process, every worker) connects its SUB socket first, then asks the ROUTER socket for
+a snapshot; deltas that arrive before the snapshot are kept and replayed if newer than it. A
+gap in the version numbers (a slow subscriber lost messages to the high-water mark) makes the
+subscriber ask for a fresh snapshot, so it can never run on a silently stale table.
+
+Indices are never reused for a different SA (the controller allocates them upwards), so a
+stale cache keyed by index can never reach the wrong keys.
+
+Wire form: one JSON frame per delta (``{"v": version, "op": ..., ...}``) and one per snapshot.
+Records carry key material, so the endpoints are ``ipc://`` paths created mode 0600 (DESIGN
+§5: keys cross local sockets only). Nothing here logs a record's keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import zmq
+
+from pipeline.dispatch import Action, Policy
+from pipeline.satable import Direction, Mode, SaRecord, UdpEncap
+from pipeline.satable import Protocol as IpsecProtocol
+
+__all__ = [
+    "SaPublisher",
+    "SaSink",
+    "SaSubscriber",
+    "SaTableSnapshot",
+    "decode_record",
+    "encode_record",
+]
+
+SNAPSHOT_REQUEST = b"snapshot?"
+
+
+class SaSink(Protocol):
+    """What a subscriber applies updates to. ``reset`` brings the sink to a snapshot: an SA
+    whose record is unchanged must keep its runtime state (sequence counter, replay window),
+    or a resync would reissue sequence numbers."""
+
+    def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None: ...
+    def install(self, index: int, record: SaRecord) -> None: ...
+    def remove(self, index: int) -> None: ...
+    def set_policies(self, policies: Sequence[Policy]) -> None: ...
+
+
+# -- encoding -----------------------------------------------------------------------------------
+
+def encode_record(r: SaRecord) -> dict[str, Any]:
+    return {
+        "spi": r.spi, "dir": int(r.direction), "alg": r.alg,
+        "local": str(r.local_addr), "remote": str(r.remote_addr), "proto": int(r.protocol),
+        "mode": int(r.mode), "enc_key": r.enc_key.hex(), "integ_key": r.integ_key.hex(),
+        "esn": r.esn, "replay": r.replay_window, "tfc": r.tfc_pad, "name": r.name,
+        "encap": None if r.encap is None else [r.encap.local_port, r.encap.remote_port],
+    }
+
+
+def decode_record(d: dict[str, Any]) -> SaRecord:
+    encap = d["encap"]
+    return SaRecord(
+        spi=int(d["spi"]), direction=Direction(d["dir"]), alg=str(d["alg"]),
+        local_addr=ipaddress.ip_address(d["local"]), remote_addr=ipaddress.ip_address(d["remote"]),
+        protocol=IpsecProtocol(d["proto"]), mode=Mode(d["mode"]),
+        enc_key=bytes.fromhex(d["enc_key"]), integ_key=bytes.fromhex(d["integ_key"]),
+        esn=bool(d["esn"]), replay_window=int(d["replay"]), tfc_pad=int(d["tfc"]),
+        name=str(d["name"]),
+        encap=None if encap is None else UdpEncap(int(encap[0]), int(encap[1])),
+    )
+
+
+def _encode_policy(p: Policy) -> dict[str, Any]:
+    return {"local": [str(n) for n in p.local_ts], "remote": [str(n) for n in p.remote_ts],
+            "action": p.action.value, "sa": p.sa_index}
+
+
+def _decode_policy(d: dict[str, Any]) -> Policy:
+    return Policy(tuple(ipaddress.ip_network(n) for n in d["local"]),
+                  tuple(ipaddress.ip_network(n) for n in d["remote"]),
+                  Action(d["action"]), int(d["sa"]))
+
+
+@dataclass
+class SaTableSnapshot:
+    """The controller's side of the table: what a snapshot carries."""
+
+    version: int = 0
+    sas: dict[int, SaRecord] | None = None
+    policies: tuple[Policy, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sas is None:
+            self.sas = {}
+
+    def encode(self) -> bytes:
+        assert self.sas is not None
+        return json.dumps({
+            "v": self.version,
+            "sas": [[i, encode_record(r)] for i, r in sorted(self.sas.items())],
+            "policies": [_encode_policy(p) for p in self.policies],
+        }).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SaTableSnapshot:
+        d = json.loads(data)
+        return cls(int(d["v"]), {int(i): decode_record(r) for i, r in d["sas"]},
+                   tuple(_decode_policy(p) for p in d["policies"]))
+
+    def apply_to(self, sink: SaSink) -> None:
+        assert self.sas is not None
+        sink.reset(dict(self.sas), self.policies)
+
+
+# -- the controller's side ----------------------------------------------------------------------
+
+def _bind_private(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint.removeprefix("ipc://"), 0o600)
+
+
+class SaPublisher:
+    """Publishes every change of the SA table; answers snapshot requests.
+
+    Sockets are plain (non-blocking use only), so the controller's asyncio loop drives
+    ``serve_snapshots`` from a reader on ``snapshot_socket``'s file descriptor.
+    """
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], pub_endpoint: str,
+                 snapshot_endpoint: str) -> None:
+        self.table = SaTableSnapshot()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.snapshot_socket = ctx.socket(zmq.ROUTER)
+        self.snapshot_socket.setsockopt(zmq.LINGER, 0)
+        self.endpoints = (pub_endpoint, snapshot_endpoint)
+        _bind_private(self.pub, pub_endpoint)
+        _bind_private(self.snapshot_socket, snapshot_endpoint)
+        self._next_index = 0
+
+    @property
+    def version(self) -> int:
+        return self.table.version
+
+    def allocate(self) -> int:
+        """A fresh SA index, never handed out before."""
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    def _publish(self, delta: dict[str, Any]) -> None:
+        self.table.version += 1
+        delta["v"] = self.table.version
+        self.pub.send(json.dumps(delta).encode())
+
+    def install(self, index: int, record: SaRecord) -> None:
+        assert self.table.sas is not None
+        self.table.sas[index] = record
+        self._next_index = max(self._next_index, index + 1)
+        self._publish({"op": "install", "index": index, "sa": encode_record(record)})
+
+    def remove(self, index: int) -> None:
+        assert self.table.sas is not None
+        if self.table.sas.pop(index, None) is not None:
+            self._publish({"op": "remove", "index": index})
+
+    def set_policies(self, policies: Iterable[Policy]) -> None:
+        self.table.policies = tuple(policies)
+        self._publish({"op": "policies",
+                       "policies": [_encode_policy(p) for p in self.table.policies]})
+
+    def serve_snapshots(self) -> int:
+        """Answer every waiting snapshot request; returns how many."""
+        served = 0
+        while True:
+            try:
+                frames = self.snapshot_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return served
+            if len(frames) >= 2 and frames[-1] == SNAPSHOT_REQUEST:
+                self.snapshot_socket.send_multipart([frames[0], b"", self.table.encode()])
+                served += 1
+
+    def close(self) -> None:
+        self.pub.close(linger=0)
+        self.snapshot_socket.close(linger=0)
+        for ep in self.endpoints:
+            path = ep.removeprefix("ipc://")
+            if ep.startswith("ipc://") and os.path.exists(path):
+                os.unlink(path)
+
+
+# -- the data plane's side ----------------------------------------------------------------------
+
+class SaSubscriber:
+    """Follows the controller's table into ``sink`` (an I/O process's or a worker's)."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], pub_endpoint: str,
+                 snapshot_endpoint: str, sink: SaSink) -> None:
+        self.sink = sink
+        self.version = -1  # nothing applied yet
+        self.resyncs = 0
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(pub_endpoint)
+        self._ctx = ctx
+        self._snapshot_endpoint = snapshot_endpoint
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Fetch a snapshot and apply it plus every newer delta already received.
+
+        Raises ``TimeoutError`` when the controller does not answer in time.
+        """
+        req = self._ctx.socket(zmq.DEALER)
+        req.setsockopt(zmq.LINGER, 0)
+        try:
+            req.connect(self._snapshot_endpoint)
+            req.send_multipart([b"", SNAPSHOT_REQUEST])
+            if not req.poll(int(timeout * 1000)):
+                raise TimeoutError(f"no SA snapshot from {self._snapshot_endpoint} "
+                                   f"within {timeout:g}s")
+            frames = req.recv_multipart()
+        finally:
+            req.close(linger=0)
+        snapshot = SaTableSnapshot.decode(frames[-1])
+        snapshot.apply_to(self.sink)
+        self.version = snapshot.version
+        self.resyncs += 1
+        self.drain()  # deltas published since: newer ones apply, older ones are skipped
+
+    def drain(self) -> int:
+        """Apply every delta waiting on the socket; returns how many were applied."""
+        applied = 0
+        while True:
+            try:
+                data = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return applied
+            delta = json.loads(data)
+            version = int(delta["v"])
+            if version <= self.version:
+                continue  # already in the snapshot
+            if version != self.version + 1:
+                self.sync()  # a gap: lost deltas; start again from a snapshot
+                return applied
+            self._apply(delta)
+            self.version = version
+            applied += 1
+
+    def wait_for(self, version: int, timeout: float = 1.0) -> bool:
+        """Block until ``version`` is applied (a batch was classified with it)."""
+        deadline = time.monotonic() + timeout
+        while self.version < version:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sub.poll(int(left * 1000) + 1):
+                return self.version >= version
+            self.drain()
+        return True
+
+    def _apply(self, delta: dict[str, Any]) -> None:
+        op = delta["op"]
+        if op == "install":
+            self.sink.install(int(delta["index"]), decode_record(delta["sa"]))
+        elif op == "remove":
+            self.sink.remove(int(delta["index"]))
+        elif op == "policies":
+            self.sink.set_policies(tuple(_decode_policy(p) for p in delta["policies"]))
+
+    def close(self) -> None:
+        self.sub.close(linger=0)

@@ -1,0 +1,248 @@
+"""SA distribution (pipeline/sadist.py): snapshot + deltas over real ZeroMQ ipc sockets, and a
+running data plane (real worker processes) that follows the controller's table live."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import queue
+import signal
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import zmq
+
+from pipeline.batch import Batch
+from pipeline.dataplane import DataPlane, Settings
+from pipeline.dispatch import Policy
+from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
+from pipeline.satable import Direction, SaRecord, UdpEncap
+from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, inner, wait_for
+from workers.esp import EspCodec
+from workers.main import TableSink
+from workers.sa import SaTable
+
+A = ipaddress.ip_address("192.0.2.1")
+B = ipaddress.ip_address("192.0.2.2")
+T = TypeVar("T")
+
+
+def record(spi: int, direction: Direction, key: bytes = KEY, **kw: Any) -> SaRecord:
+    return SaRecord(spi=spi, direction=direction, alg="aes128gcm16", local_addr=A,
+                    remote_addr=B, enc_key=key, encap=UdpEncap(), **kw)
+
+
+class PublisherThread:
+    """The controller's side in a thread of its own: every call runs there (ZeroMQ sockets
+    belong to one thread), and snapshot requests are answered in between."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], rundir: str) -> None:
+        self.endpoints = (f"ipc://{rundir}/sa-pub", f"ipc://{rundir}/sa-snap")
+        self._calls: queue.Queue[tuple[Callable[[SaPublisher], Any], queue.Queue[Any]]] = \
+            queue.Queue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._ctx = ctx
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self._ready.wait(5)
+
+    def _run(self) -> None:
+        pub = SaPublisher(self._ctx, *self.endpoints)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if pub.snapshot_socket.poll(5):
+                    pub.serve_snapshots()
+                while not self._calls.empty():
+                    fn, reply = self._calls.get()
+                    reply.put(fn(pub))
+        finally:
+            pub.close()
+
+    def call(self, fn: Callable[[SaPublisher], T]) -> T:
+        reply: queue.Queue[T] = queue.Queue()
+        self._calls.put((fn, reply))  # type: ignore[arg-type]
+        return reply.get(timeout=5)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def publisher() -> Iterator[tuple[zmq.Context[zmq.Socket[bytes]], PublisherThread]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with tempfile.TemporaryDirectory() as rundir:
+        pub = PublisherThread(ctx, rundir)
+        try:
+            yield ctx, pub
+        finally:
+            pub.close()
+            ctx.term()
+
+
+def test_records_survive_the_wire_form_whole() -> None:
+    rec = record(0x1234, Direction.IN, esn=True, replay_window=1024, tfc_pad=300, name="x")
+    assert decode_record(encode_record(rec)) == rec
+    plain = SaRecord(spi=0x100, direction=Direction.OUT, alg="aes128-sha256",
+                     local_addr=ipaddress.ip_address("2001:db8::1"),
+                     remote_addr=ipaddress.ip_address("2001:db8::2"),
+                     enc_key=bytes(16), integ_key=bytes(range(32)))
+    assert decode_record(encode_record(plain)) == plain
+
+
+def test_endpoints_are_private(publisher: tuple[Any, PublisherThread]) -> None:
+    _, pub = publisher
+    for ep in pub.endpoints:
+        assert stat.S_IMODE(os.stat(ep.removeprefix("ipc://")).st_mode) == 0o600
+
+
+def test_snapshot_then_deltas(publisher: tuple[Any, PublisherThread]) -> None:
+    ctx, pub = publisher
+    pub.call(lambda p: p.install(0, record(0x1001, Direction.OUT)))
+    pub.call(lambda p: p.install(1, record(0x2001, Direction.IN)))
+    table = SaTable()
+    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
+    try:
+        sub.sync()
+        assert sub.version == 2
+        assert [(sa.index, sa.record.spi) for sa in table] == [(0, 0x1001), (1, 0x2001)]
+        pub.call(lambda p: p.install(2, record(0x2002, Direction.IN)))
+        pub.call(lambda p: p.remove(1))
+        assert sub.wait_for(4, timeout=5)
+        assert [(sa.index, sa.record.spi) for sa in table] == [(0, 0x1001), (2, 0x2002)]
+        assert table.lookup_one(50, 0x2001) == (0, False)
+        assert table.lookup_one(50, 0x2002) == (2, True)
+        assert sub.resyncs == 1
+    finally:
+        sub.close()
+
+
+def test_a_gap_in_versions_forces_a_fresh_snapshot(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    ctx, pub = publisher
+    table = SaTable()
+    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
+    try:
+        sub.sync()
+        pub.call(lambda p: p.install(0, record(0x1001, Direction.OUT)))
+        assert sub.wait_for(1, timeout=5)
+
+        def lose_one(p: SaPublisher) -> None:
+            # A delta the subscriber never sees (as if dropped at the high-water mark).
+            assert p.table.sas is not None
+            p.table.sas[1] = record(0x2001, Direction.IN)
+            p.table.version += 1
+            p.install(2, record(0x2002, Direction.IN))
+
+        pub.call(lose_one)
+        assert sub.wait_for(3, timeout=5)
+        assert sub.resyncs == 2  # the gap was noticed and a snapshot fetched
+        assert sorted(sa.record.spi for sa in table) == [0x1001, 0x2001, 0x2002]
+    finally:
+        sub.close()
+
+
+def test_a_resync_keeps_the_state_of_unchanged_sas() -> None:
+    table = SaTable()
+    sink = TableSink(table)
+    out = record(0x1001, Direction.OUT)
+    sink.install(0, out)
+    sink.install(1, record(0x2001, Direction.IN))
+    state = table[0]
+    assert state is not None
+    state.reserve(100)
+    sink.reset({0: out, 2: record(0x2002, Direction.IN)}, ())
+    assert table[0] is state and state.seq_out == 100  # never reissue sequence numbers
+    assert table[1] is None and table[2] is not None
+
+
+def test_a_running_data_plane_follows_installs_rekeys_and_worker_restarts(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """make-before-break (DESIGN §5): the new outbound SA takes over with sequence number 1,
+    the old inbound SA keeps working until removed, a restarted worker resyncs."""
+    _, pub = publisher
+    inside, outside = QueueIO(), QueueIO()
+    old_key, new_key = KEY, bytes(range(100, 120))
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=2, runtime_dir=rundir, max_packets=32,
+                                   reorder_timeout=0.2), [], [], inside, outside,
+                          sa_updates=pub.endpoints)
+        thread = threading.Thread(target=plane.run, daemon=True)
+        thread.start()
+        try:
+            def first(p: SaPublisher) -> None:
+                p.install(0, record(0x1001, Direction.OUT, old_key))
+                p.install(1, record(0x2001, Direction.IN, old_key))
+                p.set_policies([Policy((NET_A,), (NET_B,), sa_index=0)])
+
+            pub.call(first)
+            wait_for(lambda: plane.sa_version == 3)
+            inside.put([inner(i) for i in range(50)])
+            wait_for(lambda: len(outside.outbox) == 50)
+            assert peer_decap(outside.outbox, 0x1001, old_key) == list(range(1, 51))
+
+            def rekey(p: SaPublisher) -> None:
+                p.install(2, record(0x2002, Direction.IN, new_key))  # new inbound first
+                p.install(3, record(0x1002, Direction.OUT, new_key))
+                p.set_policies([Policy((NET_A,), (NET_B,), sa_index=3)])
+
+            pub.call(rekey)
+            inside.put([inner(i) for i in range(50, 80)])  # may race the rekey: both fine
+            wait_for(lambda: len(outside.outbox) == 80)
+            wait_for(lambda: plane.sa_version == 6)
+            # Both inbound SAs work during the overlap.
+            for spi, key in ((0x2001, old_key), (0x2002, new_key)):
+                before = len(inside.outbox)
+                outside.put(peer_encap(spi, key, 5))
+                wait_for(lambda b=before: len(inside.outbox) == b + 5)  # type: ignore[misc]
+            victim = plane.supervisor.pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: plane.supervisor.restarts >= 1)
+            pub.call(lambda p: p.remove(1))
+            pub.call(lambda p: p.remove(0))
+            wait_for(lambda: plane.sa_version == 8)
+            outbox_before = len(outside.outbox)
+            inside.put([inner(i) for i in range(100, 160)])
+            wait_for(lambda: len(outside.outbox) == outbox_before + 60)
+            new_wire = outside.outbox[outbox_before:]
+            seqs = peer_decap(new_wire, 0x1002, new_key)
+            assert seqs == sorted(seqs) and seqs[-1] == len(seqs) + seqs[0] - 1
+            before = len(inside.outbox)
+            outside.put(peer_encap(0x2001, old_key, 3))  # the old inbound SA is gone
+            wait_for(lambda: plane.stats.inbound.drops().get("no_sa", 0) == 3)
+            assert len(inside.outbox) == before
+        finally:
+            plane.stop()
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def peer_decap(wire: list[bytes], spi: int, key: bytes) -> list[int]:
+    table = SaTable()
+    table.install(SaRecord(spi=spi, direction=Direction.IN, alg="aes128gcm16", local_addr=B,
+                           remote_addr=A, enc_key=key, encap=UdpEncap(), replay_window=4096))
+    batch = Batch.for_packets(wire)
+    EspCodec(table).decap(batch)
+    assert batch.verdict_counts() == {}, batch.verdict_counts()
+    return [int(s) for s in batch.meta["seq"][: batch.count]]
+
+
+_peer_out: dict[int, SaTable] = {}
+
+
+def peer_encap(spi: int, key: bytes, count: int) -> list[bytes]:
+    table = _peer_out.setdefault(spi, SaTable())
+    if table[0] is None:
+        table.install(SaRecord(spi=spi, direction=Direction.OUT, alg="aes128gcm16",
+                               local_addr=B, remote_addr=A, enc_key=key, encap=UdpEncap()), 0)
+    batch = Batch.for_packets([inner(i) for i in range(count)])
+    batch.meta["sa"][: batch.count] = 0
+    table.assign_sequence(batch)
+    EspCodec(table).encap(batch)
+    return batch.packets()
