@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,24 @@ class IkeDaemon:
         _, self._ike = await loop.create_datagram_endpoint(
             lambda: _Endpoint(self, False), local_addr=(self.local, self.port))
         _, self._natt = await loop.create_datagram_endpoint(
-            lambda: _Endpoint(self, True), local_addr=(self.local, self.natt_port))
+            lambda: _Endpoint(self, True), sock=self._natt_socket())
+
+    def _natt_socket(self) -> socket.socket:
+        """The NAT-T port's socket, filtered in the kernel to IKE and keepalives: the
+        ESP-in-UDP there is the data plane's (its AF_PACKET ring has a copy), and queueing
+        it here would cost the controller a wake-up per packet (pipeline/bpf.py)."""
+        from pipeline import bpf
+
+        family = socket.AF_INET6 if ":" in self.local else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            bpf.attach(sock, bpf.nat_t_socket_filter())  # before bind: nothing slips through
+            sock.bind((self.local, self.natt_port))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         for endpoint in (self._ike, self._natt):

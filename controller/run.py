@@ -12,15 +12,16 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from controller.config import Config, ConfigError, StaticSa, load_config
+from controller.config import Config, ConfigError, DataplaneConfig, StaticSa, load_config
 from pipeline.batch import Batch
 from pipeline.dataplane import DataPlane, PacketIO, Settings
 from pipeline.dispatch import Policy
 from pipeline.outside import SocketOutside
-from pipeline.satable import Mode, Protocol, SaRecord
+from pipeline.satable import IpAddress, Mode, Protocol, SaRecord
 from pipeline.tun import TunDevice
 
 __all__ = ["build", "main"]
@@ -96,7 +97,7 @@ def sa_records(static: tuple[StaticSa, ...]) -> tuple[list[tuple[int, SaRecord]]
     return records, policies
 
 
-def claim_nat_t_ports(static: tuple[StaticSa, ...]) -> list[socket.socket]:
+def claim_nat_t_ports(ports: Sequence[tuple[str, int]]) -> list[socket.socket]:
     """UDP sockets on the local NAT-T ports of the UDP-encapsulated SAs, for the AF_PACKET
     outside: the ring only copies ESP-in-UDP, and with no socket on the port the kernel
     would answer every packet with ICMP port unreachable. Their filter drops everything
@@ -105,8 +106,7 @@ def claim_nat_t_ports(static: tuple[StaticSa, ...]) -> list[socket.socket]:
 
     socks: list[socket.socket] = []
     try:
-        for addr, port in sorted({(str(sa.local_addr), sa.encap.local_port)
-                                  for sa in static if sa.encap is not None}):
+        for addr, port in ports:
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
             s = socket.socket(family, socket.SOCK_DGRAM)
             socks.append(s)
@@ -130,19 +130,20 @@ def tunnel_mtu(cfg: Config) -> int:
                for sa in cfg.static_sas)
 
 
-def build(cfg: Config, stack: ExitStack) -> DataPlane:
-    """Everything ``run`` needs, with its cleanup registered on ``stack``."""
-    if not cfg.static_sas:
-        raise ConfigError("static_sas", "espline run needs at least one static SA "
-                          "(IKE-negotiated SAs come with the controller)")
-    dp = cfg.dataplane
-    records, policies = sa_records(cfg.static_sas)
+def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tun_mtu: int,
+             nat_t: Sequence[tuple[str, int]], socket_local: IpAddress | None = None
+             ) -> tuple[PacketIO, PacketIO]:
+    """The inside and outside adapters the ``dataplane`` section names, cleanup on ``stack``.
+
+    ``routes``: prefixes routed into the TUN device; ``tun_mtu``: its MTU (what fits through
+    the tunnel: the kernel then answers bigger packets with ICMP itself and TCP finds the
+    path MTU). ``nat_t``: local (address, port) pairs of UDP-encapsulated SAs to claim with a
+    socket (AF_PACKET outside, no IKE daemon owning them). ``socket_local``: the address of
+    the portable socket outside.
+    """
     inside: PacketIO
     if dp.inside.mode == "tun":
-        routes = sorted({str(n) for sa in cfg.static_sas for n in sa.remote_ts})
-        # The TUN's MTU is what fits through the tunnel: the kernel then answers bigger
-        # packets with ICMP fragmentation-needed itself, and TCP finds the path MTU.
-        device = TunDevice(dp.inside.interface, mtu=tunnel_mtu(cfg), routes=routes)
+        device = TunDevice(dp.inside.interface, mtu=tun_mtu, routes=sorted(routes))
         stack.callback(device.close)
         inside = TunIO(device)
     else:
@@ -152,9 +153,8 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
         inside = port
     outside: PacketIO
     if dp.outside.mode == "socket":
-        first = cfg.static_sas[0]
-        nat_t = 4500 if any(sa.encap is not None for sa in cfg.static_sas) else None
-        sock = SocketOutside(first.local_addr, nat_t)  # type: ignore[arg-type]
+        assert socket_local is not None
+        sock = SocketOutside(socket_local, 4500 if nat_t else None)  # type: ignore[arg-type]
         stack.callback(sock.close)
         outside = sock
     else:
@@ -163,16 +163,80 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
         assert dp.outside.interface is not None
         sink = suppress_esp_unreachable()
         stack.callback(sink.close)
-        for nat_t_sock in claim_nat_t_ports(cfg.static_sas):
+        for nat_t_sock in claim_nat_t_ports(nat_t):
             stack.callback(nat_t_sock.close)
         port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout)
         stack.callback(port.close)
         outside = port
+    return inside, outside
+
+
+def settings_for(dp: DataplaneConfig) -> Settings:
     clamp = dp.mss_clamp
-    settings = Settings(workers=dp.workers, cpus=dp.cpus, max_packets=dp.batch.max_packets,
-                        runtime_dir=dp.endpoints.runtime_dir, outside_mtu=dp.mtu,
-                        mss_clamp="auto" if clamp == "auto" else clamp)
-    return DataPlane(settings, records, policies, inside, outside)
+    return Settings(workers=dp.workers, cpus=dp.cpus, max_packets=dp.batch.max_packets,
+                    runtime_dir=dp.endpoints.runtime_dir, outside_mtu=dp.mtu,
+                    mss_clamp="auto" if clamp == "auto" else clamp)
+
+
+def build(cfg: Config, stack: ExitStack) -> DataPlane:
+    """Everything ``run`` needs, with its cleanup registered on ``stack``."""
+    if not cfg.static_sas:
+        raise ConfigError("static_sas", "espline run needs at least one static SA "
+                          "(IKE-negotiated SAs come with the controller)")
+    records, policies = sa_records(cfg.static_sas)
+    inside, outside = build_io(
+        cfg.dataplane, stack,
+        routes=sorted({str(n) for sa in cfg.static_sas for n in sa.remote_ts}),
+        tun_mtu=tunnel_mtu(cfg),
+        nat_t=sorted({(str(sa.local_addr), sa.encap.local_port)
+                      for sa in cfg.static_sas if sa.encap is not None}),
+        socket_local=cfg.static_sas[0].local_addr)
+    return DataPlane(settings_for(cfg.dataplane), records, policies, inside, outside)
+
+
+def with_secrets_file(cfg: Config) -> Config:
+    """Add the shared keys of ``controller.secrets_file`` (a Kubernetes Secret mounted apart
+    from the ConfigMap) to the configuration's own."""
+    path = cfg.controller.secrets_file
+    if path is None:
+        return cfg
+    import dataclasses
+
+    from controller.config import parse_config_text
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError("controller.secrets_file", f"cannot read {path}: {exc.strerror}"
+                          ) from None
+    extra = parse_config_text(text, path)
+    if set(extra.connections) or extra.static_sas:
+        raise ConfigError("controller.secrets_file", f"{path} may hold a secrets section only")
+    return dataclasses.replace(cfg, shared_keys=cfg.shared_keys + extra.shared_keys)
+
+
+def _serve(cfg: Config) -> int:
+    """The controller with IKE (controller/gateway.py), on uvloop when it is installed."""
+    import asyncio
+
+    from controller.gateway import serve
+
+    try:
+        import uvloop
+
+        runner: object = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return int(runner(serve(cfg)))  # type: ignore[operator]
+    except ConfigError as exc:
+        print(f"espline: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"espline: {exc} (the controller needs CAP_NET_ADMIN and CAP_NET_RAW, and "
+              "CAP_NET_BIND_SERVICE for UDP 500/4500)", file=sys.stderr)
+        return 1
 
 
 def main(config_path: str) -> int:
@@ -185,6 +249,13 @@ def main(config_path: str) -> int:
     except OSError as exc:
         print(f"espline: cannot read {config_path}: {exc.strerror}", file=sys.stderr)
         return 2
+    try:
+        cfg = with_secrets_file(cfg)
+    except ConfigError as exc:
+        print(f"espline: {exc}", file=sys.stderr)
+        return 2
+    if cfg.conns:
+        return _serve(cfg)
     with ExitStack() as stack:
         try:
             plane = build(cfg, stack)

@@ -1,0 +1,472 @@
+"""The controller process (DESIGN §2): IKE, the SA registry, SA distribution, the data plane.
+
+``espline run -c FILE`` with a ``connections`` section runs this. One asyncio loop (uvloop
+when installed) holds:
+
+- the IKE daemon (controller/daemon.py) for the configured connections;
+- the SA registry: IKE SAs and their Child SAs, with the data plane's indices and counters;
+- the SA publisher (pipeline/sadist.py): every Child SA is pushed to the data plane as an
+  inbound and an outbound record plus the SPD, make-before-break on rekey (DESIGN §5);
+- the data plane, started as its own process (the I/O process, which starts the pinned
+  workers), following the publisher and pushing its counters back once a second.
+
+Event handling is the only place where IKE state turns into data plane state; the IKE core
+knows nothing of indices, the data plane nothing of IKE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import zmq
+
+from controller.config import Config, ConfigError, DataplaneConfig
+from controller.connections import Connection, PskStore, network_selectors
+from controller.daemon import IkeDaemon, PeerConfig
+from controller.ike.ike_sa import (
+    ChildConfig,
+    ChildSaEstablished,
+    Event,
+    IkeConfig,
+    IkeSa,
+    IkeSaClosed,
+    IkeSaEstablished,
+    IkeSaFailed,
+)
+from controller.ike.payloads import TrafficSelector
+from pipeline.dispatch import Policy
+from pipeline.sadist import SaPublisher
+from pipeline.satable import Direction, SaRecord, UdpEncap
+
+__all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "run_dataplane"]
+
+log = logging.getLogger("espline.controller")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# -- configuration -> IKE ----------------------------------------------------------------------
+
+def ike_config(conn: Connection, psks: PskStore) -> IkeConfig:
+    """The IKE core's view of a connection (its first child is negotiated with IKE_AUTH)."""
+    local_id = conn.local_id
+    psk = psks.lookup(local_id, conn.remote.id)
+    if psk is None:
+        raise ConfigError(f"connections.{conn.name}.local.auth",
+                          f"psk: no shared key in secrets for {local_id}"
+                          + (f" and {conn.remote.id}" if conn.remote.id else ""))
+    child = conn.children[0]
+    return IkeConfig(
+        name=conn.name,
+        proposals=conn.proposals,
+        local_id=(local_id.type, local_id.data),
+        remote_id=None if conn.remote.id is None else (conn.remote.id.type, conn.remote.id.data),
+        psk=psk,
+        child=ChildConfig(child.name, child.esp_proposals, network_selectors(child.local_ts),
+                          network_selectors(child.remote_ts), child.mode),
+    )
+
+
+def selector_networks(selectors: Iterable[TrafficSelector]) -> tuple[IpNetwork, ...]:
+    """Negotiated address ranges as the prefixes the data plane's SPD matches."""
+    nets: list[IpNetwork] = []
+    for ts in selectors:
+        nets += ipaddress.summarize_address_range(ts.start_address, ts.end_address)  # type: ignore[type-var, arg-type, unused-ignore]
+    return tuple(nets)
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+@dataclass
+class ChildEntry:
+    uniqueid: int
+    name: str
+    event: ChildSaEstablished
+    index_in: int
+    index_out: int
+    installed: float  # wall clock
+    local_port: int = 4500
+    remote_port: int = 4500
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class IkeEntry:
+    uniqueid: int
+    conn: str
+    sa: IkeSa
+    created: float
+    established: float | None = None
+    nat_local: bool = False
+    nat_remote: bool = False
+    children: dict[int, ChildEntry] = field(default_factory=dict)  # by inbound SPI
+
+    @property
+    def state(self) -> str:
+        return {"established": "ESTABLISHED", "deleting": "DELETING", "closed": "DELETED",
+                "failed": "DELETED"}.get(self.sa.state.value, "CONNECTING")
+
+
+# -- the data plane process --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataplaneJob:
+    """What the I/O process needs (picklable: it crosses a spawn)."""
+
+    dataplane: DataplaneConfig
+    routes: tuple[str, ...]
+    tun_mtu: int
+    sa_updates: tuple[str, str]
+    reports: str
+
+
+def run_dataplane(job: DataplaneJob) -> None:
+    """The I/O process body: adapters, then the data plane loop until SIGTERM."""
+    from controller.run import build_io, settings_for
+    from pipeline.dataplane import DataPlane
+
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with ExitStack() as stack:
+        inside, outside = build_io(job.dataplane, stack, routes=job.routes,
+                                   tun_mtu=job.tun_mtu, nat_t=())
+        plane = DataPlane(settings_for(job.dataplane), [], [], inside, outside,
+                          sa_updates=job.sa_updates, reports=job.reports)
+
+        def on_signal(signum: int, frame: object) -> None:
+            plane.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        plane.run()
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the controller dies, however it dies (prctl(2)
+    PR_SET_PDEATHSIG): the data plane never outlives the process that holds its SAs."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent is already gone
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _tun_mtu(cfg: Config) -> int:
+    """The TUN MTU that fits every configured ESP proposal UDP-encapsulated (the worst case:
+    what is negotiated is only known later)."""
+    from pipeline.mtu import inner_mtu
+
+    mtus = [inner_mtu(cfg.dataplane.mtu, transform, ":" in conn.local_addrs[0], True,
+                      child.mode.name == "TUNNEL")
+            for conn in cfg.conns.values() for child in conn.children
+            for transform, _ in child.esp_proposals]
+    return min(mtus) if mtus else 1400
+
+
+# -- the gateway -------------------------------------------------------------------------------
+
+class Gateway:
+    def __init__(self, cfg: Config, *, start_dataplane: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.start_dataplane = start_dataplane
+        self.clock = clock
+        self.psks = PskStore(cfg.shared_keys)
+        self.conns: dict[str, Connection] = dict(cfg.conns)
+        addrs = {conn.local_addrs[0] for conn in self.conns.values()}
+        if len(addrs) != 1:
+            raise ConfigError("connections", "all connections must share one local address "
+                              f"for now (got {', '.join(sorted(addrs))})")
+        self.local = addrs.pop()
+        peers = [PeerConfig(ike_config(c, self.psks), (c.remote_addrs[0], c.remote_port))
+                 for c in self.conns.values()]
+        self.daemon = IkeDaemon(peers, self.local, cfg.controller.ike_port,
+                                cfg.controller.natt_port, on_event=self._on_event)
+        self.ike: dict[int, IkeEntry] = {}  # by unique id
+        self._by_sa: dict[int, IkeEntry] = {}  # by id(IkeSa)
+        self._next_ike = 1
+        self._next_child = 1
+        self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
+        self.publisher: SaPublisher | None = None
+        self.stats: dict[str, Any] = {}  # the data plane's last counter report
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # VICI events
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._reports: zmq.Socket[bytes] | None = None
+        self._dataplane: BaseProcess | None = None
+        self._stop = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+        tag = os.getpid()
+        ctx = self._ctx = zmq.Context()
+        endpoints = (f"ipc://{self.runtime_dir}/sa-pub-{tag}",
+                     f"ipc://{self.runtime_dir}/sa-snapshot-{tag}")
+        reports = f"ipc://{self.runtime_dir}/reports-{tag}"
+        self.publisher = SaPublisher(ctx, *endpoints)
+        self._reports = ctx.socket(zmq.PULL)
+        self._reports.setsockopt(zmq.LINGER, 0)
+        self._reports.bind(reports)
+        os.chmod(reports.removeprefix("ipc://"), 0o600)
+        loop = asyncio.get_running_loop()
+        self._watch(loop, self.publisher.snapshot_socket, self.publisher.serve_snapshots)
+        self._watch(loop, self._reports, self._read_reports)
+        if self.start_dataplane:
+            routes = tuple(sorted({str(n) for c in self.conns.values() for ch in c.children
+                                   for n in ch.remote_ts}))
+            job = DataplaneJob(self.cfg.dataplane, routes, _tun_mtu(self.cfg), endpoints,
+                               reports)
+            proc = multiprocessing.get_context("spawn").Process(
+                target=run_dataplane, args=(job,), name="espline-io")  # it has children
+            proc.start()
+            self._dataplane = proc
+        await self.daemon.start()
+        self._timers = asyncio.create_task(self.daemon.run_timers(self._stop))
+        for conn in self.conns.values():
+            if any(ch.start_action == "start" for ch in conn.children):
+                self.initiate(conn.name)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes],
+               handler: Callable[[], object]) -> None:
+        """Run ``handler`` whenever ``sock`` has input. ZeroMQ's FD is edge-triggered: the
+        handler drains everything, and EVENTS is re-checked after it."""
+        def ready() -> None:
+            while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                handler()
+
+        loop.add_reader(sock.getsockopt(zmq.FD), ready)  # type: ignore[arg-type]
+        loop.call_soon(ready)
+
+    def _read_reports(self) -> None:
+        assert self._reports is not None
+        while True:
+            try:
+                data = self._reports.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with contextlib.suppress(ValueError):
+                self.stats = json.loads(data)
+                self._update_counters()
+
+    def _update_counters(self) -> None:
+        by_index = {sa["index"]: sa for sa in self.stats.get("sas", [])}
+        for entry in self.ike.values():
+            for child in entry.children.values():
+                cin, cout = by_index.get(child.index_in, {}), by_index.get(child.index_out, {})
+                child.counters = {"bytes-in": cin.get("bytes", 0),
+                                  "packets-in": cin.get("packets", 0),
+                                  "bytes-out": cout.get("bytes", 0),
+                                  "packets-out": cout.get("packets", 0)}
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Delete every IKE SA (the peer learns at once), then stop everything we started."""
+        now = self.clock()
+        for entry in list(self.ike.values()):
+            if entry.sa.state.value == "established":
+                entry.sa.delete(now)
+                self.daemon._flush(entry.sa)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(
+                e.sa.state.value == "deleting" for e in self.ike.values()):
+            await asyncio.sleep(0.05)
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await self._timers
+        self.daemon.close()
+        self.close()
+
+    def close(self) -> None:
+        proc = self._dataplane
+        if proc is not None and proc.pid is not None:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+            self._dataplane = None
+        with contextlib.suppress(Exception):
+            loop = asyncio.get_running_loop()
+            for sock in (self._reports, getattr(self.publisher, "snapshot_socket", None)):
+                if sock is not None:
+                    loop.remove_reader(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self._reports is not None:
+            endpoint = self._reports.getsockopt(zmq.LAST_ENDPOINT)
+            path = bytes(endpoint).decode().removeprefix("ipc://")
+            self._reports.close(linger=0)
+            self._reports = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    @property
+    def dataplane_pid(self) -> int | None:
+        return None if self._dataplane is None else self._dataplane.pid
+
+    # -- operations -----------------------------------------------------------------------
+    def initiate(self, name: str) -> IkeEntry:
+        if name not in self.conns:
+            raise KeyError(name)
+        sa = self.daemon.initiate(name)
+        return self._entry(sa)
+
+    def terminate(self, entry: IkeEntry) -> None:
+        if entry.sa.state.value == "established":
+            entry.sa.delete(self.clock())
+            self.daemon._flush(entry.sa)
+
+    # -- IKE events -> registry and data plane ----------------------------------------------
+    def _entry(self, sa: IkeSa) -> IkeEntry:
+        entry = self._by_sa.get(id(sa))
+        if entry is None:
+            entry = IkeEntry(self._next_ike, sa.config.name, sa, time.time())
+            self._next_ike += 1
+            self._by_sa[id(sa)] = entry
+            self.ike[entry.uniqueid] = entry
+        return entry
+
+    def _on_event(self, sa: IkeSa, event: Event) -> None:
+        entry = self._entry(sa)
+        if isinstance(event, IkeSaEstablished):
+            entry.established = time.time()
+            entry.nat_local, entry.nat_remote = event.nat_local, event.nat_remote
+            log.info("%s[%d]: IKE SA established with %s", entry.conn, entry.uniqueid,
+                     sa.remote[0])
+            self._emit("ike-updown", {"up": "yes", entry.conn: {"uniqueid": entry.uniqueid}})
+        elif isinstance(event, ChildSaEstablished):
+            self._install_child(entry, event)
+        elif isinstance(event, IkeSaFailed | IkeSaClosed):
+            reason = event.reason if isinstance(event, IkeSaFailed) else (
+                "deleted by peer" if event.by_peer else "deleted")
+            log.info("%s[%d]: IKE SA down: %s", entry.conn, entry.uniqueid, reason)
+            for child in list(entry.children.values()):
+                self._remove_child(entry, child)
+            self._emit("ike-updown", {entry.conn: {"uniqueid": entry.uniqueid}})
+            self.ike.pop(entry.uniqueid, None)
+            self._by_sa.pop(id(sa), None)
+            self.daemon.sas = {k: v for k, v in self.daemon.sas.items() if v is not sa}
+        else:
+            self._on_other_event(entry, event)
+
+    def _on_other_event(self, entry: IkeEntry, event: object) -> None:
+        """Events of the IKE core's later exchanges (rekeys, Child SA deletes)."""
+        kind = type(event).__name__
+        if kind == "ChildSaRekeyed":
+            new = event.new  # type: ignore[attr-defined]
+            self._install_child(entry, new, replaces=event.old_spi_in)  # type: ignore[attr-defined]
+        elif kind == "ChildSaDeleted":
+            child = entry.children.get(event.spi_in)  # type: ignore[attr-defined]
+            if child is not None:
+                self._remove_child(entry, child)
+        elif kind == "IkeSaRekeyed":
+            log.info("%s[%d]: IKE SA rekeyed", entry.conn, entry.uniqueid)
+
+    def _records(self, entry: IkeEntry, e: ChildSaEstablished) -> tuple[SaRecord, SaRecord,
+                                                                          int, int]:
+        local = ipaddress.ip_address(self.local)
+        remote = ipaddress.ip_address(entry.sa.remote[0])
+        lport = int(getattr(e, "local_port", self.cfg.controller.natt_port))
+        rport = int(getattr(e, "remote_port", entry.sa.remote[1]
+                            if entry.sa.remote[1] != self.cfg.controller.ike_port
+                            else self.cfg.controller.natt_port))
+        encap = UdpEncap(lport, rport) if e.encap else None
+        conn = self.conns.get(entry.conn)
+        spec = next((c for c in conn.children if c.name == e.name), None) if conn else None
+        window = spec.replay_window if spec is not None else 32
+        common = {"alg": e.transform.keyword, "local_addr": local, "remote_addr": remote,
+                  "mode": e.mode, "esn": e.esn, "encap": encap,
+                  "name": f"{entry.conn}/{e.name}"}
+        out = SaRecord(spi=e.spi_out, direction=Direction.OUT, enc_key=e.enc_key_out,
+                       integ_key=e.integ_key_out, replay_window=0, **common)  # type: ignore[arg-type]
+        inbound = SaRecord(spi=e.spi_in, direction=Direction.IN, enc_key=e.enc_key_in,
+                           integ_key=e.integ_key_in, replay_window=window, **common)  # type: ignore[arg-type]
+        return out, inbound, lport, rport
+
+    def _install_child(self, entry: IkeEntry, e: ChildSaEstablished,
+                       replaces: int | None = None) -> None:
+        pub = self.publisher
+        assert pub is not None
+        out, inbound, lport, rport = self._records(entry, e)
+        index_in, index_out = pub.allocate(), pub.allocate()
+        pub.install(index_in, inbound)  # inbound first: the peer may already send on it
+        pub.install(index_out, out)
+        child = ChildEntry(self._next_child, e.name, e, index_in, index_out, time.time(),
+                           lport, rport)
+        self._next_child += 1
+        old = entry.children.get(replaces) if replaces is not None else None
+        entry.children[e.spi_in] = child
+        self._publish_policies()
+        if old is not None:
+            # make-before-break: outbound has switched; the old inbound SA stays until its
+            # Delete completes (ChildSaDeleted).
+            pub.remove(old.index_out)
+        log.info("%s[%d]: CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", entry.conn,
+                 entry.uniqueid, e.name, child.uniqueid, e.spi_in, e.spi_out,
+                 " (UDP-encapsulated)" if e.encap else "")
+        self._emit("child-updown", {"up": "yes", entry.conn: {"uniqueid": entry.uniqueid,
+                                                              "child": e.name}})
+
+    def _remove_child(self, entry: IkeEntry, child: ChildEntry) -> None:
+        pub = self.publisher
+        entry.children.pop(child.event.spi_in, None)
+        if pub is not None:
+            self._publish_policies()
+            pub.remove(child.index_out)
+            pub.remove(child.index_in)
+        self._emit("child-updown", {entry.conn: {"uniqueid": entry.uniqueid,
+                                                 "child": child.name}})
+
+    def _publish_policies(self) -> None:
+        """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
+        pair of selectors wins (rekeyed SAs are listed after the ones they replace)."""
+        assert self.publisher is not None
+        policies: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]], int] = {}
+        for entry in self.ike.values():
+            for child in sorted(entry.children.values(), key=lambda c: c.uniqueid):
+                key = (selector_networks(child.event.local_ts),
+                       selector_networks(child.event.remote_ts))
+                policies[key] = child.index_out
+        self.publisher.set_policies([Policy(local, remote, sa_index=index)
+                                     for (local, remote), index in policies.items()])
+
+    def _emit(self, event: str, message: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):
+                listener(event, message)
+
+
+async def serve(cfg: Config) -> int:
+    """Run the gateway until SIGTERM/SIGINT."""
+    gateway = Gateway(cfg)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, done.set)
+    try:
+        await gateway.start()
+        log.info("controller up: %d connection(s), IKE on %s:%d/%d", len(gateway.conns),
+                 gateway.local, cfg.controller.ike_port, cfg.controller.natt_port)
+        await done.wait()
+    finally:
+        await gateway.stop()
+    return 0
