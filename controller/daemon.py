@@ -148,7 +148,7 @@ class IkeDaemon:
                 return
             sa = IkeSa(peer.ike, initiator=False, local=(self.local, self.port), remote=addr,
                        random=self.random)
-        sa.remote = addr  # answer where the peer is (ports may change with NAT-T)
+        # The core learns the peer's address from authenticated messages (RFC 7296 §2.23).
         sa.receive_datagram(data, addr, self.clock())
         if not sa.initiator and sa.spi_r not in self.sas and sa.state.value != "initial":
             self.sas[sa.spi_r] = sa  # the responder keeps state only once it answered
@@ -157,7 +157,9 @@ class IkeDaemon:
     def _flush(self, sa: IkeSa) -> None:
         now = self.clock()
         for data, addr in sa.datagrams_to_send(now):
-            natt = addr[1] == self.natt_port and self._natt is not None
+            # From the NAT-T port once the SA moved there (our port, not the peer's: behind
+            # a NAT the peer's may be anything), with the non-ESP marker (RFC 3948 §2.2).
+            natt = sa.local[1] == self.natt_port and self._natt is not None
             endpoint = self._natt if natt else self._ike
             if endpoint is None or endpoint.transport is None:
                 continue

@@ -60,7 +60,7 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # -- configuration -> IKE ----------------------------------------------------------------------
 
-def ike_config(conn: Connection, psks: PskStore) -> IkeConfig:
+def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeConfig:
     """The IKE core's view of a connection (its first child is negotiated with IKE_AUTH)."""
     local_id = conn.local_id
     psk = psks.lookup(local_id, conn.remote.id)
@@ -75,6 +75,8 @@ def ike_config(conn: Connection, psks: PskStore) -> IkeConfig:
         local_id=(local_id.type, local_id.data),
         remote_id=None if conn.remote.id is None else (conn.remote.id.type, conn.remote.id.data),
         psk=psk,
+        force_encap=conn.encap,
+        natt_port=natt_port,
         child=ChildConfig(child.name, child.esp_proposals, network_selectors(child.local_ts),
                           network_selectors(child.remote_ts), child.mode),
     )
@@ -193,7 +195,8 @@ class Gateway:
             raise ConfigError("connections", "all connections must share one local address "
                               f"for now (got {', '.join(sorted(addrs))})")
         self.local = addrs.pop()
-        peers = [PeerConfig(ike_config(c, self.psks), (c.remote_addrs[0], c.remote_port))
+        peers = [PeerConfig(ike_config(c, self.psks, cfg.controller.natt_port),
+                            (c.remote_addrs[0], c.remote_port))
                  for c in self.conns.values()]
         self.daemon = IkeDaemon(peers, self.local, cfg.controller.ike_port,
                                 cfg.controller.natt_port, on_event=self._on_event)
