@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Runs bench/esp_codec.py; extra arguments are passed on to it.")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="arguments for bench.esp_codec (see: espline bench --help-bench)")
-    run = sub.add_parser("run", help="run the data plane in the foreground (static SAs)")
+    run = sub.add_parser("run", help="run the gateway in the foreground: IKE controller and "
+                         "data plane (connections), or the data plane alone (static_sas)")
     run.add_argument("-c", "--config", required=True, help="espline YAML configuration")
+    sub.add_parser("demo", help="two sites in network namespaces, an IKEv2 tunnel, traffic "
+                   "and a summary (needs root; see espline demo --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from bench import demo
+
+        return demo.main(argv[1:])
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark's own parser.
         from bench import esp_codec

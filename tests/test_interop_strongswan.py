@@ -82,7 +82,7 @@ def espline_config(rundir: Path, *, ike: str, esp: str, start: bool) -> str:
 class Interop:
     def __init__(self, lab: NetnsLab, tmp: Path, *, initiator: str, ike: str, esp: str) -> None:
         self.topo = build_topology(lab, inside="tun")
-        self.charon = Charon(self.topo.gw_b, tmp / "charon")
+        self.charon = Charon(self.topo.gw_b.popen, tmp / "charon")
         self.charon.write(swanctl_conf(
             local=SIDE_B.outer, remote=SIDE_A.outer, local_id=ID_B, remote_id=ID_A,
             local_ts=SIDE_B.net, remote_ts=SIDE_A.net, psk=PSK, proposals=ike,
