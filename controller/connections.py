@@ -349,8 +349,9 @@ def _round(name: str, prefix: str) -> tuple[int, str]:
     return (0 if name == prefix else 1, name)
 
 
-def _child(name: str, value: object, keys: Keys) -> ChildSpec:
+def _child(name: str, value: object, keys: Keys, ignored: list[str]) -> ChildSpec:
     t = _Tree(value, keys, _CHILD_KEYS, IGNORED_CHILD_KEYS)
+    ignored += t.ignored
     local_ts = _selectors(t.get("local_ts"), t.at("local_ts")) if "local_ts" in t.data else ()
     remote_ts = (_selectors(t.get("remote_ts"), t.at("remote_ts"))
                  if "remote_ts" in t.data else ())
@@ -433,7 +434,8 @@ def parse_connection(name: str, value: object, keys: Keys | None = None) -> Conn
     children_value = t.get("children")
     if not isinstance(children_value, Mapping) or not children_value:
         _fail(t.at("children"), "at least one child section is required")
-    children = tuple(_child(str(cname), cvalue, (*t.at("children"), str(cname)))
+    ignored = list(t.ignored)
+    children = tuple(_child(str(cname), cvalue, (*t.at("children"), str(cname)), ignored)
                      for cname, cvalue in children_value.items())
     local_port = _int(t.get("local_port", IKE_PORT), t.at("local_port"), 1, 65535)
     remote_port = _int(t.get("remote_port", IKE_PORT), t.at("remote_port"), 1, 65535)
@@ -446,7 +448,7 @@ def parse_connection(name: str, value: object, keys: Keys | None = None) -> Conn
         dpd_timeout=duration(t.get("dpd_timeout", 0), t.at("dpd_timeout")),
         rekey_time=duration(t.get("rekey_time", DEFAULT_REKEY_TIME), t.at("rekey_time")),
         keyingtries=_int(t.get("keyingtries", 1), t.at("keyingtries"), 0, 1000),
-        ignored=tuple(t.ignored),
+        ignored=tuple(ignored),
     )
 
 

@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -88,6 +89,25 @@ def selector_networks(selectors: Iterable[TrafficSelector]) -> tuple[IpNetwork, 
     for ts in selectors:
         nets += ipaddress.summarize_address_range(ts.start_address, ts.end_address)  # type: ignore[type-var, arg-type, unused-ignore]
     return tuple(nets)
+
+
+def resolve_local(conn: Connection) -> str:
+    """The connection's local address; ``0.0.0.0``/``::`` (one ConfigMap for every node of a
+    Kubernetes DaemonSet) becomes the address this host uses towards the peer, from the
+    kernel's route lookup (a connected UDP socket sends nothing)."""
+    local = conn.local_addrs[0]
+    if not ipaddress.ip_address(local).is_unspecified:
+        return local
+    remote = conn.remote_addrs[0]
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((remote, conn.remote_port))
+            return str(probe.getsockname()[0])
+    except OSError as exc:
+        raise ConfigError(f"connections.{conn.name}.local_addrs",
+                          f"no route to {remote} to pick a local address from: "
+                          f"{exc.strerror}") from None
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -190,7 +210,7 @@ class Gateway:
         self.clock = clock
         self.psks = PskStore(cfg.shared_keys)
         self.conns: dict[str, Connection] = dict(cfg.conns)
-        addrs = {conn.local_addrs[0] for conn in self.conns.values()}
+        addrs = {resolve_local(conn) for conn in self.conns.values()}
         if len(addrs) != 1:
             raise ConfigError("connections", "all connections must share one local address "
                               f"for now (got {', '.join(sorted(addrs))})")

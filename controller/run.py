@@ -234,8 +234,9 @@ def _serve(cfg: Config) -> int:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:
-        print(f"espline: {exc} (the controller needs CAP_NET_ADMIN and CAP_NET_RAW, and "
-              "CAP_NET_BIND_SERVICE for UDP 500/4500)", file=sys.stderr)
+        print(f"espline: {exc} (the controller needs CAP_NET_ADMIN and CAP_NET_RAW; binding "
+              "UDP 500 also needs CAP_NET_BIND_SERVICE or net.ipv4.ip_unprivileged_port_start"
+              " <= 500, or set controller.ike_port above 1023)", file=sys.stderr)
         return 1
 
 
