@@ -1,0 +1,206 @@
+"""Logging setup: text or JSON lines, each line of an IKE SA bound to the SA's name and unique
+id, and a filter that keeps key material out of the logs (DESIGN §6, Observability).
+
+Text::
+
+    2024-05-01T12:00:00.123Z INFO espline.ike: site-b[3] IKE SA established spi_i=...
+
+JSON, one object per line::
+
+    {"ts":"2024-05-01T12:00:00.123Z","level":"INFO","logger":"espline.ike",
+     "msg":"IKE SA established","ike":"site-b","ike_id":3,"spi_i":"..."}
+
+Fields passed with ``extra=`` appear as ``key=value`` in text and as members in JSON; an
+exception is one string field (``exc``). Any field named like key material (``key``,
+``secret``, ``psk``, ``password``, ``SK_*``, ``keymat``, ``skeyseed``, ``private``) is replaced by
+``<redacted>``, inside nested mappings too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from enum import Enum
+from typing import IO, Any
+
+__all__ = [
+    "REDACTED",
+    "IkeSaLogger",
+    "JsonFormatter",
+    "RedactSecrets",
+    "TextFormatter",
+    "is_secret_name",
+    "sa_logger",
+    "setup_logging",
+]
+
+REDACTED = "<redacted>"
+_SECRET_NAME = re.compile(r"key|secret|psk|passw|^sk_|skeyseed|keymat|private|credential",
+                          re.IGNORECASE)
+# Every attribute a LogRecord has by itself (this Python's), so the rest are ``extra`` fields.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName",
+}
+_BOUND = ("ike", "ike_id")
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+def _redact(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {k: REDACTED if isinstance(k, str) and is_secret_name(k) else _redact(v)
+                for k, v in value.items()}
+    return value
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces ``extra`` fields named like key material by ``<redacted>`` before any
+    formatter sees them. It cannot see secrets interpolated into the message itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = vars(record)
+        for name in [n for n in fields if n not in _RECORD_ATTRS]:
+            if is_secret_name(name):
+                fields[name] = REDACTED
+            elif isinstance(fields[name], Mapping):
+                fields[name] = _redact(fields[name])
+        return True
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    t = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _plain(value: object) -> object:
+    """A JSON-able form of values logs commonly carry."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address
+                  | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+class TextFormatter(logging.Formatter):
+    """``<ts> <LEVEL> <logger>: [<ike>[<ike_id>] ]<message>[ key=value ...]``, then the
+    traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        extras = _extras(record)
+        prefix = ""
+        if "ike" in extras:
+            ike_id = extras.get("ike_id")
+            prefix = f"{extras['ike']}[{ike_id}] " if ike_id is not None else f"{extras['ike']} "
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {prefix}{record.message}"
+        pairs = [f"{k}={_text_value(v)}" for k, v in extras.items() if k not in _BOUND]
+        if pairs:
+            line += " " + " ".join(pairs)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, int | float | bool) or value is None:
+        return str(value)
+    else:
+        plain = _plain(value)
+        text = plain if isinstance(plain, str) else json.dumps(plain, default=_plain)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then ``ike`` and
+    ``ike_id`` when bound, the ``extra`` fields, and ``exc``/``stack`` as strings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extras = _extras(record)
+        for name in _BOUND:
+            if name in extras:
+                obj[name] = extras.pop(name)
+        for k, v in extras.items():
+            obj.setdefault(k, v)  # an extra never overrides the fields above
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            obj["exc"] = record.exc_text
+        if record.stack_info:
+            obj["stack"] = self.formatStack(record.stack_info)
+        # json.dumps escapes control characters, so the object stays on one line.
+        return json.dumps(obj, default=_plain, ensure_ascii=False, separators=(",", ":"))
+
+
+class IkeSaLogger(logging.LoggerAdapter[logging.Logger]):
+    """Binds ``ike`` (the IKE SA's connection name) and ``ike_id`` (its unique id) to every
+    record, keeping the call's own ``extra`` fields (the bound ones win)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **(self.extra or {})}
+        return msg, kwargs
+
+    def bind(self, **fields: object) -> IkeSaLogger:
+        """A logger with more bound fields (e.g. ``child="lan"``)."""
+        return IkeSaLogger(self.logger, {**(self.extra or {}), **fields})
+
+
+def sa_logger(base: logging.Logger | str, ike_name: str, ike_id: int) -> IkeSaLogger:
+    """The logger of one IKE SA: ``sa_logger("espline.ike", "site-b", 3)``."""
+    logger = logging.getLogger(base) if isinstance(base, str) else base
+    return IkeSaLogger(logger, {"ike": ike_name, "ike_id": ike_id})
+
+
+def setup_logging(format: str = "text", level: int | str = "INFO",
+                  stream: IO[str] | None = None) -> logging.Handler:
+    """Configure the root logger: one handler on ``stream`` (stderr) with the text or JSON
+    formatter and the redaction filter. Calling it again replaces the handler it installed
+    before (other handlers are left alone). Returns the handler."""
+    if format not in ("text", "json"):
+        raise ValueError(f"log format {format!r}: expected 'text' or 'json'")
+    if isinstance(level, str):
+        levels = logging.getLevelNamesMapping()
+        if level.upper() not in levels:
+            raise ValueError(f"log level {level!r}: expected one of {', '.join(levels)}")
+        level = levels[level.upper()]
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_espline", False)]:
+        root.removeHandler(old)
+        old.close()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
+    handler.addFilter(RedactSecrets())
+    handler._espline = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler

@@ -1,0 +1,168 @@
+"""controller/logs.py: JSON lines that parse and carry the IKE SA's name and id, the text form,
+exceptions as one field, and the filter that keeps key material out."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from controller.logs import (
+    REDACTED,
+    RedactSecrets,
+    is_secret_name,
+    sa_logger,
+    setup_logging,
+)
+
+TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A log stream, with the root logger restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    yield out
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_the_ike_sa(stream: io.StringIO) -> None:
+    setup_logging("json", "DEBUG", stream)
+    log = sa_logger("espline.ike", "site-b", 3)
+    log.info("IKE SA %s with %d child", "established", 1, extra={"spi_i": b"\x01\x02\xff"})
+    log.debug("retransmit", extra={"tries": 2, "timeout": 1.5, "peer": None})
+    first, second = lines(stream)
+    assert first["msg"] == "IKE SA established with 1 child"
+    assert first["level"] == "INFO" and first["logger"] == "espline.ike"
+    assert first["ike"] == "site-b" and first["ike_id"] == 3
+    assert first["spi_i"] == "0102ff"
+    assert TS.match(str(first["ts"]))
+    assert list(first)[:6] == ["ts", "level", "logger", "msg", "ike", "ike_id"]
+    assert second["tries"] == 2 and second["timeout"] == 1.5 and second["peer"] is None
+
+
+def test_json_exception_and_newlines_stay_on_one_line(stream: io.StringIO) -> None:
+    setup_logging("json", "INFO", stream)
+    log = sa_logger(logging.getLogger("espline.test"), "site\nb", 7)
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        log.exception("failed:\n%s", "two lines")
+    [record] = lines(stream)  # one object, one line, despite the newlines
+    assert record["msg"] == "failed:\ntwo lines" and record["ike"] == "site\nb"
+    assert isinstance(record["exc"], str)
+    assert "Traceback" in record["exc"] and "ValueError: bad\nthing" in record["exc"]
+
+
+def test_extra_fields_never_override_the_core_ones(stream: io.StringIO) -> None:
+    setup_logging("json", "INFO", stream)
+    logging.getLogger("espline.x").info("m", extra={"level": "fake", "ts": 0, "ike": "x"})
+    [record] = lines(stream)
+    assert record["level"] == "INFO" and record["ts"] != 0
+    assert record["ike"] == "x"  # an unbound logger may pass ike itself
+
+
+def test_bound_fields_win_and_bind_adds_more(stream: io.StringIO) -> None:
+    setup_logging("json", "INFO", stream)
+    log = sa_logger("espline.ike", "site-b", 3)
+    log.info("a", extra={"ike": "other", "note": "kept"})
+    log.bind(child="lan").warning("b")
+    a, b = lines(stream)
+    assert a["ike"] == "site-b" and a["note"] == "kept"
+    assert b["child"] == "lan" and b["ike_id"] == 3 and b["level"] == "WARNING"
+
+
+def test_text_lines(stream: io.StringIO) -> None:
+    setup_logging("text", "INFO", stream)
+    log = sa_logger("espline.ike", "site-b", 3)
+    log.info("IKE SA established", extra={"reason": "no proposal", "n": 2, "spi": b"\xab"})
+    logging.getLogger("espline.run").warning("plain")
+    log.debug("not shown")
+    first, second = stream.getvalue().splitlines()
+    m = re.match(r"(\S+) INFO espline\.ike: site-b\[3\] IKE SA established (.*)\Z", first)
+    assert m and TS.match(m.group(1))
+    assert m.group(2) == 'reason="no proposal" n=2 spi=ab'
+    assert second.endswith(" WARNING espline.run: plain")
+
+
+def test_text_exception(stream: io.StringIO) -> None:
+    setup_logging("text", "INFO", stream)
+    try:
+        raise KeyError("k")
+    except KeyError:
+        sa_logger("espline.ike", "s", 1).exception("oops")
+    text = stream.getvalue()
+    assert "s[1] oops\nTraceback" in text and "KeyError: 'k'" in text
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_key_material_is_redacted(stream: io.StringIO, fmt: str) -> None:
+    setup_logging(fmt, "INFO", stream)
+    secrets = {"psk": b"hunter2", "enc_key": b"\x11" * 16, "integ_key": "2222",
+               "SK_ei": b"\x33" * 20, "shared_secret": "4444", "private_key": "5555",
+               "keymat": b"\x66" * 8, "password": "7777"}
+    sa_logger("espline.ike", "site-b", 3).info(
+        "child SA installed",
+        extra={**secrets, "spi_in": "0xc0ffee01", "config": {"psk": "8888", "name": "lan",
+                                                             "inner": {"auth_key": "9999"}}})
+    out = stream.getvalue()
+    for leaked in ("hunter2", "1111", "2222", "3333", "4444", "5555", "6666", "7777",
+                   "8888", "9999"):
+        assert leaked not in out, leaked
+    assert "0xc0ffee01" in out and "lan" in out
+    if fmt == "json":
+        [record] = lines(stream)
+        assert all(record[k] == REDACTED for k in secrets)
+        assert record["config"] == {"psk": REDACTED, "name": "lan",
+                                    "inner": {"auth_key": REDACTED}}
+
+
+def test_redaction_filter_on_any_handler() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    record.__dict__.update(psk="s3cret", spi=5)
+    assert RedactSecrets().filter(record)
+    assert record.__dict__["psk"] == REDACTED and record.__dict__["spi"] == 5
+    assert record.msg == "m"  # the record's own attributes are not extras
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("key", True), ("enc_key", True), ("psk", True), ("PSK", True), ("sk_d", True),
+    ("SK_pi", True), ("skeyseed", True), ("client_secret", True), ("passwd", True),
+    ("spi", False), ("ike", False), ("ike_id", False), ("nonce_len", False), ("task", False),
+])
+def test_secret_names(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
+
+
+def test_setup_replaces_its_own_handler_only(stream: io.StringIO) -> None:
+    root = logging.getLogger()
+    other = logging.StreamHandler(io.StringIO())
+    root.addHandler(other)
+    try:
+        first = setup_logging("text", "INFO", stream)
+        second = setup_logging("json", logging.WARNING, stream)
+        assert first not in root.handlers and second in root.handlers and other in root.handlers
+        assert root.level == logging.WARNING
+        logging.getLogger("espline.x").warning("once")
+        assert len(stream.getvalue().splitlines()) == 1
+    finally:
+        root.removeHandler(other)
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("xml", "INFO"), ("text", "LOUD")])
+def test_setup_rejects_bad_arguments(fmt: str, level: str) -> None:
+    with pytest.raises(ValueError):
+        setup_logging(fmt, level)
