@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"espline {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from controller.admin import add_admin_parsers
+
+    admin = add_admin_parsers(sub)
     bench = sub.add_parser(
-        "bench", help="ESP codec benchmark on one core (the embedded default demo for now)",
+        "bench", help="ESP codec benchmark on one core",
         description="Runs bench/esp_codec.py; extra arguments are passed on to it.")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="arguments for bench.esp_codec (see: espline bench --help-bench)")
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--modes", "tunnel", "--sizes", "64,512,1400", "--seconds", "1"]
         return esp_codec.main(passed)
     args = parser.parse_args(argv)
+    if (code := admin(args)) is not None:
+        return int(code)
     if args.command == "run":
         from controller.run import main as run_main
 

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +72,9 @@ class IkeDaemon:
         self.clock = clock
         self.sas: dict[bytes, IkeSa] = {}  # by the SPI we chose (ours identifies the SA)
         self.dropped = 0  # datagrams that match no IKE SA and start none
+        # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
+        self.messages: Counter[tuple[int, str, str]] = Counter()
+        self.alerts: Counter[str] = Counter()
         self._ike: _Endpoint | None = None
         self._natt: _Endpoint | None = None
         self._wake = asyncio.Event()
@@ -137,19 +141,25 @@ class IkeDaemon:
             return
         spi_i, spi_r = data[:8], data[8:16]
         exchange, flags = data[18], data[19]
+        self.messages[(exchange, "in", "response" if flags & FLAG_RESPONSE else "request")] += 1
         sa = self.sas.get(spi_r) or self.sas.get(spi_i)
         if sa is None:
             if exchange != IKE_SA_INIT or flags & FLAG_RESPONSE or any(spi_r):
                 self.dropped += 1
+                self.alerts["invalid_spi"] += 1
                 return
             peer = next((p for p in self.peers if p.remote[0] == addr[0]), None)
             if peer is None:
                 self.dropped += 1  # nobody configured at that address
+                self.alerts["peer_not_configured"] += 1
                 return
             sa = IkeSa(peer.ike, initiator=False, local=(self.local, self.port), remote=addr,
                        random=self.random)
         # The core learns the peer's address from authenticated messages (RFC 7296 §2.23).
+        dropped = sa.dropped
         sa.receive_datagram(data, addr, self.clock())
+        if sa.dropped != dropped:
+            self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
         if not sa.initiator and sa.spi_r not in self.sas and sa.state.value != "initial":
             self.sas[sa.spi_r] = sa  # the responder keeps state only once it answered
         self._flush(sa)
@@ -164,6 +174,9 @@ class IkeDaemon:
             if endpoint is None or endpoint.transport is None:
                 continue
             endpoint.transport.sendto(NON_ESP_MARKER + data if natt else data, addr)
+            if len(data) >= IKE_HEADER_LEN:
+                self.messages[(data[18], "out",
+                               "response" if data[19] & FLAG_RESPONSE else "request")] += 1
         while (event := sa.next_event()) is not None:
             log.info("%s: %s", sa.config.name, type(event).__name__)
             if self.on_event is not None:

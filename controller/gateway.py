@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -123,6 +124,8 @@ class ChildEntry:
     local_port: int = 4500
     remote_port: int = 4500
     counters: dict[str, int] = field(default_factory=dict)
+    rekeys: int = 0
+    replaced: bool = False  # rekeyed: its successor carries on
 
 
 @dataclass
@@ -135,6 +138,8 @@ class IkeEntry:
     nat_local: bool = False
     nat_remote: bool = False
     children: dict[int, ChildEntry] = field(default_factory=dict)  # by inbound SPI
+    rekeys: int = 0
+    closed: str | None = None  # why it went down
 
     @property
     def state(self) -> str:
@@ -153,19 +158,23 @@ class DataplaneJob:
     tun_mtu: int
     sa_updates: tuple[str, str]
     reports: str
+    log_format: str = "text"
 
 
 def run_dataplane(job: DataplaneJob) -> None:
     """The I/O process body: adapters, then the data plane loop until SIGTERM."""
+    from controller.logs import setup_logging
     from controller.run import build_io, settings_for
     from pipeline.dataplane import DataPlane
 
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(job.log_format)
     with ExitStack() as stack:
         inside, outside = build_io(job.dataplane, stack, routes=job.routes,
                                    tun_mtu=job.tun_mtu, nat_t=())
-        plane = DataPlane(settings_for(job.dataplane), [], [], inside, outside,
+        # Counters reach the controller four times a second: list-sas and metrics stay fresh.
+        settings = dataclasses.replace(settings_for(job.dataplane), stats_interval=0.25)
+        plane = DataPlane(settings, [], [], inside, outside,
                           sa_updates=job.sa_updates, reports=job.reports)
 
         def on_signal(signum: int, frame: object) -> None:
@@ -215,11 +224,10 @@ class Gateway:
             raise ConfigError("connections", "all connections must share one local address "
                               f"for now (got {', '.join(sorted(addrs))})")
         self.local = addrs.pop()
-        peers = [PeerConfig(ike_config(c, self.psks, cfg.controller.natt_port),
-                            (c.remote_addrs[0], c.remote_port))
-                 for c in self.conns.values()]
-        self.daemon = IkeDaemon(peers, self.local, cfg.controller.ike_port,
+        self.started_at = time.time()
+        self.daemon = IkeDaemon([], self.local, cfg.controller.ike_port,
                                 cfg.controller.natt_port, on_event=self._on_event)
+        self._rebuild_peers(strict=True)
         self.ike: dict[int, IkeEntry] = {}  # by unique id
         self._by_sa: dict[int, IkeEntry] = {}  # by id(IkeSa)
         self._next_ike = 1
@@ -227,7 +235,9 @@ class Gateway:
         self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
         self.publisher: SaPublisher | None = None
         self.stats: dict[str, Any] = {}  # the data plane's last counter report
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # VICI events
+        # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
+        self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._reports: zmq.Socket[bytes] | None = None
         self._dataplane: BaseProcess | None = None
@@ -253,7 +263,7 @@ class Gateway:
             routes = tuple(sorted({str(n) for c in self.conns.values() for ch in c.children
                                    for n in ch.remote_ts}))
             job = DataplaneJob(self.cfg.dataplane, routes, _tun_mtu(self.cfg), endpoints,
-                               reports)
+                               reports, self.cfg.controller.log_format)
             proc = multiprocessing.get_context("spawn").Process(
                 target=run_dataplane, args=(job,), name="espline-io")  # it has children
             proc.start()
@@ -346,10 +356,50 @@ class Gateway:
     def dataplane_pid(self) -> int | None:
         return None if self._dataplane is None else self._dataplane.pid
 
+    # -- connections -----------------------------------------------------------------------
+    def _rebuild_peers(self, strict: bool = False) -> None:
+        """The IKE daemon's peer list from the connections and the shared keys. A connection
+        without a key yet (VICI loads credentials and connections separately) is left out
+        until one arrives; from the configuration file (``strict``) that is an error."""
+        peers = []
+        for conn in self.conns.values():
+            try:
+                ike = ike_config(conn, self.psks, self.cfg.controller.natt_port)
+            except ConfigError:
+                if strict:
+                    raise
+                log.warning("connection %s: no shared key for its identities yet", conn.name)
+                continue
+            peers.append(PeerConfig(ike, (conn.remote_addrs[0], conn.remote_port)))
+        self.daemon.peers = peers
+
+    def set_connection(self, conn: Connection) -> bool:
+        """Add or replace a connection; established SAs are left alone. False: unchanged."""
+        if self.conns.get(conn.name) == conn:
+            return False
+        local = resolve_local(conn)
+        if local != self.local:
+            raise ConfigError(f"connections.{conn.name}.local_addrs",
+                              f"{local}: every connection must use {self.local} for now")
+        self.conns[conn.name] = conn
+        self._rebuild_peers()
+        return True
+
+    def remove_connection(self, name: str) -> bool:
+        if self.conns.pop(name, None) is None:
+            return False
+        self._rebuild_peers()
+        return True
+
+    def shared_keys_changed(self) -> None:
+        self._rebuild_peers()
+
     # -- operations -----------------------------------------------------------------------
     def initiate(self, name: str) -> IkeEntry:
         if name not in self.conns:
             raise KeyError(name)
+        if not any(p.ike.name == name for p in self.daemon.peers):
+            raise ConfigError(f"connections.{name}", "no shared key for its identities")
         sa = self.daemon.initiate(name)
         return self._entry(sa)
 
@@ -357,6 +407,29 @@ class Gateway:
         if entry.sa.state.value == "established":
             entry.sa.delete(self.clock())
             self.daemon._flush(entry.sa)
+
+    def poke(self, sa: IkeSa) -> None:
+        """Send what an operation on ``sa`` queued and deliver its events."""
+        self.daemon._flush(sa)
+
+    async def wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()`` holds (checked after every IKE event); False on timeout."""
+        if done():
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((done, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return done()
+        finally:
+            self._waiters = [w for w in self._waiters if w[1] is not future]
+
+    def _wake_waiters(self) -> None:
+        for done, future in list(self._waiters):
+            if not future.done() and done():
+                future.set_result(None)
 
     # -- IKE events -> registry and data plane ----------------------------------------------
     def _entry(self, sa: IkeSa) -> IkeEntry:
@@ -369,22 +442,29 @@ class Gateway:
         return entry
 
     def _on_event(self, sa: IkeSa, event: Event) -> None:
+        try:
+            self._handle(sa, event)
+        finally:
+            self._wake_waiters()
+
+    def _handle(self, sa: IkeSa, event: Event) -> None:
         entry = self._entry(sa)
         if isinstance(event, IkeSaEstablished):
             entry.established = time.time()
             entry.nat_local, entry.nat_remote = event.nat_local, event.nat_remote
             log.info("%s[%d]: IKE SA established with %s", entry.conn, entry.uniqueid,
                      sa.remote[0])
-            self._emit("ike-updown", {"up": "yes", entry.conn: {"uniqueid": entry.uniqueid}})
+            self._emit("ike-updown", entry, None, True)
         elif isinstance(event, ChildSaEstablished):
             self._install_child(entry, event)
         elif isinstance(event, IkeSaFailed | IkeSaClosed):
             reason = event.reason if isinstance(event, IkeSaFailed) else (
                 "deleted by peer" if event.by_peer else "deleted")
             log.info("%s[%d]: IKE SA down: %s", entry.conn, entry.uniqueid, reason)
+            entry.closed = reason
             for child in list(entry.children.values()):
                 self._remove_child(entry, child)
-            self._emit("ike-updown", {entry.conn: {"uniqueid": entry.uniqueid}})
+            self._emit("ike-updown", entry, None, False)
             self.ike.pop(entry.uniqueid, None)
             self._by_sa.pop(id(sa), None)
             self.daemon.sas = {k: v for k, v in self.daemon.sas.items() if v is not sa}
@@ -402,7 +482,9 @@ class Gateway:
             if child is not None:
                 self._remove_child(entry, child)
         elif kind == "IkeSaRekeyed":
+            entry.rekeys += 1
             log.info("%s[%d]: IKE SA rekeyed", entry.conn, entry.uniqueid)
+            self._emit("ike-rekey", entry, None, True)
 
     def _records(self, entry: IkeEntry, e: ChildSaEstablished) -> tuple[SaRecord, SaRecord,
                                                                           int, int]:
@@ -437,17 +519,24 @@ class Gateway:
                            lport, rport)
         self._next_child += 1
         old = entry.children.get(replaces) if replaces is not None else None
+        if old is not None:
+            child.rekeys = old.rekeys + 1
         entry.children[e.spi_in] = child
         self._publish_policies()
         if old is not None:
             # make-before-break: outbound has switched; the old inbound SA stays until its
             # Delete completes (ChildSaDeleted).
+            old.replaced = True
             pub.remove(old.index_out)
         log.info("%s[%d]: CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", entry.conn,
                  entry.uniqueid, e.name, child.uniqueid, e.spi_in, e.spi_out,
                  " (UDP-encapsulated)" if e.encap else "")
-        self._emit("child-updown", {"up": "yes", entry.conn: {"uniqueid": entry.uniqueid,
-                                                              "child": e.name}})
+        if old is not None:
+            log.info("%s[%d]: CHILD_SA %s{%d} rekeyed into {%d}", entry.conn, entry.uniqueid,
+                     e.name, old.uniqueid, child.uniqueid)
+            self._emit("child-rekey", entry, child, True)
+        else:
+            self._emit("child-updown", entry, child, True)
 
     def _remove_child(self, entry: IkeEntry, child: ChildEntry) -> None:
         pub = self.publisher
@@ -456,8 +545,8 @@ class Gateway:
             self._publish_policies()
             pub.remove(child.index_out)
             pub.remove(child.index_in)
-        self._emit("child-updown", {entry.conn: {"uniqueid": entry.uniqueid,
-                                                 "child": child.name}})
+        if not child.replaced:
+            self._emit("child-updown", entry, child, False)
 
     def _publish_policies(self) -> None:
         """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
@@ -472,24 +561,66 @@ class Gateway:
         self.publisher.set_policies([Policy(local, remote, sa_index=index)
                                      for (local, remote), index in policies.items()])
 
-    def _emit(self, event: str, message: dict[str, Any]) -> None:
+    def _emit(self, event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
         for listener in self.listeners:
-            with contextlib.suppress(Exception):
-                listener(event, message)
+            try:
+                listener(event, entry, child, up)
+            except Exception:  # an observer's failure must not break the IKE SA
+                log.exception("event listener failed on %s", event)
 
 
-async def serve(cfg: Config) -> int:
-    """Run the gateway until SIGTERM/SIGINT."""
+async def serve(cfg: Config, config_path: str | None = None) -> int:
+    """Run the gateway with its admin socket and metrics endpoint until SIGTERM/SIGINT;
+    SIGHUP reloads the configuration file."""
+    from controller.backend import GatewayBackend
+    from controller.metrics import MetricsServer
+    from controller.vici.commands import child_rekey_event, child_updown_event, ike_updown_event
+    from controller.vici.server import ViciServer
+
     gateway = Gateway(cfg)
+    backend = GatewayBackend(gateway, config_path)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, done.set)
+
+    def reload() -> None:
+        try:
+            backend.reload()
+        except Exception as exc:  # a bad file is reported and the running config kept
+            log.error("reload failed, configuration unchanged: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    vici = ViciServer(cfg.controller.vici_socket, backend)
+    metrics = (MetricsServer(cfg.controller.metrics_listen, backend)
+               if cfg.controller.metrics_listen else None)
+
+    def publish(event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
+        if not vici.listeners(event):
+            return
+        info = backend.ike_info(entry)
+        if event == "ike-updown":
+            vici.publish(event, ike_updown_event(info, up))
+        elif event == "child-updown" and child is not None:
+            vici.publish(event, child_updown_event(info, backend.child_info(entry, child), up))
+        elif event == "child-rekey" and child is not None:
+            new = backend.child_info(entry, child)
+            vici.publish(event, child_rekey_event(info, new, new))
+
+    gateway.listeners.append(publish)
     try:
         await gateway.start()
-        log.info("controller up: %d connection(s), IKE on %s:%d/%d", len(gateway.conns),
-                 gateway.local, cfg.controller.ike_port, cfg.controller.natt_port)
+        await vici.start()
+        if metrics is not None:
+            await metrics.start()
+        log.info("controller up: %d connection(s), IKE on %s:%d/%d, VICI on %s%s",
+                 len(gateway.conns), gateway.local, cfg.controller.ike_port,
+                 cfg.controller.natt_port, cfg.controller.vici_socket,
+                 f", metrics on {cfg.controller.metrics_listen}" if metrics else "")
         await done.wait()
     finally:
         await gateway.stop()
+        await vici.close()
+        if metrics is not None:
+            await metrics.close()
     return 0

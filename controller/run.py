@@ -216,7 +216,7 @@ def with_secrets_file(cfg: Config) -> Config:
     return dataclasses.replace(cfg, shared_keys=cfg.shared_keys + extra.shared_keys)
 
 
-def _serve(cfg: Config) -> int:
+def _serve(cfg: Config, config_path: str) -> int:
     """The controller with IKE (controller/gateway.py), on uvloop when it is installed."""
     import asyncio
 
@@ -229,7 +229,7 @@ def _serve(cfg: Config) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        return int(runner(serve(cfg)))  # type: ignore[operator]
+        return int(runner(serve(cfg, config_path)))  # type: ignore[operator]
     except ConfigError as exc:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
@@ -241,7 +241,9 @@ def _serve(cfg: Config) -> int:
 
 
 def main(config_path: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from controller.logs import setup_logging
+
+    setup_logging("text")  # until the file names its format
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:
@@ -255,8 +257,9 @@ def main(config_path: str) -> int:
     except ConfigError as exc:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
+    setup_logging(cfg.controller.log_format)
     if cfg.conns:
-        return _serve(cfg)
+        return _serve(cfg, config_path)
     with ExitStack() as stack:
         try:
             plane = build(cfg, stack)

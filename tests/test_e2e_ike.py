@@ -10,6 +10,11 @@ the connection (start_action: start), gwB waits for it.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -25,9 +30,11 @@ from tests.e2e_support import (
     build_topology,
     echo_roundtrips,
     start_gateway,
+    wait_for,
     wait_link,
 )
 from tests.netns import (
+    REPO_ROOT,
     NetnsLab,
     netns_lab_fixture,  # noqa: F401  (provides the netns_lab fixture)
     require_root_netns,
@@ -98,6 +105,8 @@ def test_two_gateways_negotiate_with_ikev2_and_carry_traffic(
         stats = tunnel.a.wait_stats(lambda s: len(s["sas"]) == 2, what="two SAs")
         assert {sa["direction"] for sa in stats["sas"]} == {"in", "out"}
         assert "IKE SA established" in tunnel.a.log() and "IKE SA established" in tunnel.b.log()
+        if esp == "aes128gcm16":
+            operate_over_vici(tunnel, tmp_path)
     finally:
         codes = tunnel.stop()
     assert codes == [0, 0], tunnel.logs()
@@ -105,3 +114,49 @@ def test_two_gateways_negotiate_with_ikev2_and_carry_traffic(
     assert "IKE SA down" in tunnel.b.log(), tunnel.logs()
     wait_link(tunnel.topo.gw_a, TUN_NAME, False)
     wait_link(tunnel.topo.gw_b, TUN_NAME, False)
+
+
+def admin(tunnel: Tunnel, side: str, *args: str) -> subprocess.CompletedProcess[str]:
+    gw = tunnel.a if side == "a" else tunnel.b
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args, "--uri",
+                           f"unix://{gw.runtime_dir}/vici.sock"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO_ROOT, check=False)
+
+
+def operate_over_vici(tunnel: Tunnel, tmp: Path) -> None:
+    """The operator's view: strongSwan's own swanctl and espline's CLI on the admin socket;
+    terminate and initiate change what the tunnel carries."""
+    swanctl = shutil.which("swanctl")
+    if swanctl is not None:
+        def list_sas() -> str:
+            out = subprocess.run([swanctl, "--list-sas", "--uri",
+                                  f"unix://{tunnel.a.runtime_dir}/vici.sock"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        # Counters reach the controller a few times a second.
+        wait_for(lambda: re.search(r"in  [0-9a-f]{8}, +[1-9]\d{5,} bytes", list_sas())
+                 is not None, 5, "inbound bytes in list-sas")
+        text = list_sas()
+        assert re.search(r"^site: #1, ESTABLISHED, IKEv2, [0-9a-f]{16}_i\* [0-9a-f]{16}_r$",
+                         text, re.M), text
+        assert "local  'gw-1.example.net' @ 192.0.2.1[500]" in text, text
+        assert "AES_GCM_16-128/PRF_HMAC_SHA2_256/CURVE_25519" in text, text
+        assert re.search(r"lan: #\d+, reqid \d+, INSTALLED, TUNNEL, ESP:AES_GCM_16-128", text), text
+        assert "local  10.1.0.0/24" in text and "remote 10.2.0.0/24" in text, text
+        assert re.search(r"in  [0-9a-f]{8}, +[1-9]\d* bytes", text), text
+    listed = admin(tunnel, "b", "list-sas", "--json")
+    assert listed.returncode == 0, listed.stderr
+    sas = json.loads(listed.stdout)
+    assert any("site" in sa for sa in (sas if isinstance(sas, list) else [sas])), sas
+    assert admin(tunnel, "a", "stats").returncode == 0
+    # Terminate from B: both sides drop the SAs, the tunnel stops carrying traffic.
+    term = admin(tunnel, "b", "terminate", "--ike", "site")
+    assert term.returncode == 0, term.stdout + term.stderr
+    wait_for(lambda: "IKE SA down" in tunnel.a.log(), 10, "A to see the delete")
+    assert not tunnel.topo.host_a.ping(SIDE_B.host, timeout=1)
+    # Initiate from B (the responder so far): the tunnel is back.
+    init = admin(tunnel, "b", "initiate", "--child", "lan")
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert tunnel.topo.host_a.ping(SIDE_B.host, timeout=10), tunnel.logs()
