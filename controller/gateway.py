@@ -49,6 +49,7 @@ from controller.ike.ike_sa import (
     IkeSaFailed,
 )
 from controller.ike.payloads import TrafficSelector
+from controller.keylog import KeyLog
 from pipeline.dispatch import Policy
 from pipeline.sadist import SaPublisher
 from pipeline.satable import Direction, SaRecord, UdpEncap
@@ -238,6 +239,12 @@ class Gateway:
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
         self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self.keylog: KeyLog | None = None
+        if cfg.controller.keylog_dir is not None:
+            # Opt-in (DESIGN §6): session keys on disk, for Wireshark, when an operator asks.
+            self.keylog = KeyLog(cfg.controller.keylog_dir)
+            log.warning("key log enabled: IKE and ESP session keys are written to %s",
+                        cfg.controller.keylog_dir)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._reports: zmq.Socket[bytes] | None = None
         self._dataplane: BaseProcess | None = None
@@ -452,6 +459,7 @@ class Gateway:
         if isinstance(event, IkeSaEstablished):
             entry.established = time.time()
             entry.nat_local, entry.nat_remote = event.nat_local, event.nat_remote
+            self._log_ike_keys(sa)
             log.info("%s[%d]: IKE SA established with %s", entry.conn, entry.uniqueid,
                      sa.remote[0])
             self._emit("ike-updown", entry, None, True)
@@ -483,8 +491,22 @@ class Gateway:
                 self._remove_child(entry, child)
         elif kind == "IkeSaRekeyed":
             entry.rekeys += 1
+            self._log_ike_keys(entry.sa)
             log.info("%s[%d]: IKE SA rekeyed", entry.conn, entry.uniqueid)
             self._emit("ike-rekey", entry, None, True)
+
+    def _log_ike_keys(self, sa: IkeSa) -> None:
+        keys, suite = getattr(sa, "keys", None), getattr(sa, "suite", None)
+        if self.keylog is None or keys is None or suite is None:
+            return
+        from controller.keylog import ike_suite_keywords
+
+        try:
+            encr, integ = ike_suite_keywords(suite.encr, suite.encr_key_bits, suite.integ)
+            self.keylog.log_ike_sa(sa.spi_i, sa.spi_r, keys.sk_ei, keys.sk_er, encr,
+                                   keys.sk_ai, keys.sk_ar, integ)
+        except ValueError as exc:  # e.g. ChaCha20-Poly1305: not in Wireshark's IKEv2 table
+            log.warning("key log: %s", exc)
 
     def _records(self, entry: IkeEntry, e: ChildSaEstablished) -> tuple[SaRecord, SaRecord,
                                                                           int, int]:
@@ -515,6 +537,12 @@ class Gateway:
         index_in, index_out = pub.allocate(), pub.allocate()
         pub.install(index_in, inbound)  # inbound first: the peer may already send on it
         pub.install(index_out, out)
+        if self.keylog is not None:
+            for record in (inbound, out):
+                try:
+                    self.keylog.log_sa_record(record)
+                except ValueError as exc:  # an algorithm Wireshark does not know
+                    log.warning("key log: %s", exc)
         child = ChildEntry(self._next_child, e.name, e, index_in, index_out, time.time(),
                            lport, rport)
         self._next_child += 1

@@ -361,9 +361,8 @@ def test_tshark_decrypts_ike_with_the_key_log(tmp_path: Path) -> None:
                                (20, "aes256-sha384-x25519")):
             new, i = ike_exchange(proposal, seed)
             frames += new
-            # The keys as the IKE SA derived them (private here: the lead's wiring logs them
-            # where the IKE SA derives them).
-            keys, suite = i._keys, i._suite
+            # The keys as the IKE SA derived them (what the gateway logs at establishment).
+            keys, suite = i.keys, i.suite
             assert keys is not None and suite is not None
             enc, integ = ike_suite_keywords(suite.encr, suite.encr_key_bits, suite.integ)
             kl.log_ike_sa(i.spi_i, i.spi_r, keys.sk_ei, keys.sk_er, enc, keys.sk_ai,
