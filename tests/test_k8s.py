@@ -275,8 +275,6 @@ def test_the_probe_command_fails_without_a_daemon(tmp_path: Path) -> None:
     argv = [f"unix://{tmp_path}/vici.sock" if a == VICI_URI else a for a in command[1:]]
     done = subprocess.run([sys.executable, "-m", "controller.cli", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    if done.returncode == 2 and "invalid choice: 'stats'" in done.stderr:
-        pytest.xfail("`espline stats` is not wired into controller/cli.py yet")
     assert done.returncode == 1, done.stderr
 
 
