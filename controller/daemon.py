@@ -70,7 +70,8 @@ class IkeDaemon:
         self.on_event = on_event
         self.random = random
         self.clock = clock
-        self.sas: dict[bytes, IkeSa] = {}  # by the SPI we chose (ours identifies the SA)
+        self.sas: dict[bytes, IkeSa] = {}  # by the SPIs we chose (ours identify the SA)
+        self._indexed: dict[int, tuple[bytes, ...]] = {}  # id(sa) -> its SPIs in ``sas``
         self.dropped = 0  # datagrams that match no IKE SA and start none
         # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
         self.messages: Counter[tuple[int, str, str]] = Counter()
@@ -113,13 +114,14 @@ class IkeDaemon:
         """Drive every SA's retransmission timer until ``stop`` is set."""
         while not stop.is_set():
             now = self.clock()
-            timers = [t for sa in self.sas.values() if (t := sa.get_timer()) is not None]
+            timers = [t for sa in {id(sa): sa for sa in self.sas.values()}.values()
+                      if (t := sa.get_timer()) is not None]
             delay = max(0.0, min(timers) - now) if timers else 1.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
             now = self.clock()
-            for sa in list(self.sas.values()):
+            for sa in list({id(sa): sa for sa in self.sas.values()}.values()):
                 timer = sa.get_timer()
                 if timer is not None and timer <= now:
                     sa.handle_timer(now)
@@ -130,7 +132,6 @@ class IkeDaemon:
         peer = next(p for p in self.peers if p.ike.name == name)
         sa = IkeSa(peer.ike, initiator=True, local=(self.local, self.port), remote=peer.remote,
                    random=self.random)
-        self.sas[sa.spi_i] = sa
         sa.initiate(self.clock())
         self._flush(sa)
         return sa
@@ -160,11 +161,29 @@ class IkeDaemon:
         sa.receive_datagram(data, addr, self.clock())
         if sa.dropped != dropped:
             self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
-        if not sa.initiator and sa.spi_r not in self.sas and sa.state.value != "initial":
-            self.sas[sa.spi_r] = sa  # the responder keeps state only once it answered
         self._flush(sa)
 
+    def _index(self, sa: IkeSa) -> None:
+        """Find ``sa`` by each of our SPIs it answers: the current IKE SA's, and an old or
+        redundant one of a rekey until its Delete is over (RFC 7296 §2.18). A responder is
+        kept only once it answered (no state for a lone IKE_SA_INIT that failed)."""
+        if sa.state.value in ("initial", "closed", "failed"):
+            spis: tuple[bytes, ...] = ()
+        else:
+            spis = tuple(getattr(sa, "local_spis", (sa.spi_i if sa.initiator else sa.spi_r,)))
+        before = self._indexed.get(id(sa), ())
+        for spi in before:
+            if spi not in spis and self.sas.get(spi) is sa:
+                del self.sas[spi]
+        for spi in spis:
+            self.sas[spi] = sa
+        if spis:
+            self._indexed[id(sa)] = spis
+        else:
+            self._indexed.pop(id(sa), None)
+
     def _flush(self, sa: IkeSa) -> None:
+        self._index(sa)
         now = self.clock()
         for data, addr in sa.datagrams_to_send(now):
             # From the NAT-T port once the SA moved there (our port, not the peer's: behind

@@ -50,7 +50,7 @@ from controller.ike.ike_sa import (
 )
 from controller.ike.payloads import TrafficSelector
 from controller.keylog import KeyLog
-from pipeline.dispatch import Policy
+from pipeline.dispatch import Action, Policy
 from pipeline.sadist import SaPublisher
 from pipeline.satable import Direction, SaRecord, UdpEncap
 
@@ -264,6 +264,7 @@ class Gateway:
         self._reports.bind(reports)
         os.chmod(reports.removeprefix("ipc://"), 0o600)
         loop = asyncio.get_running_loop()
+        self._publish_policies()  # the TRAP policies, before any SA exists
         self._watch(loop, self.publisher.snapshot_socket, self.publisher.serve_snapshots)
         self._watch(loop, self._reports, self._read_reports)
         if self.start_dataplane:
@@ -299,9 +300,28 @@ class Gateway:
                 data = self._reports.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            with contextlib.suppress(ValueError):
-                self.stats = json.loads(data)
+            try:
+                message = json.loads(data)
+            except ValueError:
+                continue
+            if "acquire" in message:
+                self._on_acquire(str(message["acquire"]))
+            else:
+                self.stats = message
                 self._update_counters()
+
+    def _on_acquire(self, name: str) -> None:
+        """Traffic hit the TRAP policy of ``connection/child``: negotiate it, unless an IKE
+        SA of that connection is already on its way."""
+        conn = name.split("/", 1)[0]
+        if conn not in self.conns or any(e.conn == conn and e.closed is None
+                                         for e in self.ike.values()):
+            return
+        log.info("%s: traffic for a trapped child (%s): initiating", conn, name)
+        try:
+            self.initiate(conn)
+        except (KeyError, ConfigError) as exc:
+            log.warning("%s: cannot initiate on acquire: %s", conn, exc)
 
     def _update_counters(self) -> None:
         by_index = {sa["index"]: sa for sa in self.stats.get("sas", [])}
@@ -390,12 +410,16 @@ class Gateway:
                               f"{local}: every connection must use {self.local} for now")
         self.conns[conn.name] = conn
         self._rebuild_peers()
+        if self.publisher is not None:
+            self._publish_policies()
         return True
 
     def remove_connection(self, name: str) -> bool:
         if self.conns.pop(name, None) is None:
             return False
         self._rebuild_peers()
+        if self.publisher is not None:
+            self._publish_policies()
         return True
 
     def shared_keys_changed(self) -> None:
@@ -475,7 +499,6 @@ class Gateway:
             self._emit("ike-updown", entry, None, False)
             self.ike.pop(entry.uniqueid, None)
             self._by_sa.pop(id(sa), None)
-            self.daemon.sas = {k: v for k, v in self.daemon.sas.items() if v is not sa}
         else:
             self._on_other_event(entry, event)
 
@@ -586,8 +609,19 @@ class Gateway:
                 key = (selector_networks(child.event.local_ts),
                        selector_networks(child.event.remote_ts))
                 policies[key] = child.index_out
-        self.publisher.set_policies([Policy(local, remote, sa_index=index)
-                                     for (local, remote), index in policies.items()])
+        spd = [Policy(local, remote, sa_index=index)
+               for (local, remote), index in policies.items()]
+        # After them, the TRAP policies of children to negotiate on first use (and of those
+        # whose SA went down, with close_action/dpd_action trap): no SA yet, an acquire.
+        up = {(e.conn, c.name) for e in self.ike.values() for c in e.children.values()}
+        for conn in self.conns.values():
+            for spec in conn.children:
+                if (spec.start_action == "trap" or "trap" in (spec.close_action,
+                                                              spec.dpd_action)) \
+                        and (conn.name, spec.name) not in up:
+                    spd.append(Policy(spec.local_ts, spec.remote_ts, Action.TRAP,
+                                      name=f"{conn.name}/{spec.name}"))
+        self.publisher.set_policies(spd)
 
     def _emit(self, event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
         for listener in self.listeners:

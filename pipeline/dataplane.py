@@ -109,6 +109,9 @@ class DataPlane:
         self.sa_updates = sa_updates
         self.reports = reports
         self.sa_version = 0
+        self.acquires: deque[str] = deque(maxlen=64)  # TRAP hits not yet reported
+        self._acquired: dict[str, float] = {}
+        self._report: zmq.Socket[bytes] | None = None
         self._limits()
         self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
         self.inside = inside
@@ -233,6 +236,7 @@ class DataPlane:
             report.setsockopt(zmq.SNDHWM, 4)
             report.setsockopt(zmq.LINGER, 0)
             report.connect(self.reports)
+            self._report = report
         self.supervisor.start()
         poller = zmq.Poller()
         if updates is not None:
@@ -273,6 +277,7 @@ class DataPlane:
             self.supervisor.stop()
             self._write_stats(report)
             if report is not None:
+                self._report = None
                 report.close(linger=0)
             to_workers.close(linger=0)
             from_workers.close(linger=0)
@@ -291,6 +296,8 @@ class DataPlane:
             return
         if direction is Direction.OUTBOUND:
             self.dispatcher.outbound(batch)
+            if self.dispatcher.trapped:
+                self._acquire(now)
             self._outbound_mtu(batch)
         else:
             self.dispatcher.inbound(batch)
@@ -333,6 +340,22 @@ class DataPlane:
             self.inside.write_batch(batch)
             self.stats.inbound.add(batch)
         self._free.append(batch)
+
+    def _acquire(self, now: float) -> None:
+        """Tell the controller which TRAP policies traffic hit (RFC 4301's ACQUIRE), at most
+        once a second per policy; the packets themselves were dropped."""
+        for index in self.dispatcher.trapped:
+            name = self.dispatcher.policy(index).name
+            if now - self._acquired.get(name, -1e9) >= 1.0:
+                self._acquired[name] = now
+                self.acquires.append(name)
+        self.dispatcher.trapped.clear()
+        if self._report is not None:
+            while self.acquires:
+                with contextlib.suppress(zmq.Again):
+                    self._report.send(json.dumps({"acquire": self.acquires[0]}).encode(),
+                                      zmq.NOBLOCK)
+                self.acquires.popleft()
 
     def _count_outbound(self, batch: Batch) -> None:
         """Per outbound SA: packets and bytes that left (the inbound ones are counted by

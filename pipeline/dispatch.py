@@ -50,6 +50,7 @@ class Action(Enum):
     PROTECT = "protect"
     BYPASS = "bypass"
     DISCARD = "discard"
+    TRAP = "trap"  # no SA yet: drop, and tell the controller to negotiate one (an acquire)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Policy:
     remote_ts: tuple[Network, ...]
     action: Action = Action.PROTECT
     sa_index: int = -1  # the outbound SA, for PROTECT
+    name: str = ""  # for TRAP: what the controller negotiates ("connection/child")
 
 
 def _split(net: Network) -> tuple[int, int, int, int]:
@@ -92,10 +94,16 @@ class Dispatcher:
         self._actions = np.array(
             [(p.sa_index if p.action is Action.PROTECT else -1) for p in policies]
             + [-1], dtype=np.int64)  # the extra entry: no match
+        self._traps = np.array([p.action is Action.TRAP for p in policies] + [False])
+        self.trapped: set[int] = set()  # TRAP policies packets hit since the caller cleared it
 
     # ------------------------------------------------------------------ outbound
+    def policy(self, index: int) -> Policy:
+        return self._policies[index]
+
     def outbound(self, batch: Batch) -> None:
-        """SPD lookup and sequence-number blocks for packets read from the inside."""
+        """SPD lookup and sequence-number blocks for packets read from the inside; packets
+        that hit a TRAP policy are dropped (POLICY) and the policy noted in ``trapped``."""
         n = batch.count
         if n == 0:
             return
@@ -130,6 +138,10 @@ class Dispatcher:
             policy[sel] = got
         sa = self._actions[policy]
         verdict = meta["verdict"][:n]
+        if self._traps.any():
+            hit = policy[self._traps[policy] & (verdict == 0)]
+            if hit.size:
+                self.trapped.update(np.unique(hit).tolist())
         verdict[(sa < 0) & (verdict == 0)] = Verdict.POLICY
         meta["sa"][:n] = np.where(sa >= 0, sa, 0)
         self.sas.assign_sequence(batch)

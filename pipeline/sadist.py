@@ -81,13 +81,13 @@ def decode_record(d: dict[str, Any]) -> SaRecord:
 
 def _encode_policy(p: Policy) -> dict[str, Any]:
     return {"local": [str(n) for n in p.local_ts], "remote": [str(n) for n in p.remote_ts],
-            "action": p.action.value, "sa": p.sa_index}
+            "action": p.action.value, "sa": p.sa_index, "name": p.name}
 
 
 def _decode_policy(d: dict[str, Any]) -> Policy:
     return Policy(tuple(ipaddress.ip_network(n) for n in d["local"]),
                   tuple(ipaddress.ip_network(n) for n in d["remote"]),
-                  Action(d["action"]), int(d["sa"]))
+                  Action(d["action"]), int(d["sa"]), str(d.get("name", "")))
 
 
 @dataclass

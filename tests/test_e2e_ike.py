@@ -43,8 +43,9 @@ from tests.netns import (
 PSK = "a long pre-shared key for the e2e test"
 
 
-def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool, encap: bool,
+def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool | str, encap: bool,
                esp: str = "aes128gcm16", ike: str = "aes128gcm16-prfsha256-x25519") -> str:
+    action = start if isinstance(start, str) else ("start" if start else "none")
     local_id, remote_id = (f"gw-{s.outer.rsplit('.', 1)[1]}.example.net" for s in (local, remote))
     return textwrap.dedent(f"""\
         controller: {{vici_socket: {rundir}/vici.sock}}
@@ -67,7 +68,7 @@ def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool, encap: b
                 local_ts: [{local.net}]
                 remote_ts: [{remote.net}]
                 esp_proposals: [{esp}]
-                start_action: {"start" if start else "none"}
+                start_action: {action}
         secrets:
           ike:
             - {{id: [{local_id}, {remote_id}], secret: "{PSK}"}}
@@ -75,11 +76,11 @@ def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool, encap: b
 
 
 def start_ike_pair(lab: NetnsLab, tmp: Path, *, encap: bool = False,
-                   esp: str = "aes128gcm16") -> Tunnel:
+                   esp: str = "aes128gcm16", start_a: bool | str = True) -> Tunnel:
     topo = build_topology(lab, inside="tun")
     gws = []
     for ns, local, remote, name, start in ((topo.gw_b, SIDE_B, SIDE_A, "b", False),
-                                           (topo.gw_a, SIDE_A, SIDE_B, "a", True)):
+                                           (topo.gw_a, SIDE_A, SIDE_B, "a", start_a)):
         rundir = tmp / f"run-{name}"
         gws.append(start_gateway(ns, ike_config(local, remote, rundir, start=start,
                                                 encap=encap, esp=esp), tmp, name, rundir))
@@ -160,3 +161,16 @@ def operate_over_vici(tunnel: Tunnel, tmp: Path) -> None:
     init = admin(tunnel, "b", "initiate", "--child", "lan")
     assert init.returncode == 0, init.stdout + init.stderr
     assert tunnel.topo.host_a.ping(SIDE_B.host, timeout=10), tunnel.logs()
+
+
+def test_trap_negotiates_on_the_first_packet(netns_lab: NetnsLab, tmp_path: Path) -> None:
+    """start_action: trap: no SA until traffic matches the child's selectors; the data plane
+    reports the hit (an acquire), the controller initiates, the tunnel comes up."""
+    require_root_netns()
+    tunnel = start_ike_pair(netns_lab, tmp_path, start_a="trap")  # its ping is the trigger
+    try:
+        assert "traffic for a trapped child (site/lan): initiating" in tunnel.a.log()
+        assert tunnel.topo.host_b.ping(SIDE_A.host, timeout=5)
+    finally:
+        codes = tunnel.stop()
+    assert codes == [0, 0], tunnel.logs()

@@ -50,7 +50,8 @@ CASES = ([("espline", ike, esp) for ike in IKE for esp in ESP]
 RESULTS: dict[tuple[str, str, str], str] = {}
 
 
-def espline_config(rundir: Path, *, ike: str, esp: str, start: bool) -> str:
+def espline_config(rundir: Path, *, ike: str, esp: str, start: bool,
+                   dpd_delay: str = "0s") -> str:
     return textwrap.dedent(f"""\
         controller: {{vici_socket: {rundir}/vici.sock}}
         dataplane:
@@ -65,6 +66,7 @@ def espline_config(rundir: Path, *, ike: str, esp: str, start: bool) -> str:
             remote_addrs: [{SIDE_B.outer}]
             proposals: [{ike}]
             encap: yes
+            dpd_delay: {dpd_delay}
             local: {{auth: psk, id: {ID_A}}}
             remote: {{auth: psk, id: {ID_B}}}
             children:
@@ -80,7 +82,8 @@ def espline_config(rundir: Path, *, ike: str, esp: str, start: bool) -> str:
 
 
 class Interop:
-    def __init__(self, lab: NetnsLab, tmp: Path, *, initiator: str, ike: str, esp: str) -> None:
+    def __init__(self, lab: NetnsLab, tmp: Path, *, initiator: str, ike: str, esp: str,
+                 dpd_delay: str = "0s") -> None:
         self.topo = build_topology(lab, inside="tun")
         self.charon = Charon(self.topo.gw_b.popen, tmp / "charon")
         self.charon.write(swanctl_conf(
@@ -91,7 +94,7 @@ class Interop:
         rundir = tmp / "run-a"
         self.espline: Gateway = start_gateway(
             self.topo.gw_a, espline_config(rundir, ike=ike, esp=esp,
-                                           start=initiator == "espline"),
+                                           start=initiator == "espline", dpd_delay=dpd_delay),
             tmp, "a", rundir)
         wait_link(self.topo.gw_a, TUN_NAME, True)
         if initiator == "strongswan":
