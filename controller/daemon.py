@@ -72,6 +72,12 @@ class IkeDaemon:
         self.clock = clock
         self.sas: dict[bytes, IkeSa] = {}  # by the SPIs we chose (ours identify the SA)
         self._indexed: dict[int, tuple[bytes, ...]] = {}  # id(sa) -> its SPIs in ``sas``
+        # Responders past IKE_SA_INIT and not yet authenticated, by (SPIi, peer address):
+        # found again by a retransmitted IKE_SA_INIT, dropped after ``half_open_timeout``.
+        self._half_open: dict[tuple[bytes, str, int], IkeSa] = {}
+        self._half_open_since: dict[int, float] = {}
+        self.half_open_timeout = 30.0
+        self.max_half_open = 4096
         self.dropped = 0  # datagrams that match no IKE SA and start none
         # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
         self.messages: Counter[tuple[int, str, str]] = Counter()
@@ -121,6 +127,8 @@ class IkeDaemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
             now = self.clock()
+            if self._half_open:
+                self._expire_half_open(now)
             for sa in list({id(sa): sa for sa in self.sas.values()}.values()):
                 timer = sa.get_timer()
                 if timer is not None and timer <= now:
@@ -144,6 +152,10 @@ class IkeDaemon:
         exchange, flags = data[18], data[19]
         self.messages[(exchange, "in", "response" if flags & FLAG_RESPONSE else "request")] += 1
         sa = self.sas.get(spi_r) or self.sas.get(spi_i)
+        if sa is None and exchange == IKE_SA_INIT and not any(spi_r):
+            # A retransmitted IKE_SA_INIT: the SA that answered it answers again from its
+            # cache (RFC 7296 §2.1), rather than a second responder and key exchange.
+            sa = self._half_open.get((spi_i, addr[0], addr[1]))
         if sa is None:
             if exchange != IKE_SA_INIT or flags & FLAG_RESPONSE or any(spi_r):
                 self.dropped += 1
@@ -154,14 +166,37 @@ class IkeDaemon:
                 self.dropped += 1  # nobody configured at that address
                 self.alerts["peer_not_configured"] += 1
                 return
+            if len(self._half_open) >= self.max_half_open:
+                self.dropped += 1  # under a flood: no state, no key exchange
+                self.alerts["half_open_limit"] += 1
+                return
             sa = IkeSa(peer.ike, initiator=False, local=(self.local, self.port), remote=addr,
                        random=self.random)
+            self._half_open[(spi_i, addr[0], addr[1])] = sa
+            self._half_open_since[id(sa)] = self.clock()
         # The core learns the peer's address from authenticated messages (RFC 7296 §2.23).
         dropped = sa.dropped
         sa.receive_datagram(data, addr, self.clock())
         if sa.dropped != dropped:
             self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
         self._flush(sa)
+
+    def half_open(self) -> int:
+        return len(self._half_open)
+
+    def _expire_half_open(self, now: float) -> None:
+        for key, sa in list(self._half_open.items()):
+            since = self._half_open_since.get(id(sa), now)
+            if sa.state.value not in ("initial", "init-done"):
+                del self._half_open[key]  # authenticated (or failed): no longer half-open
+                self._half_open_since.pop(id(sa), None)
+            elif now - since > self.half_open_timeout:
+                del self._half_open[key]
+                self._half_open_since.pop(id(sa), None)
+                self.alerts["half_open_expired"] += 1
+                for spi in self._indexed.pop(id(sa), ()):
+                    if self.sas.get(spi) is sa:
+                        del self.sas[spi]
 
     def _index(self, sa: IkeSa) -> None:
         """Find ``sa`` by each of our SPIs it answers: the current IKE SA's, and an old or

@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from controller.config import Config, ConfigError, DataplaneConfig
-from controller.connections import Connection, PskStore, network_selectors
+from controller.connections import ChildSpec, Connection, PskStore, network_selectors
 from controller.daemon import IkeDaemon, PeerConfig
 from controller.ike.ike_sa import (
     ChildConfig,
@@ -59,19 +59,27 @@ __all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "r
 log = logging.getLogger("espline.controller")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+INBOUND_GRACE = 2.0  # seconds a rekeyed inbound SA outlives its Delete (in-flight packets)
 
 
 # -- configuration -> IKE ----------------------------------------------------------------------
 
+def child_config(spec: ChildSpec) -> ChildConfig:
+    return ChildConfig(spec.name, spec.esp_proposals, network_selectors(spec.local_ts),
+                       network_selectors(spec.remote_ts), spec.mode,
+                       rekey_time=spec.rekey_time or None, life_time=spec.life_time or None)
+
+
 def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeConfig:
-    """The IKE core's view of a connection (its first child is negotiated with IKE_AUTH)."""
+    """The IKE core's view of a connection: its first child is negotiated in IKE_AUTH, the
+    others with CREATE_CHILD_SA; rekey and DPD timers as configured (0: off)."""
     local_id = conn.local_id
     psk = psks.lookup(local_id, conn.remote.id)
     if psk is None:
         raise ConfigError(f"connections.{conn.name}.local.auth",
                           f"psk: no shared key in secrets for {local_id}"
                           + (f" and {conn.remote.id}" if conn.remote.id else ""))
-    child = conn.children[0]
+    children = tuple(child_config(c) for c in conn.children)
     return IkeConfig(
         name=conn.name,
         proposals=conn.proposals,
@@ -80,8 +88,11 @@ def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeCo
         psk=psk,
         force_encap=conn.encap,
         natt_port=natt_port,
-        child=ChildConfig(child.name, child.esp_proposals, network_selectors(child.local_ts),
-                          network_selectors(child.remote_ts), child.mode),
+        child=children[0],
+        children=children[1:],
+        rekey_time=conn.rekey_time or None,
+        dpd_delay=conn.dpd_delay or None,
+        dpd_timeout=conn.dpd_timeout or None,
     )
 
 
@@ -127,6 +138,8 @@ class ChildEntry:
     counters: dict[str, int] = field(default_factory=dict)
     rekeys: int = 0
     replaced: bool = False  # rekeyed: its successor carries on
+    # Its selectors as SPD prefixes (computed once: summarizing ranges is not free).
+    selectors: tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]] = ((), ())
 
 
 @dataclass
@@ -239,6 +252,12 @@ class Gateway:
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
         self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        # The SPD's PROTECT entries by selectors: the Child SAs that have them (the newest
+        # wins), kept up to date per install/remove rather than rebuilt from every SA.
+        self._protect: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]],
+                            dict[int, ChildEntry]] = {}
+        self._up: dict[tuple[str, str], int] = {}  # (connection, child) -> Child SAs
+        self._spd: tuple[Policy, ...] | None = None
         self.keylog: KeyLog | None = None
         if cfg.controller.keylog_dir is not None:
             # Opt-in (DESIGN §6): session keys on disk, for Wireshark, when an operator asks.
@@ -567,8 +586,11 @@ class Gateway:
                 except ValueError as exc:  # an algorithm Wireshark does not know
                     log.warning("key log: %s", exc)
         child = ChildEntry(self._next_child, e.name, e, index_in, index_out, time.time(),
-                           lport, rport)
+                           lport, rport, selectors=(selector_networks(e.local_ts),
+                                                    selector_networks(e.remote_ts)))
         self._next_child += 1
+        self._protect.setdefault(child.selectors, {})[child.uniqueid] = child
+        self._up[(entry.conn, e.name)] = self._up.get((entry.conn, e.name), 0) + 1
         old = entry.children.get(replaces) if replaces is not None else None
         if old is not None:
             child.rekeys = old.rekeys + 1
@@ -591,29 +613,42 @@ class Gateway:
 
     def _remove_child(self, entry: IkeEntry, child: ChildEntry) -> None:
         pub = self.publisher
-        entry.children.pop(child.event.spi_in, None)
+        if entry.children.pop(child.event.spi_in, None) is None:
+            return
+        holders = self._protect.get(child.selectors, {})
+        holders.pop(child.uniqueid, None)
+        if not holders:
+            self._protect.pop(child.selectors, None)
+        key = (entry.conn, child.name)
+        self._up[key] = self._up.get(key, 1) - 1
+        if self._up[key] <= 0:
+            del self._up[key]
         if pub is not None:
             self._publish_policies()
             pub.remove(child.index_out)
-            pub.remove(child.index_in)
+            if child.replaced and entry.closed is None:
+                # A rekeyed SA's inbound side lingers a moment after its Delete: packets
+                # the peer sent on it before switching may still be on their way.
+                loop = asyncio.get_running_loop()
+                loop.call_later(INBOUND_GRACE, self._remove_index, child.index_in)
+            else:
+                pub.remove(child.index_in)
         if not child.replaced:
             self._emit("child-updown", entry, child, False)
+
+    def _remove_index(self, index: int) -> None:
+        if self.publisher is not None:
+            self.publisher.remove(index)
 
     def _publish_policies(self) -> None:
         """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
         pair of selectors wins (rekeyed SAs are listed after the ones they replace)."""
         assert self.publisher is not None
-        policies: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]], int] = {}
-        for entry in self.ike.values():
-            for child in sorted(entry.children.values(), key=lambda c: c.uniqueid):
-                key = (selector_networks(child.event.local_ts),
-                       selector_networks(child.event.remote_ts))
-                policies[key] = child.index_out
-        spd = [Policy(local, remote, sa_index=index)
-               for (local, remote), index in policies.items()]
+        spd = [Policy(local, remote, sa_index=holders[max(holders)].index_out)
+               for (local, remote), holders in self._protect.items()]
         # After them, the TRAP policies of children to negotiate on first use (and of those
         # whose SA went down, with close_action/dpd_action trap): no SA yet, an acquire.
-        up = {(e.conn, c.name) for e in self.ike.values() for c in e.children.values()}
+        up = self._up
         for conn in self.conns.values():
             for spec in conn.children:
                 if (spec.start_action == "trap" or "trap" in (spec.close_action,
@@ -621,7 +656,9 @@ class Gateway:
                         and (conn.name, spec.name) not in up:
                     spd.append(Policy(spec.local_ts, spec.remote_ts, Action.TRAP,
                                       name=f"{conn.name}/{spec.name}"))
-        self.publisher.set_policies(spd)
+        if tuple(spd) != self._spd:  # the data plane rebuilds its SPD on every change
+            self._spd = tuple(spd)
+            self.publisher.set_policies(spd)
 
     def _emit(self, event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
         for listener in self.listeners:

@@ -141,18 +141,30 @@ class DataPlane:
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
         for i, rec in self.records.items():
-            sa = self.sas[i]
-            if sa is None or sa.esp is None:
-                continue
-            m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
-                              rec.mode.name == "TUNNEL")
-            self._inner_mtu[i] = m
-            clamp = self.settings.mss_clamp
-            if clamp == "auto":
-                self._mss4[i], self._mss6[i] = mtu.mss_limit(m, False), mtu.mss_limit(m, True)
-            elif isinstance(clamp, int):
-                self._mss4[i] = self._mss6[i] = clamp
-            self._src[rec.local_addr.version] = rec.local_addr
+            self._limit_one(i, rec)
+
+    def _limit_one(self, i: int, rec: SaRecord | None) -> None:
+        """The limits of one SA index (None: back to the defaults), growing the arrays."""
+        if i + 1 >= self._inner_mtu.size:
+            grow = max(2 * self._inner_mtu.size, i + 2) - self._inner_mtu.size
+            self._inner_mtu = np.append(self._inner_mtu, np.full(
+                grow, self.settings.outside_mtu, dtype=np.int64))
+            self._mss4 = np.append(self._mss4, np.full(grow, 1 << 16, dtype=np.int64))
+            self._mss6 = np.append(self._mss6, np.full(grow, 1 << 16, dtype=np.int64))
+        self._inner_mtu[i] = self.settings.outside_mtu
+        self._mss4[i] = self._mss6[i] = 1 << 16
+        sa = self.sas[i]
+        if rec is None or sa is None or sa.esp is None:
+            return
+        m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
+                          rec.mode.name == "TUNNEL")
+        self._inner_mtu[i] = m
+        clamp = self.settings.mss_clamp
+        if clamp == "auto":
+            self._mss4[i], self._mss6[i] = mtu.mss_limit(m, False), mtu.mss_limit(m, True)
+        elif isinstance(clamp, int):
+            self._mss4[i] = self._mss6[i] = clamp
+        self._src[rec.local_addr.version] = rec.local_addr
 
     # -- the controller's SA table (pipeline/sadist.py SaSink) ------------------------------
     def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None:
@@ -167,12 +179,12 @@ class DataPlane:
     def install(self, index: int, record: SaRecord) -> None:
         self.sas.install(record, index)
         self.records[index] = record
-        self._limits()
+        self._limit_one(index, record)
 
     def remove(self, index: int) -> None:
         self.sas.remove(index)
         self.records.pop(index, None)
-        self._limits()
+        self._limit_one(index, None)
 
     def set_policies(self, policies: Sequence[Policy]) -> None:
         self.dispatcher.set_policies(policies)

@@ -86,3 +86,26 @@ def test_unsolicited_garbage_is_counted_not_answered() -> None:
             d.close()
 
     assert asyncio.run(main()) == 4
+
+
+def test_a_retransmitted_ike_sa_init_finds_the_same_responder_and_half_open_sas_expire() -> None:
+    """RFC 7296 §2.1: a repeated request is answered from the SA that answered it, not by a
+    second responder with its own key exchange; a half-open SA that never authenticates is
+    dropped after the timeout."""
+    i_cfg, r_cfg = configs()
+    now = [100.0]
+    responder = IkeDaemon([PeerConfig(r_cfg, ("127.0.0.1", 500))], "127.0.0.1",
+                          clock=lambda: now[0])
+    initiator = IkeSa(i_cfg, initiator=True, local=("127.0.0.1", 500),
+                      remote=("127.0.0.1", 500))
+    initiator.initiate(now[0])
+    (init, _), = initiator.datagrams_to_send(now[0])
+    responder.received(init, ("127.0.0.1", 500), False)
+    responder.received(init, ("127.0.0.1", 500), False)
+    assert len({id(sa) for sa in responder.sas.values()}) == 1
+    assert responder.half_open() == 1
+    responder._expire_half_open(now[0] + 10)
+    assert responder.half_open() == 1
+    responder._expire_half_open(now[0] + responder.half_open_timeout + 1)
+    assert responder.half_open() == 0 and not responder.sas
+    assert responder.alerts["half_open_expired"] == 1

@@ -134,14 +134,36 @@ class SaTable:
         while len(self._sas) <= index:
             self._sas.append(None)
         state = SaState(record, index)
+        self._unindex(self._sas[index])
         self._sas[index] = state
-        self._reindex()
+        if record.direction is Direction.IN:
+            # One insertion into the sorted SPI index (O(n) in C), not a rebuild: the
+            # controller installs SAs one at a time while thousands are up.
+            key = (int(record.protocol) << 32) | record.spi
+            pos = int(np.searchsorted(self._keys, key))
+            self._keys = np.insert(self._keys, pos, np.uint64(key))
+            self._idx = np.insert(self._idx, pos, np.uint32(index))
+            self._by_key[key] = index
         return state
 
     def remove(self, index: int) -> None:
         if 0 <= index < len(self._sas):
+            self._unindex(self._sas[index])
             self._sas[index] = None
-            self._reindex()
+
+    def _unindex(self, state: SaState | None) -> None:
+        if state is None or state.record.direction is not Direction.IN:
+            return
+        key = (int(state.record.protocol) << 32) | state.record.spi
+        pos = np.flatnonzero((self._keys == key) & (self._idx == state.index))
+        if pos.size:
+            self._keys = np.delete(self._keys, pos)
+            self._idx = np.delete(self._idx, pos)
+        if self._by_key.get(key) == state.index:
+            del self._by_key[key]
+            rest = np.flatnonzero(self._keys == key)  # another SA with the same SPI
+            if rest.size:
+                self._by_key[key] = int(self._idx[rest[0]])
 
     def __getitem__(self, index: int) -> SaState | None:
         return self._sas[index] if 0 <= index < len(self._sas) else None
@@ -151,15 +173,6 @@ class SaTable:
 
     def __len__(self) -> int:
         return len(self._sas)
-
-    def _reindex(self) -> None:
-        inbound = [s for s in self._sas if s is not None and s.record.direction is Direction.IN]
-        keys = np.array([(int(s.record.protocol) << 32) | s.record.spi for s in inbound],
-                        dtype=np.uint64)
-        order = np.argsort(keys)
-        self._keys = keys[order]
-        self._idx = np.array([s.index for s in inbound], dtype=np.uint32)[order]
-        self._by_key = {(int(s.record.protocol) << 32) | s.record.spi: s.index for s in inbound}
 
     def lookup_one(self, protocol: int, spi: int) -> tuple[int, bool]:
         """The inbound SA index for one SPI (the whole batch shares it: the common case)."""
