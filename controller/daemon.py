@@ -218,6 +218,12 @@ class IkeDaemon:
             self._indexed.pop(id(sa), None)
 
     def _flush(self, sa: IkeSa) -> None:
+        # Events first: a rekey responder's new inbound SA reaches the data plane before the
+        # response that lets the peer use it goes out (make-before-break, DESIGN §5).
+        while (event := sa.next_event()) is not None:
+            log.info("%s: %s", sa.config.name, type(event).__name__)
+            if self.on_event is not None:
+                self.on_event(sa, event)
         self._index(sa)
         now = self.clock()
         for data, addr in sa.datagrams_to_send(now):
@@ -231,8 +237,4 @@ class IkeDaemon:
             if len(data) >= IKE_HEADER_LEN:
                 self.messages[(data[18], "out",
                                "response" if data[19] & FLAG_RESPONSE else "request")] += 1
-        while (event := sa.next_event()) is not None:
-            log.info("%s: %s", sa.config.name, type(event).__name__)
-            if self.on_event is not None:
-                self.on_event(sa, event)
         self._wake.set()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 import random as stdrandom
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,10 @@ from controller.ike.constants import IdType, NotifyType
 from controller.ike.crypto import parse_ike_proposal
 from controller.ike.ike_sa import (
     ChildConfig,
+    ChildSaDeleted,
     ChildSaEstablished,
+    ChildSaFailed,
+    ChildSaRekeyed,
     IkeConfig,
     IkeSa,
     IkeSaClosed,
@@ -78,23 +82,76 @@ def pair(i_cfg: IkeConfig, r_cfg: IkeConfig) -> tuple[IkeSa, IkeSa]:
     return i, r
 
 
+Address = tuple[str, int]
+
+
+@dataclass
+class Nat:
+    """A NAPT in front of one side: each private (address, port) it sees leaving gets a
+    public port of its own; answers to a public port go back to its private address."""
+
+    public_ip: str
+    next_port: int = 40000
+    mappings: dict[Address, Address] = field(default_factory=dict)
+
+    def outbound(self, private: Address) -> Address:
+        if private not in self.mappings:
+            self.mappings[private] = (self.public_ip, self.next_port)
+            self.next_port += 1
+        return self.mappings[private]
+
+    def inbound(self, public: Address) -> Address | None:
+        return next((p for p, q in self.mappings.items() if q == public), None)
+
+    def rebind(self) -> None:
+        """The NAT forgets its mappings (as after an idle timeout): new public ports."""
+        self.mappings.clear()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One datagram on the wire, as the receiver saw it."""
+
+    sender: IkeSa
+    src: Address  # after the NAT
+    dst: Address  # as addressed by the sender (before the NAT's reverse mapping)
+    data: bytes
+
+
 def roundtrip(
     a: IkeSa,
     b: IkeSa,
     now: float = 0.0,
     drop: Callable[[bytes], bool] | None = None,
     max_steps: int = 50,
+    *,
+    nat: Nat | None = None,
+    trace: list[Sent] | None = None,
 ) -> int:
-    """Deliver datagrams both ways until none is left; returns how many were delivered."""
+    """Deliver datagrams both ways until none is left; returns how many were delivered.
+
+    ``nat`` stands in front of ``a``. A datagram reaches its receiver only if it is sent to
+    the receiver's address on its IKE port or its NAT-T port (the daemon's two sockets)."""
     delivered = 0
     for _ in range(max_steps):
         moved = False
         for src, dst in ((a, b), (b, a)):
-            for data, _addr in src.datagrams_to_send(now):
+            for data, addr in src.datagrams_to_send(now):
                 moved = True
                 if drop is not None and drop(data):
                     continue
-                dst.receive_datagram(data, src.local, now)
+                source = src.local
+                target: Address | None = addr
+                if nat is not None and src is a:
+                    source = nat.outbound(src.local)
+                elif nat is not None:
+                    target = nat.inbound(addr)
+                ports = (500, dst.config.natt_port)
+                if target is None or target[0] != dst.local[0] or target[1] not in ports:
+                    continue  # nobody listens there
+                if trace is not None:
+                    trace.append(Sent(src, source, addr, data))
+                dst.receive_datagram(data, source, now)
                 delivered += 1
         if not moved:
             return delivered
@@ -113,6 +170,142 @@ def established() -> tuple[IkeSa, IkeSa, list[object], list[object]]:
     i.initiate(0.0)
     roundtrip(i, r)
     return i, r, events(i), events(r)
+
+
+@dataclass
+class Ledger:
+    """What a data plane fed by one side's events would hold: its Child SAs by inbound SPI.
+
+    It checks the event contract on the way: a reported SA is new, a deleted one was
+    there (with the same outbound SPI), and ``child_sas`` shows exactly what was reported."""
+
+    sa: IkeSa
+    live: dict[int, ChildSaEstablished] = field(default_factory=dict)
+    log: list[object] = field(default_factory=list)
+
+    def pump(self) -> list[object]:
+        got = events(self.sa)
+        for e in got:
+            self.log.append(e)
+            if isinstance(e, ChildSaEstablished | ChildSaRekeyed):
+                new = e if isinstance(e, ChildSaEstablished) else e.new
+                assert new.spi_in not in self.live, "an SA reported twice"
+                self.live[new.spi_in] = new
+            elif isinstance(e, ChildSaDeleted):
+                assert self.live.pop(e.spi_in).spi_out == e.spi_out
+        assert {c.spi_in for c in self.sa.child_sas} == set(self.live)
+        return got
+
+    def of(self, kind: type[object]) -> list[Any]:
+        return [e for e in self.log if isinstance(e, kind)]
+
+
+def assert_keys_match(a: ChildSaEstablished, b: ChildSaEstablished) -> None:
+    """``a`` and ``b`` are the two ends of one Child SA: SPIs and keys cross."""
+    assert (a.spi_out, a.spi_in) == (b.spi_in, b.spi_out)
+    assert (a.enc_key_out, a.integ_key_out) == (b.enc_key_in, b.integ_key_in)
+    assert (a.enc_key_in, a.integ_key_in) == (b.enc_key_out, b.integ_key_out)
+    assert a.enc_key_in != a.enc_key_out
+    assert (a.transform, a.esn, a.mode) == (b.transform, b.esn, b.mode)
+    assert (a.local_ts, a.remote_ts) == (b.remote_ts, b.local_ts)
+
+
+def assert_in_step(li: Ledger, lr: Ledger) -> None:
+    """Both sides hold the same Child SAs, each end with the other's keys."""
+    assert len(li.live) == len(lr.live)
+    for spi_in, a in li.live.items():
+        b = next(b for b in lr.live.values() if b.spi_out == spi_in)
+        assert_keys_match(a, b)
+
+
+class Wire:
+    """An initiator and a responder in memory with a clock, their ledgers, and a network that
+    loses, duplicates and reorders datagrams when asked to (``chaos``, seeded)."""
+
+    def __init__(self, i: IkeSa, r: IkeSa) -> None:
+        self.i, self.r = i, r
+        self.li, self.lr = Ledger(i), Ledger(r)
+        self.now = 0.0
+        self.drop: Callable[[bytes], bool] | None = None
+        self.rng: stdrandom.Random | None = None
+        self.loss = self.duplicate = self.hold = 0.0
+        self.delivered: list[tuple[IkeSa, bytes]] = []  # (receiver, datagram)
+
+    @classmethod
+    def established(cls, i_cfg: IkeConfig | None = None, r_cfg: IkeConfig | None = None) -> Wire:
+        ci, cr = configs()
+        wire = cls(*pair(i_cfg or ci, r_cfg or cr))
+        wire.i.initiate(0.0)
+        wire.flush()
+        assert wire.i.state is IkeState.ESTABLISHED and wire.r.state is IkeState.ESTABLISHED
+        return wire
+
+    def chaos(
+        self, seed: int, loss: float = 0.2, duplicate: float = 0.2, hold: float = 0.3
+    ) -> None:
+        self.rng = stdrandom.Random(seed)
+        self.loss, self.duplicate, self.hold = loss, duplicate, hold
+
+    def peer(self, sa: IkeSa) -> IkeSa:
+        return self.r if sa is self.i else self.i
+
+    def flush(self, max_steps: int = 200) -> None:
+        """Deliver until nothing is in flight (lost datagrams wait for retransmission)."""
+        held: list[tuple[IkeSa, bytes]] = []
+        was_held: set[tuple[int, bytes]] = set()  # each datagram is overtaken at most once
+        for _ in range(max_steps):
+            pool = [
+                (src, data)
+                for src in (self.i, self.r)
+                for data, _ in src.datagrams_to_send(self.now)
+            ]
+            if not pool and not held:
+                break
+            if self.rng is not None:
+                self.rng.shuffle(pool)
+            pool, held = held + pool, []
+            for src, data in pool:
+                if self.drop is not None and self.drop(data):
+                    continue
+                rng = self.rng
+                if rng is not None and rng.random() < self.loss:
+                    continue
+                key = (id(src), data)
+                if rng is not None and key not in was_held and rng.random() < self.hold:
+                    was_held.add(key)
+                    held.append((src, data))  # overtaken by whatever comes next
+                    continue
+                copies = 2 if rng is not None and rng.random() < self.duplicate else 1
+                for _ in range(copies):
+                    self.delivered.append((self.peer(src), data))
+                    self.peer(src).receive_datagram(data, src.local, self.now)
+        else:
+            raise AssertionError("no quiescence")
+        self.li.pump()
+        self.lr.pump()
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass, firing both sides' timers in order."""
+        end = self.now + seconds
+        spins = 0
+        while True:
+            due = [t for t in (self.i.get_timer(), self.r.get_timer()) if t is not None]
+            if not due or min(due) > end:
+                break
+            spins = spins + 1 if min(due) <= self.now else 0
+            assert spins < 100, "a timer that handle_timer does not move"
+            self.now = max(self.now, min(due))
+            for sa in (self.i, self.r):
+                t = sa.get_timer()
+                if t is not None and t <= self.now:
+                    sa.handle_timer(self.now)
+            self.flush()
+        self.now = end
+
+    def settle(self, seconds: float = 120.0) -> None:
+        """Deliver, then let retransmissions run their course."""
+        self.flush()
+        self.advance(seconds)
 
 
 def test_ike_sa_init_and_auth_establish_both_sides() -> None:
@@ -275,7 +468,8 @@ def test_traffic_selectors_are_narrowed_and_unacceptable_ones_refused() -> None:
     roundtrip(i, r)
     ev = events(i)
     assert isinstance(ev[0], IkeSaEstablished)  # RFC 7296 §2.21.1: the IKE SA stands
-    assert isinstance(ev[1], IkeSaFailed) and ev[1].notify == NotifyType.TS_UNACCEPTABLE
+    assert isinstance(ev[1], ChildSaFailed) and ev[1].notify == NotifyType.TS_UNACCEPTABLE
+    assert ev[1].name == "lan" and i.state is IkeState.ESTABLISHED
 
 
 def test_tampered_message_is_dropped_silently() -> None:
@@ -303,12 +497,23 @@ def test_garbage_is_dropped_and_counted(garbage: bytes) -> None:
 
 
 def test_delete_closes_both_sides() -> None:
-    i, r, _, _ = established()
+    i, r, ei, er = established()
+    ci, cr = ei[1], er[1]
+    assert isinstance(ci, ChildSaEstablished) and isinstance(cr, ChildSaEstablished)
     r.delete(1.0)
     roundtrip(i, r, now=1.0)
     assert i.state is IkeState.CLOSED and r.state is IkeState.CLOSED
-    assert events(i) == [IkeSaClosed("site", by_peer=True)]
-    assert events(r) == [IkeSaClosed("site", by_peer=False)]
+    # Each Child SA is reported gone with the IKE SA, before the IKE SA itself.
+    assert events(i) == [
+        ChildSaDeleted("lan", ci.spi_in, ci.spi_out),
+        IkeSaClosed("site", by_peer=True),
+    ]
+    assert events(r) == [
+        ChildSaDeleted("lan", cr.spi_in, cr.spi_out),
+        IkeSaClosed("site", by_peer=False),
+    ]
+    assert i.child_sas == () and r.child_sas == ()
+    assert i.get_timer() is None and r.get_timer() is None
 
 
 def test_narrow_intersects_ranges_and_protocols() -> None:

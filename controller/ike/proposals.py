@@ -57,9 +57,11 @@ def _encr(encr: int, key_bits: int | None) -> Transform:
     return Transform(TransformType.ENCR, encr, attrs)
 
 
-def esp_transform_ids(t: EspTransform, esn: bool) -> tuple[Transform, ...]:
+def esp_transform_ids(
+    t: EspTransform, esn: bool, ke_group: int | None = None
+) -> tuple[Transform, ...]:
     """The transforms of one ESP proposal for ``t`` (RFC 7296 §3.3.3: ENCR, INTEG unless
-    an AEAD, ESN)."""
+    an AEAD, optional KE, ESN). ``ke_group`` is the PFS group of a CREATE_CHILD_SA."""
     encr = _ESP_ENCR[t.kind]
     key_bits = (
         None
@@ -69,12 +71,15 @@ def esp_transform_ids(t: EspTransform, esn: bool) -> tuple[Transform, ...]:
     out = [_encr(encr, key_bits)]
     if t.integ is not None:
         out.append(Transform(TransformType.INTEG, _INTEG[t.integ.keyword]))
+    if ke_group is not None:
+        out.append(Transform(TransformType.KE, ke_group))
     out.append(Transform(TransformType.ESN, EsnId.ESN if esn else EsnId.NO_ESN))
     return tuple(out)
 
 
-def ike_proposals(configured: Sequence[IkeProposal]) -> SaPayload:
-    """The SA payload of an IKE_SA_INIT request (SPI empty: RFC 7296 §3.3.1)."""
+def ike_proposals(configured: Sequence[IkeProposal], spi: bytes = b"") -> SaPayload:
+    """The SA payload of an IKE_SA_INIT request (SPI empty: RFC 7296 §3.3.1), or with the
+    new initiator SPI that of a CREATE_CHILD_SA rekeying the IKE SA (RFC 7296 §2.18)."""
     proposals = []
     for i, p in enumerate(configured, start=1):
         transforms = [
@@ -84,15 +89,18 @@ def ike_proposals(configured: Sequence[IkeProposal]) -> SaPayload:
         if p.integ is not None:
             transforms.append(Transform(TransformType.INTEG, p.integ))
         transforms += [Transform(TransformType.KE, g) for g in p.ke_groups]
-        proposals.append(Proposal(i, ProtocolId.IKE, b"", tuple(transforms)))
+        proposals.append(Proposal(i, ProtocolId.IKE, spi, tuple(transforms)))
     return SaPayload(tuple(proposals))
 
 
-def esp_proposals(configured: Sequence[tuple[EspTransform, bool]], spi: bytes) -> SaPayload:
-    """An ESP SA payload offering each (transform, esn) with our inbound SPI."""
+def esp_proposals(
+    configured: Sequence[tuple[EspTransform, bool]], spi: bytes, ke_group: int | None = None
+) -> SaPayload:
+    """An ESP SA payload offering each (transform, esn) with our inbound SPI, and with
+    ``ke_group`` the KE transform of a CREATE_CHILD_SA with PFS (RFC 7296 §1.3.1)."""
     return SaPayload(
         tuple(
-            Proposal(i, ProtocolId.ESP, spi, esp_transform_ids(t, esn))
+            Proposal(i, ProtocolId.ESP, spi, esp_transform_ids(t, esn, ke_group))
             for i, (t, esn) in enumerate(configured, start=1)
         )
     )
@@ -108,6 +116,7 @@ class ChosenIke:
     proposal: Proposal  # as it goes into the response: one transform per type
     config: IkeProposal
     group: DhGroup
+    peer_spi: bytes = b""  # the offer's SPI: the new initiator SPI of an IKE SA rekey
 
 
 def select_ike(
@@ -140,7 +149,7 @@ def select_ike(
                         b"",
                         (*base, Transform(TransformType.KE, group)),
                     )
-                    candidates.append(ChosenIke(chosen, config, group))
+                    candidates.append(ChosenIke(chosen, config, group, offer.spi))
     for c in candidates:
         if c.group == ke_group:
             return c
@@ -155,32 +164,60 @@ class ChosenEsp:
     peer_spi: bytes
 
 
+def _ke_ids(proposal: Proposal) -> set[int]:
+    return {t.transform_id for t in proposal.transforms if t.transform_type == TransformType.KE}
+
+
+def _without_ke(proposal: Proposal) -> Proposal:
+    transforms = tuple(t for t in proposal.transforms if t.transform_type != TransformType.KE)
+    return Proposal(proposal.number, proposal.protocol_id, proposal.spi, transforms)
+
+
 def select_esp(
-    offered: SaPayload, configured: Sequence[tuple[EspTransform, bool]]
+    offered: SaPayload,
+    configured: Sequence[tuple[EspTransform, bool]],
+    ke_group: int | None = None,
+    *,
+    ignore_ke: bool = False,
 ) -> ChosenEsp | None:
+    """The first configured ESP proposal that an offered one contains.
+
+    ``ke_group`` is our PFS group: an offer must then include it (RFC 7296 §1.3.1); without
+    one an offer may list KE only with NONE among them. ``ignore_ke`` is for IKE_AUTH, where
+    no key exchange takes place and KE transforms in the offer are disregarded (as
+    strongSwan does)."""
     for t, esn in configured:
-        wanted = esp_transform_ids(t, esn)
+        wanted = esp_transform_ids(t, esn, None if ignore_ke else ke_group)
         for offer in offered.proposals:
-            if (
-                offer.protocol_id == ProtocolId.ESP
-                and len(offer.spi) == 4
-                and _contains(offer, wanted)
-            ):
+            if offer.protocol_id != ProtocolId.ESP or len(offer.spi) != 4:
+                continue
+            groups = _ke_ids(offer)
+            want = wanted
+            if ignore_ke:
+                offer = _without_ke(offer)
+            elif ke_group is None and groups:
+                if DhGroup.NONE not in groups:
+                    continue
+                want = (*wanted, Transform(TransformType.KE, DhGroup.NONE))
+            if _contains(offer, want):
                 return ChosenEsp(
-                    Proposal(offer.number, ProtocolId.ESP, offer.spi, wanted), t, esn, offer.spi
+                    Proposal(offer.number, ProtocolId.ESP, offer.spi, want), t, esn, offer.spi
                 )
     return None
 
 
 def accepted_esp(
-    answer: SaPayload, configured: Sequence[tuple[EspTransform, bool]]
+    answer: SaPayload,
+    configured: Sequence[tuple[EspTransform, bool]],
+    ke_group: int | None = None,
 ) -> ChosenEsp | None:
-    """The initiator's check of a response: exactly one proposal, one we offered."""
+    """The initiator's check of a response: exactly one proposal, one we offered (with our
+    PFS group ``ke_group``, if any)."""
     if len(answer.proposals) != 1:
         return None
     got = answer.proposals[0]
     for t, esn in configured:
-        wanted = esp_transform_ids(t, esn)
+        wanted = esp_transform_ids(t, esn, ke_group)
         if (
             got.protocol_id == ProtocolId.ESP
             and len(got.spi) == 4

@@ -4,9 +4,13 @@ lives here; this module knows nothing about bytes, keys or roles.
     initiator:  INITIAL --send_init--> INIT_SENT --init_response--> AUTH_SENT
                 AUTH_SENT --auth_response--> ESTABLISHED
     responder:  INITIAL --init_request--> INIT_DONE --auth_request--> ESTABLISHED
-    both:       ESTABLISHED --send_delete--> DELETING --delete_response--> CLOSED
-                ESTABLISHED --delete_request--> CLOSED
+    both:       ESTABLISHED --send_rekey--> REKEYING --rekey_done/rekey_failed--> ESTABLISHED
+                ESTABLISHED --send_delete--> DELETING --delete_response--> CLOSED
+                ESTABLISHED, REKEYING, DELETING --delete_request--> CLOSED
                 any but CLOSED --fail--> FAILED
+
+An IKE SA rekey (RFC 7296 §2.18) keeps the connection ESTABLISHED: REKEYING only says that
+our own CREATE_CHILD_SA rekeying it is out. Answering the peer's rekey changes no state.
 
 An event that the table does not allow in the current state is a local error (a bug in the
 caller), never silently ignored.
@@ -25,6 +29,7 @@ class IkeState(Enum):
     AUTH_SENT = "auth-sent"  # initiator: IKE_AUTH request out
     INIT_DONE = "init-done"  # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
     ESTABLISHED = "established"
+    REKEYING = "rekeying"  # our CREATE_CHILD_SA rekeying the IKE SA is out
     DELETING = "deleting"  # our Delete is out
     CLOSED = "closed"
     FAILED = "failed"
@@ -37,6 +42,9 @@ class IkeEvent(Enum):
     AUTH_RESPONSE = "auth_response"
     INIT_REQUEST = "init_request"
     AUTH_REQUEST = "auth_request"
+    SEND_REKEY = "send_rekey"
+    REKEY_DONE = "rekey_done"
+    REKEY_FAILED = "rekey_failed"
     SEND_DELETE = "send_delete"
     DELETE_RESPONSE = "delete_response"
     DELETE_REQUEST = "delete_request"
@@ -55,9 +63,14 @@ TRANSITIONS: dict[tuple[IkeState, IkeEvent], IkeState] = {
     (S.AUTH_SENT, E.AUTH_RESPONSE): S.ESTABLISHED,
     (S.INITIAL, E.INIT_REQUEST): S.INIT_DONE,
     (S.INIT_DONE, E.AUTH_REQUEST): S.ESTABLISHED,
+    (S.ESTABLISHED, E.SEND_REKEY): S.REKEYING,
+    (S.REKEYING, E.REKEY_DONE): S.ESTABLISHED,
+    (S.REKEYING, E.REKEY_FAILED): S.ESTABLISHED,
     (S.ESTABLISHED, E.SEND_DELETE): S.DELETING,
     (S.DELETING, E.DELETE_RESPONSE): S.CLOSED,
     (S.ESTABLISHED, E.DELETE_REQUEST): S.CLOSED,
+    # RFC 7296 §2.25.2: a Delete for the IKE SA we are rekeying: answer it, forget our rekey.
+    (S.REKEYING, E.DELETE_REQUEST): S.CLOSED,
     # RFC 7296 §2.8.1/§2.25: a Delete crossing ours; both sides close.
     (S.DELETING, E.DELETE_REQUEST): S.CLOSED,
 }
