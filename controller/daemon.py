@@ -39,6 +39,7 @@ class PeerConfig:
 
     ike: IkeConfig
     remote: tuple[str, int]  # address and IKE port of the peer
+    local: str | None = None  # our address towards it (NAT-D hashes); None: the bound one
 
 
 @dataclass
@@ -138,8 +139,8 @@ class IkeDaemon:
     # -- IKE SAs -----------------------------------------------------------------------------
     def initiate(self, name: str) -> IkeSa:
         peer = next(p for p in self.peers if p.ike.name == name)
-        sa = IkeSa(peer.ike, initiator=True, local=(self.local, self.port), remote=peer.remote,
-                   random=self.random)
+        sa = IkeSa(peer.ike, initiator=True, local=(peer.local or self.local, self.port),
+                   remote=peer.remote, random=self.random)
         sa.initiate(self.clock())
         self._flush(sa)
         return sa
@@ -170,8 +171,8 @@ class IkeDaemon:
                 self.dropped += 1  # under a flood: no state, no key exchange
                 self.alerts["half_open_limit"] += 1
                 return
-            sa = IkeSa(peer.ike, initiator=False, local=(self.local, self.port), remote=addr,
-                       random=self.random)
+            sa = IkeSa(peer.ike, initiator=False, local=(peer.local or self.local, self.port),
+                       remote=addr, random=self.random)
             self._half_open[(spi_i, addr[0], addr[1])] = sa
             self._half_open_since[id(sa)] = self.clock()
         # The core learns the peer's address from authenticated messages (RFC 7296 §2.23).

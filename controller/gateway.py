@@ -233,11 +233,13 @@ class Gateway:
         self.clock = clock
         self.psks = PskStore(cfg.shared_keys)
         self.conns: dict[str, Connection] = dict(cfg.conns)
-        addrs = {resolve_local(conn) for conn in self.conns.values()}
-        if len(addrs) != 1:
-            raise ConfigError("connections", "all connections must share one local address "
-                              f"for now (got {', '.join(sorted(addrs))})")
-        self.local = addrs.pop()
+        # IKE listens on the wildcard address: connections loaded later (VICI) may use any
+        # local address; each IKE SA knows its own (for the NAT-D hashes).
+        families = {":" in resolve_local(conn) for conn in self.conns.values()}
+        if len(families) > 1:
+            raise ConfigError("connections", "IPv4 and IPv6 connections in one gateway are "
+                              "not supported yet")
+        self.local = "::" if families == {True} else "0.0.0.0"
         self.started_at = time.time()
         self.daemon = IkeDaemon([], self.local, cfg.controller.ike_port,
                                 cfg.controller.natt_port, on_event=self._on_event)
@@ -287,9 +289,9 @@ class Gateway:
         self._watch(loop, self.publisher.snapshot_socket, self.publisher.serve_snapshots)
         self._watch(loop, self._reports, self._read_reports)
         if self.start_dataplane:
-            routes = tuple(sorted({str(n) for c in self.conns.values() for ch in c.children
-                                   for n in ch.remote_ts}))
-            job = DataplaneJob(self.cfg.dataplane, routes, _tun_mtu(self.cfg), endpoints,
+            # No routes at creation: they follow the SPD the data plane receives (every
+            # configured child's remote selectors, see DataPlane.set_policies).
+            job = DataplaneJob(self.cfg.dataplane, (), _tun_mtu(self.cfg), endpoints,
                                reports, self.cfg.controller.log_format)
             proc = multiprocessing.get_context("spawn").Process(
                 target=run_dataplane, args=(job,), name="espline-io")  # it has children
@@ -416,7 +418,8 @@ class Gateway:
                     raise
                 log.warning("connection %s: no shared key for its identities yet", conn.name)
                 continue
-            peers.append(PeerConfig(ike, (conn.remote_addrs[0], conn.remote_port)))
+            peers.append(PeerConfig(ike, (conn.remote_addrs[0], conn.remote_port),
+                                    resolve_local(conn)))
         self.daemon.peers = peers
 
     def set_connection(self, conn: Connection) -> bool:
@@ -424,9 +427,10 @@ class Gateway:
         if self.conns.get(conn.name) == conn:
             return False
         local = resolve_local(conn)
-        if local != self.local:
+        if (":" in local) != (":" in self.local):
             raise ConfigError(f"connections.{conn.name}.local_addrs",
-                              f"{local}: every connection must use {self.local} for now")
+                              f"{local}: this gateway's IKE runs over "
+                              f"{'IPv6' if ':' in self.local else 'IPv4'}")
         self.conns[conn.name] = conn
         self._rebuild_peers()
         if self.publisher is not None:
@@ -552,7 +556,7 @@ class Gateway:
 
     def _records(self, entry: IkeEntry, e: ChildSaEstablished) -> tuple[SaRecord, SaRecord,
                                                                           int, int]:
-        local = ipaddress.ip_address(self.local)
+        local = ipaddress.ip_address(entry.sa.local[0])
         remote = ipaddress.ip_address(entry.sa.remote[0])
         lport = int(getattr(e, "local_port", self.cfg.controller.natt_port))
         rport = int(getattr(e, "remote_port", entry.sa.remote[1]
@@ -651,11 +655,15 @@ class Gateway:
         up = self._up
         for conn in self.conns.values():
             for spec in conn.children:
-                if (spec.start_action == "trap" or "trap" in (spec.close_action,
-                                                              spec.dpd_action)) \
-                        and (conn.name, spec.name) not in up:
-                    spd.append(Policy(spec.local_ts, spec.remote_ts, Action.TRAP,
-                                      name=f"{conn.name}/{spec.name}"))
+                if (conn.name, spec.name) in up:
+                    continue
+                trap = spec.start_action == "trap" or "trap" in (spec.close_action,
+                                                                 spec.dpd_action)
+                # Not up and not trapped: its traffic is dropped, never sent in the clear
+                # (the TUN keeps routing it to us, see DataPlane.set_policies).
+                spd.append(Policy(spec.local_ts, spec.remote_ts,
+                                  Action.TRAP if trap else Action.DISCARD,
+                                  name=f"{conn.name}/{spec.name}"))
         if tuple(spd) != self._spd:  # the data plane rebuilds its SPD on every change
             self._spd = tuple(spd)
             self.publisher.set_policies(spd)

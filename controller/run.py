@@ -34,6 +34,7 @@ class TunIO:
     """The TUN device as the data plane's inside."""
 
     device: TunDevice
+    base_routes: frozenset[str] = frozenset()  # routes the device was created with
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
         return self.device.read_batch(batch, max_packets)
@@ -43,6 +44,17 @@ class TunIO:
 
     def fileno_list(self) -> list[int]:
         return [self.device.fileno()]
+
+    def sync_routes(self, routes: Sequence[str]) -> None:
+        """Route exactly ``routes`` into the device (beyond those it was created with)."""
+        want = set(routes) | self.base_routes
+        for route in set(self.device.routes) - want:
+            self.device.remove_route(route)
+        for route in sorted(want - set(self.device.routes)):
+            try:
+                self.device.add_route(route)
+            except OSError as exc:  # e.g. a route that already exists elsewhere
+                log.warning("cannot route %s into %s: %s", route, self.device.name, exc)
 
     def io_stats(self) -> dict[str, int]:
         q = self.device.queues[0]
@@ -145,7 +157,7 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
     if dp.inside.mode == "tun":
         device = TunDevice(dp.inside.interface, mtu=tun_mtu, routes=sorted(routes))
         stack.callback(device.close)
-        inside = TunIO(device)
+        inside = TunIO(device, frozenset(device.routes))
     else:
         assert dp.inside.interface is not None
         port = AfPacketIO(dp.inside.interface, esp_only=False, fanout=False)
@@ -258,7 +270,8 @@ def main(config_path: str) -> int:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.controller.log_format)
-    if cfg.conns:
+    if cfg.conns or not cfg.static_sas:
+        # The controller: connections from the file, or later over VICI (swanctl).
         return _serve(cfg, config_path)
     with ExitStack() as stack:
         try:

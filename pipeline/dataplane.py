@@ -188,6 +188,12 @@ class DataPlane:
 
     def set_policies(self, policies: Sequence[Policy]) -> None:
         self.dispatcher.set_policies(policies)
+        # The inside routes follow the SPD: every remote selector of a policy (PROTECT,
+        # TRAP or DISCARD) is routed to us, so that its traffic is protected or dropped,
+        # never leaked through the default route while an SA is down.
+        sync = getattr(self.inside, "sync_routes", None)
+        if callable(sync):
+            sync(sorted({str(n) for p in policies for n in p.remote_ts}))
 
     def _outbound_mtu(self, batch: Batch) -> None:
         """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the

@@ -11,6 +11,7 @@ the connection (start_action: start), gwB waits for it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -171,6 +172,91 @@ def test_trap_negotiates_on_the_first_packet(netns_lab: NetnsLab, tmp_path: Path
     try:
         assert "traffic for a trapped child (site/lan): initiating" in tunnel.a.log()
         assert tunnel.topo.host_b.ping(SIDE_A.host, timeout=5)
+    finally:
+        codes = tunnel.stop()
+    assert codes == [0, 0], tunnel.logs()
+
+
+def test_swanctl_load_all_creates_connections_that_come_up(netns_lab: NetnsLab,
+                                                           tmp_path: Path) -> None:
+    """Gateway A starts with no connection at all; strongSwan's own swanctl loads one from a
+    swanctl.conf written as strongSwan's documentation shows (PSK site-to-site) and
+    initiates it over espline's VICI socket; the tunnel to gateway B comes up."""
+    require_root_netns()
+    swanctl = shutil.which("swanctl")
+    if swanctl is None:
+        from tests.strongswan import require_strongswan
+
+        require_strongswan()
+        return
+    topo = build_topology(netns_lab, inside="tun")
+    run_a, run_b = tmp_path / "run-a", tmp_path / "run-b"
+    bare = textwrap.dedent(f"""\
+        controller: {{vici_socket: {run_a}/vici.sock}}
+        dataplane:
+          workers: 2
+          inside: {{mode: tun, name: {TUN_NAME}}}
+          outside: {{mode: af_packet, interface: {WAN}}}
+          endpoints: {{runtime_dir: {run_a}}}
+        """)
+    b = start_gateway(topo.gw_b, ike_config(SIDE_B, SIDE_A, run_b, start=False, encap=False),
+                      tmp_path, "b", run_b)
+    a = start_gateway(topo.gw_a, bare, tmp_path, "a", run_a)
+    tunnel = Tunnel(topo, a, b, False)
+    try:
+        wait_link(topo.gw_a, TUN_NAME, True)
+        wait_for(lambda: "controller up: 0 connection(s)" in a.log(), 20, "A's controller")
+        conf_dir = tmp_path / "swanctl"
+        conf_dir.mkdir()
+        (conf_dir / "swanctl.conf").write_text(textwrap.dedent(f"""\
+            connections {{
+                site {{
+                    local_addrs  = {SIDE_A.outer}
+                    remote_addrs = {SIDE_B.outer}
+                    proposals = aes128gcm16-prfsha256-x25519
+                    local {{
+                        auth = psk
+                        id = gw-1.example.net
+                    }}
+                    remote {{
+                        auth = psk
+                        id = gw-2.example.net
+                    }}
+                    children {{
+                        lan {{
+                            local_ts  = {SIDE_A.net}
+                            remote_ts = {SIDE_B.net}
+                            esp_proposals = aes128gcm16
+                        }}
+                    }}
+                    version = 2
+                }}
+            }}
+            secrets {{
+                ike-1 {{
+                    id-1 = gw-1.example.net
+                    id-2 = gw-2.example.net
+                    secret = "{PSK}"
+                }}
+            }}
+            """))
+        uri = ["--uri", f"unix://{run_a}/vici.sock"]
+        env = {**os.environ, "SWANCTL_DIR": str(conf_dir)}
+
+        def swan(*args: str) -> str:
+            res = subprocess.run([swanctl, *args, *uri], capture_output=True, text=True,
+                                 env=env, timeout=60, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr + tunnel.logs()
+            return res.stdout
+
+        loaded = swan("--load-all")
+        assert "loaded connection 'site'" in loaded and PSK not in loaded, loaded
+        conns = swan("--list-conns")
+        assert "site: IKEv2" in conns and "lan: TUNNEL" in conns, conns
+        assert not topo.host_a.ping(SIDE_B.host, timeout=1)  # nothing up yet: dropped
+        swan("--initiate", "--child", "lan")
+        assert topo.host_a.ping(SIDE_B.host, timeout=10), tunnel.logs()
+        assert "INSTALLED" in swan("--list-sas")
     finally:
         codes = tunnel.stop()
     assert codes == [0, 0], tunnel.logs()

@@ -125,12 +125,12 @@ def test_a_delete_from_either_side_removes_the_sas_on_both(netns_lab: NetnsLab,
 
 
 def test_dpd_declares_a_dead_peer(netns_lab: NetnsLab, tmp_path: Path) -> None:
-    run = start(netns_lab, tmp_path, dpd_delay="1s")
+    run = start(netns_lab, tmp_path, dpd_delay="1s", dpd_timeout="5s")
     try:
         assert run.charon.proc is not None
         run.charon.proc.kill()  # no Delete: the peer just vanishes
         run.charon.proc.wait(10)
-        wait_for(lambda: "dead peer" in run.espline.log(), 40,
+        wait_for(lambda: "dead peer" in run.espline.log(), 20,
                  "espline to declare the peer dead\n" + run.logs())
         wait_for(lambda: (run.espline.stats() or {}).get("sas") == [], 10,
                  "the data plane to drop the SAs")

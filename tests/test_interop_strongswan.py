@@ -51,7 +51,7 @@ RESULTS: dict[tuple[str, str, str], str] = {}
 
 
 def espline_config(rundir: Path, *, ike: str, esp: str, start: bool,
-                   dpd_delay: str = "0s") -> str:
+                   dpd_delay: str = "0s", dpd_timeout: str = "0s") -> str:
     return textwrap.dedent(f"""\
         controller: {{vici_socket: {rundir}/vici.sock}}
         dataplane:
@@ -67,6 +67,7 @@ def espline_config(rundir: Path, *, ike: str, esp: str, start: bool,
             proposals: [{ike}]
             encap: yes
             dpd_delay: {dpd_delay}
+            dpd_timeout: {dpd_timeout}
             local: {{auth: psk, id: {ID_A}}}
             remote: {{auth: psk, id: {ID_B}}}
             children:
@@ -83,7 +84,7 @@ def espline_config(rundir: Path, *, ike: str, esp: str, start: bool,
 
 class Interop:
     def __init__(self, lab: NetnsLab, tmp: Path, *, initiator: str, ike: str, esp: str,
-                 dpd_delay: str = "0s") -> None:
+                 dpd_delay: str = "0s", dpd_timeout: str = "0s") -> None:
         self.topo = build_topology(lab, inside="tun")
         self.charon = Charon(self.topo.gw_b.popen, tmp / "charon")
         self.charon.write(swanctl_conf(
@@ -94,7 +95,8 @@ class Interop:
         rundir = tmp / "run-a"
         self.espline: Gateway = start_gateway(
             self.topo.gw_a, espline_config(rundir, ike=ike, esp=esp,
-                                           start=initiator == "espline", dpd_delay=dpd_delay),
+                                           start=initiator == "espline", dpd_delay=dpd_delay,
+                                           dpd_timeout=dpd_timeout),
             tmp, "a", rundir)
         wait_link(self.topo.gw_a, TUN_NAME, True)
         if initiator == "strongswan":
