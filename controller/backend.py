@@ -18,9 +18,13 @@ from controller.connections import SharedKey, parse_connection, parse_identity
 from controller.gateway import ChildEntry, Gateway, IkeEntry, selector_networks
 from controller.ike.constants import DhGroup, ExchangeType
 from controller.metrics import (
+    BATCH_SIZE_BOUNDS,
     ChildSaCounters,
+    Histogram,
     IkeCounters,
     MetricsSnapshot,
+    WorkerCounters,
+    WorkerCountersMerger,
     from_dataplane_stats,
 )
 from controller.vici.commands import (
@@ -93,6 +97,7 @@ class GatewayBackend:
         self.vici_conns: set[str] = set()  # loaded over VICI (get-conns)
         self.vici_secrets: set[str] = set()
         self._counter_base: dict[str, int] = {}
+        self._workers = WorkerCountersMerger()
 
     # -- views -----------------------------------------------------------------------------
     def child_info(self, entry: IkeEntry, child: ChildEntry) -> ChildSaInfo:
@@ -376,8 +381,18 @@ class GatewayBackend:
             into = msgs_in if direction == "in" else msgs_out
             into[label] = into.get(label, 0) + n
         alerts = dict(self.gw.daemon.alerts)
+        workers = list(dp.workers)
+        for index, w in sorted(self.gw.worker_stats.items()):
+            buckets = tuple(int(n) for n in w.get("batch_buckets", ()))
+            hist = (Histogram(BATCH_SIZE_BOUNDS, buckets, float(w.get("batch_sum", 0)))
+                    if len(buckets) == len(BATCH_SIZE_BOUNDS) + 1 else None)
+            # A restarted worker counts from zero again: its PID is the merger's epoch.
+            workers.append(self._workers.update(
+                WorkerCounters(index, int(w.get("in", 0)), int(w.get("out", 0)),
+                               {str(k): int(v) for k, v in w.get("drops", {}).items()}, hist),
+                epoch=w.get("pid")))
         return MetricsSnapshot(
             child_sas=tuple(c for c in dp.child_sas if isinstance(c, ChildSaCounters)),
-            workers=dp.workers,
+            workers=tuple(workers),
             ike=IkeCounters(states, msgs_in, msgs_out, alerts),
             worker_restarts=dp.worker_restarts, lost_batches=dp.lost_batches)

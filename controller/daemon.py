@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import socket
@@ -73,6 +75,9 @@ class IkeDaemon:
         self.clock = clock
         self.sas: dict[bytes, IkeSa] = {}  # by the SPIs we chose (ours identify the SA)
         self._indexed: dict[int, tuple[bytes, ...]] = {}  # id(sa) -> its SPIs in ``sas``
+        self._heap: list[tuple[float, int, IkeSa]] = []  # (timer, tie-break, SA)
+        self._scheduled: dict[int, float] = {}  # id(sa) -> the timer its live entry has
+        self._seq = itertools.count()
         # Responders past IKE_SA_INIT and not yet authenticated, by (SPIi, peer address):
         # found again by a retransmitted IKE_SA_INIT, dropped after ``half_open_timeout``.
         self._half_open: dict[tuple[bytes, str, int], IkeSa] = {}
@@ -118,23 +123,41 @@ class IkeDaemon:
                 endpoint.transport.close()
 
     async def run_timers(self, stop: asyncio.Event) -> None:
-        """Drive every SA's retransmission timer until ``stop`` is set."""
+        """Drive the SAs' timers (retransmission, rekey, DPD, expiry) until ``stop`` is set.
+
+        A heap of (time, SA), refreshed whenever an SA is flushed: each wake-up costs
+        O(log n) per due timer, not a scan of every SA (thousands of them on a concentrator).
+        """
         while not stop.is_set():
             now = self.clock()
-            timers = [t for sa in {id(sa): sa for sa in self.sas.values()}.values()
-                      if (t := sa.get_timer()) is not None]
-            delay = max(0.0, min(timers) - now) if timers else 1.0
+            delay = max(0.0, self._heap[0][0] - now) if self._heap else 1.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
             now = self.clock()
             if self._half_open:
                 self._expire_half_open(now)
-            for sa in list({id(sa): sa for sa in self.sas.values()}.values()):
+            while self._heap and self._heap[0][0] <= now:
+                when, _, sa = heapq.heappop(self._heap)
+                if self._scheduled.get(id(sa)) != when:
+                    continue  # stale: rescheduled or gone since
+                del self._scheduled[id(sa)]
                 timer = sa.get_timer()
-                if timer is not None and timer <= now:
+                if timer is None:
+                    continue
+                if timer <= now:
                     sa.handle_timer(now)
                     self._flush(sa)
+                else:
+                    self._schedule(sa)
+
+    def _schedule(self, sa: IkeSa) -> None:
+        timer = sa.get_timer()
+        if timer is None:
+            self._scheduled.pop(id(sa), None)
+        elif self._scheduled.get(id(sa)) != timer:
+            self._scheduled[id(sa)] = timer
+            heapq.heappush(self._heap, (timer, next(self._seq), sa))
 
     # -- IKE SAs -----------------------------------------------------------------------------
     def initiate(self, name: str) -> IkeSa:
@@ -195,6 +218,7 @@ class IkeDaemon:
                 del self._half_open[key]
                 self._half_open_since.pop(id(sa), None)
                 self.alerts["half_open_expired"] += 1
+                self._scheduled.pop(id(sa), None)
                 for spi in self._indexed.pop(id(sa), ()):
                     if self.sas.get(spi) is sa:
                         del self.sas[spi]
@@ -226,6 +250,10 @@ class IkeDaemon:
             if self.on_event is not None:
                 self.on_event(sa, event)
         self._index(sa)
+        if id(sa) in self._indexed:
+            self._schedule(sa)
+        else:
+            self._scheduled.pop(id(sa), None)  # closed or never kept: its timers end
         now = self.clock()
         for data, addr in sa.datagrams_to_send(now):
             # From the NAT-T port once the SA moved there (our port, not the peer's: behind

@@ -251,6 +251,7 @@ class Gateway:
         self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
         self.publisher: SaPublisher | None = None
         self.stats: dict[str, Any] = {}  # the data plane's last counter report
+        self.worker_stats: dict[int, dict[str, Any]] = {}  # each worker's last report
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
         self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -327,6 +328,8 @@ class Gateway:
                 continue
             if "acquire" in message:
                 self._on_acquire(str(message["acquire"]))
+            elif "worker" in message:
+                self.worker_stats[int(message["worker"])] = message
             else:
                 self.stats = message
                 self._update_counters()

@@ -80,10 +80,13 @@ class Stats:
             "worker_pids": plane.supervisor.pids(),
             "inside_io": _io_stats(plane.inside),
             "outside_io": _io_stats(plane.outside),
+            # SAs that carried nothing yet are left out (their counters are zero): on a
+            # concentrator with thousands of idle SAs this keeps the report small.
             "sas": [{"index": sa.index, "spi": f"{sa.record.spi:#010x}",
                      "direction": sa.record.direction.name.lower(), "packets": sa.packets,
                      "bytes": sa.bytes, "seq_out": sa.seq_out, "replay_top": sa.replay.top}
-                    for sa in plane.sas],
+                    for sa in plane.sas if sa.packets or not plane.sa_updates],
+            "sa_count": len(plane.records),
         }
 
 
@@ -126,7 +129,8 @@ class DataPlane:
             WorkerSpec(index=i, cpu=cpus[i % len(cpus)] if cpus else None,
                        batches_in=self.endpoint_in, batches_out=self.endpoint_out,
                        sas=tuple(self.records.items()), capacity=settings.max_packets,
-                       slot_size=settings.slot_size, sa_updates=sa_updates)
+                       slot_size=settings.slot_size, sa_updates=sa_updates,
+                       reports=reports)
             for i in range(settings.workers)])
         self._free: list[Batch] = []
         self._sending: deque[tuple[Batch, zmq.MessageTracker | None]] = deque()

@@ -104,7 +104,8 @@ def test_two_gateways_negotiate_with_ikev2_and_carry_traffic(
         assert tunnel.topo.host_b.ping(SIDE_A.host, timeout=5)
         echo_roundtrips(tunnel)
         # The SAs came from IKE: the data plane reports an inbound and an outbound SA.
-        stats = tunnel.a.wait_stats(lambda s: len(s["sas"]) == 2, what="two SAs")
+        stats = tunnel.a.wait_stats(lambda s: s["sa_count"] == 2 and len(s["sas"]) == 2,
+                                    what="two SAs that carried traffic")
         assert {sa["direction"] for sa in stats["sas"]} == {"in", "out"}
         assert "IKE SA established" in tunnel.a.log() and "IKE SA established" in tunnel.b.log()
         if esp == "aes128gcm16":

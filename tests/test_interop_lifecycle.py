@@ -95,7 +95,7 @@ def test_rekey_under_traffic_loses_nothing(netns_lab: NetnsLab, tmp_path: Path, 
         if what == "child":
             assert "rekeyed" in run.espline.log() or "rekey" in run.espline.log()
         # The data plane holds exactly the current pair once the old SA's Delete is over.
-        wait_for(lambda: len((run.espline.stats() or {}).get("sas", [])) == 2, 10,
+        wait_for(lambda: (run.espline.stats() or {}).get("sa_count") == 2, 10,
                  "the old SAs to leave the data plane")
     finally:
         code = run.stop()
@@ -114,7 +114,7 @@ def test_a_delete_from_either_side_removes_the_sas_on_both(netns_lab: NetnsLab,
             assert res.returncode == 0, res.stdout + res.stderr
         wait_for(lambda: "site:" not in run.charon.list_sas(), 15,
                  "strongSwan to drop the IKE_SA\n" + run.logs())
-        wait_for(lambda: (run.espline.stats() or {}).get("sas") == [], 10,
+        wait_for(lambda: (run.espline.stats() or {}).get("sa_count") == 0, 10,
                  "espline's data plane to drop the SAs\n" + run.logs())
         listed = espline_admin(run, "list-sas", "--json")
         assert listed.returncode == 0 and "site" not in listed.stdout, listed.stdout
@@ -132,7 +132,7 @@ def test_dpd_declares_a_dead_peer(netns_lab: NetnsLab, tmp_path: Path) -> None:
         run.charon.proc.wait(10)
         wait_for(lambda: "dead peer" in run.espline.log(), 20,
                  "espline to declare the peer dead\n" + run.logs())
-        wait_for(lambda: (run.espline.stats() or {}).get("sas") == [], 10,
+        wait_for(lambda: (run.espline.stats() or {}).get("sa_count") == 0, 10,
                  "the data plane to drop the SAs")
     finally:
         code = run.stop()

@@ -77,7 +77,7 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
         assert topo.host_a.ping(SIDE_B.host, timeout=20), a.log() + b.log()
         for _ in range(3):
             assert topo.host_a.ping(SIDE_B.host, timeout=5)
-        time.sleep(0.6)  # counters reach the controller four times a second
+        time.sleep(1.5)  # the I/O process reports 4 times a second, the workers once
         scraped = topo.gw_a.run([sys.executable, "-c", SCRAPE], timeout=30)
         samples = {}
         for family in text_string_to_metric_families(scraped.stdout):
@@ -91,6 +91,12 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
                 and ("exchange", "IKE_AUTH") in labels]
         assert sum(auth) >= 2, scraped.stdout  # our request and the peer's response
         assert samples[("espline_ike_sas", (("state", "established"),))] == 1
+        # The workers' own counters (each reports once a second): packets and batch sizes.
+        by_worker = [v for (n, labels), v in samples.items()
+                     if n == "espline_worker_packets_total" and dict(labels)["worker"] != "io"]
+        assert sum(by_worker) >= 8, scraped.stdout  # 4 echoes out, 4 replies in
+        assert any(n == "espline_worker_batch_size_count" and v > 0
+                   for (n, _), v in samples.items()), scraped.stdout
     finally:
         codes = [gw.stop() for gw in (a, b)]
         dumper.terminate()

@@ -8,8 +8,11 @@ the I/O process, so any worker can take any batch and a restarted one needs only
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +23,7 @@ from pipeline.dispatch import Policy
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
 from pipeline.transport import Direction, TransportError, recv_batch, send_batch
+from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.sa import SaTable
 
@@ -37,6 +41,37 @@ class WorkerSpec:
     slot_size: int = SLOT_SIZE
     # The controller's SA distribution (pub, snapshot endpoints); None: ``sas`` is all.
     sa_updates: tuple[str, str] | None = None
+    # Where to PUSH this worker's counters once a second (the controller's metrics).
+    reports: str | None = None
+    report_interval: float = 1.0
+
+
+BATCH_BUCKETS = 12  # batch sizes <= 1, 2, 4, ... 1024, and above (controller/metrics.py)
+
+
+class WorkerStats:
+    """What one worker counts: outcomes by verdict per direction, and batch sizes."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.outbound = Counters()
+        self.inbound = Counters()
+        self.buckets = [0] * BATCH_BUCKETS
+        self.packets = 0
+
+    def add(self, batch: Batch, direction: Direction) -> None:
+        (self.outbound if direction is Direction.OUTBOUND else self.inbound).add(batch)
+        self.buckets[min(max(batch.count - 1, 0).bit_length(), BATCH_BUCKETS - 1)] += 1
+        self.packets += batch.count
+
+    def snapshot(self) -> dict[str, object]:
+        drops: dict[str, int] = {}
+        for c in (self.outbound, self.inbound):
+            for reason, n in c.drops().items():
+                drops[reason] = drops.get(reason, 0) + n
+        return {"worker": self.index, "pid": os.getpid(), "in": self.inbound.passed,
+                "out": self.outbound.passed, "drops": drops, "batch_buckets": self.buckets,
+                "batch_sum": self.packets}
 
 
 class TableSink:
@@ -86,6 +121,14 @@ def run_worker(spec: WorkerSpec) -> None:
     push = ctx.socket(zmq.PUSH)
     pull.connect(spec.batches_in)
     push.connect(spec.batches_out)
+    stats = WorkerStats(spec.index)
+    report: zmq.Socket[bytes] | None = None
+    if spec.reports is not None:
+        report = ctx.socket(zmq.PUSH)
+        report.setsockopt(zmq.SNDHWM, 4)
+        report.setsockopt(zmq.LINGER, 0)
+        report.connect(spec.reports)
+    last_report = time.monotonic()
     # Two buffers: ZeroMQ sends one (copy=False reads it in its I/O thread) while the next
     # batch is received into the other; a buffer is reused only once its send is done.
     buffers = [Batch(spec.capacity, spec.slot_size) for _ in range(2)]
@@ -95,6 +138,10 @@ def run_worker(spec: WorkerSpec) -> None:
         while not stop:
             if updates is not None:
                 updates.drain()
+            if report is not None and time.monotonic() - last_report >= spec.report_interval:
+                with contextlib.suppress(zmq.Again):
+                    report.send(json.dumps(stats.snapshot()).encode(), zmq.NOBLOCK)
+                last_report = time.monotonic()
             if not pull.poll(100):
                 continue
             tracker = trackers[turn]
@@ -108,11 +155,14 @@ def run_worker(spec: WorkerSpec) -> None:
             if updates is not None and batch.sa_version > updates.version:
                 updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
             process(codec, batch, direction)
+            stats.add(batch, direction)
             trackers[turn] = send_batch(push, batch, direction, flags, track=True)
             turn ^= 1
     finally:
         if updates is not None:
             updates.close()
+        if report is not None:
+            report.close(linger=0)
         pull.close(linger=0)
         push.close(linger=1000)
         ctx.term()
