@@ -1,8 +1,9 @@
 """espline's YAML configuration, loaded into frozen, typed dataclasses (DESIGN.md §6).
 
 Validated here: ``controller``, ``dataplane`` and ``static_sas`` (manual keying, like
-``ip xfrm state``). ``connections``, ``secrets`` and ``pools`` follow strongSwan's swanctl.conf
-and are kept raw until the IKE controller reads them.
+``ip xfrm state``). ``connections``, ``secrets``, ``pools`` and ``authorities`` follow
+strongSwan's swanctl.conf; controller/connections.py validates them (and reads the certificate
+and key files they name).
 
 Every problem is one ``ConfigError`` naming the key path and the reason, e.g.
 ``static_sas[0].out.key: 19 bytes given, aes128gcm16 needs 20 (16-byte key + 4-byte salt)``;
@@ -1000,6 +1001,9 @@ class Config:
     connections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     secrets: Mapping[str, Any] = field(default_factory=lambda: _Redacted({}), repr=False)
     pools: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # swanctl.conf's CA certificates (``{name: {cacert: file}}``), raw; the connections
+    # below hold what the files held.
+    authorities: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # The same two sections, validated (controller/connections.py).
     conns: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     shared_keys: tuple[Any, ...] = field(default=(), repr=False)
@@ -1009,7 +1013,8 @@ class Config:
         return tuple(r for sa in self.static_sas for r in sa.records())
 
 
-_TOP_KEYS = ("controller", "dataplane", "static_sas", "connections", "secrets", "pools")
+_TOP_KEYS = ("controller", "dataplane", "static_sas", "connections", "secrets", "pools",
+             "authorities")
 
 
 def parse_config(
@@ -1035,6 +1040,7 @@ def parse_config(
 
         connections = _raw_section(top.get("connections", None), "connections")
         secrets = _raw_section(top.get("secrets", None), "secrets")
+        authorities = _raw_section(top.get("authorities", None), "authorities")
         return Config(
             controller=_parse_controller(top.get("controller", None)),
             dataplane=dataplane,
@@ -1042,7 +1048,8 @@ def parse_config(
             connections=MappingProxyType(connections),
             secrets=_Redacted(secrets),
             pools=MappingProxyType(_raw_section(top.get("pools", None), "pools")),
-            conns=MappingProxyType(parse_connections(connections)),
+            authorities=MappingProxyType(authorities),
+            conns=MappingProxyType(parse_connections(connections, authorities)),
             shared_keys=tuple(parse_secrets(secrets)),
         )
     except ConfigError as err:

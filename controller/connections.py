@@ -10,6 +10,30 @@ bare seconds), booleans ``yes``/``no``, identities ``@fqdn``, ``user@domain``, a
 ``@#hex`` key IDs and ``C=CH, O=x, CN=y`` distinguished names, shared keys as text, ``0x``hex
 or ``0s``base64. Keys that swanctl.conf knows and espline accepts without acting on them are
 listed in ``IGNORED_*``; anything else is an error rather than silently dropped.
+
+Certificate authentication (RFC 7296 §2.15 with RFC 7427 signatures, controller/ike/auth.py)::
+
+    authorities:                    # swanctl.conf's authorities: CAs that peers chain to
+      corp-ca: {cacert: /etc/espline/ca.pem}
+    connections:
+      site-b:
+        local:
+          auth: pubkey              # or rsa/pss: sign with RSASSA-PSS (RSA keys)
+          certs: [/etc/espline/gw-a.pem, /etc/espline/sub-ca.pem]  # ours first, then
+          key: /etc/espline/gw-a.key                             # intermediates to send
+          id: gw-a.example.net      # default: the certificate's subject DN
+        remote:
+          auth: pubkey
+          id: gw-b.example.net      # must be in the peer's certificate (subject or SAN)
+          cacerts: [...]            # optional: only these CAs (default: every authority)
+
+Files are PEM (several certificates may share one) or DER; a value holding ``-----BEGIN``
+is PEM text itself (from a Kubernetes Secret, say). Relative paths are relative to the
+working directory. The private key is espline's own ``key`` (swanctl.conf has none: strongSwan
+finds keys in its ``private/`` directory by public key): PKCS#8, PKCS#1 or SEC 1, not
+encrypted; RSA, ECDSA, Ed25519 or Ed448, and it must belong to the first certificate. Files
+are read when the configuration is, so errors name the key that gave the file; key material
+is never in a repr or a message.
 """
 
 from __future__ import annotations
@@ -22,7 +46,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, cast
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from controller.config import ConfigError
+from controller.ike import auth as ike_auth
 from controller.ike.constants import IdType
 from controller.ike.crypto import IkeProposal, parse_ike_proposal
 from controller.ike.payloads import TrafficSelector
@@ -38,6 +68,7 @@ __all__ = [
     "SharedKey",
     "duration",
     "network_selectors",
+    "parse_authorities",
     "parse_connection",
     "parse_connections",
     "parse_identity",
@@ -61,9 +92,11 @@ _CONN_KEYS = ("version", "local_addrs", "remote_addrs", "local_port", "remote_po
 IGNORED_CONN_KEYS = ("mobike", "fragmentation", "unique", "reauth_time", "over_time",
                      "rand_time", "send_certreq", "send_cert", "aggressive", "pull",
                      "childless", "if_id_in", "if_id_out", "ppk_required", "ppk_id")
-_AUTH_KEYS = ("auth", "id", "certs", "round")
+_AUTH_KEYS = ("auth", "id", "certs", "round", "key", "cacerts")
 IGNORED_AUTH_KEYS = ("eap_id", "aaa_id", "xauth_id", "revocation", "groups", "cert_policy",
-                     "cacerts", "pubkeys", "ca_id")
+                     "pubkeys", "ca_id")
+_AUTHORITY_KEYS = ("cacert", "file")
+IGNORED_AUTHORITY_KEYS = ("crl_uris", "ocsp_uris", "cert_uri_base")
 _CHILD_KEYS = ("local_ts", "remote_ts", "esp_proposals", "mode", "start_action", "rekey_time",
                "life_time", "replay_window", "dpd_action", "close_action", "rand_time")
 IGNORED_CHILD_KEYS = ("updown", "hostaccess", "ipcomp", "inactivity", "priority", "interface",
@@ -215,8 +248,6 @@ def _hex(text: str, keys: Keys) -> bytes:
 
 
 def _dn(text: str, keys: Keys) -> bytes:
-    from cryptography import x509
-
     # strongSwan writes DNs most significant RDN first, separated by ", " or "/";
     # RFC 4514 strings are least significant first.
     parts = [p.strip() for p in re.split(r"\s*[,/]\s*(?=[A-Za-z.0-9]+=)", text) if p.strip()]
@@ -255,8 +286,34 @@ def _selectors(value: object, keys: Keys) -> tuple[IpNetwork, ...]:
 @dataclass(frozen=True)
 class AuthSpec:
     auth: Literal["psk", "pubkey"]
-    id: Identity | None  # local: defaults to the local address; remote: None accepts any
-    certs: tuple[str, ...] = ()
+    # local: defaults to the certificate's subject (pubkey) or the local address (psk);
+    # remote: None accepts any identity the peer authenticates
+    id: Identity | None
+    certs: tuple[str, ...] = ()  # as configured (file names); local pubkey only
+    key: str | None = None  # as configured; local pubkey only
+    cacerts: tuple[str, ...] = ()  # as configured; remote pubkey only (default: authorities)
+    rsa_pss: bool = False  # local ``auth: rsa/pss``
+    # What the files held (DER), read when the configuration was: the certificates to send,
+    # the private key (PKCS#8), the CA certificates to trust.
+    cert_der: tuple[bytes, ...] = field(default=(), repr=False)
+    key_der: bytes = field(default=b"", repr=False)
+    cacert_der: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def credential(self) -> ike_auth.Credential | None:
+        """Our key and certificates for the IKE core (local pubkey), else None."""
+        if self.auth != "pubkey" or not self.cert_der:
+            return None
+        key = serialization.load_der_private_key(self.key_der, None)
+        assert isinstance(key, ike_auth.SUPPORTED_PRIVATE_KEYS)  # checked when loaded
+        certs = tuple(x509.load_der_x509_certificate(d) for d in self.cert_der)
+        return ike_auth.Credential(key, certs, self.rsa_pss)
+
+    def trust_anchors(self) -> ike_auth.TrustAnchors | None:
+        """The CAs the peer's certificate must chain to (remote pubkey), else None."""
+        if self.auth != "pubkey":
+            return None
+        return ike_auth.TrustAnchors(
+            tuple(x509.load_der_x509_certificate(d) for d in self.cacert_der))
 
 
 @dataclass(frozen=True)
@@ -296,7 +353,11 @@ class Connection:
 
     @property
     def local_id(self) -> Identity:
-        return self.local.id or parse_identity(self.local_addrs[0])
+        if self.local.id is not None:
+            return self.local.id
+        if self.local.auth == "pubkey" and self.local.cert_der:
+            return _subject_identity(x509.load_der_x509_certificate(self.local.cert_der[0]))
+        return parse_identity(self.local_addrs[0])
 
 
 class _Tree:
@@ -328,21 +389,199 @@ class _Tree:
         return self.data.get(key, default)
 
 
-def _auth(value: object, keys: Keys) -> AuthSpec:
+def _auth(value: object, keys: Keys, side: str,
+          authorities: Mapping[str, bytes] | None = None) -> AuthSpec:
     t = _Tree(value, keys, _AUTH_KEYS, IGNORED_AUTH_KEYS)
     method = _text(t.get("auth", "pubkey"), t.at("auth")).lower()
-    if method not in ("psk", "pubkey"):
-        _fail(t.at("auth"), f"{method!r} is not supported (psk or pubkey)")
+    if method not in ("psk", "pubkey", "rsa/pss"):
+        _fail(t.at("auth"), f"{method!r} is not supported (psk, pubkey, or rsa/pss)")
+    if method == "rsa/pss" and side != "local":
+        _fail(t.at("auth"), "rsa/pss chooses how we sign: a local setting (remote: pubkey)")
     ident = t.get("id")
+    identity = None if ident is None else parse_identity(_text(ident, t.at("id")), t.at("id"))
     certs = tuple(text for _, text in _list(t.get("certs"), t.at("certs"))) if t.get(
         "certs") is not None else ()
-    if method == "pubkey":
-        _fail(t.at("auth"), "pubkey (certificate) authentication is not supported yet; "
-              "use psk")
-    return AuthSpec(cast(Literal["psk", "pubkey"], method),
-                    None if ident is None else parse_identity(_text(ident, t.at("id")),
-                                                              t.at("id")),
-                    certs)
+    if method == "psk":
+        # certs, key and cacerts mean nothing here; accepted as they always were
+        return AuthSpec("psk", identity, certs)
+    if side == "local":
+        return _local_pubkey(t, identity, certs, rsa_pss=method == "rsa/pss")
+    return _remote_pubkey(t, identity, authorities)
+
+
+def _local_pubkey(t: _Tree, identity: Identity | None, certs: tuple[str, ...], *,
+                  rsa_pss: bool) -> AuthSpec:
+    if "cacerts" in t.data:
+        _fail(t.at("cacerts"), "CA certificates are for the remote side (remote.cacerts)")
+    if not certs:
+        _fail(t.at("auth"), "pubkey authentication without certs (a certificate looked up "
+              "by identity) is not supported yet; give certs and key")
+    cert_der: list[bytes] = []
+    labels = []
+    for where, item in _items(t.get("certs"), t.at("certs")):
+        cert_der += _load_certificates(item, where)
+        labels.append(_label(item, where))
+    certs = tuple(labels)
+    leaf = x509.load_der_x509_certificate(cert_der[0])
+    if "key" not in t.data:
+        _fail(t.at("key"), "required with certs: the private key of the first certificate")
+    key_label = _label(t.get("key"), t.at("key"))
+    key = _load_private_key(t.get("key"), t.at("key"))
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        _fail(t.at("key"), f"{key_label}: this key does not belong to the certificate "
+              f"{_cert_name(leaf)} (certs[0])")
+    if rsa_pss and not isinstance(key, rsa.RSAPrivateKey):
+        _fail(t.at("auth"), "rsa/pss needs an RSA key")
+    if identity is not None:
+        if not ike_auth.identity_in_certificate(identity.type, identity.data, leaf):
+            _fail(t.at("id"), f"{identity} is not in the certificate {_cert_name(leaf)} "
+                  "(neither its subject nor a subjectAltName)")
+        if identity.type is IdType.ID_DER_ASN1_DN:
+            # send the subject exactly as the certificate encodes it: a peer comparing
+            # bytes, or string types, finds them equal
+            identity = Identity(identity.type, leaf.subject.public_bytes(), identity.text)
+    key_der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return AuthSpec("pubkey", identity, certs, key=key_label, rsa_pss=rsa_pss,
+                    cert_der=tuple(cert_der), key_der=key_der)
+
+
+def _remote_pubkey(t: _Tree, identity: Identity | None,
+                   authorities: Mapping[str, bytes] | None) -> AuthSpec:
+    if "key" in t.data:
+        _fail(t.at("key"), "a private key is ours: local.key")
+    if "certs" in t.data:
+        _fail(t.at("certs"), "pinned peer certificates are not supported yet; the peer sends "
+              "its certificate, which must chain to authorities or cacerts")
+    names: tuple[str, ...] = ()
+    if "cacerts" in t.data:
+        cacert_der: list[bytes] = []
+        labels = []
+        for where, item in _items(t.get("cacerts"), t.at("cacerts")):
+            cacert_der += [_check_ca(d, where) for d in _load_certificates(item, where)]
+            labels.append(_label(item, where))
+        cas, names = tuple(cacert_der), tuple(labels)
+    else:
+        cas = tuple(dict.fromkeys((authorities or {}).values()))
+    if not cas:
+        _fail(t.at("auth"), "pubkey needs CA certificates to check the peer's certificate "
+              "against: an authorities section or cacerts here")
+    return AuthSpec("pubkey", identity, cacerts=names, cacert_der=cas)
+
+
+# -- certificates and keys from files (or PEM text) --------------------------------------------
+
+def _items(value: object, keys: Keys) -> list[tuple[Keys, object]]:
+    """The entries of a file list: a list, or one value (PEM text may hold commas)."""
+    if isinstance(value, list | tuple):
+        if not value:
+            _fail(keys, "empty list")
+        return [((*keys, i), v) for i, v in enumerate(value)]
+    if isinstance(value, str) and "-----BEGIN" not in value:
+        return [(where, text) for where, text in _list(value, keys)]
+    return [(keys, value)]
+
+
+def _label(value: object, keys: Keys) -> str:
+    if isinstance(value, bytes) or (isinstance(value, str) and "-----BEGIN" in value):
+        return "<inline PEM>" if isinstance(value, str) else "<DER data>"
+    return _text(value, keys)
+
+
+def _content(value: object, keys: Keys) -> tuple[str, bytes]:
+    """(what to call it in messages, the bytes): inline data, or the file the value names."""
+    if isinstance(value, bytes):
+        return "<DER data>", value
+    text = _text(value, keys)
+    if "-----BEGIN" in text:
+        return "<inline PEM>", text.encode()
+    try:
+        with open(text, "rb") as f:
+            return text, f.read(1 << 20)
+    except OSError as exc:
+        _fail(keys, f"{text}: cannot read: {exc.strerror}")
+
+
+def _load_certificates(value: object, keys: Keys) -> list[bytes]:
+    """The DER of each certificate a PEM file holds, or of the one DER certificate."""
+    name, data = _content(value, keys)
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        _fail(keys, f"{name}: not an X.509 certificate (PEM or DER)")
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
+
+
+def _load_private_key(value: object, keys: Keys) -> ike_auth.PrivateKey:
+    name, data = _content(value, keys)
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, None)
+        else:
+            key = serialization.load_der_private_key(data, None)
+    except TypeError:
+        _fail(keys, f"{name}: encrypted private keys are not supported")
+    except (ValueError, UnsupportedAlgorithm):
+        # never the library's message: it may quote the file
+        _fail(keys, f"{name}: not a private key (PEM or DER: PKCS#8, PKCS#1 or SEC 1)")
+    if not isinstance(key, ike_auth.SUPPORTED_PRIVATE_KEYS):
+        _fail(keys, f"{name}: a {type(key).__name__.removeprefix('_')} key; RSA, ECDSA, "
+              "Ed25519 or Ed448 keys sign IKE_AUTH")
+    return key
+
+
+def _check_ca(der: bytes, keys: Keys) -> bytes:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    except ValueError as exc:
+        _fail(keys, f"{_cert_name(cert)}: malformed extensions: {exc}")
+    if bc is None or not bc.ca:
+        _fail(keys, f"{_cert_name(cert)} is not a CA certificate (basicConstraints CA)")
+    return der
+
+
+def _spki(public_key: Any) -> bytes:
+    data: bytes = public_key.public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return data
+
+
+def _dn_text(name: x509.Name) -> str:
+    """strongSwan's way of writing a DN: most significant RDN first, ", " between."""
+    return ", ".join(rdn.rfc4514_string() for rdn in name.rdns)
+
+
+def _cert_name(cert: x509.Certificate) -> str:
+    return f'"{_dn_text(cert.subject)}"'
+
+
+def _subject_identity(cert: x509.Certificate) -> Identity:
+    return Identity(IdType.ID_DER_ASN1_DN, cert.subject.public_bytes(), _dn_text(cert.subject))
+
+
+def parse_authorities(section: Mapping[str, Any]) -> dict[str, bytes]:
+    """``authorities: {<name>: {cacert: <file>}}`` (swanctl.conf; ``file`` is accepted for
+    ``cacert``): each a CA certificate that peers' certificates may chain to. By name, DER."""
+    out: dict[str, bytes] = {}
+    for name, value in section.items():
+        keys: Keys = ("authorities", str(name))
+        t = _Tree(value, keys, _AUTHORITY_KEYS, IGNORED_AUTHORITY_KEYS)
+        given = [k for k in _AUTHORITY_KEYS if k in t.data]
+        if len(given) != 1:
+            _fail(t.at("cacert"), "required (the CA certificate file)" if not given
+                  else "give cacert or file, not both")
+        where = t.at(given[0])
+        certs = _load_certificates(t.get(given[0]), where)
+        if len(certs) != 1:
+            _fail(where, f"holds {len(certs)} certificates; one per authority")
+        out[str(name)] = _check_ca(certs[0], where)
+    return out
 
 
 def _round(name: str, prefix: str) -> tuple[int, str]:
@@ -397,8 +636,11 @@ def _child(name: str, value: object, keys: Keys, ignored: list[str]) -> ChildSpe
                      cast(StartAction, start), rekey, life, window, dpd_action, close_action)
 
 
-def parse_connection(name: str, value: object, keys: Keys | None = None) -> Connection:
-    """One ``connections.<name>`` section (YAML or a VICI load-conn message)."""
+def parse_connection(name: str, value: object, keys: Keys | None = None,
+                     authorities: Mapping[str, bytes] | None = None) -> Connection:
+    """One ``connections.<name>`` section (YAML or a VICI load-conn message); a remote side
+    with ``auth: pubkey`` and no ``cacerts`` trusts every CA of ``authorities``
+    (``parse_authorities``)."""
     keys = keys if keys is not None else ("connections", name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
         _fail(keys, "connection names are 1-64 letters, digits, '_', '.', '-'")
@@ -428,9 +670,10 @@ def parse_connection(name: str, value: object, keys: Keys | None = None) -> Conn
                      key=lambda k: _round(k, "remote"))
     if len(locals_) > 1 or len(remotes) > 1:
         _fail(t.at((locals_ + remotes)[1]), "multiple authentication rounds are not supported")
-    local = _auth(t.get(locals_[0]) if locals_ else None, t.at(locals_[0] if locals_ else "local"))
+    local = _auth(t.get(locals_[0]) if locals_ else None, t.at(locals_[0] if locals_ else "local"),
+                  "local")
     remote = _auth(t.get(remotes[0]) if remotes else None,
-                   t.at(remotes[0] if remotes else "remote"))
+                   t.at(remotes[0] if remotes else "remote"), "remote", authorities)
     children_value = t.get("children")
     if not isinstance(children_value, Mapping) or not children_value:
         _fail(t.at("children"), "at least one child section is required")
@@ -452,8 +695,12 @@ def parse_connection(name: str, value: object, keys: Keys | None = None) -> Conn
     )
 
 
-def parse_connections(section: Mapping[str, Any]) -> dict[str, Connection]:
-    return {str(name): parse_connection(str(name), value) for name, value in section.items()}
+def parse_connections(section: Mapping[str, Any],
+                      authorities: Mapping[str, Any] | None = None) -> dict[str, Connection]:
+    """The ``connections`` section; ``authorities`` is the raw top-level section of CAs."""
+    cas = parse_authorities(authorities or {})
+    return {str(name): parse_connection(str(name), value, authorities=cas)
+            for name, value in section.items()}
 
 
 # -- secrets -----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ __all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "r
 log = logging.getLogger("espline.controller")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-INBOUND_GRACE = 2.0  # seconds a rekeyed inbound SA outlives its Delete (in-flight packets)
+REKEY_GRACE = 2.0  # seconds a rekeyed SA outlives its replacement (packets in flight)
 
 
 # -- configuration -> IKE ----------------------------------------------------------------------
@@ -72,13 +72,19 @@ def child_config(spec: ChildSpec) -> ChildConfig:
 
 def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeConfig:
     """The IKE core's view of a connection: its first child is negotiated in IKE_AUTH, the
-    others with CREATE_CHILD_SA; rekey and DPD timers as configured (0: off)."""
+    others with CREATE_CHILD_SA; rekey and DPD timers as configured (0: off). Each side
+    authenticates with a shared key from ``psks`` or, with ``auth: pubkey``, with the
+    certificates, key and CAs the connection read from its files."""
     local_id = conn.local_id
-    psk = psks.lookup(local_id, conn.remote.id)
-    if psk is None:
-        raise ConfigError(f"connections.{conn.name}.local.auth",
-                          f"psk: no shared key in secrets for {local_id}"
-                          + (f" and {conn.remote.id}" if conn.remote.id else ""))
+    psk = b""
+    if conn.local.auth == "psk" or conn.remote.auth == "psk":
+        found = psks.lookup(local_id, conn.remote.id)
+        if found is None:
+            side = "local" if conn.local.auth == "psk" else "remote"
+            raise ConfigError(f"connections.{conn.name}.{side}.auth",
+                              f"psk: no shared key in secrets for {local_id}"
+                              + (f" and {conn.remote.id}" if conn.remote.id else ""))
+        psk = found
     children = tuple(child_config(c) for c in conn.children)
     return IkeConfig(
         name=conn.name,
@@ -93,6 +99,8 @@ def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeCo
         rekey_time=conn.rekey_time or None,
         dpd_delay=conn.dpd_delay or None,
         dpd_timeout=conn.dpd_timeout or None,
+        credential=conn.local.credential(),
+        trust=conn.remote.trust_anchors(),
     )
 
 
@@ -140,6 +148,7 @@ class ChildEntry:
     replaced: bool = False  # rekeyed: its successor carries on
     # Its selectors as SPD prefixes (computed once: summarizing ranges is not free).
     selectors: tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]] = ((), ())
+    successor: ChildEntry | None = None  # a rekey we answered: outbound moves on our delete
 
 
 @dataclass
@@ -533,7 +542,8 @@ class Gateway:
         kind = type(event).__name__
         if kind == "ChildSaRekeyed":
             new = event.new  # type: ignore[attr-defined]
-            self._install_child(entry, new, replaces=event.old_spi_in)  # type: ignore[attr-defined]
+            self._install_child(entry, new, replaces=event.old_spi_in,  # type: ignore[attr-defined]
+                                switch=getattr(event, "initiator", True))
         elif kind == "ChildSaDeleted":
             child = entry.children.get(event.spi_in)  # type: ignore[attr-defined]
             if child is not None:
@@ -579,7 +589,11 @@ class Gateway:
         return out, inbound, lport, rport
 
     def _install_child(self, entry: IkeEntry, e: ChildSaEstablished,
-                       replaces: int | None = None) -> None:
+                       replaces: int | None = None, switch: bool = True) -> None:
+        """Install a Child SA's pair in the data plane. For a rekey (``replaces``), outbound
+        moves to it now if we started the rekey (``switch``: the peer installed its inbound
+        side before answering), else when the initiator deletes the old SA: until our
+        answer reaches it, it could not decrypt what we send on the new one."""
         pub = self.publisher
         assert pub is not None
         out, inbound, lport, rport = self._records(entry, e)
@@ -596,18 +610,21 @@ class Gateway:
                            lport, rport, selectors=(selector_networks(e.local_ts),
                                                     selector_networks(e.remote_ts)))
         self._next_child += 1
-        self._protect.setdefault(child.selectors, {})[child.uniqueid] = child
         self._up[(entry.conn, e.name)] = self._up.get((entry.conn, e.name), 0) + 1
         old = entry.children.get(replaces) if replaces is not None else None
         if old is not None:
             child.rekeys = old.rekeys + 1
-        entry.children[e.spi_in] = child
-        self._publish_policies()
-        if old is not None:
-            # make-before-break: outbound has switched; the old inbound SA stays until its
-            # Delete completes (ChildSaDeleted).
             old.replaced = True
-            pub.remove(old.index_out)
+        entry.children[e.spi_in] = child
+        if old is None or switch:
+            self._protect.setdefault(child.selectors, {})[child.uniqueid] = child
+            self._publish_policies()
+            if old is not None:
+                # make-before-break: outbound has switched; the old inbound SA stays until
+                # its Delete completes (ChildSaDeleted), and a moment longer.
+                self._remove_later(old.index_out)
+        else:
+            old.successor = child  # outbound moves when the old SA is deleted
         log.info("%s[%d]: CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", entry.conn,
                  entry.uniqueid, e.name, child.uniqueid, e.spi_in, e.spi_out,
                  " (UDP-encapsulated)" if e.encap else "")
@@ -624,6 +641,10 @@ class Gateway:
             return
         holders = self._protect.get(child.selectors, {})
         holders.pop(child.uniqueid, None)
+        successor = child.successor
+        if successor is not None and successor.event.spi_in in entry.children:
+            holders[successor.uniqueid] = successor  # the rekey initiator deleted the old SA
+            self._protect[child.selectors] = holders
         if not holders:
             self._protect.pop(child.selectors, None)
         key = (entry.conn, child.name)
@@ -632,16 +653,20 @@ class Gateway:
             del self._up[key]
         if pub is not None:
             self._publish_policies()
-            pub.remove(child.index_out)
             if child.replaced and entry.closed is None:
-                # A rekeyed SA's inbound side lingers a moment after its Delete: packets
-                # the peer sent on it before switching may still be on their way.
-                loop = asyncio.get_running_loop()
-                loop.call_later(INBOUND_GRACE, self._remove_index, child.index_in)
+                # A rekeyed SA lingers a moment after its Delete: packets the peer sent on it
+                # before switching may still be on their way in, and batches classified
+                # before the SPD moved may still be on their way to a worker.
+                self._remove_later(child.index_out)
+                self._remove_later(child.index_in)
             else:
+                pub.remove(child.index_out)
                 pub.remove(child.index_in)
         if not child.replaced:
             self._emit("child-updown", entry, child, False)
+
+    def _remove_later(self, index: int) -> None:
+        asyncio.get_running_loop().call_later(REKEY_GRACE, self._remove_index, index)
 
     def _remove_index(self, index: int) -> None:
         if self.publisher is not None:

@@ -867,7 +867,8 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         "unknown top",
         at(("zzz",), 1),
         "zzz",
-        "unknown key (known: controller, dataplane, static_sas, connections, secrets, pools)",
+        "unknown key (known: controller, dataplane, static_sas, connections, secrets, pools, "
+        "authorities)",
     ),
     (
         "unknown dataplane",

@@ -88,7 +88,8 @@ def test_rekey_under_traffic_loses_nothing(netns_lab: NetnsLab, tmp_path: Path, 
             got = recv.finish()
             missing = set(range(sent["sent"])) - set(got["counters"])
             assert sent["sent"] == 3000 and not missing, (
-                f"{len(missing)} lost of {sent['sent']} ({recv.name})\n" + run.logs())
+                f"{len(missing)} lost of {sent['sent']} ({recv.name}): {sorted(missing)[:20]}"
+                f"\nespline stats: {run.espline.stats()}\n" + run.logs())
             assert got["duplicates"] == 0 and got["corrupt"] == 0
         after = run.charon.list_sas()
         assert "INSTALLED" in after

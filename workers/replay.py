@@ -126,19 +126,44 @@ class ReplayWindow:
             self._advance(seq[accepted], max(self.top, int(seq[accepted].max())))
         return replay
 
+    def commit_run(self, first: int, count: int) -> None:
+        """``commit(seq, None)`` for ``seq`` = first, first + 1, ..., first + count - 1, all
+        verified and right of the window (``first > top``): none of them is a replay, so
+        only the window moves. A steady flow's batch is such a run; this takes it without
+        building the sequence-number array."""
+        assert count > 0 and first > self.top
+        new_top = first + count - 1
+        if first == self.top + 1:
+            self._mark(first, new_top, True)
+        else:
+            # A gap before the run: what _advance does, in ranges. The bits from the old top
+            # to the new are cleared, then those of the run inside the window set.
+            self._mark(self.top + 1, new_top, False)
+            self._mark(max(first, new_top - self.size + 1), new_top, True)
+        self.top = new_top
+
+    def _mark(self, lo: int, hi: int, value: bool) -> None:
+        """Set the bits of the numbers lo .. hi to ``value`` (all of them when that range
+        is a ring or longer; nothing when it is empty)."""
+        count = hi - lo + 1
+        if count <= 0:
+            return
+        ring = self._ring.shape[0]
+        if count >= ring:
+            self._ring[:] = value
+            return
+        start = lo & self._mask
+        end = start + count
+        self._ring[start : min(end, ring)] = value
+        if end > ring:
+            self._ring[: end - ring] = value
+
     def _advance(self, accepted: U64Array, new_top: int, in_order: bool = False) -> None:
         """Slide the window to ``new_top`` and mark ``accepted`` as seen. ``in_order``:
         ``accepted`` is strictly increasing and starts above the current top."""
-        ring = self._ring.shape[0]
         if in_order and accepted.size == new_top - self.top:
             # Exactly top+1 .. new_top: every bit they reach is set, nothing else changes.
-            if accepted.size >= ring:
-                self._ring[:] = True
-            else:
-                start = (self.top + 1) & self._mask
-                end = start + accepted.size
-                self._ring[start : min(end, ring)] = True
-                self._ring[: max(end - ring, 0)] = True
+            self._mark(self.top + 1, new_top, True)
             self.top = new_top
             return
         advance = new_top - self.top

@@ -72,6 +72,10 @@ class ChildSaRekeyed:
     old_spi_in: int
     old_spi_out: int
     new: ChildSaEstablished
+    # We started the rekey: the peer installed ``new``'s inbound side before answering, so
+    # outbound may move now. As the responder, outbound should stay on the old SA until the
+    # initiator deletes it (its inbound side of ``new`` exists only once it has our answer).
+    initiator: bool = True
 
 
 @dataclass(frozen=True)

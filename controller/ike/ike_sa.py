@@ -1,13 +1,14 @@
-"""One IKE SA, sans-IO (RFC 7296): IKE_SA_INIT and IKE_AUTH with a pre-shared key and the
-first Child SA; CREATE_CHILD_SA for further Child SAs, Child SA rekeys (optionally with PFS)
-and IKE SA rekeys; INFORMATIONAL for Deletes and liveness; NAT traversal (RFC 7296 §2.23,
-RFC 3948); exchange collisions (§2.8.1, §2.8.2, §2.25); retransmission, rekey, lifetime and
-dead-peer timers.
+"""One IKE SA, sans-IO (RFC 7296): IKE_SA_INIT and IKE_AUTH with a pre-shared key or X.509
+certificates and RFC 7427 signatures (controller/ike/auth.py), and the first Child SA;
+CREATE_CHILD_SA for further Child SAs, Child SA rekeys (optionally with PFS) and IKE SA rekeys;
+INFORMATIONAL for Deletes and liveness; NAT traversal (RFC 7296 §2.23, RFC 3948); exchange
+collisions (§2.8.1, §2.8.2, §2.25); retransmission, rekey, lifetime and dead-peer timers.
 
 Like aioquic's ``QuicConnection`` it owns no socket and no clock: it is driven by
 ``receive_datagram(data, addr, now)`` and ``handle_timer(now)``, and drained with
 ``datagrams_to_send(now)``, ``get_timer()`` and ``next_event()``. Randomness (SPIs, nonces,
-IVs, key exchange secrets, timer jitter) comes from the ``random`` callable it is given.
+IVs, key exchange secrets, timer jitter) comes from the ``random`` callable it is given; the
+calendar time that certificate validity needs, from ``wall_clock`` (Unix seconds).
 
 One ``IkeSa`` is one connection's IKE SA. A rekey replaces its SPIs, keys and Message IDs in
 place (``IkeSaRekeyed``; ``initiator`` then says who started the rekey), while the old IKE SA,
@@ -26,11 +27,13 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from controller.ike import keyexchange
+from controller.ike import auth, keyexchange
 from controller.ike.buffer import Buffer
 from controller.ike.child_state import ChildEvent, ChildState, next_child_state
 from controller.ike.constants import (
@@ -58,7 +61,7 @@ from controller.ike.crypto import (
     prf,
     sk_overhead,
 )
-from controller.ike.errors import IkeProtocolError
+from controller.ike.errors import AuthenticationFailed, IkeProtocolError
 from controller.ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
@@ -87,6 +90,7 @@ from controller.ike.message import (
 )
 from controller.ike.payloads import (
     AuthPayload,
+    CertPayload,
     DeletePayload,
     EncryptedPayload,
     IdiPayload,
@@ -167,8 +171,8 @@ class IkeConfig:
     name: str
     proposals: tuple[IkeProposal, ...]
     local_id: tuple[IdType, bytes]
-    remote_id: tuple[IdType, bytes] | None  # None: any identity the PSK authenticates
-    psk: bytes = field(repr=False)
+    remote_id: tuple[IdType, bytes] | None  # None: any identity the peer authenticates
+    psk: bytes = field(repr=False)  # for whichever side authenticates with a shared key
     child: ChildConfig | None = None  # negotiated in IKE_AUTH when we initiate
     retransmit_timeout: float = 1.0  # first wait; then multiplied by retransmit_base
     retransmit_base: float = 1.8
@@ -186,6 +190,15 @@ class IkeConfig:
     # A responder waiting this long for IKE_AUTH after answering IKE_SA_INIT gives up (a
     # half-open IKE SA, RFC 7296 §2.6; strongSwan's half_open_timeout)
     half_open_timeout: float | None = 30.0
+    # Public-key authentication (RFC 7296 §2.15, RFC 7427): our key and certificates (None:
+    # we authenticate with ``psk``), and the CAs the peer's certificate must chain to (None:
+    # the peer authenticates with ``psk``). Each direction is authenticated on its own.
+    credential: auth.Credential | None = None
+    trust: auth.TrustAnchors | None = None
+
+    @property
+    def uses_certificates(self) -> bool:
+        return self.credential is not None or self.trust is not None
 
     @property
     def all_children(self) -> tuple[ChildConfig, ...]:
@@ -354,8 +367,10 @@ class IkeSa:
         local: Address,
         remote: Address,
         random: Callable[[int], bytes] = os.urandom,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.wall_clock = wall_clock
         self.original_initiator = initiator
         self.local = local
         self.remote = remote
@@ -383,6 +398,8 @@ class IkeSa:
         self._last_received = 0.0
         self._half_open_until: float | None = None
         self._ike_rekey_at: float | None = None
+        # RFC 7427 §4: the hashes the peer verifies signatures with (None: it announced none)
+        self._peer_hashes: frozenset[int] | None = None
 
     # -- what the adapter reads -------------------------------------------------------------
     @property
@@ -786,15 +803,62 @@ class IkeSa:
         new.suite, new.group = suite, chosen.group
         new.keys = derive_ike_sa_keys(suite, skeyseed, new.ni, new.nr, new.spi_i, new.spi_r)
 
-    def _psk_auth(
-        self, ctx: _IkeContext, signed_msg: bytes, nonce: bytes, id_payload: Payload, sk_p: bytes
+    def _signed_octets(
+        self, ctx: _IkeContext, message: bytes, nonce: bytes, id_payload: Payload, sk_p: bytes
     ) -> bytes:
-        """AUTH for a shared key (RFC 7296 §2.15): prf(prf(key, pad), msg | nonce |
-        prf(SK_p, RestOfIDPayload))."""
+        """RFC 7296 §2.15: InitiatorSignedOctets = RealMessage1 | NonceRData | MACedIDForI
+        (and the responder's likewise), MACedID = prf(SK_p, RestOfIDPayload)."""
+        assert ctx.suite is not None
+        return message + nonce + prf(ctx.suite.prf, sk_p, serialize_payload_body(id_payload))
+
+    def _psk_auth(self, ctx: _IkeContext, octets: bytes) -> bytes:
+        """AUTH for a shared key (RFC 7296 §2.15): prf(prf(key, pad), signed octets)."""
         assert ctx.suite is not None
         p = ctx.suite.prf
-        maced_id = prf(p, sk_p, serialize_payload_body(id_payload))
-        return prf(p, prf(p, self.config.psk, PSK_PAD), signed_msg + nonce + maced_id)
+        return prf(p, prf(p, self.config.psk, PSK_PAD), octets)
+
+    def _our_auth(self, ctx: _IkeContext, octets: bytes) -> AuthPayload:
+        """Our AUTH payload; ``AuthenticationFailed`` if our key cannot sign for this peer."""
+        credential = self.config.credential
+        if credential is None:
+            method = AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE
+            return AuthPayload(method, self._psk_auth(ctx, octets))
+        return auth.sign(credential, octets, self._peer_hashes)
+
+    def _peer_auth_problem(
+        self, ctx: _IkeContext, inner: Message, id_payload: IdiPayload | IdrPayload,
+        octets: bytes,
+    ) -> str | None:
+        """Why the peer's IKE_AUTH message does not authenticate it, or None (RFC 7296
+        §2.15; with certificates RFC 7427 and auth.py's checks)."""
+        payload = inner.find(AuthPayload)
+        if payload is None:
+            return "no AUTH payload"
+        if not self._id_ok(id_payload):
+            return f"peer's identity {_id_text(id_payload)} is not the one configured"
+        trust = self.config.trust
+        psk_method = AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE
+        if trust is None:
+            if payload.method != psk_method:
+                return f"peer used AUTH method {payload.method}; we expect a pre-shared key"
+            if not hmac.compare_digest(payload.data, self._psk_auth(ctx, octets)):
+                return "peer's AUTH payload did not verify"
+            return None
+        if payload.method == psk_method:
+            return "peer used a pre-shared key; we expect a certificate"
+        try:
+            when = datetime.fromtimestamp(self.wall_clock(), UTC)
+            cert = auth.validate_chain(inner.find_all(CertPayload), trust, when)
+            auth.check_identity(id_payload.id_type, id_payload.data, cert, _id_text(id_payload))
+            auth.verify(cert.public_key(), payload, octets)
+        except AuthenticationFailed as exc:
+            return exc.reason
+        return None
+
+    def _note_peer_hashes(self, message: Message) -> None:
+        notify = message.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS)
+        if notify is not None:
+            self._peer_hashes = auth.parse_hash_algorithms(notify.data)  # RFC 7427 §4
 
     # -- the message loop -------------------------------------------------------------------
     def _context_for(self, h: IkeHeader) -> _IkeContext | None:
@@ -1086,6 +1150,8 @@ class IkeSa:
             NoncePayload(ctx.ni),
             *self._nat_notifies(bytes(IKE_SPI_LEN)),
         ]
+        if self.config.uses_certificates:
+            payloads.append(auth.signature_hash_algorithms())  # RFC 7427 §4
         self._msg1 = serialize_message(
             Message(self._header(ctx, ExchangeType.IKE_SA_INIT, 0, False), tuple(payloads))
         )
@@ -1140,6 +1206,7 @@ class IkeSa:
         self._request_done(ctx)
         ctx.spi_r = message.header.spi_r
         ctx.nr, self._msg2 = nonce.nonce, data
+        self._note_peer_hashes(message)
         self._check_nat(message, ctx.spi_r)
         if self.encap:
             self._float_to_natt()
@@ -1152,11 +1219,22 @@ class IkeSa:
         assert ctx.keys is not None
         id_type, id_data = self.config.local_id
         idi = IdiPayload(id_type, id_data)
-        auth = self._psk_auth(ctx, self._msg1, ctx.nr, idi, ctx.keys.sk_pi)
+        try:
+            our_auth = self._our_auth(
+                ctx, self._signed_octets(ctx, self._msg1, ctx.nr, idi, ctx.keys.sk_pi)
+            )
+        except AuthenticationFailed as exc:
+            self._fail(f"cannot authenticate to the peer: {exc.reason}")
+            return
+        # RFC 7296 §1.2: IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SAi2, TSi, TSr
         payloads: list[Payload] = [idi]
+        if self.config.credential is not None:
+            payloads += auth.cert_payloads(self.config.credential)
+        if self.config.trust is not None:
+            payloads.append(self.config.trust.certreq())
         if self.config.remote_id is not None:
             payloads.append(IdrPayload(*self.config.remote_id))
-        payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE, auth))
+        payloads.append(our_auth)
         children = self.config.all_children
         if children:
             child = children[0]
@@ -1175,20 +1253,20 @@ class IkeSa:
     def _on_auth_response(self, inner: Message, now: float) -> None:
         ctx = self._ctx
         error = _error_notify(inner)
-        idr, auth = inner.find(IdrPayload), inner.find(AuthPayload)
-        if error is not None and (idr is None or auth is None):
+        idr, auth_payload = inner.find(IdrPayload), inner.find(AuthPayload)
+        if error is not None and (idr is None or auth_payload is None):
             self._fail(f"peer refused IKE_AUTH: {error.name}", error)
             return
         assert ctx.keys is not None
-        if (
-            idr is None
-            or auth is None
-            or not self._id_ok(idr)
-            or not hmac.compare_digest(
-                auth.data, self._psk_auth(ctx, self._msg2, ctx.ni, idr, ctx.keys.sk_pr)
+        problem = (
+            "no IDr payload"
+            if idr is None
+            else self._peer_auth_problem(
+                ctx, inner, idr, self._signed_octets(ctx, self._msg2, ctx.ni, idr, ctx.keys.sk_pr)
             )
-        ):
-            self._fail("peer's AUTH payload did not verify", NotifyType.AUTHENTICATION_FAILED)
+        )
+        if problem is not None:
+            self._fail(problem, NotifyType.AUTHENTICATION_FAILED)
             return
         self._transition(IkeEvent.AUTH_RESPONSE)
         self._established(now)
@@ -1231,7 +1309,13 @@ class IkeSa:
 
     def _id_ok(self, got: IdiPayload | IdrPayload) -> bool:
         want = self.config.remote_id
-        return want is None or (got.id_type == want[0] and hmac.compare_digest(got.data, want[1]))
+        if want is None:
+            return True
+        if got.id_type != want[0]:
+            return False
+        if want[0] == IdType.ID_DER_ASN1_DN:
+            return auth.dn_equal(got.data, want[1])  # the same name in other string types
+        return hmac.compare_digest(got.data, want[1])
 
     def _established(self, now: float) -> None:
         self._was_established = True
@@ -1291,16 +1375,19 @@ class IkeSa:
             return
         ctx.spi_i = message.header.spi_i
         ctx.ni, ctx.nr, self._msg1 = nonce.nonce, self.random(NONCE_LEN), data
+        self._note_peer_hashes(message)
         self._check_nat(message, bytes(IKE_SPI_LEN))
-        reply = Message(
-            self._header(ctx, ExchangeType.IKE_SA_INIT, 0, True),
-            (
-                SaPayload((chosen.proposal,)),
-                KePayload(chosen.group, keyexchange.public_bytes(self._ke)),
-                NoncePayload(ctx.nr),
-                *self._nat_notifies(ctx.spi_r),
-            ),
-        )
+        payloads: list[Payload] = [
+            SaPayload((chosen.proposal,)),
+            KePayload(chosen.group, keyexchange.public_bytes(self._ke)),
+            NoncePayload(ctx.nr),
+            *self._nat_notifies(ctx.spi_r),
+        ]
+        if self.config.uses_certificates:
+            payloads.append(auth.signature_hash_algorithms())  # RFC 7427 §4
+        if self.config.trust is not None:
+            payloads.append(self.config.trust.certreq())  # RFC 7296 §1.2: [CERTREQ]
+        reply = Message(self._header(ctx, ExchangeType.IKE_SA_INIT, 0, True), tuple(payloads))
         self._msg2 = serialize_message(reply)
         self._derive(ctx, chosen, g_ir)
         ctx.peer_mid = 1
@@ -1336,29 +1423,35 @@ class IkeSa:
 
     def _on_auth_request(self, inner: Message, data: bytes, addr: Address, now: float) -> None:
         ctx = self._ctx
-        idi, auth = inner.find(IdiPayload), inner.find(AuthPayload)
+        idi = inner.find(IdiPayload)
         assert ctx.keys is not None
-        if (
-            idi is None
-            or auth is None
-            or not self._id_ok(idi)
-            or not hmac.compare_digest(
-                auth.data, self._psk_auth(ctx, self._msg1, ctx.nr, idi, ctx.keys.sk_pi)
+        problem = (
+            "no IDi payload"
+            if idi is None
+            else self._peer_auth_problem(
+                ctx, inner, idi, self._signed_octets(ctx, self._msg1, ctx.nr, idi, ctx.keys.sk_pi)
             )
-        ):
-            # RFC 7296 §2.21.2: AUTHENTICATION_FAILED in the response, then the SA is gone.
-            self._reply(ctx, inner, data, [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)], addr)
-            self._fail("peer's AUTH payload did not verify", NotifyType.AUTHENTICATION_FAILED)
-            return
+        )
         id_type, id_data = self.config.local_id
         idr = IdrPayload(id_type, id_data)
-        payloads: list[Payload] = [
-            idr,
-            AuthPayload(
-                AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE,
-                self._psk_auth(ctx, self._msg2, ctx.ni, idr, ctx.keys.sk_pr),
-            ),
-        ]
+        our_auth: AuthPayload | None = None
+        if problem is None:
+            try:
+                our_auth = self._our_auth(
+                    ctx, self._signed_octets(ctx, self._msg2, ctx.ni, idr, ctx.keys.sk_pr)
+                )
+            except AuthenticationFailed as exc:
+                problem = f"cannot authenticate to the peer: {exc.reason}"
+        if problem is not None or our_auth is None:
+            # RFC 7296 §2.21.2: AUTHENTICATION_FAILED in the response, then the SA is gone.
+            self._reply(ctx, inner, data, [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)], addr)
+            self._fail(problem or "no AUTH", NotifyType.AUTHENTICATION_FAILED)
+            return
+        # RFC 7296 §1.2: IDr, [CERT,] AUTH, SAr2, TSi, TSr
+        payloads: list[Payload] = [idr]
+        if self.config.credential is not None:
+            payloads += auth.cert_payloads(self.config.credential)
+        payloads.append(our_auth)
         install: tuple[ChildConfig, ChosenEsp, Selectors, Selectors, Mode, bytes] | None = None
         sa, tsi, tsr = inner.find(SaPayload), inner.find(TsiPayload), inner.find(TsrPayload)
         if sa is not None:
@@ -1477,7 +1570,9 @@ class IkeSa:
         if task.rekey is None:
             self._events.append(child.sa)
         else:
-            self._events.append(ChildSaRekeyed(config.name, task.rekey, task.rekey_out, child.sa))
+            self._events.append(
+                ChildSaRekeyed(config.name, task.rekey, task.rekey_out, child.sa, initiator=True)
+            )
             self._child_rekeyed(task, old, child)
         if child.sa.spi_out in task.peer_deleted and child.sa.spi_in in self._children:
             # The peer deleted it before our exchange was over: it is gone on both sides
@@ -1599,7 +1694,9 @@ class IkeSa:
         if old is None:
             self._events.append(child.sa)
             return payloads
-        self._events.append(ChildSaRekeyed(config.name, old.sa.spi_in, old.sa.spi_out, child.sa))
+        self._events.append(
+            ChildSaRekeyed(config.name, old.sa.spi_in, old.sa.spi_out, child.sa, initiator=False)
+        )
         active = ctx.task
         if (
             old.state is ChildState.REKEYING
@@ -1845,6 +1942,16 @@ def _ranges(ts: TsiPayload | TsrPayload | None) -> tuple[TrafficSelector, ...]:
     if ts is None:
         return ()
     return tuple(s for s in ts.selectors if isinstance(s, TrafficSelector))
+
+
+def _id_text(payload: IdiPayload | IdrPayload) -> str:
+    """An identity for a log line (RFC 7296 §3.5 types; others as hex)."""
+    data = payload.data
+    if payload.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR) and len(data) in (4, 16):
+        return str(ipaddress.ip_address(data))
+    if payload.id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+        return repr(data.decode("ascii", "replace"))
+    return f"{payload.id_type}:{data.hex()}"
 
 
 def _all_ranges(*payloads: TsiPayload | TsrPayload) -> bool:
