@@ -246,7 +246,7 @@ class IkeDaemon:
         # Events first: a rekey responder's new inbound SA reaches the data plane before the
         # response that lets the peer use it goes out (make-before-break, DESIGN §5).
         while (event := sa.next_event()) is not None:
-            log.info("%s: %s", sa.config.name, type(event).__name__)
+            log.debug("%s: %s", sa.config.name, type(event).__name__)
             if self.on_event is not None:
                 self.on_event(sa, event)
         self._index(sa)

@@ -509,7 +509,11 @@ class Gateway:
 
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:
-            self._handle(sa, event)
+            if self.publisher is not None:
+                with self.publisher.batch():  # one message to the data plane per event
+                    self._handle(sa, event)
+            else:
+                self._handle(sa, event)
         finally:
             self._wake_waiters()
 

@@ -246,3 +246,38 @@ def peer_encap(spi: int, key: bytes, count: int) -> list[bytes]:
     table.assign_sequence(batch)
     EspCodec(table).encap(batch)
     return batch.packets()
+
+
+def test_a_batch_of_deltas_travels_as_one_message(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    ctx, pub = publisher
+    table = SaTable()
+    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
+    try:
+        sub.sync()
+
+        def child(p: SaPublisher) -> None:
+            with p.batch():
+                p.install(0, record(0x2001, Direction.IN))
+                p.install(1, record(0x1001, Direction.OUT))
+                with p.batch():  # nested: still the one message
+                    p.set_policies([Policy((NET_A,), (NET_B,), sa_index=1)])
+
+        pub.call(child)
+        assert sub.sub.poll(5000)
+        frames = []
+        while sub.sub.poll(200):
+            frames.append(sub.sub.recv())
+        assert len(frames) == 1  # one send for three versions
+        import json
+        assert [d["v"] for d in json.loads(frames[0])] == [1, 2, 3]
+        # Fed back in, the subscriber applies all three in order.
+        sub.version = 0
+        for frame in frames:
+            message = json.loads(frame)
+            for delta in message:
+                sub._apply(delta)
+                sub.version = delta["v"]
+        assert sub.version == 3 and sorted(sa.record.spi for sa in table) == [0x1001, 0x2001]
+    finally:
+        sub.close()
