@@ -157,7 +157,10 @@ class IkeDaemon:
             self._scheduled.pop(id(sa), None)
         elif self._scheduled.get(id(sa)) != timer:
             self._scheduled[id(sa)] = timer
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (timer, next(self._seq), sa))
+            if earliest is None or timer < earliest:
+                self._wake.set()  # the timer task sleeps until the earliest: wake it sooner
 
     # -- IKE SAs -----------------------------------------------------------------------------
     def initiate(self, name: str) -> IkeSa:
@@ -266,4 +269,3 @@ class IkeDaemon:
             if len(data) >= IKE_HEADER_LEN:
                 self.messages[(data[18], "out",
                                "response" if data[19] & FLAG_RESPONSE else "request")] += 1
-        self._wake.set()
