@@ -98,13 +98,13 @@ IGNORED_AUTH_KEYS = ("eap_id", "aaa_id", "xauth_id", "revocation", "groups", "ce
 _AUTHORITY_KEYS = ("cacert", "file")
 IGNORED_AUTHORITY_KEYS = ("crl_uris", "ocsp_uris", "cert_uri_base")
 _CHILD_KEYS = ("local_ts", "remote_ts", "esp_proposals", "mode", "start_action", "rekey_time",
-               "life_time", "replay_window", "dpd_action", "close_action", "rand_time")
+               "life_time", "replay_window", "dpd_action", "close_action", "rand_time",
+               "rekey_bytes", "rekey_packets", "life_bytes", "life_packets")
 IGNORED_CHILD_KEYS = ("updown", "hostaccess", "ipcomp", "inactivity", "priority", "interface",
                       "mark_in", "mark_out", "set_mark_in", "set_mark_out", "reqid",
                       "policies", "policies_fwd_out", "sha256_96", "copy_df", "copy_ecn",
                       "copy_dscp", "hw_offload", "label", "tfc_padding", "if_id_in",
-                      "if_id_out", "rekey_bytes", "rekey_packets", "life_bytes",
-                      "life_packets")
+                      "if_id_out")
 
 
 def _fail(keys: Keys, reason: str) -> NoReturn:
@@ -170,6 +170,23 @@ def duration(value: object, keys: Keys) -> float:
     if seconds < 0:
         _fail(keys, "must not be negative")
     return seconds
+
+
+_VOLUME = re.compile(r"^(\d+)\s*([kmg]?)$")
+
+
+def _volume(value: object, keys: Keys) -> int:
+    """A byte or packet count: ``1000``, ``500k``, ``10M``, ``1G`` (swanctl.conf, binary)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        match = _VOLUME.match(_text(value, keys).lower())
+        if match is None:
+            _fail(keys, f"{value!r} is not a count (e.g. 1000, 500k, 10M, 1G)")
+        number = int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2)]
+    if number < 0:
+        _fail(keys, "must not be negative")
+    return number
 
 
 def _int(value: object, keys: Keys, lo: int, hi: int) -> int:
@@ -330,6 +347,12 @@ class ChildSpec:
     replay_window: int = DEFAULT_REPLAY_WINDOW
     dpd_action: str = "clear"
     close_action: str = "none"
+    # Volume limits (0: none), checked against the data plane's counters: rekey at the soft
+    # one, delete at the hard one (swanctl.conf: rekey_bytes/packets, life_bytes/packets).
+    rekey_bytes: int = 0
+    rekey_packets: int = 0
+    life_bytes: int = 0
+    life_packets: int = 0
 
 
 @dataclass(frozen=True)
@@ -631,9 +654,16 @@ def _child(name: str, value: object, keys: Keys, ignored: list[str]) -> ChildSpe
     for key, action in (("dpd_action", dpd_action), ("close_action", close_action)):
         if action not in ("clear", "none", "trap", "start", "restart"):
             _fail(t.at(key), f"{action!r} is not one of clear, trap, start")
+    volume = {k: _volume(t.get(k, 0), t.at(k)) for k in
+              ("rekey_bytes", "rekey_packets", "life_bytes", "life_packets")}
+    for kind in ("bytes", "packets"):
+        soft, hard = volume[f"rekey_{kind}"], volume[f"life_{kind}"]
+        if soft and hard and hard < soft:
+            _fail(t.at(f"life_{kind}"), f"{hard} is below rekey_{kind} ({soft})")
     return ChildSpec(name, local_ts, remote_ts, tuple(proposals), keywords,
                      Mode.TUNNEL if mode == "tunnel" else Mode.TRANSPORT,
-                     cast(StartAction, start), rekey, life, window, dpd_action, close_action)
+                     cast(StartAction, start), rekey, life, window, dpd_action, close_action,
+                     **volume)
 
 
 def parse_connection(name: str, value: object, keys: Keys | None = None,

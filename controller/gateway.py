@@ -49,6 +49,7 @@ from controller.ike.ike_sa import (
     IkeSaFailed,
 )
 from controller.ike.payloads import TrafficSelector
+from controller.ike.state import LocalStateError
 from controller.keylog import KeyLog
 from pipeline.dispatch import Action, Policy
 from pipeline.sadist import SaPublisher
@@ -59,6 +60,12 @@ __all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "r
 log = logging.getLogger("espline.controller")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Outbound sequence numbers: rekey this far before the counter's end, delete at the end
+# (the data plane itself never sends past it: SEQ_OVERFLOW drops).
+SEQ_HARD_32 = (1 << 32) - 1
+SEQ_SOFT_32 = SEQ_HARD_32 - (1 << 24)
+SEQ_HARD_64 = (1 << 64) - 1
+SEQ_SOFT_64 = SEQ_HARD_64 - (1 << 32)
 REKEY_GRACE = 2.0  # seconds a rekeyed SA outlives its replacement (packets in flight)
 
 
@@ -149,6 +156,8 @@ class ChildEntry:
     # Its selectors as SPD prefixes (computed once: summarizing ranges is not free).
     selectors: tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]] = ((), ())
     successor: ChildEntry | None = None  # a rekey we answered: outbound moves on our delete
+    rekeying: bool = False  # a volume or sequence limit asked for a rekey
+    deleting: bool = False
 
 
 @dataclass
@@ -365,6 +374,41 @@ class Gateway:
                                   "packets-in": cin.get("packets", 0),
                                   "bytes-out": cout.get("bytes", 0),
                                   "packets-out": cout.get("packets", 0)}
+                if not child.replaced:
+                    self._check_limits(entry, child, int(cout.get("seq_out", 0)))
+
+    def _check_limits(self, entry: IkeEntry, child: ChildEntry, seq_out: int) -> None:
+        """Volume lifetimes and sequence-number exhaustion, from the data plane's counters:
+        past a soft limit the Child SA is rekeyed, past a hard one deleted (RFC 4301 §4.4.2.1;
+        RFC 4303 §3.3.3: a 32-bit counter must not cycle, so rekey well before it would)."""
+        conn = self.conns.get(entry.conn)
+        spec = next((c for c in conn.children if c.name == child.name), None) if conn else None
+        c = child.counters
+        octets = max(c.get("bytes-in", 0), c.get("bytes-out", 0))
+        packets = max(c.get("packets-in", 0), c.get("packets-out", 0))
+        seq_limit = SEQ_SOFT_64 if child.event.esn else SEQ_SOFT_32
+        hard = spec is not None and ((spec.life_bytes and octets >= spec.life_bytes) or
+                                     (spec.life_packets and packets >= spec.life_packets))
+        if hard or seq_out >= (SEQ_HARD_64 if child.event.esn else SEQ_HARD_32):
+            if not child.deleting:
+                child.deleting = True
+                log.info("%s[%d]: CHILD_SA %s{%d} reached its hard limit: deleting", entry.conn,
+                         entry.uniqueid, child.name, child.uniqueid)
+                with contextlib.suppress(KeyError, LocalStateError):  # already gone
+                    entry.sa.delete_child(child.event.spi_in, self.clock())
+                    self.poke(entry.sa)
+            return
+        soft = seq_out >= seq_limit or (spec is not None and (
+            (spec.rekey_bytes and octets >= spec.rekey_bytes)
+            or (spec.rekey_packets and packets >= spec.rekey_packets)))
+        if soft and not child.rekeying:
+            child.rekeying = True
+            log.info("%s[%d]: CHILD_SA %s{%d} reached its soft limit (%d bytes, %d packets, "
+                     "sequence %d): rekeying", entry.conn, entry.uniqueid, child.name,
+                     child.uniqueid, octets, packets, seq_out)
+            with contextlib.suppress(KeyError, LocalStateError):  # already gone
+                entry.sa.rekey_child(child.event.spi_in, self.clock())
+                self.poke(entry.sa)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Delete every IKE SA (the peer learns at once), then stop everything we started."""

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ PSK = "a long pre-shared key for the e2e test"
 
 
 def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool | str, encap: bool,
-               esp: str = "aes128gcm16", ike: str = "aes128gcm16-prfsha256-x25519") -> str:
+               esp: str = "aes128gcm16", ike: str = "aes128gcm16-prfsha256-x25519",
+               child_extra: str = "") -> str:
     action = start if isinstance(start, str) else ("start" if start else "none")
     local_id, remote_id = (f"gw-{s.outer.rsplit('.', 1)[1]}.example.net" for s in (local, remote))
     return textwrap.dedent(f"""\
@@ -70,6 +72,7 @@ def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool | str, en
                 remote_ts: [{remote.net}]
                 esp_proposals: [{esp}]
                 start_action: {action}
+                {child_extra}
         secrets:
           ike:
             - {{id: [{local_id}, {remote_id}], secret: "{PSK}"}}
@@ -77,14 +80,17 @@ def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool | str, en
 
 
 def start_ike_pair(lab: NetnsLab, tmp: Path, *, encap: bool = False,
-                   esp: str = "aes128gcm16", start_a: bool | str = True) -> Tunnel:
+                   esp: str = "aes128gcm16", start_a: bool | str = True,
+                   child_extra_a: str = "") -> Tunnel:
     topo = build_topology(lab, inside="tun")
     gws = []
     for ns, local, remote, name, start in ((topo.gw_b, SIDE_B, SIDE_A, "b", False),
                                            (topo.gw_a, SIDE_A, SIDE_B, "a", start_a)):
         rundir = tmp / f"run-{name}"
         gws.append(start_gateway(ns, ike_config(local, remote, rundir, start=start,
-                                                encap=encap, esp=esp), tmp, name, rundir))
+                                                encap=encap, esp=esp,
+                                                child_extra=child_extra_a if name == "a"
+                                                else ""), tmp, name, rundir))
     tunnel = Tunnel(topo, gws[1], gws[0], encap)
     wait_link(topo.gw_a, TUN_NAME, True)
     wait_link(topo.gw_b, TUN_NAME, True)
@@ -258,6 +264,32 @@ def test_swanctl_load_all_creates_connections_that_come_up(netns_lab: NetnsLab,
         swan("--initiate", "--child", "lan")
         assert topo.host_a.ping(SIDE_B.host, timeout=10), tunnel.logs()
         assert "INSTALLED" in swan("--list-sas")
+    finally:
+        codes = tunnel.stop()
+    assert codes == [0, 0], tunnel.logs()
+
+
+def test_a_volume_limit_rekeys_the_child_sa_under_traffic(netns_lab: NetnsLab,
+                                                          tmp_path: Path) -> None:
+    """rekey_packets: the data plane's counters reach the controller, which rekeys the Child
+    SA (make-before-break): the stream through it loses nothing."""
+    require_root_netns()
+    from tests.e2e_support import Tool
+
+    tunnel = start_ike_pair(netns_lab, tmp_path, child_extra_a="rekey_packets: 300")
+    try:
+        recv = Tool.start(tunnel.topo.host_b, tmp_path, "recv", "udp-recv", "--port", "7300",
+                          "--duration", "60")
+        send = Tool.start(tunnel.topo.host_a, tmp_path, "send", "udp-send", "--dst",
+                          SIDE_B.host, "--port", "7300", "--count", "1500", "--rate", "500",
+                          "--duration", "60")
+        sent = send.wait(30)
+        wait_for(lambda: "reached its soft limit" in tunnel.a.log(), 10, "the soft limit")
+        time.sleep(1.0)
+        got = recv.finish()
+        missing = set(range(sent["sent"])) - set(got["counters"])
+        assert sent["sent"] == 1500 and not missing, (sorted(missing)[:20], tunnel.logs())
+        assert re.search(r"CHILD_SA lan\{1\} rekeyed into \{2\}", tunnel.a.log()), tunnel.logs()
     finally:
         codes = tunnel.stop()
     assert codes == [0, 0], tunnel.logs()
