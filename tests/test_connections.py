@@ -196,3 +196,23 @@ def test_a_wildcard_local_address_resolves_by_route() -> None:
                                   "remote_addrs": ["127.0.0.1"]})
     assert resolve_local(conn) == "127.0.0.1"
     assert resolve_local(parse_connection("y", YAML_CONN)) == "192.0.2.1"
+
+
+def test_volume_limits_parse_with_binary_suffixes_and_are_checked() -> None:
+    import copy
+
+    conn = copy.deepcopy(VICI_CONN)
+    conn["children"]["lan"].update(rekey_bytes="500k", life_bytes="1M", rekey_packets="1000",
+                                   life_packets=2000)
+    child = parse_connection("v", conn).children[0]
+    assert (child.rekey_bytes, child.life_bytes, child.rekey_packets, child.life_packets) == (
+        500 << 10, 1 << 20, 1000, 2000)
+    conn["children"]["lan"].update(life_packets="10")
+    with pytest.raises(ConfigError) as info:
+        parse_connection("v", conn)
+    assert info.value.path == "connections.v.children.lan.life_packets"
+    assert "below rekey_packets" in info.value.reason
+    conn["children"]["lan"].update(life_packets="lots")
+    with pytest.raises(ConfigError) as info:
+        parse_connection("v", conn)
+    assert "not a count" in info.value.reason
