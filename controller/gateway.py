@@ -51,6 +51,7 @@ from controller.ike.ike_sa import (
 from controller.ike.payloads import TrafficSelector
 from controller.ike.state import LocalStateError
 from controller.keylog import KeyLog
+from controller.logs import IkeSaLogger, sa_logger
 from pipeline.dispatch import Action, Policy
 from pipeline.sadist import SaPublisher
 from pipeline.satable import Direction, SaRecord, UdpEncap
@@ -359,7 +360,8 @@ class Gateway:
         if conn not in self.conns or any(e.conn == conn and e.closed is None
                                          for e in self.ike.values()):
             return
-        log.info("%s: traffic for a trapped child (%s): initiating", conn, name)
+        log.info("%s: traffic for a trapped child (%s): initiating", conn, name,
+                 extra={"ike": conn})
         try:
             self.initiate(conn)
         except (KeyError, ConfigError) as exc:
@@ -392,8 +394,8 @@ class Gateway:
         if hard or seq_out >= (SEQ_HARD_64 if child.event.esn else SEQ_HARD_32):
             if not child.deleting:
                 child.deleting = True
-                log.info("%s[%d]: CHILD_SA %s{%d} reached its hard limit: deleting", entry.conn,
-                         entry.uniqueid, child.name, child.uniqueid)
+                self._log(entry).info("CHILD_SA %s{%d} reached its hard limit: deleting",
+                                      child.name, child.uniqueid)
                 with contextlib.suppress(KeyError, LocalStateError):  # already gone
                     entry.sa.delete_child(child.event.spi_in, self.clock())
                     self.poke(entry.sa)
@@ -403,9 +405,9 @@ class Gateway:
             or (spec.rekey_packets and packets >= spec.rekey_packets)))
         if soft and not child.rekeying:
             child.rekeying = True
-            log.info("%s[%d]: CHILD_SA %s{%d} reached its soft limit (%d bytes, %d packets, "
-                     "sequence %d): rekeying", entry.conn, entry.uniqueid, child.name,
-                     child.uniqueid, octets, packets, seq_out)
+            self._log(entry).info("CHILD_SA %s{%d} reached its soft limit (%d bytes, %d "
+                                  "packets, sequence %d): rekeying", child.name,
+                                  child.uniqueid, octets, packets, seq_out)
             with contextlib.suppress(KeyError, LocalStateError):  # already gone
                 entry.sa.rekey_child(child.event.spi_in, self.clock())
                 self.poke(entry.sa)
@@ -567,15 +569,14 @@ class Gateway:
             entry.established = time.time()
             entry.nat_local, entry.nat_remote = event.nat_local, event.nat_remote
             self._log_ike_keys(sa)
-            log.info("%s[%d]: IKE SA established with %s", entry.conn, entry.uniqueid,
-                     sa.remote[0])
+            self._log(entry).info("IKE SA established with %s", sa.remote[0])
             self._emit("ike-updown", entry, None, True)
         elif isinstance(event, ChildSaEstablished):
             self._install_child(entry, event)
         elif isinstance(event, IkeSaFailed | IkeSaClosed):
             reason = event.reason if isinstance(event, IkeSaFailed) else (
                 "deleted by peer" if event.by_peer else "deleted")
-            log.info("%s[%d]: IKE SA down: %s", entry.conn, entry.uniqueid, reason)
+            self._log(entry).info("IKE SA down: %s", reason)
             entry.closed = reason
             for child in list(entry.children.values()):
                 self._remove_child(entry, child)
@@ -599,8 +600,14 @@ class Gateway:
         elif kind == "IkeSaRekeyed":
             entry.rekeys += 1
             self._log_ike_keys(entry.sa)
-            log.info("%s[%d]: IKE SA rekeyed", entry.conn, entry.uniqueid)
+            self._log(entry).info("IKE SA rekeyed")
             self._emit("ike-rekey", entry, None, True)
+
+    @staticmethod
+    def _log(entry: IkeEntry) -> IkeSaLogger:
+        """Log lines bound to the IKE SA: ``site-b[3] ...`` in text, ``ike``/``ike_id``
+        fields in JSON (controller/logs.py)."""
+        return sa_logger(log, entry.conn, entry.uniqueid)
 
     def _log_ike_keys(self, sa: IkeSa) -> None:
         keys, suite = getattr(sa, "keys", None), getattr(sa, "suite", None)
@@ -673,12 +680,12 @@ class Gateway:
                 self._remove_later(old.index_out)
         else:
             old.successor = child  # outbound moves when the old SA is deleted
-        log.info("%s[%d]: CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", entry.conn,
-                 entry.uniqueid, e.name, child.uniqueid, e.spi_in, e.spi_out,
-                 " (UDP-encapsulated)" if e.encap else "")
+        self._log(entry).info("CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", e.name,
+                              child.uniqueid, e.spi_in, e.spi_out,
+                              " (UDP-encapsulated)" if e.encap else "")
         if old is not None:
-            log.info("%s[%d]: CHILD_SA %s{%d} rekeyed into {%d}", entry.conn, entry.uniqueid,
-                     e.name, old.uniqueid, child.uniqueid)
+            self._log(entry).info("CHILD_SA %s{%d} rekeyed into {%d}", e.name, old.uniqueid,
+                                  child.uniqueid)
             self._emit("child-rekey", entry, child, True)
         else:
             self._emit("child-updown", entry, child, True)
