@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,7 +70,8 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
         if name == "a":
             cfg = cfg.replace(f"controller: {{vici_socket: {rundir}/vici.sock}}",
                               f"controller: {{vici_socket: {rundir}/vici.sock, "
-                              f"keylog_dir: {keylog}, metrics_listen: '{METRICS}'}}")
+                              f"keylog_dir: {keylog}, metrics_listen: '{METRICS}', "
+                              "log_format: json}")
         gws.append(start_gateway(ns, cfg, tmp_path, name, rundir))
     b, a = gws
     try:
@@ -102,6 +104,12 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
         dumper.terminate()
         dumper.wait(10)
     assert codes == [0, 0]
+    # JSON logs: one object per line, bound to the IKE SA where one applies.
+    lines = [json.loads(line) for line in a.log().splitlines() if line.startswith("{")]
+    established = [r for r in lines if r["msg"].startswith("IKE SA established")]
+    assert established and established[0]["ike"] == "site" and established[0]["ike_id"] == 1
+    assert all("secret" not in json.dumps(r).lower() or "<redacted>" in json.dumps(r)
+               for r in lines)
     files = sorted(p.name for p in keylog.iterdir())
     assert files == ["esp_sa", "ikev2_decryption_table"]
     assert all(oct((keylog / f).stat().st_mode & 0o777) == "0o600" for f in files)
