@@ -34,8 +34,9 @@ def test_the_demo_runs_end_to_end_and_cleans_up(tmp_path: Path, peer: str) -> No
     if peer == "strongswan":
         require_strongswan()
     out = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "demo", "--seconds", "2",
-                             "--peer", peer, "--json", str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "demo", "--seconds", "4",
+                             "--rekey", "2", "--peer", peer, "--json", str(out)],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     stdout, stderr = proc.communicate(timeout=180)
     res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -45,6 +46,7 @@ def test_the_demo_runs_end_to_end_and_cleans_up(tmp_path: Path, peer: str) -> No
     assert summary["bytes_received"] == summary["bytes_sent"] > 1_000_000
     assert summary["packets_out"] > 100 and summary["packets_in"] > 10
     assert summary["pings"] == "20/20"
+    assert summary["rekeys"] >= 1  # Child SAs rekeyed under the TCP stream, nothing lost
     assert summary["exit_codes"] == [0] * len(summary["exit_codes"])
     # Everything it created is gone (its namespaces are named after its PID: bench/lab.py).
     assert not {n for n in netns_names() if n.startswith(f"espb-{proc.pid}-")}
