@@ -764,7 +764,13 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
     SIGHUP reloads the configuration file."""
     from controller.backend import GatewayBackend
     from controller.metrics import MetricsServer
-    from controller.vici.commands import child_rekey_event, child_updown_event, ike_updown_event
+    from controller.vici.commands import (
+        child_rekey_event,
+        child_updown_event,
+        ike_rekey_event,
+        ike_updown_event,
+        log_event,
+    )
     from controller.vici.server import ViciServer
 
     gateway = Gateway(cfg)
@@ -796,8 +802,26 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
         elif event == "child-rekey" and child is not None:
             new = backend.child_info(entry, child)
             vici.publish(event, child_rekey_event(info, new, new))
+        elif event == "ike-rekey":
+            vici.publish(event, ike_rekey_event(info, info))
 
     gateway.listeners.append(publish)
+
+    class ViciLog(logging.Handler):
+        """Log records to the VICI clients registered for ``log`` (swanctl --log)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if not vici.listeners("log"):
+                return
+            group = "IKE" if record.name.startswith(("espline.ike", "espline.controller")) \
+                else "CFG"
+            level = {logging.DEBUG: 2, logging.INFO: 1}.get(record.levelno, 0)
+            vici.publish("log", log_event(record.getMessage(), group, level,
+                                          getattr(record, "ike", None),
+                                          getattr(record, "ike_id", None)))
+
+    vici_log = ViciLog(logging.INFO)
+    logging.getLogger("espline").addHandler(vici_log)
     try:
         await gateway.start()
         await vici.start()
@@ -809,6 +833,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
                  f", metrics on {cfg.controller.metrics_listen}" if metrics else "")
         await done.wait()
     finally:
+        logging.getLogger("espline").removeHandler(vici_log)
         await gateway.stop()
         await vici.close()
         if metrics is not None:

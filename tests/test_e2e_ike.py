@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -293,3 +294,69 @@ def test_a_volume_limit_rekeys_the_child_sa_under_traffic(netns_lab: NetnsLab,
     finally:
         codes = tunnel.stop()
     assert codes == [0, 0], tunnel.logs()
+
+
+def test_sighup_reload_keeps_sas_and_vici_events_flow(netns_lab: NetnsLab,
+                                                      tmp_path: Path) -> None:
+    """A connection added to the file arrives with SIGHUP; the established SA is left alone;
+    a `vici` package client registered for events sees the IKE SA go down and log lines."""
+    require_root_netns()
+    import socket as socketlib
+    import threading
+
+    import vici
+
+    tunnel = start_ike_pair(netns_lab, tmp_path)
+    events: list[tuple[str, dict[str, object]]] = []
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    try:
+        before = json.loads(admin(tunnel, "a", "list-sas", "--json").stdout)
+        sock.connect(str(tunnel.a.runtime_dir / "vici.sock"))
+        session = vici.Session(sock)
+
+        def listen() -> None:
+            for name, message in session.listen(["ike-updown", "log"], timeout=0.5):
+                if name is None:
+                    if stop.is_set():
+                        return
+                    continue
+                events.append((name.decode(), message))
+
+        stop = threading.Event()
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        config = tmp_path / "a.yaml"
+        config.write_text(config.read_text().replace("connections:\n", textwrap.dedent(f"""\
+            connections:
+              second:
+                local_addrs: [{SIDE_A.outer}]
+                remote_addrs: [{SIDE_B.outer}]
+                proposals: [aes256-sha256-modp2048]
+                local: {{auth: psk, id: gw-1.example.net}}
+                remote: {{auth: psk, id: gw-2.example.net}}
+                children:
+                  more: {{local_ts: [10.1.9.0/24], remote_ts: [10.2.9.0/24]}}
+            """), 1))
+        tunnel.a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in tunnel.a.log(), 10, "the reload")
+        conns = admin(tunnel, "a", "list-conns")
+        assert "second:" in conns.stdout and "site:" in conns.stdout, conns.stdout
+        after = json.loads(admin(tunnel, "a", "list-sas", "--json").stdout)
+        assert after == before or _spis(after) == _spis(before)  # the SA was left alone
+        assert tunnel.topo.host_a.ping(SIDE_B.host, timeout=5)
+        assert admin(tunnel, "a", "terminate", "--ike", "site").returncode == 0
+        wait_for(lambda: any(n == "ike-updown" for n, _ in events), 10, "ike-updown")
+        wait_for(lambda: any(n == "log" for n, _ in events), 10, "log events")
+        stop.set()
+        listener.join(5)
+    finally:
+        sock.close()
+        codes = tunnel.stop()
+    assert codes == [0, 0], tunnel.logs()
+    down = next(m for n, m in events if n == "ike-updown")
+    assert "site" in down and "up" not in down  # the IKE SA went down
+    assert any(b"IKE SA down" in bytes(m.get("msg", b"")) for n, m in events if n == "log")
+
+
+def _spis(listed: object) -> list[str]:
+    return sorted(re.findall(r"[0-9a-f]{16}", json.dumps(listed)))
