@@ -77,7 +77,7 @@ from bench.lab import (
     sample_side,
     sigterm_as_interrupt,
 )
-from bench.strongswan import PLUGINS, Charon, missing
+from bench.strongswan import Charon, missing
 from controller.connections import network_selectors
 from controller.ike.constants import IdType
 from controller.ike.crypto import parse_ike_proposal
@@ -410,51 +410,11 @@ class LoadCharon(Charon):
     """bench/strongswan.py's charon with the knobs a setup-rate load needs: no DoS
     protection (cookies, half-open limits, per-IP blocking) and a large IKE SA table."""
 
-    def write(self, swanctl_conf: str) -> None:
-        super().write(swanctl_conf)
-        (self.work / "strongswan.conf").write_text(textwrap.dedent(f"""\
-            charon {{
-                load = {PLUGINS}
-                port = {IKE_PORT}
-                port_nat_t = {NATT_PORT}
-                install_routes = yes
-                install_virtual_ip = no
-                retransmit_tries = 3
-                retransmit_timeout = 1.0
-                dos_protection = no
-                cookie_threshold = 1000000
-                block_threshold = 1000000
-                init_limit_half_open = 1000000
-                init_limit_job_load = 0
-                ikesa_table_size = 4096
-                ikesa_table_segments = 16
-                plugins {{
-                    vici {{
-                        socket = unix://{self.vici}
-                    }}
-                    kernel-libipsec {{
-                        allow_peer_ts = no
-                    }}
-                }}
-                filelog {{
-                    load {{
-                        path = {self.log_path}
-                        time_format = %H:%M:%S
-                        append = yes
-                        flush_line = no
-                        default = 1
-                    }}
-                }}
-                syslog {{
-                    daemon {{
-                        default = -1
-                    }}
-                }}
-            }}
-            swanctl {{
-                socket = unix://{self.vici}
-            }}
-            """))
+    def write(self, swanctl_conf: str, **kw: object) -> None:
+        super().write(swanctl_conf, ike_log_level=1, flush_log=False, options={
+            "dos_protection": "no", "cookie_threshold": 1000000,
+            "block_threshold": 1000000, "init_limit_half_open": 1000000,
+            "init_limit_job_load": 0, "ikesa_table_size": 4096, "ikesa_table_segments": 16})
 
 
 class StrongSwanResponder(Responder):

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,14 @@ class Charon:
         return {**os.environ, "STRONGSWAN_CONF": str(self.work / "strongswan.conf"),
                 "SWANCTL_DIR": str(self.work / "swanctl")}
 
-    def write(self, swanctl_conf: str) -> None:
+    def write(self, swanctl_conf: str, *, options: Mapping[str, object] | None = None,
+              ike_log_level: int = 2, flush_log: bool = True) -> None:
+        """Write strongswan.conf and swanctl.conf; ``options`` adds ``charon.<key> = value``
+        settings (e.g. ``rsa_pss``, or the DoS-protection knobs a load test turns off)."""
         for sub in ("conf.d", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"):
             (self.work / "swanctl" / sub).mkdir(parents=True, exist_ok=True)
         (self.work / "run").mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"\n                {k} = {v}" for k, v in (options or {}).items())
         (self.work / "strongswan.conf").write_text(textwrap.dedent(f"""\
             charon {{
                 load = {PLUGINS}
@@ -66,7 +70,7 @@ class Charon:
                 install_routes = yes
                 install_virtual_ip = no
                 retransmit_tries = 3
-                retransmit_timeout = 1.0
+                retransmit_timeout = 1.0{extra}
                 plugins {{
                     vici {{
                         socket = unix://{self.vici}
@@ -80,9 +84,9 @@ class Charon:
                         path = {self.log_path}
                         time_format = %H:%M:%S
                         append = yes
-                        flush_line = yes
+                        flush_line = {"yes" if flush_log else "no"}
                         default = 1
-                        ike = 2
+                        ike = {ike_log_level}
                     }}
                 }}
                 syslog {{

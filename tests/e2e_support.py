@@ -71,6 +71,7 @@ __all__ = [
     "Tunnel",
     "build_topology",
     "config",
+    "ike_gateway_config",
     "start_gateway",
     "start_pair",
     "wait_for",
@@ -711,3 +712,43 @@ def echo_roundtrips(tunnel: Tunnel, ports: tuple[int, int] = (7001, 7002)) -> No
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def ike_gateway_config(local: Side, remote: Side, rundir: Path, *, start: bool | str,
+                       encap: bool, esp: str = "aes128gcm16",
+                       ike: str = "aes128gcm16-prfsha256-x25519", child_extra: str = "",
+                       conn_extra: str = "", ids: tuple[str, str] | None = None,
+                       psk: str = "a long pre-shared key for the e2e test") -> str:
+    """The YAML of one gateway with an IKE connection ``site`` (child ``lan``) from
+    ``local`` to ``remote``, PSK-authenticated; ``start``: start_action (True: start)."""
+    action = start if isinstance(start, str) else ("start" if start else "none")
+    local_id, remote_id = ids or tuple(f"gw-{s.outer.rsplit('.', 1)[1]}.example.net"
+                                       for s in (local, remote))
+    return textwrap.dedent(f"""\
+        controller: {{vici_socket: {rundir}/vici.sock}}
+        dataplane:
+          workers: 2
+          inside: {{mode: tun, name: {TUN_NAME}}}
+          outside: {{mode: af_packet, interface: {WAN}}}
+          endpoints: {{runtime_dir: {rundir}}}
+        connections:
+          site:
+            version: 2
+            local_addrs: [{local.outer}]
+            remote_addrs: [{remote.outer}]
+            proposals: [{ike}]
+            encap: {"yes" if encap else "no"}
+            {conn_extra}
+            local: {{auth: psk, id: {local_id}}}
+            remote: {{auth: psk, id: {remote_id}}}
+            children:
+              lan:
+                local_ts: [{local.net}]
+                remote_ts: [{remote.net}]
+                esp_proposals: [{esp}]
+                start_action: {action}
+                {child_extra}
+        secrets:
+          ike:
+            - {{id: [{local_id}, {remote_id}], secret: "{psk}"}}
+        """)

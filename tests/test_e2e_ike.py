@@ -32,6 +32,7 @@ from tests.e2e_support import (
     Tunnel,
     build_topology,
     echo_roundtrips,
+    ike_gateway_config,
     start_gateway,
     wait_for,
     wait_link,
@@ -49,35 +50,8 @@ PSK = "a long pre-shared key for the e2e test"
 def ike_config(local: Side, remote: Side, rundir: Path, *, start: bool | str, encap: bool,
                esp: str = "aes128gcm16", ike: str = "aes128gcm16-prfsha256-x25519",
                child_extra: str = "") -> str:
-    action = start if isinstance(start, str) else ("start" if start else "none")
-    local_id, remote_id = (f"gw-{s.outer.rsplit('.', 1)[1]}.example.net" for s in (local, remote))
-    return textwrap.dedent(f"""\
-        controller: {{vici_socket: {rundir}/vici.sock}}
-        dataplane:
-          workers: 2
-          inside: {{mode: tun, name: {TUN_NAME}}}
-          outside: {{mode: af_packet, interface: {WAN}}}
-          endpoints: {{runtime_dir: {rundir}}}
-        connections:
-          site:
-            version: 2
-            local_addrs: [{local.outer}]
-            remote_addrs: [{remote.outer}]
-            proposals: [{ike}]
-            encap: {"yes" if encap else "no"}
-            local: {{auth: psk, id: {local_id}}}
-            remote: {{auth: psk, id: {remote_id}}}
-            children:
-              lan:
-                local_ts: [{local.net}]
-                remote_ts: [{remote.net}]
-                esp_proposals: [{esp}]
-                start_action: {action}
-                {child_extra}
-        secrets:
-          ike:
-            - {{id: [{local_id}, {remote_id}], secret: "{PSK}"}}
-        """)
+    return ike_gateway_config(local, remote, rundir, start=start, encap=encap, esp=esp,
+                              ike=ike, child_extra=child_extra, psk=PSK)
 
 
 def start_ike_pair(lab: NetnsLab, tmp: Path, *, encap: bool = False,

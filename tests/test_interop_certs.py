@@ -221,11 +221,7 @@ class CertInterop:
         self.pki = Lab.make(s)
         self.topo = build_topology(lab, inside="tun")
         self.charon = Charon(self.topo.gw_b.popen, tmp / "charon")
-        self.charon.write(charon_conf(s))
-        if s.charon_pss:
-            conf = self.charon.work / "strongswan.conf"
-            text = conf.read_text().replace("charon {\n", "charon {\n    rsa_pss = yes\n", 1)
-            conf.write_text(text)
+        self.charon.write(charon_conf(s), options={"rsa_pss": "yes"} if s.charon_pss else {})
         self.pki.write_charon(self.charon.work / "swanctl", s.charon_key)
         self.charon.start()
         rundir = tmp / "run-a"

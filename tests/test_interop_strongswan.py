@@ -13,7 +13,6 @@ TCP through the tunnel in both directions. ``test_zz_matrix`` prints the results
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,11 @@ from tests.e2e_support import (
     SIDE_A,
     SIDE_B,
     TUN_NAME,
-    WAN,
     Gateway,
     Tunnel,
     build_topology,
     echo_roundtrips,
+    ike_gateway_config,
     start_gateway,
     wait_for,
     wait_link,
@@ -52,34 +51,10 @@ RESULTS: dict[tuple[str, str, str], str] = {}
 
 def espline_config(rundir: Path, *, ike: str, esp: str, start: bool,
                    dpd_delay: str = "0s", dpd_timeout: str = "0s") -> str:
-    return textwrap.dedent(f"""\
-        controller: {{vici_socket: {rundir}/vici.sock}}
-        dataplane:
-          workers: 2
-          inside: {{mode: tun, name: {TUN_NAME}}}
-          outside: {{mode: af_packet, interface: {WAN}}}
-          endpoints: {{runtime_dir: {rundir}}}
-        connections:
-          site:
-            version: 2
-            local_addrs: [{SIDE_A.outer}]
-            remote_addrs: [{SIDE_B.outer}]
-            proposals: [{ike}]
-            encap: yes
-            dpd_delay: {dpd_delay}
-            dpd_timeout: {dpd_timeout}
-            local: {{auth: psk, id: {ID_A}}}
-            remote: {{auth: psk, id: {ID_B}}}
-            children:
-              lan:
-                local_ts: [{SIDE_A.net}]
-                remote_ts: [{SIDE_B.net}]
-                esp_proposals: [{esp}]
-                start_action: {"start" if start else "none"}
-        secrets:
-          ike:
-            - {{id: [{ID_A}, {ID_B}], secret: "{PSK}"}}
-        """)
+    return ike_gateway_config(SIDE_A, SIDE_B, rundir, start=start, encap=True, esp=esp, ike=ike,
+                              ids=(ID_A, ID_B), psk=PSK,
+                              conn_extra=f"dpd_delay: {dpd_delay}\n"
+                                         f"            dpd_timeout: {dpd_timeout}")
 
 
 class Interop:
