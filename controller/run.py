@@ -68,6 +68,7 @@ class AfPacketIO:
     def __init__(self, interface: str, *, esp_only: bool, fanout: bool) -> None:
         from pipeline import afpacket, bpf
 
+        self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
         self.rx = afpacket.RxRing(interface, bpf=bpf.esp_filter() if esp_only else None,
                                   fanout_group=afpacket.default_fanout_group() if fanout
                                   else None)
@@ -90,6 +91,24 @@ class AfPacketIO:
     def close(self) -> None:
         self.rx.close()
         self.tx.close()
+
+
+def interface_addresses(interface: str) -> tuple[IpAddress, ...]:
+    """The global addresses of ``interface`` (IPv4 first, link-local ones left out)."""
+    import ipaddress
+
+    from pyroute2 import IPRoute
+
+    found: list[IpAddress] = []
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=interface)
+        if not links:
+            return ()
+        for msg in ipr.get_addr(index=links[0]):
+            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if not addr.is_link_local:
+                found.append(addr)
+    return tuple(sorted(found, key=lambda a: a.version))
 
 
 def sa_records(static: tuple[StaticSa, ...]) -> tuple[list[tuple[int, SaRecord]],
@@ -196,6 +215,12 @@ def build(cfg: Config, stack: ExitStack) -> DataPlane:
         raise ConfigError("static_sas", "espline run needs at least one static SA "
                           "(IKE-negotiated SAs come with the controller)")
     records, policies = sa_records(cfg.static_sas)
+    if cfg.dataplane.outside.mode == "socket":
+        for i, sa in enumerate(cfg.static_sas):
+            if sa.local_addr.version == 6:
+                raise ConfigError(f"static_sas[{i}].local_addr",
+                                  "an IPv6 SA needs dataplane.outside.mode af_packet (the "
+                                  "socket outside is IPv4-only)")
     inside, outside = build_io(
         cfg.dataplane, stack,
         routes=sorted({str(n) for sa in cfg.static_sas for n in sa.remote_ts}),
@@ -272,6 +297,11 @@ def main(config_path: str) -> int:
     setup_logging(cfg.controller.log_format)
     if cfg.conns or not cfg.static_sas:
         # The controller: connections from the file, or later over VICI (swanctl).
+        if cfg.dataplane.outside.mode == "socket":
+            print("espline: dataplane.outside.mode: 'socket' cannot run with IKE yet (the "
+                  "controller owns UDP 4500); use {mode: af_packet, interface: ...}",
+                  file=sys.stderr)
+            return 2
         return _serve(cfg, config_path)
     with ExitStack() as stack:
         try:

@@ -209,8 +209,11 @@ class DataPlane:
         limit = self._inner_mtu[sa]
         over = mtu.too_big(batch, limit)
         if over.any():
-            errors = mtu.icmp_too_big(batch, over, limit, self._src.get(4),  # type: ignore[arg-type]
-                                      self._src.get(6))  # type: ignore[arg-type]
+            # From an address of the inner packet's family: the inside interface's (what
+            # the kernel would use), else the SA's own when the families match.
+            inside = {a.version: a for a in getattr(self.inside, "addresses", ())}
+            src4, src6 = (inside.get(v) or self._src.get(v) for v in (4, 6))
+            errors = mtu.icmp_too_big(batch, over, limit, src4, src6)  # type: ignore[arg-type]
             if errors:
                 self.stats.icmp_too_big += len(errors)
                 self.inside.write_batch(Batch.for_packets(errors))

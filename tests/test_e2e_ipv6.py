@@ -504,22 +504,7 @@ def test_static_sas_carry_ping_tcp_udp(lab: NetnsLab, tmp_path: Path, inner: Fam
         assert stats["lost_packets"] == 0, stats
 
 
-@pytest.mark.parametrize("keying", [
-    pytest.param("static", marks=pytest.mark.xfail(strict=True, raises=NotRefused, reason=(
-        "controller/run.py build() -> build_io() -> pipeline/outside.SocketOutside.__init__ "
-        "raises ValueError('socket outside mode supports IPv4 only; use af_packet for IPv6'), "
-        "which controller/run.main() does not catch (only ConfigError, PermissionError): "
-        "exit 1 with a Python traceback, where a bad file is refused with the key and the "
-        "reason and exit 2; controller/config.py never checks outside.mode against the "
-        "static SAs' address family"))),
-    pytest.param("ike", marks=pytest.mark.xfail(strict=True, raises=NotRefused, reason=(
-        "controller/gateway.run_dataplane() calls build_io(..., nat_t=()) without "
-        "socket_local, so with outside mode socket build_io's `assert socket_local is not "
-        "None` kills the data plane process (AssertionError traceback in the log) while the "
-        "controller keeps running and negotiating SAs that carry nothing; nothing refuses "
-        "an IPv6 connection on the IPv4-only socket outside (IPv4 connections hit the same "
-        "assert: socket is the default outside mode)"))),
-])
+@pytest.mark.parametrize("keying", ["static", "ike"])
 def test_socket_outside_refuses_ipv6_outer_addresses(lab: NetnsLab, tmp_path: Path,
                                                      keying: str) -> None:
     """The portable socket outside is IPv4 only (pipeline/outside.py): a gateway whose SAs
@@ -647,13 +632,6 @@ def pmtu_check(lab: NetnsLab, tmp_path: Path, inside: str, inner: Family,
 
 @pytest.mark.parametrize(("inside", "inner", "outer"), [("af_packet", 6, 4), ("af_packet", 4, 6)],
                          ids=["af_packet-6in4", "af_packet-4in6"])
-@pytest.mark.xfail(strict=True, raises=MissingTooBig, reason=(
-    "pipeline/dataplane.py DataPlane._limit_one keys the ICMP source by the SA's *outer* "
-    "family (self._src[rec.local_addr.version] = rec.local_addr), and _outbound_mtu passes "
-    "_src.get(4)/_src.get(6) to mtu.icmp_too_big, which answers an inner packet only when a "
-    "source of the *inner* family is known: with mixed families (6in4, 4in6) too-big inner "
-    "packets are dropped (outbound drops too_big) and no Packet Too Big / fragmentation "
-    "needed is sent: a PMTUD black hole in af_packet inside mode"))
 def test_pmtu_packet_too_big_with_mixed_families(lab: NetnsLab, tmp_path: Path, inside: str,
                                                  inner: Family, outer: Family) -> None:
     pmtu_check(lab, tmp_path, inside, inner, outer)
