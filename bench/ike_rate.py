@@ -318,7 +318,7 @@ class EsplineResponder(Responder):
     def config(self) -> str:
         side, rundir = self.lab.right, self.work / "espline-r"
         return textwrap.dedent(f"""\
-            controller: {{vici_socket: {rundir}/vici.sock}}
+            controller: {{vici_socket: {rundir}/vici.sock, cookie_threshold: 0}}
             dataplane:
               workers: {self.args.workers}
               inside: {{mode: tun, name: espl0}}

@@ -272,10 +272,12 @@ class ControllerConfig:
     secrets_file: str | None = None
     ike_port: int = 500
     natt_port: int = DEFAULT_NATT_PORT
+    # RFC 7296 §2.6: COOKIE challenges once this many IKE SAs are half-open (0: never).
+    cookie_threshold: int = 10
 
 
 _CONTROLLER_KEYS = ("vici_socket", "metrics_listen", "keylog_dir", "log_format",
-                    "secrets_file", "ike_port", "natt_port")
+                    "secrets_file", "ike_port", "natt_port", "cookie_threshold")
 
 
 def _parse_controller(value: object) -> ControllerConfig:
@@ -293,6 +295,7 @@ def _parse_controller(value: object) -> ControllerConfig:
         else _str(s.get("secrets_file"), s.at("secrets_file")),
         ike_port=s.get_int("ike_port", 500, 1, 65535),
         natt_port=s.get_int("natt_port", DEFAULT_NATT_PORT, 1, 65535),
+        cookie_threshold=s.get_int("cookie_threshold", 10, 0, 1 << 20),
     )
 
 

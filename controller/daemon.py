@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from controller.ike.cookies import CookieGuard
 from controller.ike.ike_sa import Event, IkeConfig, IkeSa
 
 __all__ = ["IkeDaemon", "PeerConfig"]
@@ -65,7 +66,8 @@ class IkeDaemon:
     def __init__(self, peers: Sequence[PeerConfig], local: str, port: int = 500,
                  natt_port: int = 4500, *, on_event: Callable[[IkeSa, Event], None] | None = None,
                  random: Callable[[int], bytes] = os.urandom,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cookie_threshold: int = 10) -> None:
         self.peers = list(peers)
         self.local = local
         self.port = port
@@ -84,6 +86,9 @@ class IkeDaemon:
         self._half_open_since: dict[int, float] = {}
         self.half_open_timeout = 30.0
         self.max_half_open = 4096
+        # COOKIE challenges from this many half-open SAs on (0: never; strongSwan's
+        # charon.cookie_threshold defaults to 10 as well).
+        self.cookies = CookieGuard(cookie_threshold, random) if cookie_threshold else None
         self.dropped = 0  # datagrams that match no IKE SA and start none
         # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
         self.messages: Counter[tuple[int, str, str]] = Counter()
@@ -193,6 +198,14 @@ class IkeDaemon:
                 self.dropped += 1  # nobody configured at that address
                 self.alerts["peer_not_configured"] += 1
                 return
+            if self.cookies is not None:
+                # RFC 7296 §2.6: past the threshold of half-open SAs, a request without a
+                # valid cookie gets a stateless COOKIE challenge and nothing is kept.
+                challenge = self.cookies.check(data, addr, len(self._half_open), self.clock())
+                if challenge is not None:
+                    self.alerts["cookie_challenge"] += 1
+                    self._send(challenge, addr, natt)
+                    return
             if len(self._half_open) >= self.max_half_open:
                 self.dropped += 1  # under a flood: no state, no key exchange
                 self.alerts["half_open_limit"] += 1
@@ -261,11 +274,14 @@ class IkeDaemon:
         for data, addr in sa.datagrams_to_send(now):
             # From the NAT-T port once the SA moved there (our port, not the peer's: behind
             # a NAT the peer's may be anything), with the non-ESP marker (RFC 3948 §2.2).
-            natt = sa.local[1] == self.natt_port and self._natt is not None
-            endpoint = self._natt if natt else self._ike
-            if endpoint is None or endpoint.transport is None:
-                continue
-            endpoint.transport.sendto(NON_ESP_MARKER + data if natt else data, addr)
-            if len(data) >= IKE_HEADER_LEN:
-                self.messages[(data[18], "out",
-                               "response" if data[19] & FLAG_RESPONSE else "request")] += 1
+            self._send(data, addr, sa.local[1] == self.natt_port)
+
+    def _send(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
+        natt = natt and self._natt is not None
+        endpoint = self._natt if natt else self._ike
+        if endpoint is None or endpoint.transport is None:
+            return
+        endpoint.transport.sendto(NON_ESP_MARKER + data if natt else data, addr)
+        if len(data) >= IKE_HEADER_LEN:
+            self.messages[(data[18], "out",
+                           "response" if data[19] & FLAG_RESPONSE else "request")] += 1

@@ -261,7 +261,8 @@ class Gateway:
         self.local = "::" if families == {True} else "0.0.0.0"
         self.started_at = time.time()
         self.daemon = IkeDaemon([], self.local, cfg.controller.ike_port,
-                                cfg.controller.natt_port, on_event=self._on_event)
+                                cfg.controller.natt_port, on_event=self._on_event,
+                                cookie_threshold=cfg.controller.cookie_threshold)
         self._rebuild_peers(strict=True)
         self.ike: dict[int, IkeEntry] = {}  # by unique id
         self._by_sa: dict[int, IkeEntry] = {}  # by id(IkeSa)

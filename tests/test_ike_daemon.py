@@ -109,3 +109,31 @@ def test_a_retransmitted_ike_sa_init_finds_the_same_responder_and_half_open_sas_
     responder._expire_half_open(now[0] + responder.half_open_timeout + 1)
     assert responder.half_open() == 0 and not responder.sas
     assert responder.alerts["half_open_expired"] == 1
+
+
+def test_past_the_cookie_threshold_a_request_is_challenged_statelessly() -> None:
+    """RFC 7296 §2.6 in the daemon: with one SA half-open and a threshold of 1, a new
+    IKE_SA_INIT gets a COOKIE challenge and leaves no state; sent again with the cookie, it
+    is answered."""
+    i_cfg, r_cfg = configs()
+    now = [100.0]
+    responder = IkeDaemon([PeerConfig(r_cfg, ("127.0.0.1", 500))], "127.0.0.1",
+                          clock=lambda: now[0], cookie_threshold=1)
+    first = IkeSa(i_cfg, initiator=True, local=("127.0.0.1", 500), remote=("127.0.0.1", 500))
+    first.initiate(now[0])
+    (init, _), = first.datagrams_to_send(now[0])
+    responder.received(init, ("127.0.0.1", 500), False)
+    assert responder.half_open() == 1
+    second = IkeSa(i_cfg, initiator=True, local=("127.0.0.1", 500), remote=("127.0.0.1", 500))
+    second.initiate(now[0])
+    (init2, _), = second.datagrams_to_send(now[0])
+    assert responder.cookies is not None
+    challenge = responder.cookies.check(init2, ("127.0.0.1", 500), 1, now[0])
+    responder.received(init2, ("127.0.0.1", 500), False)
+    assert responder.alerts["cookie_challenge"] == 1
+    assert responder.half_open() == 1  # nothing kept for the challenged request
+    assert challenge is not None
+    second.receive_datagram(challenge, ("127.0.0.1", 500), now[0])
+    (retry, _), = second.datagrams_to_send(now[0])
+    responder.received(retry, ("127.0.0.1", 500), False)
+    assert responder.half_open() == 2 and responder.alerts["cookie_challenge"] == 1
