@@ -121,6 +121,7 @@ class DataPlane:
         self.acquires: deque[str] = deque(maxlen=64)  # TRAP hits not yet reported
         self._acquired: dict[str, float] = {}
         self._report: zmq.Socket[bytes] | None = None
+        self._updates: SaSubscriber | None = None
         self._limits()
         self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
         self.inside = inside
@@ -262,6 +263,7 @@ class DataPlane:
             updates = SaSubscriber(ctx, *self.sa_updates, sink=self)
             updates.sync()
             self.sa_version = updates.version
+            self._updates = updates
         if self.reports is not None:
             report = ctx.socket(zmq.PUSH)
             report.setsockopt(zmq.SNDHWM, 4)
@@ -303,6 +305,7 @@ class DataPlane:
                     last_stats = now
         finally:
             if updates is not None:
+                self._updates = None
                 updates.close()
             self._write_stats(report)
             self.supervisor.stop()
@@ -332,6 +335,7 @@ class DataPlane:
             self._outbound_mtu(batch)
         else:
             self.dispatcher.inbound(batch)
+            self._retry_unknown_spis(batch)
         batch.batch_id = self._next_id
         batch.sa_version = self.sa_version
         self._next_id += 1
@@ -382,6 +386,20 @@ class DataPlane:
             self.inside.write_batch(batch)
             self.stats.inbound.add(batch)
         self._free.append(batch)
+
+    def _retry_unknown_spis(self, batch: Batch) -> None:
+        """ESP for an SPI we do not know may be for an SA whose install is already on its
+        way from the controller: a peer switches to a new SA as soon as it has our rekey
+        answer, which left the controller after the install was published. Apply whatever
+        deltas are waiting (without blocking) and look those packets up again."""
+        if self._updates is None:
+            return
+        verdict = batch.meta["verdict"][: batch.count]
+        unknown = verdict == Verdict.NO_SA
+        if unknown.any() and self._updates.drain():
+            self.sa_version = self._updates.version
+            verdict[unknown] = Verdict.PASS
+            self.dispatcher.inbound(batch)
 
     def _acquire(self, now: float) -> None:
         """Tell the controller which TRAP policies traffic hit (RFC 4301's ACQUIRE), at most

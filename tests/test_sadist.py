@@ -21,6 +21,7 @@ from pipeline.dataplane import DataPlane, Settings
 from pipeline.dispatch import Policy
 from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
 from pipeline.satable import Direction, SaRecord, UdpEncap
+from pipeline.transport import Direction as BatchDirection
 from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, inner, wait_for
 from workers.esp import EspCodec
 from workers.main import TableSink
@@ -281,3 +282,30 @@ def test_a_batch_of_deltas_travels_as_one_message(
         assert sub.version == 3 and sorted(sa.record.spi for sa in table) == [0x1001, 0x2001]
     finally:
         sub.close()
+
+
+def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """A peer switches to a new SA as soon as it has our rekey answer; its first packets may
+    reach the I/O process before the loop applied the queued install: the dispatcher drains
+    waiting deltas and looks those SPIs up again instead of dropping them as no_sa."""
+    ctx, pub = publisher
+    inside, outside = QueueIO(), QueueIO()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=1, runtime_dir=rundir), [], [], inside, outside)
+        updates = SaSubscriber(ctx, *pub.endpoints, sink=plane)
+        try:
+            updates.sync()
+            plane._updates = updates
+            pub.call(lambda p: p.install(7, record(0x2007, Direction.IN)))
+            assert updates.sub.poll(5000)  # queued, not applied
+            assert plane.sas[7] is None
+            outside.put(peer_encap(0x2007, KEY, 3))
+            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+            plane.reassembler.pop(0.0, plane._release)
+            assert plane.sas[7] is not None
+            assert inside.outbox == [inner(i) for i in range(3)]
+            assert plane.stats.inbound.drops() == {}
+        finally:
+            plane._updates = None
+            updates.close()
