@@ -17,6 +17,7 @@ from controller.config import ConfigError
 from controller.connections import SharedKey, parse_connection, parse_identity
 from controller.gateway import ChildEntry, Gateway, IkeEntry, selector_networks
 from controller.ike.constants import DhGroup, ExchangeType
+from controller.ike.ike_sa import IkeSa
 from controller.metrics import (
     BATCH_SIZE_BOUNDS,
     ChildSaCounters,
@@ -66,10 +67,9 @@ def esp_algorithms(t: EspTransform) -> tuple[str, int | None, str | None]:
     return encr, (t.enc_key_len * 8 if t.enc_key_len else None), integ
 
 
-def ike_algorithms(sa: Any) -> dict[str, Any]:
-    """encr/integ/prf/dh names of a negotiated IKE SA, where the core exposes them."""
-    suite = getattr(sa, "suite", None)
-    group = getattr(sa, "ke_group", None)
+def ike_algorithms(sa: IkeSa) -> dict[str, Any]:
+    """encr/integ/prf/dh names of a negotiated IKE SA (None before IKE_SA_INIT is done)."""
+    suite, group = sa.suite, sa.ke_group
     out: dict[str, Any] = {"encr_alg": None, "encr_keysize": None, "integ_alg": None,
                            "prf_alg": None, "dh_group": None}
     if suite is not None:
@@ -128,7 +128,7 @@ class GatewayBackend:
         conn = self.gw.conns.get(entry.conn)
         local_id = str(conn.local_id) if conn else ""
         remote_id = str(conn.remote.id) if conn and conn.remote.id else sa.remote[0]
-        initiator = bool(getattr(sa, "original_initiator", sa.initiator))
+        initiator = sa.original_initiator
         now = time.time()
         est = entry.established
         return IkeSaInfo(
@@ -249,11 +249,8 @@ class GatewayBackend:
                 log(f"deleting IKE_SA {entry.conn}[{entry.uniqueid}]")
                 self.gw.terminate(entry)
             else:
-                delete_child = getattr(entry.sa, "delete_child", None)
-                if delete_child is None:
-                    raise CommandError("deleting a single CHILD_SA is not supported yet")
                 log(f"deleting CHILD_SA {c.name}{{{c.uniqueid}}}")
-                delete_child(c.event.spi_in, self.gw.clock())
+                entry.sa.delete_child(c.event.spi_in, self.gw.clock())
                 self.gw.poke(entry.sa)
         if timeout == 0:
             return
@@ -269,17 +266,12 @@ class GatewayBackend:
                     child_id: int | None, reauth: bool, log: LogFn) -> None:
         for entry, c in self._select(ike, child, ike_id, child_id):
             if c is None:
-                rekey = getattr(entry.sa, "rekey", None)
-                if rekey is None or reauth:
-                    raise CommandError("IKE_SA rekeying is not supported yet" if rekey is None
-                                       else "reauthentication is not supported")
-                rekey(self.gw.clock())
+                if reauth:
+                    raise CommandError("reauthentication is not supported")
+                entry.sa.rekey(self.gw.clock())
                 log(f"rekeying IKE_SA {entry.conn}[{entry.uniqueid}]")
             else:
-                rekey_child = getattr(entry.sa, "rekey_child", None)
-                if rekey_child is None:
-                    raise CommandError("CHILD_SA rekeying is not supported yet")
-                rekey_child(c.event.spi_in, self.gw.clock())
+                entry.sa.rekey_child(c.event.spi_in, self.gw.clock())
                 log(f"rekeying CHILD_SA {c.name}{{{c.uniqueid}}}")
             self.gw.poke(entry.sa)
 

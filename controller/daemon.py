@@ -246,7 +246,7 @@ class IkeDaemon:
         if sa.state.value in ("initial", "closed", "failed"):
             spis: tuple[bytes, ...] = ()
         else:
-            spis = tuple(getattr(sa, "local_spis", (sa.spi_i if sa.initiator else sa.spi_r,)))
+            spis = sa.local_spis
         before = self._indexed.get(id(sa), ())
         for spi in before:
             if spi not in spis and self.sas.get(spi) is sa:

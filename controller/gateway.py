@@ -40,13 +40,16 @@ from controller.connections import ChildSpec, Connection, PskStore, network_sele
 from controller.daemon import IkeDaemon, PeerConfig
 from controller.ike.ike_sa import (
     ChildConfig,
+    ChildSaDeleted,
     ChildSaEstablished,
+    ChildSaRekeyed,
     Event,
     IkeConfig,
     IkeSa,
     IkeSaClosed,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaRekeyed,
 )
 from controller.ike.payloads import TrafficSelector
 from controller.ike.state import LocalStateError
@@ -419,7 +422,7 @@ class Gateway:
         for entry in list(self.ike.values()):
             if entry.sa.state.value == "established":
                 entry.sa.delete(now)
-                self.daemon._flush(entry.sa)
+                self.poke(entry.sa)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
                 e.sa.state.value == "deleting" for e in self.ike.values()):
@@ -519,7 +522,7 @@ class Gateway:
     def terminate(self, entry: IkeEntry) -> None:
         if entry.sa.state.value == "established":
             entry.sa.delete(self.clock())
-            self.daemon._flush(entry.sa)
+            self.poke(entry.sa)
 
     def poke(self, sa: IkeSa) -> None:
         """Send what an operation on ``sa`` queued and deliver its events."""
@@ -584,21 +587,14 @@ class Gateway:
             self._emit("ike-updown", entry, None, False)
             self.ike.pop(entry.uniqueid, None)
             self._by_sa.pop(id(sa), None)
-        else:
-            self._on_other_event(entry, event)
-
-    def _on_other_event(self, entry: IkeEntry, event: object) -> None:
-        """Events of the IKE core's later exchanges (rekeys, Child SA deletes)."""
-        kind = type(event).__name__
-        if kind == "ChildSaRekeyed":
-            new = event.new  # type: ignore[attr-defined]
-            self._install_child(entry, new, replaces=event.old_spi_in,  # type: ignore[attr-defined]
-                                switch=getattr(event, "initiator", True))
-        elif kind == "ChildSaDeleted":
-            child = entry.children.get(event.spi_in)  # type: ignore[attr-defined]
-            if child is not None:
-                self._remove_child(entry, child)
-        elif kind == "IkeSaRekeyed":
+        elif isinstance(event, ChildSaRekeyed):
+            self._install_child(entry, event.new, replaces=event.old_spi_in,
+                                switch=event.initiator)
+        elif isinstance(event, ChildSaDeleted):
+            gone = entry.children.get(event.spi_in)
+            if gone is not None:
+                self._remove_child(entry, gone)
+        elif isinstance(event, IkeSaRekeyed):
             entry.rekeys += 1
             self._log_ike_keys(entry.sa)
             self._log(entry).info("IKE SA rekeyed")
@@ -611,7 +607,7 @@ class Gateway:
         return sa_logger(log, entry.conn, entry.uniqueid)
 
     def _log_ike_keys(self, sa: IkeSa) -> None:
-        keys, suite = getattr(sa, "keys", None), getattr(sa, "suite", None)
+        keys, suite = sa.keys, sa.suite
         if self.keylog is None or keys is None or suite is None:
             return
         from controller.keylog import ike_suite_keywords
@@ -627,10 +623,7 @@ class Gateway:
                                                                           int, int]:
         local = ipaddress.ip_address(entry.sa.local[0])
         remote = ipaddress.ip_address(entry.sa.remote[0])
-        lport = int(getattr(e, "local_port", self.cfg.controller.natt_port))
-        rport = int(getattr(e, "remote_port", entry.sa.remote[1]
-                            if entry.sa.remote[1] != self.cfg.controller.ike_port
-                            else self.cfg.controller.natt_port))
+        lport, rport = e.local_port, e.remote_port
         encap = UdpEncap(lport, rport) if e.encap else None
         conn = self.conns.get(entry.conn)
         spec = next((c for c in conn.children if c.name == e.name), None) if conn else None

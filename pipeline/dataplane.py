@@ -126,6 +126,7 @@ class DataPlane:
         self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
         self.inside = inside
         self.outside = outside
+        self._inside_src = {a.version: a for a in getattr(inside, "addresses", ())}
         self.stats = Stats()
         os.makedirs(settings.runtime_dir, mode=0o700, exist_ok=True)
         tag = f"{os.getpid()}"
@@ -218,8 +219,7 @@ class DataPlane:
         if over.any():
             # From an address of the inner packet's family: the inside interface's (what
             # the kernel would use), else the SA's own when the families match.
-            inside = {a.version: a for a in getattr(self.inside, "addresses", ())}
-            src4, src6 = (inside.get(v) or self._src.get(v) for v in (4, 6))
+            src4, src6 = (self._inside_src.get(v) or self._src.get(v) for v in (4, 6))
             errors = mtu.icmp_too_big(batch, over, limit, src4, src6)  # type: ignore[arg-type]
             if errors:
                 self.stats.icmp_too_big += len(errors)

@@ -655,12 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 ECHO_SERVER = textwrap.dedent("""\
     import socket, sys, threading
     proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if proto == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, port))
+        s = socket.socket(family, socket.SOCK_DGRAM); s.bind((host, port))
         print("ready", flush=True)
         while True:
             data, peer = s.recvfrom(65535); s.sendto(data, peer)
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port)); s.listen(); print("ready", flush=True)
     while True:
         c, _ = s.accept()
@@ -674,9 +676,10 @@ ECHO_SERVER = textwrap.dedent("""\
 ECHO_CLIENT = textwrap.dedent("""\
     import os, socket, sys
     proto, host, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     data = os.urandom(size)
     if proto == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+        s = socket.socket(family, socket.SOCK_DGRAM); s.settimeout(1.0)
         got = 0
         for i in range(20):
             chunk = data[i * 1000 : (i + 1) * 1000] or b"x"

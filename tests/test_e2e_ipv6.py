@@ -52,6 +52,8 @@ from typing import Any
 import pytest
 
 from tests.e2e_support import (
+    ECHO_CLIENT,
+    ECHO_SERVER,
     ETH,
     KEY_AB,
     KEY_BA,
@@ -304,55 +306,6 @@ def final_stats(tunnel: Tunnel) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 # -- traffic ---------------------------------------------------------------------------------
-
-# tests/e2e_support.py's ECHO_SERVER / ECHO_CLIENT open AF_INET sockets; these pick the
-# family from the address.
-ECHO_SERVER = textwrap.dedent("""\
-    import socket, sys, threading
-    proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if proto == "udp":
-        s = socket.socket(family, socket.SOCK_DGRAM); s.bind((host, port))
-        print("ready", flush=True)
-        while True:
-            data, peer = s.recvfrom(65535); s.sendto(data, peer)
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port)); s.listen(); print("ready", flush=True)
-    while True:
-        c, _ = s.accept()
-        def echo(c=c):
-            while (d := c.recv(65536)):
-                c.sendall(d)
-            c.close()
-        threading.Thread(target=echo, daemon=True).start()
-    """)
-
-ECHO_CLIENT = textwrap.dedent("""\
-    import os, socket, sys
-    proto, host, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    data = os.urandom(size)
-    if proto == "udp":
-        s = socket.socket(family, socket.SOCK_DGRAM); s.settimeout(1.0)
-        got = 0
-        for i in range(20):
-            chunk = data[i * 1000 : (i + 1) * 1000] or b"x"
-            for _ in range(5):
-                s.sendto(chunk, (host, port))
-                try:
-                    if s.recv(65535) == chunk:
-                        got += 1; break
-                except socket.timeout:
-                    pass
-        print("udp", got); sys.exit(0 if got == 20 else 1)
-    s = socket.create_connection((host, port), timeout=10)
-    s.sendall(data); s.shutdown(socket.SHUT_WR)
-    back = b""
-    while (d := s.recv(65536)):
-        back += d
-    print("tcp", len(back)); sys.exit(0 if back == data else 1)
-    """)
 
 
 def echo(client: Namespace, server: Namespace, server_addr: str, proto: str, port: int,
