@@ -260,10 +260,12 @@ def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2
                      outside=outside)
         gws.append(start_gateway(ns, cfg, tmp, name, rundir))
     tunnel = Tunnel(topo, gws[0], gws[1], encap)
-    if inside == "tun":
-        wait_link(topo.gw_a, TUN_NAME, True)
-        wait_link(topo.gw_b, TUN_NAME, True)
+    # Both data planes up (their sockets and rings open) before the first packet: a raw ESP
+    # packet that reaches a gateway a moment too early is answered by its kernel with ICMP
+    # protocol unreachable, which the tests that watch the wire count as an error.
     for gw in gws:
+        wait_for(lambda gw=gw: "data plane up" in gw.log() or gw.proc.poll() is not None,
+                 30, f"gateway {gw.name}'s data plane\n{tunnel.logs()}")
         if gw.proc.poll() is not None:
             raise AssertionError(f"gateway {gw.name} exited early\n{tunnel.logs()}")
     assert topo.host_a.ping(SIDE_B.host, timeout=15), f"no ping through the tunnel\n{tunnel.logs()}"
