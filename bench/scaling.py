@@ -8,14 +8,17 @@ robin (more workers than cores share).
 
     python -m bench.scaling                 # table
     python -m bench.scaling --json          # one JSON object per line
+    python -m bench.scaling --profile io.prof   # the I/O loop at the most workers, profiled
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import ipaddress
 import json
 import os
+import pstats
 import socket
 import sys
 import tempfile
@@ -77,7 +80,8 @@ class Sink:
         return n
 
 
-def measure(workers: int, seconds: float, size: int, batch: int) -> dict[str, float]:
+def measure(workers: int, seconds: float, size: int, batch: int,
+            profile: str | None = None) -> dict[str, float]:
     cpus = sorted(os.sched_getaffinity(0))
     worker_cpus = tuple(cpus[1:] or cpus)  # the I/O process keeps the first core
     records = [(0, SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
@@ -90,10 +94,17 @@ def measure(workers: int, seconds: float, size: int, batch: int) -> dict[str, fl
                                    runtime_dir=rundir, max_in_flight=4 * workers + 4),
                           records, [policy], source, sink)
         os.sched_setaffinity(0, {cpus[0]})
-        thread = threading.Thread(target=plane.run, daemon=True)
+        prof = cProfile.Profile() if profile else None
+        target = plane.run if prof is None else (lambda: prof.runcall(plane.run))
+        thread = threading.Thread(target=target, daemon=True)
         thread.start()
         try:
-            time.sleep(1.0)  # workers start (spawn) and warm up
+            # Workers start (spawn: a fresh interpreter each, slow with many at once);
+            # until one is ready the I/O process does every batch itself.
+            deadline = time.monotonic() + 60
+            while len(plane.ready) < workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # warm up
             p0, t0 = sink.packets, time.perf_counter()
             time.sleep(seconds)
             p1, t1 = sink.packets, time.perf_counter()
@@ -101,9 +112,13 @@ def measure(workers: int, seconds: float, size: int, batch: int) -> dict[str, fl
             plane.stop()
             thread.join(10)
             os.sched_setaffinity(0, set(cpus))
+        if prof is not None and profile:
+            prof.dump_stats(profile)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     pps = (p1 - p0) / (t1 - t0)
     return {"workers": workers, "pps": pps, "gbps": pps * size * 8 / 1e9,
-            "lost_batches": plane.reassembler.skipped}
+            "lost_batches": plane.reassembler.skipped,
+            "inline_batches": plane.stats.inline_batches}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the I/O loop under cProfile at the largest worker count, dump "
+                         "the stats to FILE and print the top functions to stderr")
     args = ap.parse_args(argv)
     counts, w = [], 1
     while w <= args.max_workers:
@@ -126,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.size}-byte packets, batch {args.batch}")
         print(f"{'workers':>7} {'pps':>10} {'Gbit/s':>7} {'ratio':>6} {'lost':>5}")
     for w in counts:
-        row = measure(w, args.seconds, args.size, args.batch)
+        profile = args.profile if w == counts[-1] else None
+        row = measure(w, args.seconds, args.size, args.batch, profile)
         base = base or row["pps"]
         row["ratio"] = row["pps"] / base if base else float(np.nan)
         if args.json:

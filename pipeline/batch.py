@@ -83,10 +83,14 @@ class Batch:
     ``count`` says how many slots are in use.
     """
 
-    __slots__ = ("batch_id", "capacity", "count", "data", "meta", "sa_version", "slot_size",
-                 "_views")
+    __slots__ = ("batch_id", "buffer", "capacity", "count", "data", "meta", "sa_version",
+                 "slot_size", "_views")
 
-    def __init__(self, capacity: int = 256, slot_size: int = SLOT_SIZE) -> None:
+    def __init__(self, capacity: int = 256, slot_size: int = SLOT_SIZE, *,
+                 meta: npt.NDArray[np.void] | None = None,
+                 data: npt.NDArray[np.uint8] | None = None, buffer: int = -1) -> None:
+        """A batch with its own zeroed buffers, or (``meta``, ``data``, ``buffer``) one over
+        memory it does not own: a buffer of a shared :class:`pipeline.shmpool.BatchPool`."""
         if capacity <= 0:
             raise ValueError(f"batch capacity must be positive, got {capacity}")
         if slot_size < HEADROOM + TAILROOM + 64 or slot_size % 64:
@@ -96,8 +100,15 @@ class Batch:
         self.count = 0
         self.batch_id = 0
         self.sa_version = 0  # the SA table version it was classified with (pipeline/sadist.py)
-        self.meta: npt.NDArray[np.void] = np.zeros(capacity, dtype=META_DTYPE)
-        self.data: npt.NDArray[np.uint8] = np.zeros(capacity * slot_size, dtype=np.uint8)
+        if meta is None or data is None:
+            meta = np.zeros(capacity, dtype=META_DTYPE)
+            data = np.zeros(capacity * slot_size, dtype=np.uint8)
+        elif meta.shape != (capacity,) or meta.dtype != META_DTYPE or data.shape != (
+                capacity * slot_size,) or data.dtype != np.uint8:
+            raise ValueError("meta/data do not match the batch geometry")
+        self.meta: npt.NDArray[np.void] = meta
+        self.data: npt.NDArray[np.uint8] = data
+        self.buffer = buffer  # its index in the shared pool; -1: a private batch
         # Per-slot memoryview caches owned by the codecs (see workers/views.py). They are
         # tied to this buffer, which is why a batch is reused rather than reallocated.
         self._views: dict[object, object] = {}

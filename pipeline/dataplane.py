@@ -29,13 +29,18 @@ from pipeline.dispatch import Dispatcher, Policy
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
+from pipeline.shmpool import BatchPool
 from pipeline.supervisor import Supervisor
-from pipeline.transport import Direction, TransportError, recv_batch, send_batch
+from pipeline.transport import HELLO, Direction, TransportError, pack, unpack, worker_identity
 from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.main import WorkerSpec, install_all
 
 __all__ = ["DataPlane", "PacketIO", "Settings"]
+
+# Pool buffers beyond max_in_flight: the batch being read, those done and held for order
+# behind a late one, those being written out.
+POOL_SPARE = 16
 
 
 class PacketIO(TypingProtocol):
@@ -50,10 +55,9 @@ class Settings:
     cpus: tuple[int, ...] = ()  # cores for the workers, round robin; () leaves them unpinned
     max_packets: int = 256
     slot_size: int = SLOT_SIZE
-    # How long the reassembler waits for a missing batch: reorder_hold while every worker
+    # How long the reassembler waits for a batch that does not come back while its worker
     # lives (a busy worker's batch is late, not lost: skipping it would drop it when it
-    # comes), reorder_timeout for the batches dispatched before a worker was found dead.
-    reorder_timeout: float = 0.05
+    # comes); a dead worker's batches are skipped at once.
     reorder_hold: float = 1.0
     runtime_dir: str = "/run/espline"
     max_in_flight: int = 64  # batches out at workers before the loop stops reading
@@ -71,12 +75,14 @@ class Stats:
     icmp_too_big: int = 0
     fragmented: int = 0
     inline_batches: int = 0  # processed by the I/O process itself (tiny batches)
+    worker_batches: dict[int, int] = field(default_factory=dict)  # handed to each worker
 
     def snapshot(self, plane: DataPlane) -> dict[str, object]:
         return {
             "outbound": self.outbound.snapshot(), "inbound": self.inbound.snapshot(),
             "mss_clamped": self.mss_clamped, "icmp_too_big": self.icmp_too_big,
             "fragmented": self.fragmented, "inline_batches": self.inline_batches,
+            "worker_batches": dict(self.worker_batches), "workers_ready": len(plane.ready),
             "lost_batches": plane.reassembler.skipped,
             "lost_packets": plane.reassembler.lost_packets,
             "worker_restarts": plane.supervisor.restarts,
@@ -123,25 +129,34 @@ class DataPlane:
         self._report: zmq.Socket[bytes] | None = None
         self._updates: SaSubscriber | None = None
         self._limits()
-        self.reassembler = Reassembler(self.sas, settings.reorder_hold, settings.reorder_timeout)
+        self.reassembler = Reassembler(self.sas, settings.reorder_hold)
         self.inside = inside
         self.outside = outside
         self._inside_src = {a.version: a for a in getattr(inside, "addresses", ())}
         self.stats = Stats()
         os.makedirs(settings.runtime_dir, mode=0o700, exist_ok=True)
         tag = f"{os.getpid()}"
-        self.endpoint_in = f"ipc://{settings.runtime_dir}/batches-in-{tag}"
-        self.endpoint_out = f"ipc://{settings.runtime_dir}/batches-out-{tag}"
+        self.endpoint = f"ipc://{settings.runtime_dir}/batches-{tag}"
+        # The batch buffers, shared with the workers (pipeline/shmpool.py): those out at
+        # workers, plus room for the ones being read, held for order, or written out.
+        self.pool = BatchPool(os.path.join(settings.runtime_dir, f"batches-{tag}.pool"),
+                              settings.max_in_flight + POOL_SPARE, settings.max_packets,
+                              settings.slot_size, create=True)
+        self._free: list[int] = list(range(len(self.pool) - 1, -1, -1))
         cpus = settings.cpus
         self.supervisor = Supervisor([
             WorkerSpec(index=i, cpu=cpus[i % len(cpus)] if cpus else None,
-                       batches_in=self.endpoint_in, batches_out=self.endpoint_out,
-                       sas=tuple(self.records.items()), capacity=settings.max_packets,
-                       slot_size=settings.slot_size, sa_updates=sa_updates,
-                       reports=reports)
+                       batches=self.endpoint, pool=self.pool.path,
+                       pool_buffers=len(self.pool), sas=tuple(self.records.items()),
+                       capacity=settings.max_packets, slot_size=settings.slot_size,
+                       sa_updates=sa_updates, reports=reports)
             for i in range(settings.workers)])
-        self._free: list[Batch] = []
-        self._sending: deque[tuple[Batch, zmq.MessageTracker | None]] = deque()
+        # The ledger of who holds what: per worker, its batches out (id -> (buffer, when
+        # sent)); and the workers that said they are ready and have not vanished since.
+        self._out: dict[bytes, dict[int, tuple[int, float]]] = {}
+        self._ready: set[bytes] = set()
+        self._worker_index = {worker_identity(i): i for i in range(settings.workers)}
+        self._per_worker = max(2, -(-settings.max_in_flight // max(1, settings.workers)))
         self._next_id = 0
         self._stop = False
 
@@ -237,14 +252,18 @@ class DataPlane:
                 report.send(snapshot.encode(), zmq.NOBLOCK)  # a busy controller skips one
 
     # -- buffers ---------------------------------------------------------------
-    def _take(self) -> Batch:
-        while self._sending and (self._sending[0][1] is None or self._sending[0][1].done):
-            self._free.append(self._sending.popleft()[0])
-        if self._free:
-            batch = self._free.pop()
-            batch.count = 0
-            return batch
-        return Batch(self.settings.max_packets, self.settings.slot_size)
+    def _take(self) -> Batch | None:
+        """A free buffer of the pool; None when every one is in use (the loop stops
+        reading until some come back)."""
+        if not self._free:
+            return None
+        batch = self.pool[self._free.pop()]
+        batch.count = 0
+        return batch
+
+    def _give_back(self, batch: Batch) -> None:
+        if batch.buffer >= 0:
+            self._free.append(batch.buffer)
 
     # -- the loop --------------------------------------------------------------
     def stop(self) -> None:
@@ -252,11 +271,12 @@ class DataPlane:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         ctx = zmq.Context()
-        to_workers = ctx.socket(zmq.PUSH)
-        from_workers = ctx.socket(zmq.PULL)
-        for sock, ep in ((to_workers, self.endpoint_in), (from_workers, self.endpoint_out)):
-            sock.bind(ep)
-            os.chmod(ep.removeprefix("ipc://"), 0o600)  # keys never cross these, batches do
+        workers = ctx.socket(zmq.ROUTER)
+        workers.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises, not drops
+        workers.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its identity
+        workers.setsockopt(zmq.LINGER, 0)
+        workers.bind(self.endpoint)
+        os.chmod(self.endpoint.removeprefix("ipc://"), 0o600)
         updates: SaSubscriber | None = None
         report: zmq.Socket[bytes] | None = None
         if self.sa_updates is not None:
@@ -278,7 +298,7 @@ class DataPlane:
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
             poller.register(fd, zmq.POLLIN)
-        poller.register(from_workers, zmq.POLLIN)
+        poller.register(workers, zmq.POLLIN)
         last_check = last_stats = time.monotonic()
         try:
             while not self._stop and not (until is not None and until()):
@@ -287,18 +307,16 @@ class DataPlane:
                 if updates is not None and updates.sub in events:
                     updates.drain()
                     self.sa_version = updates.version
-                if self.reassembler.outstanding() < self.settings.max_in_flight:
+                if workers in events:
+                    self._collect(workers, now)
+                if self._can_read():
                     if any(fd in events for fd in inside_fds):
-                        self._ingest(self.inside, Direction.OUTBOUND, to_workers, now)
+                        self._ingest(self.inside, Direction.OUTBOUND, workers, now)
                     if any(fd in events for fd in outside_fds):
-                        self._ingest(self.outside, Direction.INBOUND, to_workers, now)
-                if from_workers in events:
-                    self._collect(from_workers, now)
+                        self._ingest(self.outside, Direction.INBOUND, workers, now)
                 self.reassembler.pop(now, self._release)
                 if now - last_check > 0.05:
-                    if self.supervisor.check():
-                        # Whatever was dispatched so far may have died with the worker.
-                        self.reassembler.worker_lost(self._next_id, now)
+                    self._check_workers(workers, now)
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:
                     self._write_stats(report)
@@ -313,20 +331,34 @@ class DataPlane:
             if report is not None:
                 self._report = None
                 report.close(linger=0)
-            to_workers.close(linger=0)
-            from_workers.close(linger=0)
+            workers.close(linger=0)
             ctx.term()
-            for ep in (self.endpoint_in, self.endpoint_out):
-                path = ep.removeprefix("ipc://")
-                if os.path.exists(path):
-                    os.unlink(path)
+            path = self.endpoint.removeprefix("ipc://")
+            if os.path.exists(path):
+                os.unlink(path)
+            self.pool.close()
 
-    def _ingest(self, io: PacketIO, direction: Direction, sock: zmq.Socket[bytes],
+    @property
+    def ready(self) -> list[int]:
+        """The workers taking batches now."""
+        return sorted(self._worker_index[w] for w in self._ready)
+
+    def _can_read(self) -> bool:
+        """Room for another batch: a free buffer, and a worker below its share (or none
+        ready at all: then the I/O process does the batch itself)."""
+        if not self._free or self.reassembler.outstanding() >= self.settings.max_in_flight:
+            return False
+        return not self._ready or any(len(self._out[w]) < self._per_worker
+                                      for w in self._ready)
+
+    def _ingest(self, io: PacketIO, direction: Direction, workers: zmq.Socket[bytes],
                 now: float) -> None:
         batch = self._take()
+        if batch is None:
+            return
         io.read_batch(batch, self.settings.max_packets)
         if batch.count == 0:
-            self._free.append(batch)
+            self._give_back(batch)
             return
         if direction is Direction.OUTBOUND:
             self.dispatcher.outbound(batch)
@@ -343,33 +375,84 @@ class DataPlane:
             # Nothing for a worker to do: straight to the reassembler, keeping its place.
             self.reassembler.push(batch, direction, now)
             return
-        if batch.count <= self.settings.inline_max:
-            # A handful of packets (a ping, a TCP ACK at low rate) is done here: the two
-            # ZeroMQ hops to a worker and back cost more than the crypto (about a
-            # millisecond of wake-ups on a busy host). The reassembler still orders it.
-            if direction is Direction.OUTBOUND:
-                self._codec.encap(batch)
-            else:
-                self._codec.decap(batch)
-            self.stats.inline_batches += 1
-            self.reassembler.push(batch, direction, now)
+        if batch.count > self.settings.inline_max and self._hand_over(
+                workers, batch, direction, now):
             return
-        self.reassembler.sent(batch.batch_id, batch.count)
-        tracker = send_batch(sock, batch, direction, track=True)
-        self._sending.append((batch, tracker))
+        # A handful of packets (a ping, a TCP ACK at low rate) is done here: the two
+        # ZeroMQ hops to a worker and back cost more than the crypto (about a millisecond
+        # of wake-ups on a busy host). So is any batch while no worker is ready (at
+        # start-up, or all of them restarting). The reassembler still orders it.
+        if direction is Direction.OUTBOUND:
+            self._codec.encap(batch)
+        else:
+            self._codec.decap(batch)
+        self.stats.inline_batches += 1
+        self.reassembler.push(batch, direction, now)
 
-    def _collect(self, sock: zmq.Socket[bytes], now: float) -> None:
-        while True:
-            batch = self._take()
+    def _hand_over(self, workers: zmq.Socket[bytes], batch: Batch, direction: Direction,
+                   now: float) -> bool:
+        """Send the batch to the ready worker holding the fewest; False if none can take it."""
+        while self._ready:
+            ident = min(self._ready, key=lambda w: len(self._out[w]))
             try:
-                direction, _ = recv_batch(sock, batch, zmq.NOBLOCK)
-            except zmq.Again:
-                self._free.append(batch)
-                return
-            except TransportError:
-                self._free.append(batch)
+                workers.send_multipart([ident, pack(batch, direction)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                # EHOSTUNREACH: it went away. What it holds stays in the ledger until the
+                # supervisor has seen the process die: only then are its buffers free.
+                self._ready.discard(ident)
                 continue
-            self.reassembler.push(batch, direction, now)
+            self._out[ident][batch.batch_id] = (batch.buffer, now)
+            index = self._worker_index[ident]
+            self.stats.worker_batches[index] = self.stats.worker_batches.get(index, 0) + 1
+            self.reassembler.sent(batch.batch_id, batch.count)
+            return True
+        return False
+
+    def _collect(self, workers: zmq.Socket[bytes], now: float) -> None:
+        while True:
+            try:
+                ident, frame = workers.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # not two frames: not one of ours
+                continue
+            if frame == HELLO:
+                if ident in self._worker_index:
+                    self._out.setdefault(ident, {})
+                    self._ready.add(ident)
+                continue
+            try:
+                batch, direction, _ = unpack(frame, self.pool)
+            except TransportError:
+                continue
+            held = self._out.get(ident)
+            out = None if held is None else held.get(batch.batch_id)
+            if held is None or out is None or out[0] != batch.buffer:
+                continue  # not out at that worker (any more): the buffer is not its to name
+            del held[batch.batch_id]
+            if not self.reassembler.push(batch, direction, now):
+                self._give_back(batch)  # its turn passed while it was late: dropped, counted
+
+    def _forget(self, ident: bytes) -> None:
+        """A worker died: whatever it held is lost, and its buffers are free again (a dead
+        process writes nothing more)."""
+        self._ready.discard(ident)
+        for batch_id, (buffer, _) in self._out.pop(ident, {}).items():
+            self.reassembler.lost(batch_id)
+            self._free.append(buffer)
+
+    def _check_workers(self, workers: zmq.Socket[bytes], now: float) -> None:
+        """Restart dead workers, and kill a hung one: a batch held longer than
+        ``reorder_hold`` holds up every batch behind it (the reassembler would skip it,
+        but the worker would stay stuck with its buffers)."""
+        for ident, held in self._out.items():
+            if held and now - min(sent for _, sent in held.values()) > self.settings.reorder_hold:
+                self.supervisor.kill(self._worker_index[ident])
+        restarted = self.supervisor.check()
+        if restarted:
+            self._collect(workers, now)  # what a worker answered before it died still counts
+            for index in restarted:
+                self._forget(worker_identity(index))
 
     def _release(self, batch: Batch, direction: Direction) -> None:
         if direction is Direction.OUTBOUND:
@@ -385,7 +468,7 @@ class DataPlane:
                 self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
             self.inside.write_batch(batch)
             self.stats.inbound.add(batch)
-        self._free.append(batch)
+        self._give_back(batch)
 
     def _retry_unknown_spis(self, batch: Batch) -> None:
         """ESP for an SPI we do not know may be for an SA whose install is already on its

@@ -2,9 +2,11 @@
 
 Workers finish batches in any order; the reassembler releases them strictly by batch id, so
 each SA's sequence numbers leave in the order they were issued and a peer with a small replay
-window sees no reordering. A batch that does not come back (its worker died) is skipped once
-``timeout`` has passed since a later batch arrived, and counted; its sequence numbers are never
-reused, so the peer merely sees a gap.
+window sees no reordering. A batch whose worker died is declared :meth:`lost` by the data
+plane, which knows which worker held which batch, and is skipped as soon as its turn comes; a
+batch that merely does not come back (a hung worker) is skipped once ``timeout`` has passed
+since a later batch arrived. Both are counted; their sequence numbers are never reused, so
+the peer merely sees a gap.
 
 For inbound batches the window of each SA moves here, in order, for the packets the worker
 verified (RFC 4303 §3.4.3): a duplicate that slipped past the dispatcher's pre-check because
@@ -25,19 +27,15 @@ __all__ = ["Reassembler"]
 
 
 class Reassembler:
-    """``timeout``: how long a missing batch is waited for while every worker lives (a busy
-    worker's batch is late, not lost: skipping it would drop it when it comes).
-    ``lost_timeout``: the wait for batches that were out when a worker died (``worker_lost``);
-    after it they are given up on, even when no later batch arrives to show the gap."""
+    """``timeout``: how long a missing batch is waited for while its worker lives (a busy
+    worker's batch is late, not lost: skipping it would drop it when it comes)."""
 
-    def __init__(self, sas: SaTable, timeout: float = 0.05, lost_timeout: float = 0.05) -> None:
+    def __init__(self, sas: SaTable, timeout: float = 1.0) -> None:
         self.sas = sas
         self.timeout = timeout
-        self.lost_timeout = lost_timeout
-        self._lost_below = 0  # batch ids under this may have died with a worker
-        self._lost_since = 0.0
         self.next_id = 0
         self._held: dict[int, tuple[Batch, Direction]] = {}
+        self._lost: set[int] = set()  # ids whose worker died with them
         self._waiting_since: float | None = None  # when a later batch first made us wait
         self.skipped = 0  # batches given up on
         self.lost_packets = 0  # the packets they held
@@ -49,29 +47,25 @@ class Reassembler:
         packets are lost."""
         self._sizes[batch_id] = count
 
-    def push(self, batch: Batch, direction: Direction, now: float) -> None:
-        if batch.batch_id < self.next_id:
-            return  # already skipped: too late, its packets are dropped (counted as lost)
+    def push(self, batch: Batch, direction: Direction, now: float) -> bool:
+        """Take a finished batch; False if its turn has passed (skipped: its packets are
+        dropped, counted as lost) and the caller keeps the buffer."""
+        if batch.batch_id < self.next_id or batch.batch_id in self._lost:
+            return False
         self._held[batch.batch_id] = (batch, direction)
         if batch.batch_id != self.next_id and self._waiting_since is None:
             self._waiting_since = now
+        return True
 
-    def worker_lost(self, next_batch_id: int, now: float) -> None:
-        """A worker died: every batch dispatched before ``next_batch_id`` may be gone."""
-        self._lost_below, self._lost_since = next_batch_id, now
+    def lost(self, batch_id: int) -> None:
+        """The worker holding this batch died: skip it, without waiting, when its turn comes."""
+        if batch_id >= self.next_id and batch_id not in self._held:
+            self._lost.add(batch_id)
 
     def pop(self, now: float, release: Callable[[Batch, Direction], None]) -> None:
-        """Release every batch that is next in order, skipping a missing one after the
-        timeout; ``release`` gets each in order (and may reuse the buffer afterwards)."""
-        timeout = self.timeout
-        if self._lost_below:
-            if self.next_id >= self._lost_below:
-                self._lost_below = 0  # those are all back or given up on
-            elif now - self._lost_since > self.lost_timeout:
-                self.give_up(self._lost_below, release)
-                self._lost_below = 0
-            else:
-                timeout = self.lost_timeout
+        """Release every batch that is next in order, skipping a lost one at once and a
+        missing one after the timeout; ``release`` gets each in order (and may reuse the
+        buffer afterwards)."""
         while True:
             held = self._held.pop(self.next_id, None)
             if held is not None:
@@ -84,30 +78,23 @@ class Reassembler:
                 self._waiting_since = now if self._held else None
                 release(batch, direction)
                 continue
+            if self.next_id in self._lost:
+                self._lost.discard(self.next_id)
+                self._skip()
+                continue
             if not self._held:
                 self._waiting_since = None
                 return
-            if self._waiting_since is not None and now - self._waiting_since >= timeout:
-                self.skipped += 1
-                self.lost_packets += self._sizes.pop(self.next_id, 0)
-                self.next_id += 1
+            if self._waiting_since is not None and now - self._waiting_since >= self.timeout:
+                self._skip()
                 self._waiting_since = now
                 continue
             return
 
-    def give_up(self, below: int, release: Callable[[Batch, Direction], None]) -> None:
-        """Skip every batch id under ``below`` that has not come back (their worker died),
-        releasing those that did in order: the last batches before a worker's death are
-        counted as lost even when no later batch arrives to reveal the gap."""
-        while self.next_id < below:
-            held = self._held.get(self.next_id)
-            if held is None:
-                self.skipped += 1
-                self.lost_packets += self._sizes.pop(self.next_id, 0)
-                self.next_id += 1
-                continue
-            self.pop(float("-inf"), release)  # releases it and any that follow in order
-        self._waiting_since = None
+    def _skip(self) -> None:
+        self.skipped += 1
+        self.lost_packets += self._sizes.pop(self.next_id, 0)
+        self.next_id += 1
 
     def outstanding(self) -> int:
         """Batches sent to workers and neither released nor given up on yet."""

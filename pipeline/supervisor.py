@@ -44,6 +44,13 @@ class Supervisor:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None and p.pid is not None]
 
+    def kill(self, index: int) -> None:
+        """SIGKILL one worker (hung: it stopped answering); :meth:`check` restarts it."""
+        proc = self.procs[index]
+        if proc is not None and proc.is_alive():
+            proc.kill()  # this PID only
+            proc.join(1.0)
+
     def check(self) -> list[int]:
         """Restart dead workers; returns the indices restarted."""
         restarted = []

@@ -1,30 +1,32 @@
-"""Batches over ZeroMQ (DESIGN §3): one multipart message per batch, never one per packet.
+"""Batches over ZeroMQ (DESIGN §3): one message per batch, never one per packet.
 
-Wire form, three frames:
-  1. header: ``<Q B B H I I``: batch id, direction, flags, packet count, slot size, and the
-     SA table version the batch was classified with (20 bytes): a worker that has not yet
-     applied that version of the controller's table (pipeline/sadist.py) waits for it
-  2. metadata: ``count`` records of ``META_DTYPE``
-  3. data: the first ``count`` slots of the batch buffer
+The packets and their metadata stay in shared memory (pipeline/shmpool.py); a message hands a
+buffer over. Its one frame is the header ``<Q B B H I I`` (20 bytes): batch id, direction,
+flags, packet count, the buffer's index in the pool, and the SA table version the batch was
+classified with: a worker that has not yet applied that version of the controller's table
+(pipeline/sadist.py) waits for it.
 
-Frames are sent with ``copy=False`` (ZeroMQ reads the numpy buffers directly) and received
-with ``recv_into`` straight into a preallocated ``Batch``: no per-batch allocation on either
-side. The sender must not touch a batch until ZeroMQ is done with it; ``send_batch`` returns
-the ``MessageTracker`` for that (or the caller double-buffers).
+The I/O process talks to its workers over one ROUTER socket, each worker over a DEALER whose
+identity is its index (:func:`worker_identity`), so the I/O process knows which worker holds
+which buffer. A worker announces itself with :data:`HELLO` when it is ready for batches.
 """
 
 from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import TYPE_CHECKING, NamedTuple
 
-import zmq
+from pipeline.batch import Batch
 
-from pipeline.batch import META_DTYPE, Batch
+if TYPE_CHECKING:
+    from pipeline.shmpool import BatchPool
 
-__all__ = ["HEADER", "Direction", "TransportError", "recv_batch", "send_batch"]
+__all__ = ["HEADER", "HELLO", "Direction", "Handoff", "TransportError", "pack", "unpack",
+           "worker_identity"]
 
 HEADER = struct.Struct("<QBBHII")
+HELLO = b"ready"  # a worker's first message: it has its SA table and takes batches
 
 
 class Direction(IntEnum):
@@ -35,52 +37,38 @@ class Direction(IntEnum):
 
 
 class TransportError(ValueError):
-    """A malformed batch message (wrong frame count or sizes): a bug or a foreign sender."""
+    """A malformed batch message (wrong size, a buffer or count outside the pool): a bug or a
+    foreign sender."""
 
 
-def send_batch(sock: zmq.Socket[bytes], batch: Batch, direction: Direction, flags: int = 0,
-               track: bool = False) -> zmq.MessageTracker | None:
-    n = batch.count
-    header = HEADER.pack(batch.batch_id, direction, flags, n, batch.slot_size,
-                         batch.sa_version)
-    meta = memoryview(batch.meta[:n]).cast("B")  # type: ignore[arg-type]
-    data = memoryview(batch.data[: n * batch.slot_size])  # type: ignore[arg-type]
-    tracker: zmq.MessageTracker | None = sock.send_multipart(
-        [header, meta, data], copy=False, track=track)
-    return tracker
+def worker_identity(index: int) -> bytes:
+    return b"w%d" % index
 
 
-def recv_batch(sock: zmq.Socket[bytes], batch: Batch, flags: int = 0) -> tuple[Direction, int]:
-    """Receive one batch message into ``batch``; returns (direction, flags).
+def pack(batch: Batch, direction: Direction, flags: int = 0) -> bytes:
+    """The message that hands ``batch`` (a buffer of the pool) over."""
+    if batch.buffer < 0:
+        raise ValueError("only a batch of the shared pool can be handed over")
+    return HEADER.pack(batch.batch_id, direction, flags, batch.count, batch.buffer,
+                       batch.sa_version)
 
-    Raises ``zmq.Again`` when ``flags`` has NOBLOCK and nothing is waiting, and
-    ``TransportError`` for a message that is not a batch of this geometry (the rest of it is
-    drained so the socket stays usable).
-    """
-    header = sock.recv(flags)
-    try:
-        if len(header) != HEADER.size or not sock.getsockopt(zmq.RCVMORE):
-            raise TransportError(f"batch header of {len(header)} bytes, want {HEADER.size}")
-        batch_id, direction, bflags, n, slot_size, sa_version = HEADER.unpack(header)
-        if slot_size != batch.slot_size or n > batch.capacity:
-            raise TransportError(
-                f"batch of {n} packets in {slot_size}-byte slots does not fit "
-                f"{batch.capacity} x {batch.slot_size}")
-        meta_len = n * META_DTYPE.itemsize
-        got = sock.recv_into(memoryview(batch.meta).cast("B"), nbytes=meta_len)  # type: ignore[arg-type]
-        if got != meta_len or not sock.getsockopt(zmq.RCVMORE):
-            raise TransportError(f"metadata frame of {got} bytes, want {meta_len}")
-        data_len = n * slot_size
-        got = sock.recv_into(memoryview(batch.data), nbytes=data_len)  # type: ignore[arg-type]
-        if got != data_len:
-            raise TransportError(f"data frame of {got} bytes, want {data_len}")
-        if sock.getsockopt(zmq.RCVMORE):
-            raise TransportError("more than three frames")
-    except TransportError:
-        while sock.getsockopt(zmq.RCVMORE):
-            sock.recv()
-        raise
-    batch.count = n
-    batch.batch_id = batch_id
-    batch.sa_version = sa_version
-    return Direction(direction), bflags
+
+class Handoff(NamedTuple):
+    batch: Batch
+    direction: Direction
+    flags: int
+
+
+def unpack(frame: bytes, pool: BatchPool) -> Handoff:
+    """The batch a message names, with its count, id and SA version set from the header."""
+    if len(frame) != HEADER.size:
+        raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
+    batch_id, direction, flags, n, buffer, sa_version = HEADER.unpack(frame)
+    if buffer >= len(pool) or n > pool.capacity:
+        raise TransportError(f"batch of {n} packets in buffer {buffer} does not fit the pool "
+                             f"of {len(pool)} x {pool.capacity}")
+    if direction not in (Direction.OUTBOUND, Direction.INBOUND):
+        raise TransportError(f"unknown direction {direction}")
+    batch = pool[buffer]
+    batch.count, batch.batch_id, batch.sa_version = n, batch_id, sa_version
+    return Handoff(batch, Direction(direction), flags)

@@ -101,8 +101,7 @@ def gateway() -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
     inside, outside = QueueIO(), QueueIO()
     with tempfile.TemporaryDirectory() as rundir:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
-        plane = DataPlane(Settings(workers=2, cpus=cpus, runtime_dir=rundir, max_packets=32,
-                                   reorder_timeout=0.2),
+        plane = DataPlane(Settings(workers=2, cpus=cpus, runtime_dir=rundir, max_packets=32),
                           records(encap=True), [Policy((NET_A,), (NET_B,), sa_index=0)],
                           inside, outside)
         thread = threading.Thread(target=plane.run, daemon=True)
@@ -139,6 +138,7 @@ def peer_decap(wire: list[bytes]) -> tuple[list[bytes], list[int]]:
 def test_outbound_sequence_numbers_increase_across_workers(
         gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
     plane, inside, outside = gateway
+    wait_for(lambda: plane.ready == [0, 1])
     sent = [inner(i) for i in range(2000)]
     for k in range(0, len(sent), 100):
         inside.put(sent[k : k + 100])
@@ -146,14 +146,15 @@ def test_outbound_sequence_numbers_increase_across_workers(
     plain, seqs = peer_decap(outside.outbox)
     assert plain == sent  # every packet, in order
     assert seqs == list(range(1, len(sent) + 1))  # strictly increasing, none reused
-    # Both workers did work: each batch went to whichever was free.
+    # Both workers did work: each batch went to whichever held the fewest.
     assert plane.stats.outbound.passed == len(sent)
+    assert set(plane.stats.worker_batches) == {0, 1}
 
 
 def test_a_killed_worker_is_replaced_and_no_sequence_number_is_reused(
         gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
     plane, inside, outside = gateway
-    wait_for(lambda: len(plane.supervisor.pids()) == 2)
+    wait_for(lambda: plane.ready == [0, 1])
     sent = 0
     victim = plane.supervisor.pids()[0]
     for round_ in range(40):
@@ -171,6 +172,15 @@ def test_a_killed_worker_is_replaced_and_no_sequence_number_is_reused(
     inside.put([inner(10**6 + i) for i in range(10)])
     wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent + 10)
     assert victim not in plane.supervisor.pids()
+    # The replacement took batches again, and every shared buffer came back.
+    wait_for(lambda: plane.ready == [0, 1])
+    before = dict(plane.stats.worker_batches)
+    for k in range(10):
+        inside.put([inner(2 * 10**6 + 20 * k + i) for i in range(20)])
+        time.sleep(0.01)
+    wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent + 210)
+    assert sum(plane.stats.worker_batches.values()) > sum(before.values())
+    wait_for(lambda: len(plane._free) == len(plane.pool))
 
 
 def test_inbound_replays_are_dropped_once_verified(

@@ -44,30 +44,30 @@ def test_a_missing_batch_is_skipped_after_the_timeout_and_counted() -> None:
     assert out == [1]
 
 
-def test_give_up_counts_the_last_batches_of_a_dead_worker() -> None:
+def test_a_dead_workers_batches_are_skipped_at_once_and_counted() -> None:
     r = Reassembler(SaTable(), timeout=10.0)
     out: list[int] = []
-    for i in (0, 1, 2):
+    for i in (0, 1, 2, 3):
         r.sent(i, 5)
     r.push(batch(1), Direction.OUTBOUND, 0.0)
-    r.give_up(3, lambda b, d: out.append(b.batch_id))
-    assert out == [1] and r.skipped == 2 and r.lost_packets == 10 and r.outstanding() == 0
-    assert r.next_id == 3
+    r.lost(0)
+    r.lost(2)  # the last batches before the death: no later batch reveals the gap
+    r.pop(0.0, lambda b, d: out.append(b.batch_id))
+    assert out == [1] and r.skipped == 2 and r.lost_packets == 10 and r.next_id == 3
+    assert r.outstanding() == 1  # 3 is out at a live worker: waited for
+    r.push(batch(3), Direction.OUTBOUND, 0.1)
+    r.pop(0.1, lambda b, d: out.append(b.batch_id))
+    assert out == [1, 3] and r.outstanding() == 0
 
 
-def test_after_a_worker_died_its_batches_are_given_up_within_the_lost_timeout() -> None:
-    r = Reassembler(SaTable(), timeout=10.0, lost_timeout=0.05)
-    out: list[int] = []
-    for i in (0, 1):
-        r.sent(i, 4)
-    r.worker_lost(2, now=1.0)
-    r.pop(1.01, lambda b, d: out.append(b.batch_id))
-    assert r.outstanding() == 2  # still within the short wait
-    r.pop(1.1, lambda b, d: out.append(b.batch_id))
-    assert r.outstanding() == 0 and r.skipped == 2 and r.lost_packets == 8
-    # Later batches are waited for with the normal (long) timeout again.
+def test_a_batch_that_comes_back_after_its_turn_is_refused() -> None:
+    r = Reassembler(SaTable(), timeout=0.5)
+    r.sent(0, 1)
+    r.sent(1, 1)
+    assert r.push(batch(1), Direction.OUTBOUND, 0.0)
+    r.pop(0.6, lambda b, d: None)  # 0 skipped after the timeout
+    assert r.skipped == 1
+    assert not r.push(batch(0), Direction.OUTBOUND, 0.7)  # the caller keeps its buffer
     r.sent(2, 1)
-    r.sent(3, 1)
-    r.push(batch(3), Direction.OUTBOUND, 1.2)
-    r.pop(2.0, lambda b, d: out.append(b.batch_id))
-    assert out == [] and r.skipped == 2
+    r.lost(2)
+    assert not r.push(batch(2), Direction.OUTBOUND, 0.8)  # declared lost: never released

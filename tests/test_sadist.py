@@ -171,8 +171,7 @@ def test_a_running_data_plane_follows_installs_rekeys_and_worker_restarts(
     inside, outside = QueueIO(), QueueIO()
     old_key, new_key = KEY, bytes(range(100, 120))
     with tempfile.TemporaryDirectory() as rundir:
-        plane = DataPlane(Settings(workers=2, runtime_dir=rundir, max_packets=32,
-                                   reorder_timeout=0.2), [], [], inside, outside,
+        plane = DataPlane(Settings(workers=2, runtime_dir=rundir, max_packets=32), [], [], inside, outside,
                           sa_updates=pub.endpoints)
         thread = threading.Thread(target=plane.run, daemon=True)
         thread.start()

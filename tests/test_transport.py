@@ -1,76 +1,111 @@
-"""Batches cross real ZeroMQ sockets intact, in one message each, into preallocated batches."""
+"""Batches handed between processes: shared buffers (pipeline/shmpool.py), one small ZeroMQ
+message naming each (pipeline/transport.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
 from pipeline.batch import Batch, Verdict
-from pipeline.transport import Direction, TransportError, recv_batch, send_batch
+from pipeline.shmpool import BatchPool
+from pipeline.transport import (
+    HEADER,
+    HELLO,
+    Direction,
+    TransportError,
+    pack,
+    unpack,
+    worker_identity,
+)
 
 
-@pytest.fixture
-def pair(tmp_path: os.PathLike[str]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
-    ctx = zmq.Context.instance()
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    endpoint = f"ipc://{tmp_path}/batches"
-    pull.bind(endpoint)
-    push.connect(endpoint)
-    yield push, pull
-    push.close(linger=0)
-    pull.close(linger=0)
+def _child_flips(path: str, endpoint: str) -> None:
+    """Another process: maps the pool, takes the batch a message names, changes it in
+    place and hands it back."""
+    pool = BatchPool(path, 4, 8, 2048, create=False)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, worker_identity(3))
+    sock.connect(endpoint)
+    sock.send(HELLO)
+    batch, direction, flags = unpack(sock.recv(), pool)
+    for i in range(batch.count):
+        off = int(batch.meta["offset"][i])
+        batch.data[off] ^= 0xFF
+    batch.meta["verdict"][1] = Verdict.REPLAY
+    sock.send(pack(batch, direction, flags + 1))
+    sock.close(linger=1000)
+    ctx.term()
 
 
-def test_batch_round_trip_over_ipc(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
-    push, pull = pair
-    packets = [os.urandom(n) for n in (20, 1400, 64, 1)]
-    out = Batch(8)
-    out.load(packets, sa=3)
-    out.batch_id = 41
-    out.meta["seq"][:4] = [7, 8, 9, 10]
-    out.meta["verdict"][1] = Verdict.REPLAY
-    send_batch(push, out, Direction.INBOUND, flags=5)
-    into = Batch(8)
-    into.data[:] = 0xAA  # stale content must not matter
-    direction, flags = recv_batch(pull, into)
-    assert (direction, flags, into.count, into.batch_id) == (Direction.INBOUND, 5, 4, 41)
-    assert np.array_equal(into.meta[:4], out.meta[:4])
-    assert [p for _, p in into] == packets
-    assert into.verdict_counts() == {"replay": 1}
+def test_a_batch_crosses_processes_by_buffer_index(tmp_path: Path) -> None:
+    path, endpoint = str(tmp_path / "pool"), f"ipc://{tmp_path}/batches"
+    with BatchPool(path, 4, 8, 2048, create=True) as pool:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        ctx = zmq.Context.instance()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(endpoint)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_child_flips, args=(path, endpoint))
+        child.start()
+        try:
+            assert router.poll(20000)
+            ident, hello = router.recv_multipart()
+            assert (ident, hello) == (worker_identity(3), HELLO)
+            packets = [os.urandom(n) for n in (20, 1400, 64)]
+            batch = pool[2]
+            batch.load(packets, sa=3)
+            batch.batch_id, batch.sa_version = 41, 7
+            router.send_multipart([ident, pack(batch, Direction.INBOUND, 5)])
+            assert router.poll(20000)
+            ident, frame = router.recv_multipart()
+            back, direction, flags = unpack(frame, pool)
+            assert back is pool[2] and (direction, flags) == (Direction.INBOUND, 6)
+            assert (back.count, back.batch_id, back.sa_version) == (3, 41, 7)
+            # The child's writes are visible here: the same memory, no copy.
+            assert [p for _, p in back] == [bytes([p[0] ^ 0xFF]) + p[1:] for p in packets]
+            assert back.verdict_counts() == {"replay": 1}
+        finally:
+            child.join(10)
+            router.close(linger=0)
+        assert child.exitcode == 0
+    assert not os.path.exists(path)  # the creator removes it
 
 
-def test_receive_reuses_the_same_buffers(
-        pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
-    push, pull = pair
-    into = Batch(4)
-    data_ptr = into.data.ctypes.data
-    for i in range(3):
-        b = Batch(4)
-        b.load([bytes([i]) * 100])
-        b.batch_id = i
-        send_batch(push, b, Direction.OUTBOUND)
-        recv_batch(pull, into)
-        assert into.batch_id == i and into.packet(0) == bytes([i]) * 100
-    assert into.data.ctypes.data == data_ptr
+def test_buffers_do_not_overlap(tmp_path: Path) -> None:
+    with BatchPool(str(tmp_path / "pool"), 3, 4, 1024, create=True) as pool:
+        for i, b in enumerate(pool):
+            b.data[:] = i
+            b.meta["seq"][:] = i
+        for i, b in enumerate(pool):
+            assert (b.data == i).all() and (b.meta["seq"] == i).all() and b.buffer == i
 
 
-def test_foreign_messages_are_refused_and_the_socket_stays_usable(
-        pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
-    push, pull = pair
-    into = Batch(4)
-    push.send_multipart([b"not a header", b"x"])
-    with pytest.raises(TransportError, match="header"):
-        recv_batch(pull, into)
-    big = Batch(8)
-    big.load([b"x"] * 8)
-    send_batch(push, big, Direction.OUTBOUND)
-    with pytest.raises(TransportError, match="does not fit"):
-        recv_batch(pull, into)
-    ok = Batch(4)
-    ok.load([b"fine"])
-    send_batch(push, ok, Direction.OUTBOUND)
-    recv_batch(pull, into)
-    assert into.packet(0) == b"fine"
+def test_a_pool_of_another_geometry_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "pool")
+    with BatchPool(path, 4, 8, 2048, create=True):
+        with pytest.raises(ValueError, match="want"):
+            BatchPool(path, 5, 8, 2048, create=False)
+        with pytest.raises(FileExistsError):
+            BatchPool(path, 4, 8, 2048, create=True)  # never someone else's file
+
+
+def test_malformed_messages_are_refused(tmp_path: Path) -> None:
+    with BatchPool(str(tmp_path / "pool"), 2, 4, 1024, create=True) as pool:
+        with pytest.raises(TransportError, match="header"):
+            unpack(b"not a header", pool)
+        with pytest.raises(TransportError, match="does not fit"):
+            unpack(HEADER.pack(1, 0, 0, 1, 2, 0), pool)  # buffer 2 of 2
+        with pytest.raises(TransportError, match="does not fit"):
+            unpack(HEADER.pack(1, 0, 0, 5, 0, 0), pool)  # 5 packets in 4 slots
+        with pytest.raises(TransportError, match="direction"):
+            unpack(HEADER.pack(1, 9, 0, 1, 0, 0), pool)
+        with pytest.raises(ValueError, match="pool"):
+            pack(Batch(4), Direction.OUTBOUND)  # a private batch cannot be handed over
+        assert np.all(pool[0].meta["verdict"] == 0)

@@ -1,7 +1,8 @@
 """The worker process: pinned to one core, it turns batches around (DESIGN §2, §3).
 
-It pulls a batch from the dispatcher's ZeroMQ socket straight into its one preallocated
-``Batch``, encapsulates or decapsulates it in place, and pushes it to the reassembler. It holds
+It maps the I/O process's shared batch buffers (pipeline/shmpool.py), takes the buffer each
+message names from its DEALER socket, encapsulates or decapsulates it in place, and hands it
+back on the same socket (pipeline/transport.py). It holds
 nothing but SA keys: sequence numbers come in the batch metadata and replay windows live in
 the I/O process, so any worker can take any batch and a restarted one needs only the SAs.
 """
@@ -22,7 +23,15 @@ from pipeline.batch import SLOT_SIZE, Batch
 from pipeline.dispatch import Policy
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
-from pipeline.transport import Direction, TransportError, recv_batch, send_batch
+from pipeline.shmpool import BatchPool
+from pipeline.transport import (
+    HELLO,
+    Direction,
+    TransportError,
+    pack,
+    unpack,
+    worker_identity,
+)
 from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.sa import SaTable
@@ -34,8 +43,9 @@ __all__ = ["TableSink", "WorkerSpec", "run_worker"]
 class WorkerSpec:
     index: int
     cpu: int | None  # the core to pin to; None leaves affinity alone
-    batches_in: str  # ZeroMQ endpoint of the dispatcher (PUSH side binds)
-    batches_out: str  # ZeroMQ endpoint of the reassembler (PULL side binds)
+    batches: str  # ZeroMQ endpoint of the I/O process's ROUTER
+    pool: str  # the shared batch buffers' file (pipeline/shmpool.py)
+    pool_buffers: int
     sas: tuple[tuple[int, SaRecord], ...]  # (SA index, record), indices as the I/O process has
     capacity: int = 256
     slot_size: int = SLOT_SIZE
@@ -117,10 +127,13 @@ def run_worker(spec: WorkerSpec) -> None:
     if spec.sa_updates is not None:
         updates = SaSubscriber(ctx, *spec.sa_updates, sink=TableSink(codec.sas))
         updates.sync()  # a restarted worker resyncs here (DESIGN §2)
-    pull = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    pull.connect(spec.batches_in)
-    push.connect(spec.batches_out)
+    pool = BatchPool(spec.pool, spec.pool_buffers, spec.capacity, spec.slot_size,
+                     create=False)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, worker_identity(spec.index))
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(spec.batches)
+    sock.send(HELLO)
     stats = WorkerStats(spec.index)
     report: zmq.Socket[bytes] | None = None
     if spec.reports is not None:
@@ -129,11 +142,6 @@ def run_worker(spec: WorkerSpec) -> None:
         report.setsockopt(zmq.LINGER, 0)
         report.connect(spec.reports)
     last_report = time.monotonic()
-    # Two buffers: ZeroMQ sends one (copy=False reads it in its I/O thread) while the next
-    # batch is received into the other; a buffer is reused only once its send is done.
-    buffers = [Batch(spec.capacity, spec.slot_size) for _ in range(2)]
-    trackers: list[zmq.MessageTracker | None] = [None, None]
-    turn = 0
     try:
         while not stop:
             if updates is not None:
@@ -142,30 +150,25 @@ def run_worker(spec: WorkerSpec) -> None:
                 with contextlib.suppress(zmq.Again):
                     report.send(json.dumps(stats.snapshot()).encode(), zmq.NOBLOCK)
                 last_report = time.monotonic()
-            if not pull.poll(100):
+            if not sock.poll(100):
                 continue
-            tracker = trackers[turn]
-            if tracker is not None:
-                tracker.wait()
-            batch = buffers[turn]
             try:
-                direction, flags = recv_batch(pull, batch)
+                batch, direction, flags = unpack(sock.recv(), pool)
             except TransportError:
                 continue
             if updates is not None and batch.sa_version > updates.version:
                 updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
             process(codec, batch, direction)
             stats.add(batch, direction)
-            trackers[turn] = send_batch(push, batch, direction, flags, track=True)
-            turn ^= 1
+            sock.send(pack(batch, direction, flags))
     finally:
         if updates is not None:
             updates.close()
         if report is not None:
             report.close(linger=0)
-        pull.close(linger=0)
-        push.close(linger=1000)
+        sock.close(linger=0)
         ctx.term()
+        pool.close()
 
 
 def process(codec: EspCodec, batch: Batch, direction: Direction) -> None:
