@@ -391,9 +391,12 @@ class DataPlane:
 
     def _hand_over(self, workers: zmq.Socket[bytes], batch: Batch, direction: Direction,
                    now: float) -> bool:
-        """Send the batch to the ready worker holding the fewest; False if none can take it."""
+        """Send the batch to a ready worker; False if none can take it."""
         while self._ready:
-            ident = min(self._ready, key=lambda w: len(self._out[w]))
+            # The least loaded; among equals, the one that had the fewest so far (round
+            # robin: every worker stays warm, and a hung one is found out).
+            ident = min(self._ready, key=lambda w: (
+                len(self._out[w]), self.stats.worker_batches.get(self._worker_index[w], 0)))
             try:
                 workers.send_multipart([ident, pack(batch, direction)], zmq.NOBLOCK)
             except zmq.ZMQError:

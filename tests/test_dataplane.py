@@ -8,6 +8,7 @@ codecs, the reassembler, replay windows, worker restarts.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -200,3 +201,33 @@ def test_inbound_replays_are_dropped_once_verified(
     outside.put(wire[:5] + wire[:5])  # replays, twice
     wait_for(lambda: plane.stats.inbound.drops().get("replay", 0) == 10)
     assert inside.outbox == [inner(i) for i in range(20)]
+
+
+def test_a_hung_worker_is_killed_and_replaced(
+        gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
+    """A worker that stops answering (SIGSTOP: alive, but holding its batches) is killed by
+    pid once it has held a batch for ``reorder_hold``; its batches are counted lost, its
+    buffers reused, and traffic flows through the replacement."""
+    plane, inside, outside = gateway
+    wait_for(lambda: plane.ready == [0, 1])
+    victim = plane.supervisor.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        sent = 0
+        for _ in range(20):
+            inside.put([inner(sent + i) for i in range(20)])
+            sent += 20
+            time.sleep(0.01)
+        wait_for(lambda: plane.supervisor.restarts >= 1, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent)
+    assert plane.reassembler.lost_packets > 0  # what the hung worker held
+    assert victim not in plane.supervisor.pids()
+    _, seqs = peer_decap(outside.outbox)
+    assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    wait_for(lambda: plane.ready == [0, 1])
+    inside.put([inner(10**6 + i) for i in range(20)])
+    wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent + 20)
+    wait_for(lambda: len(plane._free) == len(plane.pool))
