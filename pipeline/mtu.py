@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.batch import Batch, Verdict
+from workers import vec
 from workers.algorithms import EspTransform
-from workers.layout import windows
 
 __all__ = [
     "clamp_mss",
@@ -104,6 +104,13 @@ IPV6_MAX_EXT_HEADERS = 16  # a bound on the walk; real chains have a few
 
 _IS_EXT6 = np.zeros(256, dtype=np.bool_)
 _IS_EXT6[[*IPV6_EXT_GENERIC, IPV6_EXT_FRAGMENT, IPV6_EXT_AH]] = True
+# An IPv6 Next Header after which a TCP header may come: TCP, or an extension header.
+_TCP_OR_EXT6 = _IS_EXT6.copy()
+_TCP_OR_EXT6[PROTO_TCP] = True
+# Where TCP starts by the first byte of the IP header: after IPv6's fixed header (extension
+# headers aside) or after IPv4's IHL (RFC 791 §3.1).
+_B0 = np.arange(256, dtype=np.int64)
+_TCP_AT = np.where(_B0 >> 4 == 6, IPV6_HDR_LEN, (_B0 & 0xF) * 4)
 # ICMPv4 messages we may answer with an error: the informational ones (RFC 792, RFC 1256,
 # RFC 950). Every other type, known error or unknown, gets none (RFC 1122 §3.2.2).
 _ICMP4_QUERY = np.zeros(256, dtype=np.bool_)
@@ -193,19 +200,20 @@ def _per_packet(value: PerPacket, n: int, name: str) -> I64:
     return arr[:n]
 
 
-def _passing(batch: Batch) -> I64:
-    """Indices of the packets whose verdict is PASS."""
+def _passing(batch: Batch) -> slice | I64:
+    """The packets whose verdict is PASS: their indices, or ``slice(0, count)`` when that
+    is all of them (the common case: indexing with it copies nothing)."""
     verdict = batch.meta["verdict"][: batch.count]
-    if not verdict.any():
-        return np.arange(batch.count, dtype=np.int64)
+    if not np.count_nonzero(verdict):
+        return slice(0, batch.count)
     return np.flatnonzero(verdict == _PASS)
 
 
-def _peek(data: U8, at: I64, width: int) -> U8:
+def _peek(batch: Batch, at: I64, width: int) -> U8:
     """(n, width) bytes at each offset. Reads are clipped to the buffer: bytes past a
     packet's end are whatever lies there, so every use is masked by the packet's length."""
-    rows: U8 = windows(data, width)[np.minimum(at, data.shape[0] - width)]
-    return rows
+    data = batch.data
+    return vec.peek(data, np.minimum(at, data.shape[0] - width), width, batch._views)
 
 
 def _be16(rows: U8, col: int) -> I64:
@@ -235,6 +243,8 @@ def _ipv6_upper(pkt: bytes, *, through_ah: bool = True) -> tuple[int, int, int]:
     (RFC 8200 §4). A non-first fragment (offset > 0) has no upper-layer header to look at;
     protocol -1 means the chain is truncated or too long to follow. ``through_ah=False``
     stops at an AH header: what it protects must not be changed."""
+    if len(pkt) < IPV6_HDR_LEN:
+        return -1, IPV6_HDR_LEN, 0  # not even the fixed header
     nh, at = pkt[6], IPV6_HDR_LEN
     for _ in range(IPV6_MAX_EXT_HEADERS):
         if nh in IPV6_EXT_GENERIC:
@@ -303,35 +313,44 @@ def clamp_mss(batch: Batch, mss_v4: PerPacket, mss_v6: PerPacket) -> int:
         return 0
     meta, data = batch.meta, batch.data
     live = _passing(batch)
-    if live.size == 0:
-        return 0
     off = meta["offset"][live].astype(np.int64)
+    if off.size == 0:
+        return 0
+    ip = _peek(batch, off, _PEEK_IP_FIXED)
+    b0, next6 = ip[:, 0], ip[:, 6]
+    version = b0 >> 4
+    v6 = version == 6
+    # Only TCP needs a look (for IPv6, maybe behind extension headers): most batches carry
+    # none, and are done after this glance at the protocol fields.
+    if not np.count_nonzero(np.where(v6, _TCP_OR_EXT6[next6], ip[:, 9] == PROTO_TCP)):
+        return 0
+    tcp_at = _TCP_AT[b0]  # IPv6 extension headers: walked below
+    # Most packets are not SYNs: look at the flags alone before reading more.
+    flags = data[np.minimum(off + tcp_at + TCP_FLAGS_AT, data.shape[0] - 1)]
+    syn = (flags & TCP_SYN) != 0
+    ext6 = v6 & _IS_EXT6[next6]
+    if not np.count_nonzero(syn | ext6):
+        return 0
     length = meta["length"][live].astype(np.int64)
-    ip = _peek(data, off, _PEEK_IP_FIXED)
-    b0 = ip[:, 0]
-    ihl = (b0 & 0xF).astype(np.int64) * 4
     # A non-first fragment (offset bits in bytes 6-7) has no TCP header.
-    v4 = ((b0 >> 4) == 4) & (ip[:, 9] == PROTO_TCP) & (ihl >= IPV4_HDR_LEN) & (
+    v4 = (version == 4) & (ip[:, 9] == PROTO_TCP) & (tcp_at >= IPV4_HDR_LEN) & (
         ((ip[:, 6] & (IPV4_OFFSET_MASK >> 8)) | ip[:, 7]) == 0)
-    v6 = (b0 >> 4) == 6
-    tcp_at = np.where(v4, ihl, IPV6_HDR_LEN)
-    cand = v4 | (v6 & (ip[:, 6] == PROTO_TCP))
-    for j in np.flatnonzero(v6 & _IS_EXT6[ip[:, 6]]).tolist():  # rare: extension headers
+    cand = v4 | (v6 & (next6 == PROTO_TCP))
+    for j in np.flatnonzero(ext6).tolist():  # rare: extension headers
         pkt = data[off[j] : off[j] + length[j]].tobytes()
         # Not through AH: changing the MSS would break its ICV (RFC 4302 §3.3.3).
         proto, at, frag_offset = _ipv6_upper(pkt, through_ah=False)
         if proto == PROTO_TCP and not frag_offset:
             cand[j], tcp_at[j] = True, at
-    # Most packets are not SYNs: look at the flags alone before reading more.
-    flags = data[np.minimum(off + tcp_at + TCP_FLAGS_AT, data.shape[0] - 1)]
-    c = np.flatnonzero(cand & ((flags & TCP_SYN) != 0))
+            syn[j] = data[min(int(off[j]) + at + TCP_FLAGS_AT, data.shape[0] - 1)] & TCP_SYN
+    c = np.flatnonzero(cand & syn)
     if c.size == 0:
         return 0
     # The segment ends at the IP length: bytes past it are link-layer padding.
     seg_end = np.minimum(length[c], np.where(v4[c], _be16(ip[c], 2),
                                              IPV6_HDR_LEN + _be16(ip[c], 4)))
     tcp_start = off[c] + tcp_at[c]
-    tcp = _peek(data, tcp_start, _PEEK_TCP)
+    tcp = _peek(batch, tcp_start, _PEEK_TCP)
     doff = (tcp[:, 12] >> 4).astype(np.int64) * 4
     # A SYN with options, whose header lies wholly inside the packet.
     syn = (doff > TCP_HDR_LEN) & (tcp_at[c] + doff <= seg_end)
@@ -350,7 +369,7 @@ def clamp_mss(batch: Batch, mss_v4: PerPacket, mss_v6: PerPacket) -> int:
     at_rel = mss_at[hit]
     value_at = tcp_start[hit] + at_rel
     old = (data[value_at].astype(np.int64) << 8) | data[value_at + 1]
-    pkt_index = live[c[hit]]
+    pkt_index = c[hit] if isinstance(live, slice) else live[c[hit]]
     limit = np.where(v6[c[hit]], _per_packet(mss_v6, n, "mss_v6")[pkt_index],
                      _per_packet(mss_v4, n, "mss_v4")[pkt_index]).clip(0, 0xFFFF)
     lower = old > limit
@@ -379,8 +398,8 @@ def too_big(batch: Batch, limit: PerPacket) -> Mask:
     """Passing packets longer than ``limit`` (the inner MTU: an int or one per packet)."""
     n = batch.count
     meta = batch.meta
-    over: Mask = (meta["verdict"][:n] == _PASS) & (
-        meta["length"][:n].astype(np.int64) > _per_packet(limit, n, "limit"))
+    bound = limit if isinstance(limit, int) else _per_packet(limit, n, "limit")
+    over: Mask = (meta["verdict"][:n] == _PASS) & (meta["length"][:n].astype(np.int64) > bound)
     return over
 
 
@@ -414,7 +433,7 @@ def icmp_too_big(batch: Batch, mask: Mask, mtu: PerPacket,
     off = meta["offset"][sel].astype(np.int64)
     length = meta["length"][sel].astype(np.int64)
     mtu_of = _per_packet(mtu, n, "mtu")[sel]
-    h = _peek(data, off, _PEEK_IP)
+    h = _peek(batch, off, _PEEK_IP)
     version = h[:, 0] >> 4
     v4 = (version == 4) & (length >= IPV4_HDR_LEN)
     v6 = (version == 6) & (length >= IPV6_HDR_LEN)

@@ -333,6 +333,19 @@ def test_clamp_skips_dropped_packets_and_uses_per_packet_limits() -> None:
     assert got[4] == packets[4]
 
 
+@pytest.mark.parametrize("after", [0, 43, 44, 51, 60])
+def test_clamp_truncated_ipv6_headers(after: int) -> None:
+    """IPv6 packets too short to hold a Next Header, whose next byte in the buffer reads as
+    an extension header: left alone, and no IndexError out of the data plane."""
+    packets = [b"\x60", b"\x60\x00\x00\x00\x00\x08", syn(6, [("MSS", 1460)])[:39]]
+    batch = Batch.for_packets(packets)
+    for i, pkt in enumerate(packets):
+        batch.data[int(batch.meta["offset"][i]) + len(pkt):][:8] = after
+    before = batch.data.copy()
+    assert clamp_mss(batch, 1200, 1200) == 0
+    assert np.array_equal(batch.data, before)
+
+
 def test_clamp_packets_anywhere_in_their_slots() -> None:
     """Packets at other offsets, one ending at the very end of the buffer."""
     packets = [syn(4, [("MSS", 1460)]), syn(6, [("NOP", None), ("MSS", 1460)]), syn(4, [])]

@@ -49,9 +49,9 @@ class ReplayWindow:
         A number that would fall below 0 (only possible before the first 2^32 packets)
         is returned as 0, which ``precheck`` always rejects.
         """
-        lo = seq_lo.astype(np.int64)
         if not self.esn:
-            return lo.astype(np.uint64)
+            return seq_lo.astype(np.uint64)
+        lo = seq_lo.astype(np.int64)
         w = max(self.size, _INFERENCE_MIN_WINDOW)
         th, tl = self.top >> 32, self.top & (U32 - 1)
         if tl >= w - 1:

@@ -26,12 +26,35 @@ from workers.algorithms import (
 )
 from workers.replay import ReplayWindow
 
-__all__ = ["SaState", "SaTable"]
+__all__ = ["SaState", "SaTable", "by_sa"]
 
 SEQ_MAX_32 = (1 << 32) - 1
 SEQ_MAX_64 = (1 << 64) - 1
 
 AeadCall = Callable[[bytes, bytes, bytes, memoryview], int]
+# Which packets of a batch: ``slice(None)`` for all of them (a view, no copy), else indices.
+Packets = slice | npt.NDArray[np.intp]
+
+
+def by_sa(sa_of: npt.NDArray[np.uint32],
+          selected: npt.NDArray[np.bool_] | None = None) -> list[tuple[int, Packets, int]]:
+    """The packets of each SA among those ``selected`` (all when None): (SA index, packets,
+    how many), SA indices ascending, packets in batch order. A whole batch on one SA (the
+    common case) comes back as one group of ``slice(None)`` without any sorting."""
+    pos = None
+    if selected is not None and np.count_nonzero(selected) < sa_of.size:
+        pos = np.flatnonzero(selected)
+    keys = sa_of if pos is None else sa_of[pos]
+    if keys.size == 0:
+        return []
+    first = int(keys[0])
+    if keys.size == 1 or not np.count_nonzero(keys != first):
+        return [(first, slice(None) if pos is None else pos, keys.size)]
+    groups: list[tuple[int, Packets, int]] = []
+    for key in np.unique(keys).tolist():
+        at = np.flatnonzero(keys == key)
+        groups.append((key, at if pos is None else pos[at], at.size))
+    return groups
 
 
 class SaState:
@@ -183,10 +206,17 @@ class SaTable:
         self, protocol: int, spi: npt.NDArray[np.uint32]
     ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
         """SA indices for SPIs (RFC 4301 §4.1: unicast SAs are found by SPI alone)."""
-        keys = (np.uint64(protocol) << np.uint64(32)) | spi.astype(np.uint64)
         if self._keys.size == 0:
             return np.zeros(spi.shape, np.uint32), np.zeros(spi.shape, np.bool_)
-        pos = np.searchsorted(self._keys, keys).clip(0, self._keys.size - 1)
+        if spi.size:
+            first = int(spi.flat[0])
+            index = self._by_key.get((protocol << 32) | first)
+            if index is not None and (spi.size == 1 or not np.count_nonzero(spi != first)):
+                # One known SPI for the whole batch (the common case): no search.
+                return np.full(spi.shape, index, np.uint32), np.ones(spi.shape, np.bool_)
+        keys = spi.astype(np.uint64) | np.uint64(protocol << 32)
+        pos = np.searchsorted(self._keys, keys)
+        np.minimum(pos, self._keys.size - 1, out=pos)
         found = self._keys[pos] == keys
         return self._idx[pos], found
 
@@ -197,17 +227,21 @@ class SaTable:
         counter's end get 0, which the codec drops as SEQ_OVERFLOW.
         """
         meta = batch.active()
-        live = np.flatnonzero(meta["verdict"] == 0)
-        sa_of = meta["sa"][live]
-        for key in np.unique(sa_of).tolist():
+        verdict = meta["verdict"]
+        seq_col = meta["seq"]
+        live = None if not np.count_nonzero(verdict) else verdict == 0
+        for key, sel, size in by_sa(meta["sa"], live):
             sa = self[key]
             if sa is None:
                 continue
-            sel = live[sa_of == key]
             room = sa.seq_limit - sa.seq_out
-            count = min(sel.size, room)
-            seq = np.zeros(sel.size, dtype=np.uint64)
+            count = min(size, room)
+            if count == size:
+                first = sa.reserve(count)
+                seq_col[sel] = np.arange(first, first + count, dtype=np.uint64)
+                continue
+            seq = np.zeros(size, dtype=np.uint64)
             if count:
                 first = sa.reserve(count)
                 seq[:count] = np.arange(first, first + count, dtype=np.uint64)
-            meta["seq"][sel] = seq
+            seq_col[sel] = seq
