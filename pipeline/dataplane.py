@@ -35,6 +35,7 @@ from pipeline.transport import HELLO, Direction, TransportError, pack, unpack, w
 from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.main import WorkerSpec, install_all
+from workers.sa import by_sa
 
 __all__ = ["DataPlane", "PacketIO", "Settings"]
 
@@ -507,17 +508,12 @@ class DataPlane:
         """Per outbound SA: packets and bytes that left (the inbound ones are counted by
         the reassembler as their windows move)."""
         meta = batch.meta[: batch.count]
-        sent = meta["verdict"] == Verdict.PASS
-        if not sent.any():
-            return
-        sa_of = meta["sa"][sent].astype(np.int64)
-        packets = np.bincount(sa_of)
-        octets = np.bincount(sa_of, weights=meta["length"][sent])
-        for index in np.flatnonzero(packets).tolist():
+        lengths = meta["length"]
+        for index, packets, count in by_sa(meta["sa"], meta["verdict"] == Verdict.PASS):
             sa = self.sas[index]
             if sa is not None:
-                sa.packets += int(packets[index])
-                sa.bytes += int(octets[index])
+                sa.packets += count
+                sa.bytes += int(lengths[packets].sum())
 
     def _fragment_oversized(self, batch: Batch) -> npt.NDArray[np.int64]:
         """Outer IPv4 packets over the outside MTU (their inner packet had no DF) leave as
