@@ -18,6 +18,7 @@ Records carry key material, so the endpoints are ``ipc://`` paths created mode 0
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -67,11 +68,15 @@ def encode_record(r: SaRecord) -> dict[str, Any]:
     }
 
 
+# A concentrator's SAs share a handful of addresses: parse each once.
+_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
 def decode_record(d: dict[str, Any]) -> SaRecord:
     encap = d["encap"]
     return SaRecord(
         spi=int(d["spi"]), direction=Direction(d["dir"]), alg=str(d["alg"]),
-        local_addr=ipaddress.ip_address(d["local"]), remote_addr=ipaddress.ip_address(d["remote"]),
+        local_addr=_address(d["local"]), remote_addr=_address(d["remote"]),
         protocol=IpsecProtocol(d["proto"]), mode=Mode(d["mode"]),
         enc_key=bytes.fromhex(d["enc_key"]), integ_key=bytes.fromhex(d["integ_key"]),
         esn=bool(d["esn"]), replay_window=int(d["replay"]), tfc_pad=int(d["tfc"]),

@@ -142,14 +142,26 @@ class SaState:
         return first
 
 
+def _key(record: SaRecord) -> int:
+    return (int(record.protocol) << 32) | record.spi
+
+
 class SaTable:
-    """SAs by index, with a vectorized inbound lookup by (protocol, SPI)."""
+    """SAs by index, with a vectorized inbound lookup by (protocol, SPI).
+
+    The SPI index is a dict, authoritative and updated per install; the sorted arrays for a
+    batch of mixed SPIs are rebuilt from it only when a lookup needs them after a change
+    (a controller installing thousands of SAs pays nothing per SA for them). Two inbound SAs
+    with one SPI (a peer reusing it across a rekey): the newest is found, and the older
+    again once the newest is gone.
+    """
 
     def __init__(self) -> None:
         self._sas: list[SaState | None] = []
+        self._by_key: dict[int, list[int]] = {}  # key -> SA indices, newest last
         self._keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self._idx: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
-        self._by_key: dict[int, int] = {}
+        self._stale = False  # the arrays lag behind _by_key
 
     def install(self, record: SaRecord, index: int | None = None) -> SaState:
         if index is None:
@@ -160,13 +172,8 @@ class SaTable:
         self._unindex(self._sas[index])
         self._sas[index] = state
         if record.direction is Direction.IN:
-            # One insertion into the sorted SPI index (O(n) in C), not a rebuild: the
-            # controller installs SAs one at a time while thousands are up.
-            key = (int(record.protocol) << 32) | record.spi
-            pos = int(np.searchsorted(self._keys, key))
-            self._keys = np.insert(self._keys, pos, np.uint64(key))
-            self._idx = np.insert(self._idx, pos, np.uint32(index))
-            self._by_key[key] = index
+            self._by_key.setdefault(_key(record), []).append(index)
+            self._stale = True
         return state
 
     def remove(self, index: int) -> None:
@@ -177,16 +184,21 @@ class SaTable:
     def _unindex(self, state: SaState | None) -> None:
         if state is None or state.record.direction is not Direction.IN:
             return
-        key = (int(state.record.protocol) << 32) | state.record.spi
-        pos = np.flatnonzero((self._keys == key) & (self._idx == state.index))
-        if pos.size:
-            self._keys = np.delete(self._keys, pos)
-            self._idx = np.delete(self._idx, pos)
-        if self._by_key.get(key) == state.index:
-            del self._by_key[key]
-            rest = np.flatnonzero(self._keys == key)  # another SA with the same SPI
-            if rest.size:
-                self._by_key[key] = int(self._idx[rest[0]])
+        key = _key(state.record)
+        holders = self._by_key.get(key)
+        if holders is not None and state.index in holders:
+            holders.remove(state.index)
+            if not holders:
+                del self._by_key[key]
+            self._stale = True
+
+    def _arrays(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32]]:
+        if self._stale:
+            keys = sorted(self._by_key)
+            self._keys = np.array(keys, dtype=np.uint64)
+            self._idx = np.array([self._by_key[k][-1] for k in keys], dtype=np.uint32)
+            self._stale = False
+        return self._keys, self._idx
 
     def __getitem__(self, index: int) -> SaState | None:
         return self._sas[index] if 0 <= index < len(self._sas) else None
@@ -199,26 +211,27 @@ class SaTable:
 
     def lookup_one(self, protocol: int, spi: int) -> tuple[int, bool]:
         """The inbound SA index for one SPI (the whole batch shares it: the common case)."""
-        index = self._by_key.get((protocol << 32) | spi)
-        return (0, False) if index is None else (index, True)
+        holders = self._by_key.get((protocol << 32) | spi)
+        return (0, False) if holders is None else (holders[-1], True)
 
     def lookup_inbound(
         self, protocol: int, spi: npt.NDArray[np.uint32]
     ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
         """SA indices for SPIs (RFC 4301 §4.1: unicast SAs are found by SPI alone)."""
-        if self._keys.size == 0:
+        if not self._by_key:
             return np.zeros(spi.shape, np.uint32), np.zeros(spi.shape, np.bool_)
         if spi.size:
             first = int(spi.flat[0])
-            index = self._by_key.get((protocol << 32) | first)
-            if index is not None and (spi.size == 1 or not np.count_nonzero(spi != first)):
+            holders = self._by_key.get((protocol << 32) | first)
+            if holders is not None and (spi.size == 1 or not np.count_nonzero(spi != first)):
                 # One known SPI for the whole batch (the common case): no search.
-                return np.full(spi.shape, index, np.uint32), np.ones(spi.shape, np.bool_)
+                return np.full(spi.shape, holders[-1], np.uint32), np.ones(spi.shape, np.bool_)
+        table_keys, table_idx = self._arrays()
         keys = spi.astype(np.uint64) | np.uint64(protocol << 32)
-        pos = np.searchsorted(self._keys, keys)
-        np.minimum(pos, self._keys.size - 1, out=pos)
-        found = self._keys[pos] == keys
-        return self._idx[pos], found
+        pos = np.searchsorted(table_keys, keys)
+        np.minimum(pos, table_keys.size - 1, out=pos)
+        found = table_keys[pos] == keys
+        return table_idx[pos], found
 
     def assign_sequence(self, batch: Batch) -> None:
         """Give each passing packet the next sequence numbers of its outbound SA, in order.
