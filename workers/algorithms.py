@@ -9,6 +9,7 @@ concatenation ``encryption key || salt`` for the AEADs and ``encryption key`` an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -96,6 +97,7 @@ def _split_esn(keyword: str) -> tuple[list[str], bool | None]:
     return parts, esn
 
 
+@functools.lru_cache(maxsize=256)  # every SA install parses its keyword; there are few
 def parse_esp(keyword: str) -> EspTransform:
     """Parse one strongSwan ESP proposal keyword into its transform parameters."""
     parts, esn = _split_esn(keyword)
