@@ -90,9 +90,12 @@ def _encode_policy(p: Policy) -> dict[str, Any]:
             "action": p.action.value, "sa": p.sa_index, "name": p.name}
 
 
+_network = functools.lru_cache(maxsize=4096)(ipaddress.ip_network)
+
+
 def _decode_policy(d: dict[str, Any]) -> Policy:
-    return Policy(tuple(ipaddress.ip_network(n) for n in d["local"]),
-                  tuple(ipaddress.ip_network(n) for n in d["remote"]),
+    return Policy(tuple(_network(n) for n in d["local"]),
+                  tuple(_network(n) for n in d["remote"]),
                   Action(d["action"]), int(d["sa"]), str(d.get("name", "")))
 
 
