@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.batch import Batch, Verdict
 from pipeline.transport import Direction
-from workers.sa import SaTable
+from workers.sa import SaTable, by_sa
 
 __all__ = ["Reassembler"]
 
@@ -105,18 +105,18 @@ class Reassembler:
         n = batch.count
         meta = batch.meta
         verdict = meta["verdict"][:n]
-        live = np.flatnonzero(verdict == Verdict.PASS)
-        if live.size == 0:
+        passing = verdict == Verdict.PASS
+        if not np.count_nonzero(passing):
             return
-        sa_of = meta["sa"][live]
-        for key in np.unique(sa_of).tolist():
+        seq, length = meta["seq"][:n], meta["length"][:n]
+        for key, sel, _ in by_sa(meta["sa"][:n], passing):
             sa = self.sas[key]
             if sa is None:
                 continue
-            sel = live[sa_of == key]
-            replay = sa.replay.commit(meta["seq"][sel], None)
-            if replay.any():
-                verdict[sel[replay]] = Verdict.REPLAY
-            good = sel[~replay]
-            sa.packets += good.size
-            sa.bytes += int(meta["length"][good].sum())
+            at = np.arange(n)[sel]  # the packets' positions, in batch order
+            replay = sa.replay.commit(seq[at], None)
+            if np.count_nonzero(replay):
+                verdict[at[replay]] = Verdict.REPLAY
+                at = at[~replay]
+            sa.packets += at.size
+            sa.bytes += int(length[at].sum())
