@@ -160,6 +160,8 @@ class DataPlane:
         self._per_worker = max(2, -(-settings.max_in_flight // max(1, settings.workers)))
         self._next_id = 0
         self._stop = False
+        self._refeed: list[bytes] = []  # inner fragments waiting for their batch
+        self._prefragmented: dict[int, npt.NDArray[np.int64]] = {}  # batch id -> packets
 
     def _limits(self) -> None:
         """Per SA index: the inner MTU and the TCP MSS that fit the tunnel (DESIGN §7)."""
@@ -167,6 +169,7 @@ class DataPlane:
         self._inner_mtu = np.full(size + 1, self.settings.outside_mtu, dtype=np.int64)
         self._mss4 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
+        self._outer6 = np.zeros(size + 1, dtype=np.bool_)  # the SA's outer header is IPv6
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
         for i, rec in self.records.items():
             self._limit_one(i, rec)
@@ -179,7 +182,9 @@ class DataPlane:
                 grow, self.settings.outside_mtu, dtype=np.int64))
             self._mss4 = np.append(self._mss4, np.full(grow, 1 << 16, dtype=np.int64))
             self._mss6 = np.append(self._mss6, np.full(grow, 1 << 16, dtype=np.int64))
+            self._outer6 = np.append(self._outer6, np.zeros(grow, dtype=np.bool_))
         self._inner_mtu[i] = self.settings.outside_mtu
+        self._outer6[i] = False
         self._mss4[i] = self._mss6[i] = 1 << 16
         sa = self.sas[i]
         if rec is None or sa is None or sa.esp is None:
@@ -187,6 +192,7 @@ class DataPlane:
         m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
                           rec.mode.name == "TUNNEL")
         self._inner_mtu[i] = m
+        self._outer6[i] = rec.ipv6
         clamp = self.settings.mss_clamp
         if clamp == "auto":
             self._mss4[i], self._mss6[i] = mtu.mss_limit(m, False), mtu.mss_limit(m, True)
@@ -240,6 +246,33 @@ class DataPlane:
             if errors:
                 self.stats.icmp_too_big += len(errors)
                 self.inside.write_batch(Batch.for_packets(errors))
+            self._prefragment(batch, over, sa, limit)
+
+    def _prefragment(self, batch: Batch, over: npt.NDArray[np.bool_],
+                     sa: npt.NDArray[np.int64], limit: npt.NDArray[np.int64]) -> None:
+        """IPv4 packets without DF that do not fit an SA with an IPv6 outer header are
+        fragmented *before* encapsulation (RFC 4459 §3.3; RFC 791 lets any hop fragment
+        them): outer IPv4 packets are fragmented after it (``_fragment_oversized``), but an
+        IPv6 fragment would need the peer to reassemble outer IPv6, which its AF_PACKET ring
+        does not. The fragments follow as a batch of their own (with their own sequence
+        numbers); the packet itself is not encapsulated, and is counted as sent."""
+        meta = batch.meta
+        n = batch.count
+        cand = over[:n] & (meta["verdict"][:n] == Verdict.PASS) & self._outer6[sa]
+        if not np.count_nonzero(cand):
+            return
+        done = []
+        for i in np.flatnonzero(cand).tolist():
+            try:
+                pieces = mtu.fragment_ipv4(batch.packet(i), int(limit[i]))
+            except ValueError:
+                continue  # IPv6 up to 1280 bytes (or malformed): the outer side's business
+            meta["verdict"][i] = Verdict.TOO_BIG  # not for the codec: its fragments go
+            self._refeed.extend(pieces)
+            self.stats.fragmented += len(pieces)
+            done.append(i)
+        if done:
+            self._prefragmented[batch.batch_id] = np.array(done, dtype=np.int64)
 
     def _write_stats(self, report: zmq.Socket[bytes] | None = None) -> None:
         snapshot = json.dumps(self.stats.snapshot(self))
@@ -361,6 +394,22 @@ class DataPlane:
         if batch.count == 0:
             self._give_back(batch)
             return
+        self._process(batch, direction, workers, now)
+        while self._refeed:  # fragments made from this batch's packets (_prefragment)
+            batch = self._take()
+            if batch is None:
+                self.stats.fragmented -= len(self._refeed)
+                self._refeed.clear()  # no buffer left: dropped, like a full ring
+                return
+            take = self._refeed[: batch.capacity]
+            del self._refeed[: batch.capacity]
+            batch.load(take)
+            self._process(batch, Direction.OUTBOUND, workers, now)
+
+    def _process(self, batch: Batch, direction: Direction, workers: zmq.Socket[bytes],
+                 now: float) -> None:
+        batch.batch_id = self._next_id
+        self._next_id += 1
         if direction is Direction.OUTBOUND:
             self.dispatcher.outbound(batch)
             if self.dispatcher.trapped:
@@ -369,9 +418,7 @@ class DataPlane:
         else:
             self.dispatcher.inbound(batch)
             self._retry_unknown_spis(batch)
-        batch.batch_id = self._next_id
-        batch.sa_version = self.sa_version
-        self._next_id += 1
+        batch.sa_version = self.sa_version  # what it was classified with
         if not (batch.meta["verdict"][: batch.count] == Verdict.PASS).any():
             # Nothing for a worker to do: straight to the reassembler, keeping its place.
             self.reassembler.push(batch, direction, now)
@@ -443,6 +490,7 @@ class DataPlane:
         self._ready.discard(ident)
         for batch_id, (buffer, _) in self._out.pop(ident, {}).items():
             self.reassembler.lost(batch_id)
+            self._prefragmented.pop(batch_id, None)
             self._free.append(buffer)
 
     def _check_workers(self, workers: zmq.Socket[bytes], now: float) -> None:
@@ -464,6 +512,9 @@ class DataPlane:
             self.outside.write_batch(batch)
             if fragmented.size:
                 batch.meta["verdict"][fragmented] = Verdict.PASS  # left, as fragments
+            prefragmented = self._prefragmented.pop(batch.batch_id, None)
+            if prefragmented is not None:
+                batch.meta["verdict"][prefragmented] = Verdict.PASS  # left, as fragments
             self.stats.outbound.add(batch)
             self._count_outbound(batch)
         else:

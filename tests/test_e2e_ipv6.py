@@ -14,15 +14,14 @@ what it carries. Checked here:
 1. static SAs, 6in6 and 4in6 (AF_PACKET outside: the socket outside is IPv4 only) and 6in4
    (socket and AF_PACKET outside), raw ESP and UDP-encapsulated: ping, TCP and UDP echo in
    both directions, the outer packets on gwA's wire of the SA's family and encapsulation,
-   no ICMP error anywhere. A socket outside with IPv6 SAs must be refused cleanly (xfail:
-   it is not);
+   no ICMP error anywhere. A socket outside with IPv6 SAs is refused cleanly;
 2. IKEv2 over IPv6 (IKE and ESP on 2001:db8:ff::/64, IPv6 selectors), raw ESP and UDP
    encapsulation: ping, TCP and UDP both ways;
 3. path MTU: TCP SYNs clamped to what fits the tunnel, and an inner packet too big for it
    answered with ICMPv6 Packet Too Big carrying the tunnel's inner MTU, from gwA's kernel in
    TUN mode and from espline itself (pipeline/mtu.py) in af_packet inside mode; with mixed
-   families (6in4, 4in6) in af_packet inside mode (xfail: no answer), and IPv4 without DF
-   through 4in6 (xfail: dropped).
+   families (6in4, 4in6) in af_packet inside mode, and IPv4 without DF through 4in6
+   (fragmented before encapsulation).
 
 IPv6 addresses skip duplicate address detection (``accept_dad`` 0 in every namespace before
 its links exist, and ``nodad``), so they and the link-local addresses neighbour discovery
@@ -118,8 +117,8 @@ TCP_HDR = 20
 HOST_MSS = {4: 1500 - 20 - TCP_HDR, 6: 1500 - 40 - TCP_HDR}  # on the hosts' 1500-byte links
 
 
-# What each xfail'ed test raises where the bug shows: `xfail(raises=...)` keeps any other
-# failure (setup, the checks before that point) a real failure.
+# What each check raises where it fails (these were xfail(raises=...) markers while the bugs
+# they show were open).
 class MissingTooBig(AssertionError):
     """No Packet Too Big / fragmentation needed reached hostA."""
 
@@ -588,21 +587,13 @@ def test_pmtu_packet_too_big_with_mixed_families(lab: NetnsLab, tmp_path: Path, 
     pmtu_check(lab, tmp_path, inside, inner, outer)
 
 
-@pytest.mark.xfail(strict=True, raises=NotDelivered, reason=(
-    "pipeline/dataplane.py DataPlane._fragment_oversized fragments oversized outer packets "
-    "with mtu.fragment_ipv4 only: an IPv4 packet without DF that passes the inner check "
-    "(mtu.icmp_too_big leaves it PASS, 'its outer packet is fragmented after "
-    "encapsulation') becomes an outer IPv6 packet over the outside MTU, fragment_ipv4 raises "
-    "ValueError('not an IPv4 packet') and the packet is dropped (outbound drops too_big) "
-    "with no ICMP (none is due for a non-DF packet): a black hole for every IPv4 packet "
-    "between the tunnel MTU and the link MTU in 4in6 af_packet inside mode"))
 def test_4in6_ipv4_without_df_larger_than_the_tunnel_arrives(lab: NetnsLab,
                                                                tmp_path: Path) -> None:
     """An inner IPv4 packet without DF is the encapsulator's to fragment (RFC 4301 §8.1,
-    RFC 791): over 4in4 espline fragments the outer packet (fragmented in stats.json); over
-    4in6 it must fragment too (the inner packet before encapsulation, or the outer one with
-    a Fragment header, RFC 8200 §4.5). Three 1500-byte datagrams, tunnel MTU 1418: hostB
-    receives all three, whole."""
+    RFC 791): over 4in4 espline fragments the outer packet; over 4in6 it fragments the inner
+    packet before encapsulation (RFC 4459 §3.3: the peer's AF_PACKET ring would not
+    reassemble outer IPv6 fragments), and hostB reassembles. Three 1500-byte datagrams,
+    tunnel MTU 1418: hostB receives all three, whole, and gwA counted the fragments."""
     topo = build_dual_stack(lab, inside="af_packet")
     tunnel = start_static(lab, tmp_path, inner=4, outer=6, encap=True, inside="af_packet",
                           topo=topo)
@@ -618,6 +609,7 @@ def test_4in6_ipv4_without_df_larger_than_the_tunnel_arrives(lab: NetnsLab,
     a, b = final_stats(tunnel)
     if sizes != [1500 - 28] * 3:
         raise NotDelivered(sizes, a["outbound"], a["fragmented"], b["inbound"])
+    assert a["fragmented"] >= 6 and "too_big" not in a["outbound"]["drops"]
 
 
 # ============================================================================================
