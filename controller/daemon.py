@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from controller.ike.cookies import CookieGuard
 from controller.ike.ike_sa import Event, IkeConfig, IkeSa
+from controller.ike.state import IkeState
 
 __all__ = ["IkeDaemon", "PeerConfig"]
 
@@ -34,6 +35,8 @@ NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 IKE_HEADER_LEN = 28
 IKE_SA_INIT = 34
 FLAG_RESPONSE = 0x20
+# IKE SAs that no peer's message reaches (not yet answered, or over)
+_UNINDEXED = (IkeState.INITIAL, IkeState.CLOSED, IkeState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ class IkeDaemon:
     def _expire_half_open(self, now: float) -> None:
         for key, sa in list(self._half_open.items()):
             since = self._half_open_since.get(id(sa), now)
-            if sa.state.value not in ("initial", "init-done"):
+            if sa.state not in (IkeState.INITIAL, IkeState.INIT_DONE):
                 del self._half_open[key]  # authenticated (or failed): no longer half-open
                 self._half_open_since.pop(id(sa), None)
             elif now - since > self.half_open_timeout:
@@ -243,7 +246,7 @@ class IkeDaemon:
         """Find ``sa`` by each of our SPIs it answers: the current IKE SA's, and an old or
         redundant one of a rekey until its Delete is over (RFC 7296 §2.18). A responder is
         kept only once it answered (no state for a lone IKE_SA_INIT that failed)."""
-        if sa.state.value in ("initial", "closed", "failed"):
+        if sa.state in _UNINDEXED:
             spis: tuple[bytes, ...] = ()
         else:
             spis = sa.local_spis

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -71,6 +72,8 @@ SEQ_SOFT_32 = SEQ_HARD_32 - (1 << 24)
 SEQ_HARD_64 = (1 << 64) - 1
 SEQ_SOFT_64 = SEQ_HARD_64 - (1 << 32)
 REKEY_GRACE = 2.0  # seconds a rekeyed SA outlives its replacement (packets in flight)
+# The counters of a Child SA that carried nothing yet, shared (never modified)
+_NO_TRAFFIC: dict[str, int] = {"bytes-in": 0, "packets-in": 0, "bytes-out": 0, "packets-out": 0}
 
 
 # -- configuration -> IKE ----------------------------------------------------------------------
@@ -117,10 +120,21 @@ def ike_config(conn: Connection, psks: PskStore, natt_port: int = 4500) -> IkeCo
 
 def selector_networks(selectors: Iterable[TrafficSelector]) -> tuple[IpNetwork, ...]:
     """Negotiated address ranges as the prefixes the data plane's SPD matches."""
+    return _selector_networks(tuple(selectors))
+
+
+@functools.lru_cache(maxsize=1024)
+def _selector_networks(selectors: tuple[TrafficSelector, ...]) -> tuple[IpNetwork, ...]:
+    # Cached: the Child SAs of a connection mostly have the same selectors, and
+    # summarizing ranges is not free; the result is immutable.
     nets: list[IpNetwork] = []
     for ts in selectors:
         nets += ipaddress.summarize_address_range(ts.start_address, ts.end_address)  # type: ignore[type-var, arg-type, unused-ignore]
     return tuple(nets)
+
+
+# Peer addresses repeat: each is parsed once (ip_address objects are immutable)
+_ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 def resolve_local(conn: Connection) -> str:
@@ -176,6 +190,11 @@ class IkeEntry:
     children: dict[int, ChildEntry] = field(default_factory=dict)  # by inbound SPI
     rekeys: int = 0
     closed: str | None = None  # why it went down
+    # Its log lines: ``site-b[3] ...`` in text, ``ike``/``ike_id`` fields in JSON
+    logger: IkeSaLogger = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.logger = sa_logger(log, self.conn, self.uniqueid)
 
     @property
     def state(self) -> str:
@@ -279,7 +298,8 @@ class Gateway:
         self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # The SPD's PROTECT entries by selectors: the Child SAs that have them (the newest
-        # wins), kept up to date per install/remove rather than rebuilt from every SA.
+        # wins), kept up to date per install/remove rather than rebuilt from every SA. Each
+        # is ordered by unique id, so the newest is the last (no scan of a connection's SAs).
         self._protect: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]],
                             dict[int, ChildEntry]] = {}
         self._up: dict[tuple[str, str], int] = {}  # (connection, child) -> Child SAs
@@ -373,22 +393,41 @@ class Gateway:
 
     def _update_counters(self) -> None:
         by_index = {sa["index"]: sa for sa in self.stats.get("sas", [])}
+        specs: dict[tuple[str, str], ChildSpec | None] = {}  # every Child SA's, once a report
         for entry in self.ike.values():
             for child in entry.children.values():
-                cin, cout = by_index.get(child.index_in, {}), by_index.get(child.index_out, {})
+                cin, cout = by_index.get(child.index_in), by_index.get(child.index_out)
+                if cin is None and cout is None:
+                    # Carried nothing yet (the report leaves such SAs out): zero counters,
+                    # checked against the limits once. Most SAs of a concentrator are idle:
+                    # unchanged, they cost a lookup per report.
+                    if child.counters is not _NO_TRAFFIC:
+                        child.counters = _NO_TRAFFIC
+                        if not child.replaced:
+                            self._check_limits(entry, child, 0, self._child_spec(
+                                entry.conn, child.name))
+                    continue
+                cin, cout = cin or {}, cout or {}
                 child.counters = {"bytes-in": cin.get("bytes", 0),
                                   "packets-in": cin.get("packets", 0),
                                   "bytes-out": cout.get("bytes", 0),
                                   "packets-out": cout.get("packets", 0)}
                 if not child.replaced:
-                    self._check_limits(entry, child, int(cout.get("seq_out", 0)))
+                    key = (entry.conn, child.name)
+                    if key not in specs:
+                        specs[key] = self._child_spec(*key)
+                    self._check_limits(entry, child, int(cout.get("seq_out", 0)), specs[key])
 
-    def _check_limits(self, entry: IkeEntry, child: ChildEntry, seq_out: int) -> None:
+    def _child_spec(self, conn_name: str, child_name: str) -> ChildSpec | None:
+        """The configuration of a connection's child, if it is still configured."""
+        conn = self.conns.get(conn_name)
+        return next((c for c in conn.children if c.name == child_name), None) if conn else None
+
+    def _check_limits(self, entry: IkeEntry, child: ChildEntry, seq_out: int,
+                      spec: ChildSpec | None) -> None:
         """Volume lifetimes and sequence-number exhaustion, from the data plane's counters:
         past a soft limit the Child SA is rekeyed, past a hard one deleted (RFC 4301 §4.4.2.1;
         RFC 4303 §3.3.3: a 32-bit counter must not cycle, so rekey well before it would)."""
-        conn = self.conns.get(entry.conn)
-        spec = next((c for c in conn.children if c.name == child.name), None) if conn else None
         c = child.counters
         octets = max(c.get("bytes-in", 0), c.get("bytes-out", 0))
         packets = max(c.get("packets-in", 0), c.get("packets-out", 0))
@@ -604,7 +643,7 @@ class Gateway:
     def _log(entry: IkeEntry) -> IkeSaLogger:
         """Log lines bound to the IKE SA: ``site-b[3] ...`` in text, ``ike``/``ike_id``
         fields in JSON (controller/logs.py)."""
-        return sa_logger(log, entry.conn, entry.uniqueid)
+        return entry.logger
 
     def _log_ike_keys(self, sa: IkeSa) -> None:
         keys, suite = sa.keys, sa.suite
@@ -621,12 +660,11 @@ class Gateway:
 
     def _records(self, entry: IkeEntry, e: ChildSaEstablished) -> tuple[SaRecord, SaRecord,
                                                                           int, int]:
-        local = ipaddress.ip_address(entry.sa.local[0])
-        remote = ipaddress.ip_address(entry.sa.remote[0])
+        local = _ip_address(entry.sa.local[0])
+        remote = _ip_address(entry.sa.remote[0])
         lport, rport = e.local_port, e.remote_port
         encap = UdpEncap(lport, rport) if e.encap else None
-        conn = self.conns.get(entry.conn)
-        spec = next((c for c in conn.children if c.name == e.name), None) if conn else None
+        spec = self._child_spec(entry.conn, e.name)
         window = spec.replay_window if spec is not None else 32
         common = {"alg": e.transform.keyword, "local_addr": local, "remote_addr": remote,
                   "mode": e.mode, "esn": e.esn, "encap": encap,
@@ -693,7 +731,7 @@ class Gateway:
         successor = child.successor
         if successor is not None and successor.event.spi_in in entry.children:
             holders[successor.uniqueid] = successor  # the rekey initiator deleted the old SA
-            self._protect[child.selectors] = holders
+            self._protect[child.selectors] = dict(sorted(holders.items()))  # newest last
         if not holders:
             self._protect.pop(child.selectors, None)
         key = (entry.conn, child.name)
@@ -725,7 +763,7 @@ class Gateway:
         """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
         pair of selectors wins (rekeyed SAs are listed after the ones they replace)."""
         assert self.publisher is not None
-        spd = [Policy(local, remote, sa_index=holders[max(holders)].index_out)
+        spd = [Policy(local, remote, sa_index=holders[next(reversed(holders))].index_out)
                for (local, remote), holders in self._protect.items()]
         # After them, the TRAP policies of children to negotiate on first use (and of those
         # whose SA went down, with close_action/dpd_action trap): no SA yet, an acquire.
@@ -803,6 +841,10 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
 
     class ViciLog(logging.Handler):
         """Log records to the VICI clients registered for ``log`` (swanctl --log)."""
+
+        def handle(self, record: logging.LogRecord) -> bool:
+            # Most of the time nobody listens: skip the filters and the handler's lock
+            return bool(vici.listeners("log")) and bool(super().handle(record))
 
         def emit(self, record: logging.LogRecord) -> None:
             if not vici.listeners("log"):

@@ -19,6 +19,7 @@ exception is one string field (``exc``). Any field named like key material (``ke
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import json
 import logging
@@ -47,8 +48,10 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) |
     "message", "asctime", "taskName",
 }
 _BOUND = ("ike", "ike_id")
+_BOUND_SET = frozenset(_BOUND)
 
 
+@functools.lru_cache(maxsize=1024)  # field names come from the code: a handful, met often
 def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
@@ -66,7 +69,7 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         fields = vars(record)
-        for name in [n for n in fields if n not in _RECORD_ATTRS]:
+        for name in fields.keys() - _RECORD_ATTRS:
             if is_secret_name(name):
                 fields[name] = REDACTED
             elif isinstance(fields[name], Mapping):
@@ -79,8 +82,24 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    t = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    created = record.created
+    if created < 0:
+        t = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
+        return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # What datetime.fromtimestamp(created).isoformat(timespec="milliseconds") gives, with
+    # the part up to the second formatted once per second: the microseconds are rounded
+    # half to even as fromtimestamp rounds them, then cut to milliseconds as isoformat does.
+    second = int(created)
+    micros = round((created - second) * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f"{_second_text(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    t = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+    return t.isoformat(timespec="seconds").replace("+00:00", "")
 
 
 def _plain(value: object) -> object:
@@ -103,14 +122,16 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
-        extras = _extras(record)
+        fields = vars(record)
+        extra_names = fields.keys() - _RECORD_ATTRS
         prefix = ""
-        if "ike" in extras:
-            ike_id = extras.get("ike_id")
-            prefix = f"{extras['ike']}[{ike_id}] " if ike_id is not None else f"{extras['ike']} "
+        if "ike" in extra_names:
+            ike, ike_id = fields["ike"], fields.get("ike_id")
+            prefix = f"{ike}[{ike_id}] " if ike_id is not None else f"{ike} "
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {prefix}{record.message}"
-        pairs = [f"{k}={_text_value(v)}" for k, v in extras.items() if k not in _BOUND]
-        if pairs:
+        if not extra_names <= _BOUND_SET:  # fields beyond the bound ones, in their order
+            pairs = [f"{k}={_text_value(v)}" for k, v in _extras(record).items()
+                     if k not in _BOUND]
             line += " " + " ".join(pairs)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)

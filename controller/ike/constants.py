@@ -9,7 +9,7 @@ growing: wire code keeps an unknown value as a plain ``int`` rather than failing
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import TypeVar
+from typing import TypeVar, cast
 
 __all__ = [
     "AuthMethod",
@@ -32,17 +32,28 @@ __all__ = [
     "TransformType",
     "TsType",
     "enum_or_int",
+    "members_by_value",
 ]
 
 _E = TypeVar("_E", bound=IntEnum)
 
 
+_MEMBERS: dict[type[IntEnum], dict[int, IntEnum]] = {}
+
+
+def members_by_value(enum: type[_E]) -> dict[int, _E]:
+    """The registry as a dict, value -> member: ``members_by_value(E).get(v, v)`` is
+    ``enum_or_int(E, v)`` without the call, for parsers that convert a field per structure
+    (a dict lookup where ``E(v)`` runs the Enum machinery and raises for unknown values)."""
+    members = _MEMBERS.get(enum)
+    if members is None:
+        members = _MEMBERS[enum] = {int(member): member for member in enum}
+    return cast(dict[int, _E], members)
+
+
 def enum_or_int(enum: type[_E], value: int) -> _E | int:
     """``enum(value)`` when the registry knows the value, else ``value`` itself."""
-    try:
-        return enum(value)
-    except ValueError:
-        return value
+    return members_by_value(enum).get(value, value)
 
 
 class ExchangeType(IntEnum):

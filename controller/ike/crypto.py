@@ -22,7 +22,8 @@ final lengths (``sk_overhead`` says how long the SK payload body will be), then 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -161,6 +162,7 @@ class IkeSuite:
     a fixed 256-bit key and no attribute. ``integ`` is None exactly for the AEADs
     (RFC 5282 §8: no integrity transform, or NONE, with a combined-mode cipher);
     ``IntegId.NONE`` is normalised to None. Unsupported IDs raise ``ValueError``.
+    The derived sizes are computed once per suite (every SK payload asks for them).
     """
 
     encr: EncrId
@@ -198,48 +200,48 @@ class IkeSuite:
         if not aead and self.integ is None:
             raise ValueError(f"{encr.name} needs an integrity transform (RFC 7296 §3.3)")
 
-    @property
+    @cached_property
     def is_aead(self) -> bool:
         return self.integ is None
 
-    @property
+    @cached_property
     def key_length_attribute(self) -> int | None:
         """Value for the Key Length transform attribute, or None where none is sent."""
         return None if self.encr is EncrId.ENCR_CHACHA20_POLY1305 else self.encr_key_bits
 
-    @property
+    @cached_property
     def encr_key_len(self) -> int:
         """Cipher key length in bytes, salt excluded."""
         return self.encr_key_bits // 8
 
-    @property
+    @cached_property
     def salt_len(self) -> int:
         return AEAD_SALT_LEN if self.is_aead else 0
 
-    @property
+    @cached_property
     def sk_e_len(self) -> int:
         """Length of SK_ei / SK_er: key, plus the salt for the AEADs (RFC 5282 §7.1)."""
         return self.encr_key_len + self.salt_len
 
-    @property
+    @cached_property
     def sk_a_len(self) -> int:
         """Length of SK_ai / SK_ar: the HMAC key (RFC 4868 §2.1.1), 0 for the AEADs."""
         return 0 if self.integ is None else _INTEG[self.integ].key_len
 
-    @property
+    @cached_property
     def sk_p_len(self) -> int:
         """Length of SK_d, SK_pi, SK_pr: the PRF's preferred key length (RFC 7296 §2.14)."""
         return prf_output_len(self.prf)
 
-    @property
+    @cached_property
     def iv_len(self) -> int:
         return AEAD_IV_LEN if self.is_aead else AES_BLOCK_LEN
 
-    @property
+    @cached_property
     def icv_len(self) -> int:
         return AEAD_ICV_LEN if self.integ is None else _INTEG[self.integ].icv_len
 
-    @property
+    @cached_property
     def block_len(self) -> int:
         """Padding boundary of the encrypted data: the AES block for CBC, none for the
         AEADs (stream modes; RFC 7634 Appendix B sends 0 padding octets)."""
@@ -260,6 +262,8 @@ class SkKeys:
 
     sk_e: bytes
     sk_a: bytes
+    # The AEAD cipher keyed with SK_e, made on first use: one per IKE SA and direction
+    _aead: AESGCM | ChaCha20Poly1305 | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         return f"SkKeys({_hidden('sk_e', self.sk_e)}, {_hidden('sk_a', self.sk_a)})"
@@ -282,11 +286,11 @@ class IkeKeys:
     sk_pi: bytes
     sk_pr: bytes
 
-    @property
+    @cached_property
     def initiator_to_responder(self) -> SkKeys:
         return SkKeys(self.sk_ei, self.sk_ai)
 
-    @property
+    @cached_property
     def responder_to_initiator(self) -> SkKeys:
         return SkKeys(self.sk_er, self.sk_ar)
 
@@ -441,8 +445,8 @@ def encrypt_sk(
     data = plaintext_inner_payloads + bytes(pad) + bytes((pad,))
     if suite.is_aead:
         # RFC 5282 §4 / RFC 7634 §3: nonce = salt (last 4 octets of SK_e) || IV.
-        key, salt = keys.sk_e[:-AEAD_SALT_LEN], keys.sk_e[-AEAD_SALT_LEN:]
-        sealed = _aead(suite, key).encrypt(salt + iv, data, header_and_payload_header)
+        salt = keys.sk_e[-AEAD_SALT_LEN:]
+        sealed = _aead(suite, keys).encrypt(salt + iv, data, header_and_payload_header)
         return iv + sealed
     encryptor = Cipher(algorithms.AES(keys.sk_e), modes.CBC(iv)).encryptor()
     ciphertext = encryptor.update(data) + encryptor.finalize()
@@ -469,9 +473,9 @@ def decrypt_sk(
         )
     iv = body[:iv_len]
     if suite.is_aead:
-        key, salt = keys.sk_e[:-AEAD_SALT_LEN], keys.sk_e[-AEAD_SALT_LEN:]
+        salt = keys.sk_e[-AEAD_SALT_LEN:]
         try:
-            data = _aead(suite, key).decrypt(salt + iv, body[iv_len:], header_and_payload_header)
+            data = _aead(suite, keys).decrypt(salt + iv, body[iv_len:], header_and_payload_header)
         except InvalidTag:
             raise IntegrityError("SK payload ICV mismatch") from None
     else:
@@ -488,10 +492,13 @@ def decrypt_sk(
     return data[: len(data) - PAD_LENGTH_LEN - pad]
 
 
-def _aead(suite: IkeSuite, key: bytes) -> AESGCM | ChaCha20Poly1305:
-    if suite.encr is EncrId.ENCR_CHACHA20_POLY1305:
-        return ChaCha20Poly1305(key)
-    return AESGCM(key)  # 16-octet tag = ENCR_AES_GCM_16
+def _aead(suite: IkeSuite, keys: SkKeys) -> AESGCM | ChaCha20Poly1305:
+    cipher = keys._aead
+    kind = ChaCha20Poly1305 if suite.encr is EncrId.ENCR_CHACHA20_POLY1305 else AESGCM
+    if type(cipher) is not kind:  # first use (the suite fixes the kind; AESGCM: 16-octet tag)
+        cipher = kind(keys.sk_e[:-AEAD_SALT_LEN])  # RFC 5282 §7.1: the salt is not key
+        object.__setattr__(keys, "_aead", cipher)
+    return cipher
 
 
 def _icv(suite: IkeSuite, keys: SkKeys, data: bytes) -> bytes:
@@ -525,7 +532,7 @@ class IkeProposal:
     integ: IntegId | None
     ke_groups: tuple[DhGroup, ...]
 
-    @property
+    @cached_property
     def suite(self) -> IkeSuite:
         return IkeSuite(self.encr, self.encr_key_bits, self.prf, self.integ)
 

@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from controller.ike import auth, keyexchange
-from controller.ike.buffer import Buffer
 from controller.ike.child_state import ChildEvent, ChildState, next_child_state
 from controller.ike.constants import (
     AuthMethod,
@@ -43,7 +43,6 @@ from controller.ike.constants import (
     HeaderFlag,
     IdType,
     NotifyType,
-    PayloadType,
     ProtocolId,
 )
 from controller.ike.crypto import (
@@ -76,17 +75,14 @@ from controller.ike.events import (
 )
 from controller.ike.message import (
     GENERIC_PAYLOAD_HEADER_LENGTH,
-    IKE_HEADER_LENGTH,
-    GenericPayloadHeader,
     IkeHeader,
     Message,
     parse_message,
     parse_payload_chain,
-    push_generic_payload_header,
-    push_ike_header,
     serialize_message,
     serialize_payload_body,
     serialize_payload_chain,
+    serialize_sk_prefix,
 )
 from controller.ike.payloads import (
     AuthPayload,
@@ -218,18 +214,14 @@ def narrow(
                 continue
             if o.ip_protocol and a.ip_protocol and o.ip_protocol != a.ip_protocol:
                 continue
-            start = max(int(o.start_address), int(a.start_address))
-            end = min(int(o.end_address), int(a.end_address))
+            # The intersection's bounds are bounds of ``o`` or ``a``: their addresses are reused
+            start = max(o.start_address, a.start_address, key=int)
+            end = min(o.end_address, a.end_address, key=int)
             lo, hi = max(o.start_port, a.start_port), min(o.end_port, a.end_port)
-            if start > end or lo > hi:
+            if int(start) > int(end) or lo > hi:
                 continue
-            family = (
-                ipaddress.IPv4Address if o.start_address.version == 4 else ipaddress.IPv6Address
-            )
-            out.append(
-                TrafficSelector(o.ip_protocol or a.ip_protocol, lo, hi, family(start), family(end))
-            )
-    return tuple(dict.fromkeys(out))
+            out.append(TrafficSelector(o.ip_protocol or a.ip_protocol, lo, hi, start, end))
+    return tuple(dict.fromkeys(out)) if len(out) > 1 else tuple(out)
 
 
 def _covered(got: Sequence[TrafficSelector], offered: Sequence[TrafficSelector]) -> bool:
@@ -356,6 +348,20 @@ class _Child:
 
 _UP = (IkeState.ESTABLISHED, IkeState.REKEYING, IkeState.DELETING)
 _CHILD_TASKS = (_ChildExchange, _DeleteChild)
+# The Flags of our messages (RFC 7296 §3.1) by (_IkeContext.initiator: I, a response: R)
+_FLAGS = {
+    (initiator, response): HeaderFlag(
+        (HeaderFlag.INITIATOR if initiator else 0) | (HeaderFlag.RESPONSE if response else 0)
+    )
+    for initiator in (False, True)
+    for response in (False, True)
+}
+
+
+@lru_cache(maxsize=4096)
+def _packed_address(address: str) -> bytes:
+    """A socket address's IP as on the wire; peers come back, parsing them again is waste."""
+    return ipaddress.ip_address(address).packed
 
 
 class IkeSa:
@@ -619,40 +625,20 @@ class IkeSa:
     def _header(
         self, ctx: _IkeContext, exchange: ExchangeType, mid: int, response: bool
     ) -> IkeHeader:
-        flags = HeaderFlag(0)
-        if ctx.initiator:
-            flags |= HeaderFlag.INITIATOR
-        if response:
-            flags |= HeaderFlag.RESPONSE
         return IkeHeader(
             spi_i=ctx.spi_i,
             spi_r=ctx.spi_r or bytes(IKE_SPI_LEN),
             exchange_type=exchange,
-            flags=flags,
+            flags=_FLAGS[ctx.initiator, response],
             message_id=mid,
         )
 
     def _seal(self, ctx: _IkeContext, header: IkeHeader, payloads: Sequence[Payload]) -> bytes:
         """An SK-protected message (RFC 7296 §3.14) with our direction's keys."""
         assert ctx.suite is not None and ctx.keys is not None
-        first, inner = serialize_payload_chain(list(payloads))
+        first, inner = serialize_payload_chain(payloads)
         sk_len = GENERIC_PAYLOAD_HEADER_LENGTH + len(inner) + sk_overhead(ctx.suite, len(inner))
-        total = IKE_HEADER_LENGTH + sk_len
-        buf = Buffer()
-        push_ike_header(
-            buf,
-            IkeHeader(
-                spi_i=header.spi_i,
-                spi_r=header.spi_r,
-                next_payload=PayloadType.SK,
-                exchange_type=header.exchange_type,
-                flags=header.flags,
-                message_id=header.message_id,
-                length=total,
-            ),
-        )
-        push_generic_payload_header(buf, GenericPayloadHeader(first, False, sk_len))
-        aad = buf.data
+        aad = serialize_sk_prefix(header, first, sk_len)
         keys = _keys(ctx, outbound=True)
         body = encrypt_sk(ctx.suite, keys, aad, inner, self.random(ctx.suite.iv_len))
         return aad + body
@@ -738,7 +724,7 @@ class IkeSa:
     # -- NAT traversal (RFC 7296 §2.23, RFC 3948) --------------------------------------------
     def _nat_hash(self, spi_r: bytes, addr: Address) -> bytes:
         # RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP | Port)
-        ip = ipaddress.ip_address(addr[0]).packed
+        ip = _packed_address(addr[0])
         return hashlib.sha1(self.spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
 
     def _nat_notifies(self, spi_r: bytes) -> list[Payload]:

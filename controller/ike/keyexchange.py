@@ -174,6 +174,7 @@ _EC_CURVES: dict[DhGroup, tuple[ec.EllipticCurve, int, int]] = {
 _MONTGOMERY_LEN = {DhGroup.CURVE25519: 32, DhGroup.CURVE448: 56}  # RFC 7748 §5, RFC 8031 §3
 
 SUPPORTED_GROUPS: frozenset[DhGroup] = frozenset([*MODP_PRIMES, *_EC_CURVES, *_MONTGOMERY_LEN])
+_SUPPORTED_BY_VALUE: dict[int, DhGroup] = {int(group): group for group in SUPPORTED_GROUPS}
 
 _Key = DHPrivateKey | ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey | x448.X448PrivateKey
 
@@ -235,11 +236,11 @@ def shared_secret(private: KePrivate, peer_public: bytes) -> bytes:
             f"{group.name}: Key Exchange Data is {len(peer_public)} bytes, expected {expected}"
         )
     key = private._key
+    if isinstance(key, x25519.X25519PrivateKey | x448.X448PrivateKey):
+        return _montgomery_shared(group, key, peer_public)
     if isinstance(key, DHPrivateKey):
         return _modp_shared(group, key, peer_public)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return _ecp_shared(group, key, peer_public)
-    return _montgomery_shared(group, key, peer_public)
+    return _ecp_shared(group, key, peer_public)
 
 
 # -- MODP --------------------------------------------------------------------------------
@@ -366,9 +367,10 @@ def _montgomery_shared(
 
 
 def _supported(group: int) -> DhGroup:
-    if group not in SUPPORTED_GROUPS:
+    supported = _SUPPORTED_BY_VALUE.get(group)
+    if supported is None:
         raise ValueError(f"unsupported key exchange method {group!r}")
-    return DhGroup(group)
+    return supported
 
 
 def _byte_len(n: int) -> int:

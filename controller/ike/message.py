@@ -10,13 +10,13 @@ or an ``IkeProtocolError``, nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from .buffer import Buffer, BufferReadError
-from .constants import ExchangeType, HeaderFlag, NotifyType, PayloadType, enum_or_int
+from .constants import ExchangeType, HeaderFlag, NotifyType, PayloadType, members_by_value
 from .errors import InvalidMajorVersion, InvalidSyntax, UnsupportedCriticalPayload
 from .payloads import (
     BODY_PULLERS,
@@ -47,6 +47,7 @@ __all__ = [
     "serialize_message",
     "serialize_payload_body",
     "serialize_payload_chain",
+    "serialize_sk_prefix",
 ]
 
 # RFC 7296 §3.1: IKE SA Initiator's SPI (8), Responder's SPI (8), Next Payload, MjVer|MnVer,
@@ -61,6 +62,23 @@ MAX_MESSAGE_LENGTH = 2**32 - 1  # 32-bit Length field
 GENERIC_PAYLOAD_HEADER_LENGTH = 1 + 1 + 2  # = 4
 MAX_PAYLOAD_LENGTH = 2**16 - 1  # 16-bit Payload Length, generic header included
 CRITICAL_BIT = 0x80  # RFC 7296 §3.2: "C", the top bit of the second octet
+
+# The layouts above, for Buffer.pull_struct/push_struct (network order)
+_IKE_HEADER = struct.Struct("!8s8sBBBBII")
+_GENERIC_PAYLOAD_HEADER = struct.Struct("!BBH")
+assert _IKE_HEADER.size == IKE_HEADER_LENGTH
+assert _GENERIC_PAYLOAD_HEADER.size == GENERIC_PAYLOAD_HEADER_LENGTH
+
+_PAYLOAD_TYPES = members_by_value(PayloadType)
+_EXCHANGE_TYPES = members_by_value(ExchangeType)
+# Every Flags octet as a HeaderFlag (undefined bits kept), built once: an IntFlag call per
+# message is not free
+_HEADER_FLAGS = tuple(HeaderFlag(value) for value in range(0x100))
+_ENCRYPTED_TYPES = (PayloadType.SK, PayloadType.SKF)
+_NO_NEXT_PAYLOAD = PayloadType.NONE  # a module constant: Enum class attributes are slow
+# The flag bits as plain ints: IntFlag's "&" runs Python code, int's does not
+_INITIATOR_BIT = int(HeaderFlag.INITIATOR)
+_RESPONSE_BIT = int(HeaderFlag.RESPONSE)
 
 _P = TypeVar("_P")
 
@@ -89,25 +107,17 @@ class IkeHeader:
     @property
     def is_initiator(self) -> bool:
         """The I flag: sent by the original initiator of the IKE SA."""
-        return bool(self.flags & HeaderFlag.INITIATOR)
+        return bool(int(self.flags) & _INITIATOR_BIT)
 
     @property
     def is_response(self) -> bool:
         """The R flag: a response to the request with the same Message ID."""
-        return bool(self.flags & HeaderFlag.RESPONSE)
+        return bool(int(self.flags) & _RESPONSE_BIT)
 
 
 def pull_ike_header(buf: Buffer) -> IkeHeader:
-    spi_i = buf.pull_bytes(IKE_SPI_LENGTH)
-    spi_r = buf.pull_bytes(IKE_SPI_LENGTH)
-    next_payload = enum_or_int(PayloadType, buf.pull_uint8())
-    version = buf.pull_uint8()
-    exchange_type = enum_or_int(ExchangeType, buf.pull_uint8())
-    # RFC 7296 §3.1: undefined flag bits "MUST be ignored on receipt"; kept, so that the
-    # header re-serializes unchanged (integrity and signatures cover the received bytes)
-    flags = HeaderFlag(buf.pull_uint8())
-    message_id = buf.pull_uint32()
-    length = buf.pull_uint32()
+    fields = buf.pull_struct(_IKE_HEADER)
+    spi_i, spi_r, next_payload, version, exchange_type, flags, message_id, length = fields
     major_version, minor_version = version >> 4, version & 0x0F
     # RFC 7296 §3.1, §2.5: reject a major version other than 2 with INVALID_MAJOR_VERSION;
     # the minor version "MUST" be ignored
@@ -116,29 +126,60 @@ def pull_ike_header(buf: Buffer) -> IkeHeader:
     return IkeHeader(
         spi_i=spi_i,
         spi_r=spi_r,
-        next_payload=next_payload,
+        next_payload=_PAYLOAD_TYPES.get(next_payload, next_payload),
         major_version=major_version,
         minor_version=minor_version,
-        exchange_type=exchange_type,
-        flags=flags,
+        exchange_type=_EXCHANGE_TYPES.get(exchange_type, exchange_type),
+        # RFC 7296 §3.1: undefined flag bits "MUST be ignored on receipt"; kept, so that the
+        # header re-serializes unchanged (integrity and signatures cover the received bytes)
+        flags=_HEADER_FLAGS[flags],
         message_id=message_id,
         length=length,
     )
 
 
 def push_ike_header(buf: Buffer, header: IkeHeader) -> None:
-    if len(header.spi_i) != IKE_SPI_LENGTH or len(header.spi_r) != IKE_SPI_LENGTH:
+    _push_ike_header_fields(
+        buf,
+        header.spi_i,
+        header.spi_r,
+        header.next_payload,
+        header.exchange_type,
+        header.flags,
+        header.message_id,
+        header.length,
+        header.major_version,
+        header.minor_version,
+    )
+
+
+def _push_ike_header_fields(
+    buf: Buffer,
+    spi_i: bytes,
+    spi_r: bytes,
+    next_payload: int,
+    exchange_type: int,
+    flags: int,
+    message_id: int,
+    length: int,
+    major_version: int = IKE_MAJOR_VERSION,
+    minor_version: int = IKE_MINOR_VERSION,
+) -> None:
+    if len(spi_i) != IKE_SPI_LENGTH or len(spi_r) != IKE_SPI_LENGTH:
         raise ValueError("IKE SPIs are 8 bytes (RFC 7296 §3.1)")
-    if not (0 <= header.major_version <= 0x0F and 0 <= header.minor_version <= 0x0F):
+    if not (0 <= major_version <= 0x0F and 0 <= minor_version <= 0x0F):
         raise ValueError("IKE version numbers are 4 bits each")
-    buf.push_bytes(header.spi_i)
-    buf.push_bytes(header.spi_r)
-    buf.push_uint8(header.next_payload)
-    buf.push_uint8(header.major_version << 4 | header.minor_version)
-    buf.push_uint8(header.exchange_type)
-    buf.push_uint8(header.flags)
-    buf.push_uint32(header.message_id)
-    buf.push_uint32(header.length)
+    buf.push_struct(
+        _IKE_HEADER,
+        spi_i,
+        spi_r,
+        next_payload,
+        major_version << 4 | minor_version,
+        exchange_type,
+        flags,
+        message_id,
+        length,
+    )
 
 
 # -- Generic payload header (RFC 7296 §3.2) -------------------------------------------------
@@ -154,16 +195,15 @@ class GenericPayloadHeader:
 
 
 def pull_generic_payload_header(buf: Buffer) -> GenericPayloadHeader:
-    next_payload = enum_or_int(PayloadType, buf.pull_uint8())
+    next_payload, flags, length = buf.pull_struct(_GENERIC_PAYLOAD_HEADER)
     # RFC 7296 §3.2: the 7 RESERVED bits "MUST be ignored on receipt"
-    critical = bool(buf.pull_uint8() & CRITICAL_BIT)
-    return GenericPayloadHeader(next_payload, critical, buf.pull_uint16())
+    next_payload = _PAYLOAD_TYPES.get(next_payload, next_payload)
+    return GenericPayloadHeader(next_payload, bool(flags & CRITICAL_BIT), length)
 
 
 def push_generic_payload_header(buf: Buffer, header: GenericPayloadHeader) -> None:
-    buf.push_uint8(header.next_payload)
-    buf.push_uint8(CRITICAL_BIT if header.critical else 0)
-    buf.push_uint16(header.length)
+    critical = CRITICAL_BIT if header.critical else 0
+    buf.push_struct(_GENERIC_PAYLOAD_HEADER, header.next_payload, critical, header.length)
 
 
 # -- The payload chain ----------------------------------------------------------------------
@@ -176,22 +216,21 @@ def _payload_name(payload_type: int) -> str:
         return f"type-{payload_type}"
 
 
-def _pull_payload_body(payload_type: int, header: GenericPayloadHeader, body: Buffer) -> Payload:
+def _pull_other_payload(
+    payload_type: int, next_payload: int, critical: bool, body: Buffer
+) -> Payload:
+    """A payload that BODY_PULLERS does not parse by its body alone."""
     # RFC 7296 §3.14 (and RFC 7383 §2.5 for SKF): the Next Payload of an Encrypted payload
     # "is the payload type of the first embedded payload"
     if payload_type == PayloadType.SK:
-        return pull_encrypted_payload(body, header.next_payload)
+        return pull_encrypted_payload(body, next_payload)
     if payload_type == PayloadType.SKF:
-        return pull_encrypted_fragment_payload(body, header.next_payload)
-    puller = BODY_PULLERS.get(payload_type)
-    if puller is None:
-        # RFC 7296 §3.2: an unrecognized payload with the critical bit set rejects the
-        # message; without it the payload "MUST be ignored" (skipped, and kept for the record)
-        if header.critical:
-            raise UnsupportedCriticalPayload(payload_type)
-        return UnknownPayload(payload_type, body.pull_bytes(body.remaining()))
-    # RFC 7296 §3.2: the critical bit "MUST be ignored" for a recognized payload type
-    return puller(body)
+        return pull_encrypted_fragment_payload(body, next_payload)
+    # RFC 7296 §3.2: an unrecognized payload with the critical bit set rejects the message;
+    # without it the payload "MUST be ignored" (skipped, and kept for the record)
+    if critical:
+        raise UnsupportedCriticalPayload(payload_type)
+    return UnknownPayload(payload_type, body.pull_bytes(body.remaining()))
 
 
 def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
@@ -202,40 +241,49 @@ def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
     """
     payloads: list[Payload] = []
     payload_type = first_type
-    while payload_type != PayloadType.NONE:
+    while payload_type != _NO_NEXT_PAYLOAD:
         start = buf.tell()
-        name = f"{_payload_name(payload_type)} payload at offset {start}"
         if end - start < GENERIC_PAYLOAD_HEADER_LENGTH:
-            raise InvalidSyntax(f"{name}: announced, but only {end - start} bytes remain")
-        header = pull_generic_payload_header(buf)
-        # RFC 7296 §3.2: Payload Length includes the generic header
-        if header.length < GENERIC_PAYLOAD_HEADER_LENGTH:
-            raise InvalidSyntax(f"{name}: Payload Length {header.length} < 4")
-        if start + header.length > end:
             raise InvalidSyntax(
-                f"{name}: Payload Length {header.length} runs past the end "
+                f"{_where(payload_type, start)}: announced, but only {end - start} bytes remain"
+            )
+        # RFC 7296 §3.2: the generic payload header, as pull_generic_payload_header reads it
+        next_payload, flags, length = buf.pull_struct(_GENERIC_PAYLOAD_HEADER)
+        # RFC 7296 §3.2: Payload Length includes the generic header
+        if length < GENERIC_PAYLOAD_HEADER_LENGTH:
+            raise InvalidSyntax(f"{_where(payload_type, start)}: Payload Length {length} < 4")
+        if start + length > end:
+            raise InvalidSyntax(
+                f"{_where(payload_type, start)}: Payload Length {length} runs past the end "
                 f"({end - start} bytes left)"
             )
-        body = Buffer(data=buf.pull_bytes(header.length - GENERIC_PAYLOAD_HEADER_LENGTH))
+        body = buf.pull_buffer(length - GENERIC_PAYLOAD_HEADER_LENGTH)
+        puller = BODY_PULLERS.get(payload_type)
         try:
-            payload = _pull_payload_body(payload_type, header, body)
+            if puller is not None:
+                # RFC 7296 §3.2: the critical bit "MUST be ignored" for a recognized type
+                payload = puller(body)
+            else:
+                critical = bool(flags & CRITICAL_BIT)
+                payload = _pull_other_payload(payload_type, next_payload, critical, body)
         except BufferReadError as exc:
-            exc.add_note(f"in the {name}")
+            exc.add_note(f"in the {_where(payload_type, start)}")
             raise
         except InvalidSyntax as exc:
-            raise InvalidSyntax(f"{name}: {exc.reason}") from None
+            raise InvalidSyntax(f"{_where(payload_type, start)}: {exc.reason}") from None
         if not body.eof():  # every body parser reads to its end; a bug if not
-            raise InvalidSyntax(f"{name}: {body.remaining()} unparsed bytes")
+            raise InvalidSyntax(f"{_where(payload_type, start)}: {body.remaining()} unparsed bytes")
         payloads.append(payload)
-        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
+        if payload_type in _ENCRYPTED_TYPES:
             # RFC 7296 §3.14: "the Encrypted payload, if present in a message, MUST be the
             # last payload in the message" (so also SKF, RFC 7383 §2.5)
             if buf.tell() != end:
                 raise InvalidSyntax(
-                    f"{name}: {end - buf.tell()} bytes follow it, it must be the last payload"
+                    f"{_where(payload_type, start)}: {end - buf.tell()} bytes follow it, it "
+                    "must be the last payload"
                 )
             return payloads
-        payload_type = header.next_payload
+        payload_type = next_payload
     # RFC 7296 §3.1: Length covers exactly the header and the payloads
     if buf.tell() != end:
         raise InvalidSyntax(
@@ -245,33 +293,37 @@ def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
     return payloads
 
 
-def push_payload_chain(buf: Buffer, payloads: tuple[Payload, ...] | list[Payload]) -> int:
+def _where(payload_type: int, start: int) -> str:
+    """A payload in an error message (built only when there is an error to report)."""
+    return f"{_payload_name(payload_type)} payload at offset {start}"
+
+
+def push_payload_chain(buf: Buffer, payloads: Sequence[Payload]) -> int:
     """Write payloads with their generic headers chained; return the first payload's type."""
+    last = len(payloads) - 1
     for index, payload in enumerate(payloads):
-        last = index == len(payloads) - 1
         next_payload: int
         if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
             # RFC 7296 §3.14: last in the message, its Next Payload names the first inner one
-            if not last:
+            if index != last:
                 raise ValueError("the Encrypted payload must be the last payload (§3.14)")
             next_payload = payload.first_payload
         else:
-            next_payload = PayloadType.NONE if last else payloads[index + 1].payload_type
-        if isinstance(payload, UnknownPayload) and (
-            payload.payload_type in BODY_PULLERS
-            or payload.payload_type in (PayloadType.NONE, PayloadType.SK, PayloadType.SKF)
-        ):
-            raise ValueError(f"UnknownPayload of known type {payload.payload_type}")
+            next_payload = _NO_NEXT_PAYLOAD if index == last else payloads[index + 1].payload_type
+            if isinstance(payload, UnknownPayload) and (
+                payload.payload_type in BODY_PULLERS
+                or payload.payload_type in (PayloadType.NONE, PayloadType.SK, PayloadType.SKF)
+            ):
+                raise ValueError(f"UnknownPayload of known type {payload.payload_type}")
         start = buf.tell()
-        # RFC 7296 §3.2: C "MUST be set to zero for payload types defined in this document"
-        push_generic_payload_header(buf, GenericPayloadHeader(next_payload, False, 0))
+        # RFC 7296 §3.2: C "MUST be set to zero for payload types defined in this document";
+        # Payload Length is written once the body is
+        buf.push_struct(_GENERIC_PAYLOAD_HEADER, next_payload, 0, 0)
         push_payload_body(buf, payload)
-        end = buf.tell()
-        if end - start > MAX_PAYLOAD_LENGTH:
+        length = buf.tell() - start
+        if length > MAX_PAYLOAD_LENGTH:
             raise ValueError(f"{_payload_name(payload.payload_type)} payload too long")
-        buf.seek(start + 2)
-        buf.push_uint16(end - start)
-        buf.seek(end)
+        buf.patch_uint16(start + 2, length)
     return payloads[0].payload_type if payloads else PayloadType.NONE
 
 
@@ -303,21 +355,17 @@ class Message:
         return None
 
 
-@contextmanager
-def _truncation_is_invalid_syntax() -> Iterator[None]:
+def _truncated(exc: BufferReadError) -> InvalidSyntax:
     """The one translation of BufferReadError into the protocol's error."""
-    try:
-        yield
-    except BufferReadError as exc:
-        where = "; ".join(getattr(exc, "__notes__", ()))
-        raise InvalidSyntax(f"truncated: {exc}" + (f" ({where})" if where else "")) from None
+    where = "; ".join(getattr(exc, "__notes__", ()))
+    return InvalidSyntax(f"truncated: {exc}" + (f" ({where})" if where else ""))
 
 
 def parse_message(data: bytes) -> Message:
     """Parse one IKE message; raises ``IkeProtocolError`` (mostly ``InvalidSyntax``)."""
     if len(data) < IKE_HEADER_LENGTH:
         raise InvalidSyntax(f"{len(data)} bytes, shorter than the 28-byte IKE header")
-    with _truncation_is_invalid_syntax():
+    try:
         buf = Buffer(data=data)
         header = pull_ike_header(buf)
         # RFC 7296 §3.1: Length is "the total message (header + payloads) in octets"
@@ -327,6 +375,8 @@ def parse_message(data: bytes) -> Message:
                 "a length mismatch"
             )
         payloads = pull_payload_chain(buf, header.next_payload, len(data))
+    except BufferReadError as exc:
+        raise _truncated(exc) from None
     return Message(header, tuple(payloads))
 
 
@@ -335,17 +385,19 @@ def parse_payload_chain(data: bytes, first_type: int) -> tuple[Payload, ...]:
 
     ``first_type`` is the Encrypted payload's ``first_payload``.
     """
-    with _truncation_is_invalid_syntax():
+    try:
         payloads = pull_payload_chain(Buffer(data=data), first_type, len(data))
+    except BufferReadError as exc:
+        raise _truncated(exc) from None
     for payload in payloads:
         # RFC 7296 §3.14 defines one level of encryption: an SK (or SKF) inside another
         # could never be decrypted
-        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
+        if payload.payload_type in _ENCRYPTED_TYPES:
             raise InvalidSyntax("an Encrypted payload inside the Encrypted payload")
     return tuple(payloads)
 
 
-def serialize_payload_chain(payloads: tuple[Payload, ...] | list[Payload]) -> tuple[int, bytes]:
+def serialize_payload_chain(payloads: Sequence[Payload]) -> tuple[int, bytes]:
     """The chained payloads as bytes, and the type to put in whatever precedes them."""
     buf = Buffer()
     first_type = push_payload_chain(buf, payloads)
@@ -364,11 +416,54 @@ def serialize_payload_body(payload: Payload) -> bytes:
 
 def serialize_message(message: Message) -> bytes:
     """The message as bytes; the header's Next Payload and Length are computed."""
-    first_type, body = serialize_payload_chain(message.payloads)
-    length = IKE_HEADER_LENGTH + len(body)
+    h = message.header
+    buf = Buffer()
+    buf.push_bytes(bytes(IKE_HEADER_LENGTH))  # the header, written once Length is known
+    first_type = push_payload_chain(buf, message.payloads)
+    length = buf.tell()
     if length > MAX_MESSAGE_LENGTH:
         raise ValueError(f"IKE message of {length} bytes exceeds the 32-bit Length field")
-    buf = Buffer(capacity=length)
-    push_ike_header(buf, replace(message.header, next_payload=first_type, length=length))
-    buf.push_bytes(body)
+    buf.seek(0)
+    _push_ike_header_fields(
+        buf,
+        h.spi_i,
+        h.spi_r,
+        first_type,
+        h.exchange_type,
+        h.flags,
+        h.message_id,
+        length,
+        h.major_version,
+        h.minor_version,
+    )
+    buf.seek(length)
+    return buf.data
+
+
+def serialize_sk_prefix(header: IkeHeader, first_inner: int, sk_length: int) -> bytes:
+    """The IKE header and the Encrypted payload's generic header of a message whose one
+    payload is SK (RFC 7296 §3.14): the associated data of its encryption (RFC 5282 §5.1).
+
+    ``first_inner`` is the type of the first payload inside; ``sk_length`` the SK payload's
+    Payload Length (generic header, IV, ciphertext, ICV). The header's Next Payload (SK) and
+    Length are computed.
+    """
+    length = IKE_HEADER_LENGTH + sk_length
+    if sk_length > MAX_PAYLOAD_LENGTH:
+        raise ValueError(f"SK payload of {sk_length} bytes exceeds the 16-bit Payload Length")
+    buf = Buffer()
+    _push_ike_header_fields(
+        buf,
+        header.spi_i,
+        header.spi_r,
+        PayloadType.SK,
+        header.exchange_type,
+        header.flags,
+        header.message_id,
+        length,
+        header.major_version,
+        header.minor_version,
+    )
+    # RFC 7296 §3.2: C is zero; §3.14: Next Payload names the first payload inside
+    buf.push_struct(_GENERIC_PAYLOAD_HEADER, first_inner, 0, sk_length)
     return buf.data

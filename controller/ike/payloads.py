@@ -14,11 +14,13 @@ to IANA come back as enum members, unknown ones as plain ``int`` (registries gro
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address
-from typing import ClassVar, TypeAlias, assert_never
+from typing import Any, ClassVar, TypeAlias, get_args
 
 from .buffer import Buffer
 from .constants import (
@@ -38,7 +40,7 @@ from .constants import (
     TransformAttributeType,
     TransformType,
     TsType,
-    enum_or_int,
+    members_by_value,
 )
 from .errors import InvalidSyntax
 
@@ -141,27 +143,58 @@ MAX_TRAFFIC_SELECTORS = 2**8 - 1  # one-octet "Number of TSs"
 CONFIG_ATTRIBUTE_HEADER_LENGTH = 2 + 2  # = 4
 CONFIG_ATTRIBUTE_TYPE_MASK = 0x7FFF  # the top bit is reserved
 
-_RESERVED_3 = bytes(3)
+# The fixed layouts above for Buffer.pull_struct/push_struct: network order, "x" for a
+# RESERVED octet ("MUST be sent as zero; MUST be ignored on receipt", RFC 7296 §3.2)
+_SUBSTRUCTURE_HEADER = struct.Struct("!BxH")  # Last Substruc, RESERVED, Length (§3.3.1/2)
+_PROPOSAL_FIELDS = struct.Struct("!BBBB")  # Proposal Num, Protocol ID, SPI Size, Num Transforms
+_TRANSFORM_FIELDS = struct.Struct("!BxH")  # Transform Type, RESERVED, Transform ID
+_ATTRIBUTE_HEADER = struct.Struct("!HH")  # AF + Attribute Type, Value (TV) or Length (TLV)
+_TYPE_RESERVED_3 = struct.Struct("!B3x")  # ID Type / Auth Method / CFG Type, RESERVED (3)
+_KE_HEADER = struct.Struct("!H2x")  # Diffie-Hellman Group Num, RESERVED (§3.4)
+_NOTIFY_HEADER = struct.Struct("!BBH")  # Protocol ID, SPI Size, Notify Message Type (§3.10)
+_DELETE_HEADER = struct.Struct("!BBH")  # Protocol ID, SPI Size, Num of SPIs (§3.11)
+_TS_HEADER = struct.Struct("!BBH")  # TS Type, IP Protocol ID, Selector Length (§3.13.1)
+_TS_PORTS = struct.Struct("!HH")  # Start Port, End Port (§3.13.1)
+_TS_COUNT = struct.Struct("!B3x")  # Number of TSs, RESERVED (§3.13)
+_FRAGMENT_HEADER = struct.Struct("!HH")  # Fragment Number, Total Fragments (RFC 7383 §2.5)
+_CONFIG_ATTRIBUTE_HEADER = struct.Struct("!HH")  # R + Attribute Type, Length (§3.15.1)
+# Written in one step, the same headers: a proposal's and a transform's (read in two, so that
+# a Length running past the end is reported as such), a selector up to its addresses
+_PROPOSAL_HEADER = struct.Struct("!BxHBBBB")
+_TRANSFORM_HEADER = struct.Struct("!BxHBxH")
+_TS_HEADER_PORTS = struct.Struct("!BBHHH")
+assert _SUBSTRUCTURE_HEADER.size + _PROPOSAL_FIELDS.size == _PROPOSAL_HEADER.size
+assert _PROPOSAL_HEADER.size == PROPOSAL_HEADER_LENGTH
+assert _SUBSTRUCTURE_HEADER.size + _TRANSFORM_FIELDS.size == _TRANSFORM_HEADER.size
+assert _TRANSFORM_HEADER.size == TRANSFORM_HEADER_LENGTH
+assert _TS_HEADER.size == TS_HEADER_LENGTH
+assert _TS_HEADER.size + _TS_PORTS.size == _TS_HEADER_PORTS.size
+
+# Registry lookups for the fields parsed per structure (constants.members_by_value)
+_TRANSFORM_TYPES = members_by_value(TransformType)
+_TRANSFORM_ATTRIBUTE_TYPES = members_by_value(TransformAttributeType)
+_PROTOCOL_IDS = members_by_value(ProtocolId)
+_ID_TYPES = members_by_value(IdType)
+_CERT_ENCODINGS = members_by_value(CertEncoding)
+_AUTH_METHODS = members_by_value(AuthMethod)
+_NOTIFY_TYPES = members_by_value(NotifyType)
+_DH_GROUPS = members_by_value(DhGroup)
+_PAYLOAD_TYPES = members_by_value(PayloadType)
+_CFG_TYPES = members_by_value(CfgType)
+_CONFIG_ATTRIBUTE_TYPES = members_by_value(ConfigAttributeType)
+_KEY_LENGTH = TransformAttributeType.KEY_LENGTH  # read per transform: Enum attributes are slow
 
 
 def _pull_rest(buf: Buffer) -> bytes:
     return buf.pull_bytes(buf.remaining())
 
 
-def _skip_reserved(buf: Buffer, length: int) -> None:
-    # RFC 7296 §3.2: RESERVED "MUST be sent as zero; MUST be ignored on receipt"
-    buf.pull_bytes(length)
-
-
 def _patch_length(buf: Buffer, at: int, start: int, what: str) -> None:
     """Write the 16-bit length of the structure that began at ``start`` into ``at``."""
-    end = buf.tell()
-    length = end - start
+    length = buf.tell() - start
     if length > MAX_SUBSTRUCTURE_LENGTH:
         raise ValueError(f"{what} is {length} bytes, its length field holds at most 65535")
-    buf.seek(at)
-    buf.push_uint16(length)
-    buf.seek(end)
+    buf.patch_uint16(at, length)
 
 
 def _raise_if(problem: str | None) -> None:
@@ -182,6 +215,9 @@ _TRANSFORM_ID_ENUMS: dict[int, type[IntEnum]] = {
     TransformType.INTEG: IntegId,
     TransformType.KE: DhGroup,
     TransformType.ESN: EsnId,
+}
+_TRANSFORM_IDS: dict[int, dict[int, IntEnum]] = {
+    transform_type: members_by_value(ids) for transform_type, ids in _TRANSFORM_ID_ENUMS.items()
 }
 
 
@@ -205,9 +241,7 @@ class Transform:
     def key_length(self) -> int | None:
         """The Key Length attribute in bits (RFC 7296 §3.3.5), if present."""
         for attribute in self.attributes:
-            if attribute.attribute_type == TransformAttributeType.KEY_LENGTH and isinstance(
-                attribute.value, int
-            ):
+            if attribute.attribute_type == _KEY_LENGTH and isinstance(attribute.value, int):
                 return attribute.value
         return None
 
@@ -247,13 +281,14 @@ def _proposal_spi_problem(protocol_id: int, spi_size: int) -> str | None:
 def _pull_transform_attributes(buf: Buffer) -> tuple[TransformAttribute, ...]:
     attributes: list[TransformAttribute] = []
     while not buf.eof():
-        word = buf.pull_uint16()
-        attribute_type = enum_or_int(TransformAttributeType, word & ATTRIBUTE_TYPE_MASK)
+        word, value_or_length = buf.pull_struct(_ATTRIBUTE_HEADER)
+        attribute_type = word & ATTRIBUTE_TYPE_MASK
+        attribute_type = _TRANSFORM_ATTRIBUTE_TYPES.get(attribute_type, attribute_type)
         value: int | bytes
         if word & ATTRIBUTE_FORMAT_TV:  # RFC 7296 §3.3.5: AF = 1, the value is two octets
-            value = buf.pull_uint16()
+            value = value_or_length
         else:
-            length = buf.pull_uint16()
+            length = value_or_length
             if length > buf.remaining():
                 raise InvalidSyntax(
                     f"transform attribute {attribute_type}: length {length} runs past the "
@@ -271,50 +306,58 @@ def _push_transform_attribute(buf: Buffer, attribute: TransformAttribute) -> Non
     if not 0 <= attribute.attribute_type <= ATTRIBUTE_TYPE_MASK:
         raise ValueError(f"transform attribute type {attribute.attribute_type} exceeds 15 bits")
     if isinstance(attribute.value, int):
-        buf.push_uint16(ATTRIBUTE_FORMAT_TV | attribute.attribute_type)
-        buf.push_uint16(attribute.value)
+        buf.push_struct(
+            _ATTRIBUTE_HEADER, ATTRIBUTE_FORMAT_TV | attribute.attribute_type, attribute.value
+        )
     else:
         if attribute.attribute_type == TransformAttributeType.KEY_LENGTH:
             raise ValueError("Key Length must be a TV attribute (RFC 7296 §3.3.5): give an int")
-        buf.push_uint16(attribute.attribute_type)
-        buf.push_uint16(len(attribute.value))
+        buf.push_struct(_ATTRIBUTE_HEADER, attribute.attribute_type, len(attribute.value))
         buf.push_bytes(attribute.value)
 
 
 def _pull_transform(buf: Buffer) -> tuple[Transform, bool]:
     """One transform and whether its Last Substruc announces another."""
-    last_substructure = buf.pull_uint8()
+    last_substructure, length = buf.pull_struct(_SUBSTRUCTURE_HEADER)
     # RFC 7296 §3.3.2: "0 (last) or 3 (more transforms)"
-    if last_substructure not in (LAST_SUBSTRUCTURE, MORE_TRANSFORMS):
+    if last_substructure != LAST_SUBSTRUCTURE and last_substructure != MORE_TRANSFORMS:
         raise InvalidSyntax(f"transform Last Substruc {last_substructure}, expected 0 or 3")
-    _skip_reserved(buf, 1)
-    length = buf.pull_uint16()
     if length < TRANSFORM_HEADER_LENGTH:
         raise InvalidSyntax(f"Transform Length {length} < {TRANSFORM_HEADER_LENGTH}")
     if length - 4 > buf.remaining():
         raise InvalidSyntax(
             f"Transform Length {length} runs past the proposal ({buf.remaining() + 4} left)"
         )
-    transform_type = enum_or_int(TransformType, buf.pull_uint8())
-    _skip_reserved(buf, 1)
-    raw_id = buf.pull_uint16()
-    id_enum = _TRANSFORM_ID_ENUMS.get(transform_type)
-    transform_id = raw_id if id_enum is None else enum_or_int(id_enum, raw_id)
-    attributes = _pull_transform_attributes(
-        Buffer(data=buf.pull_bytes(length - TRANSFORM_HEADER_LENGTH))
+    transform_type, raw_id = buf.pull_struct(_TRANSFORM_FIELDS)
+    ids = _TRANSFORM_IDS.get(transform_type)
+    transform_id = raw_id if ids is None else ids.get(raw_id, raw_id)
+    attributes = (
+        _pull_transform_attributes(buf.pull_buffer(length - TRANSFORM_HEADER_LENGTH))
+        if length > TRANSFORM_HEADER_LENGTH
+        else ()
     )
-    transform = Transform(transform_type, transform_id, attributes)
+    transform = Transform(
+        _TRANSFORM_TYPES.get(transform_type, transform_type), transform_id, attributes
+    )
     return transform, last_substructure == MORE_TRANSFORMS
 
 
 def _push_transform(buf: Buffer, transform: Transform, last: bool) -> None:
     start = buf.tell()
-    buf.push_uint8(LAST_SUBSTRUCTURE if last else MORE_TRANSFORMS)
-    buf.push_uint8(0)
-    buf.push_uint16(0)  # Transform Length, patched below
-    buf.push_uint8(transform.transform_type)
-    buf.push_uint8(0)
-    buf.push_uint16(transform.transform_id)
+    last_substructure = LAST_SUBSTRUCTURE if last else MORE_TRANSFORMS
+    if not transform.attributes:
+        buf.push_struct(
+            _TRANSFORM_HEADER,
+            last_substructure,
+            TRANSFORM_HEADER_LENGTH,
+            transform.transform_type,
+            transform.transform_id,
+        )
+        return
+    # Transform Length is patched below, once the attributes are written
+    buf.push_struct(
+        _TRANSFORM_HEADER, last_substructure, 0, transform.transform_type, transform.transform_id
+    )
     for attribute in transform.attributes:
         _push_transform_attribute(buf, attribute)
     _patch_length(buf, start + 2, start, "transform")
@@ -322,32 +365,28 @@ def _push_transform(buf: Buffer, transform: Transform, last: bool) -> None:
 
 def _pull_proposal(buf: Buffer) -> tuple[Proposal, bool]:
     """One proposal and whether its Last Substruc announces another."""
-    last_substructure = buf.pull_uint8()
+    last_substructure, length = buf.pull_struct(_SUBSTRUCTURE_HEADER)
     # RFC 7296 §3.3.1: "0 if this was the last Proposal Substructure, and a value of 2 if
     # there are more"
-    if last_substructure not in (LAST_SUBSTRUCTURE, MORE_PROPOSALS):
+    if last_substructure != LAST_SUBSTRUCTURE and last_substructure != MORE_PROPOSALS:
         raise InvalidSyntax(f"proposal Last Substruc {last_substructure}, expected 0 or 2")
-    _skip_reserved(buf, 1)
-    length = buf.pull_uint16()
-    number = buf.pull_uint8()
-    protocol_id = enum_or_int(ProtocolId, buf.pull_uint8())
-    spi_size = buf.pull_uint8()
-    num_transforms = buf.pull_uint8()
-    what = f"proposal {number}"
+    number, protocol_id, spi_size, num_transforms = buf.pull_struct(_PROPOSAL_FIELDS)
+    protocol_id = _PROTOCOL_IDS.get(protocol_id, protocol_id)
     # RFC 7296 §3.3.1: proposals are numbered from 1; a response echoes the chosen number
     if number == 0:
         raise InvalidSyntax("Proposal Num 0 (proposals are numbered from 1)")
     _raise_if(_proposal_spi_problem(protocol_id, spi_size))
     if length < PROPOSAL_HEADER_LENGTH + spi_size:
         raise InvalidSyntax(
-            f"{what}: Proposal Length {length} < {PROPOSAL_HEADER_LENGTH} + SPI size {spi_size}"
+            f"proposal {number}: Proposal Length {length} < {PROPOSAL_HEADER_LENGTH} + SPI "
+            f"size {spi_size}"
         )
     if length - PROPOSAL_HEADER_LENGTH > buf.remaining():
         raise InvalidSyntax(
-            f"{what}: Proposal Length {length} runs past the SA payload "
+            f"proposal {number}: Proposal Length {length} runs past the SA payload "
             f"({buf.remaining() + PROPOSAL_HEADER_LENGTH} bytes left)"
         )
-    inner = Buffer(data=buf.pull_bytes(length - PROPOSAL_HEADER_LENGTH))
+    inner = buf.pull_buffer(length - PROPOSAL_HEADER_LENGTH)
     spi = inner.pull_bytes(spi_size)
     transforms: list[Transform] = []
     while not inner.eof():
@@ -356,14 +395,15 @@ def _pull_proposal(buf: Buffer) -> tuple[Proposal, bool]:
         # RFC 7296 §3.3.2: Last Substruc must agree with the Proposal Length
         if more == inner.eof():
             raise InvalidSyntax(
-                f"{what}: transform {len(transforms)} has Last Substruc "
+                f"proposal {number}: transform {len(transforms)} has Last Substruc "
                 f"{'3 (more)' if more else '0 (last)'} but the proposal "
                 f"{'ends' if more else 'goes on'}"
             )
     # RFC 7296 §3.3.1: "Num Transforms - Specifies the number of transforms in this proposal"
     if len(transforms) != num_transforms:
         raise InvalidSyntax(
-            f"{what}: Num Transforms {num_transforms} but {len(transforms)} transforms present"
+            f"proposal {number}: Num Transforms {num_transforms} but {len(transforms)} "
+            "transforms present"
         )
     return Proposal(number, protocol_id, spi, tuple(transforms)), (
         last_substructure == MORE_PROPOSALS
@@ -375,16 +415,20 @@ def _push_proposal(buf: Buffer, proposal: Proposal, last: bool) -> None:
         raise ValueError("proposals are numbered from 1 (RFC 7296 §3.3.1)")
     _fail_if(_proposal_spi_problem(proposal.protocol_id, len(proposal.spi)))
     start = buf.tell()
-    buf.push_uint8(LAST_SUBSTRUCTURE if last else MORE_PROPOSALS)
-    buf.push_uint8(0)
-    buf.push_uint16(0)  # Proposal Length, patched below
-    buf.push_uint8(proposal.number)
-    buf.push_uint8(proposal.protocol_id)
-    buf.push_uint8(len(proposal.spi))
-    buf.push_uint8(len(proposal.transforms))
+    # Proposal Length is patched below, once the transforms are written
+    buf.push_struct(
+        _PROPOSAL_HEADER,
+        LAST_SUBSTRUCTURE if last else MORE_PROPOSALS,
+        0,
+        proposal.number,
+        proposal.protocol_id,
+        len(proposal.spi),
+        len(proposal.transforms),
+    )
     buf.push_bytes(proposal.spi)
+    last_index = len(proposal.transforms) - 1
     for index, transform in enumerate(proposal.transforms):
-        _push_transform(buf, transform, last=index == len(proposal.transforms) - 1)
+        _push_transform(buf, transform, last=index == last_index)
     _patch_length(buf, start + 2, start, "proposal")
 
 
@@ -409,8 +453,9 @@ def pull_sa_payload(buf: Buffer) -> SaPayload:
 def push_sa_payload(buf: Buffer, payload: SaPayload) -> None:
     if not payload.proposals:
         raise ValueError("an SA payload needs at least one proposal (RFC 7296 §3.3)")
+    last_index = len(payload.proposals) - 1
     for index, proposal in enumerate(payload.proposals):
-        _push_proposal(buf, proposal, last=index == len(payload.proposals) - 1)
+        _push_proposal(buf, proposal, last=index == last_index)
 
 
 # -- KE payload (RFC 7296 §3.4) -------------------------------------------------------------
@@ -426,14 +471,12 @@ class KePayload:
 
 
 def pull_ke_payload(buf: Buffer) -> KePayload:
-    group = enum_or_int(DhGroup, buf.pull_uint16())
-    _skip_reserved(buf, 2)
-    return KePayload(group, _pull_rest(buf))
+    (group,) = buf.pull_struct(_KE_HEADER)
+    return KePayload(_DH_GROUPS.get(group, group), _pull_rest(buf))
 
 
 def push_ke_payload(buf: Buffer, payload: KePayload) -> None:
-    buf.push_uint16(payload.group)
-    buf.push_uint16(0)
+    buf.push_struct(_KE_HEADER, payload.group)
     buf.push_bytes(payload.data)
 
 
@@ -459,14 +502,12 @@ class IdrPayload:
 
 
 def _pull_identification(buf: Buffer) -> tuple[IdType | int, bytes]:
-    id_type = enum_or_int(IdType, buf.pull_uint8())
-    _skip_reserved(buf, 3)
-    return id_type, _pull_rest(buf)
+    (id_type,) = buf.pull_struct(_TYPE_RESERVED_3)
+    return _ID_TYPES.get(id_type, id_type), _pull_rest(buf)
 
 
 def _push_identification(buf: Buffer, id_type: int, data: bytes) -> None:
-    buf.push_uint8(id_type)
-    buf.push_bytes(_RESERVED_3)
+    buf.push_struct(_TYPE_RESERVED_3, id_type)
     buf.push_bytes(data)
 
 
@@ -512,7 +553,8 @@ class CertReqPayload:
 
 
 def pull_cert_payload(buf: Buffer) -> CertPayload:
-    return CertPayload(enum_or_int(CertEncoding, buf.pull_uint8()), _pull_rest(buf))
+    encoding = buf.pull_uint8()
+    return CertPayload(_CERT_ENCODINGS.get(encoding, encoding), _pull_rest(buf))
 
 
 def push_cert_payload(buf: Buffer, payload: CertPayload) -> None:
@@ -521,7 +563,8 @@ def push_cert_payload(buf: Buffer, payload: CertPayload) -> None:
 
 
 def pull_certreq_payload(buf: Buffer) -> CertReqPayload:
-    return CertReqPayload(enum_or_int(CertEncoding, buf.pull_uint8()), _pull_rest(buf))
+    encoding = buf.pull_uint8()
+    return CertReqPayload(_CERT_ENCODINGS.get(encoding, encoding), _pull_rest(buf))
 
 
 def push_certreq_payload(buf: Buffer, payload: CertReqPayload) -> None:
@@ -542,14 +585,12 @@ class AuthPayload:
 
 
 def pull_auth_payload(buf: Buffer) -> AuthPayload:
-    method = enum_or_int(AuthMethod, buf.pull_uint8())
-    _skip_reserved(buf, 3)
-    return AuthPayload(method, _pull_rest(buf))
+    (method,) = buf.pull_struct(_TYPE_RESERVED_3)
+    return AuthPayload(_AUTH_METHODS.get(method, method), _pull_rest(buf))
 
 
 def push_auth_payload(buf: Buffer, payload: AuthPayload) -> None:
-    buf.push_uint8(payload.method)
-    buf.push_bytes(_RESERVED_3)
+    buf.push_struct(_TYPE_RESERVED_3, payload.method)
     buf.push_bytes(payload.data)
 
 
@@ -602,9 +643,9 @@ class NotifyPayload:
 
 
 def pull_notify_payload(buf: Buffer) -> NotifyPayload:
-    protocol_id = enum_or_int(ProtocolId, buf.pull_uint8())
-    spi_size = buf.pull_uint8()
-    notify_type = enum_or_int(NotifyType, buf.pull_uint16())
+    protocol_id, spi_size, notify_type = buf.pull_struct(_NOTIFY_HEADER)
+    protocol_id = _PROTOCOL_IDS.get(protocol_id, protocol_id)
+    notify_type = _NOTIFY_TYPES.get(notify_type, notify_type)
     if spi_size > buf.remaining():
         raise InvalidSyntax(
             f"notify {notify_type}: SPI Size {spi_size} but {buf.remaining()} bytes left"
@@ -614,9 +655,7 @@ def pull_notify_payload(buf: Buffer) -> NotifyPayload:
 
 
 def push_notify_payload(buf: Buffer, payload: NotifyPayload) -> None:
-    buf.push_uint8(payload.protocol_id)
-    buf.push_uint8(len(payload.spi))
-    buf.push_uint16(payload.notify_type)
+    buf.push_struct(_NOTIFY_HEADER, payload.protocol_id, len(payload.spi), payload.notify_type)
     buf.push_bytes(payload.spi)
     buf.push_bytes(payload.data)
 
@@ -649,9 +688,7 @@ def _delete_problem(protocol_id: int, spi_size: int, count: int) -> str | None:
 
 
 def pull_delete_payload(buf: Buffer) -> DeletePayload:
-    raw_protocol = buf.pull_uint8()
-    spi_size = buf.pull_uint8()
-    count = buf.pull_uint16()
+    raw_protocol, spi_size, count = buf.pull_struct(_DELETE_HEADER)
     _raise_if(_delete_problem(raw_protocol, spi_size, count))
     # RFC 7296 §3.11: the SPIs fill the rest of the payload, "SPI Size * Num of SPIs" octets
     if spi_size * count != buf.remaining():
@@ -665,9 +702,7 @@ def pull_delete_payload(buf: Buffer) -> DeletePayload:
 def push_delete_payload(buf: Buffer, payload: DeletePayload) -> None:
     spi_size = 0 if payload.protocol_id == ProtocolId.IKE else CHILD_SA_SPI_SIZE
     _fail_if(_delete_problem(payload.protocol_id, spi_size, len(payload.spis)))
-    buf.push_uint8(payload.protocol_id)
-    buf.push_uint8(spi_size)
-    buf.push_uint16(len(payload.spis))
+    buf.push_struct(_DELETE_HEADER, payload.protocol_id, spi_size, len(payload.spis))
     for spi in payload.spis:
         buf.push_uint32(spi)
 
@@ -754,11 +789,21 @@ _TS_LENGTHS: dict[int, int] = {
 }
 
 
+# Selectors repeat (every Child SA of a connection offers the same ones): their addresses are
+# built once per distinct value, not per message (ip_address objects are immutable).
+@lru_cache(maxsize=1024)
+def _ipv4_address(packed: bytes) -> IPv4Address:
+    return IPv4Address(packed)
+
+
+@lru_cache(maxsize=1024)
+def _ipv6_address(packed: bytes) -> IPv6Address:
+    return IPv6Address(packed)
+
+
 def _pull_traffic_selector(buf: Buffer) -> Selector:
     start = buf.tell()
-    ts_type = buf.pull_uint8()
-    ip_protocol = buf.pull_uint8()
-    length = buf.pull_uint16()
+    ts_type, ip_protocol, length = buf.pull_struct(_TS_HEADER)
     expected = _TS_LENGTHS.get(ts_type)
     if expected is None:
         if length < TS_HEADER_LENGTH or length - TS_HEADER_LENGTH > buf.remaining():
@@ -773,11 +818,10 @@ def _pull_traffic_selector(buf: Buffer) -> Selector:
         raise InvalidSyntax(
             f"{TsType(ts_type).name}: Selector Length {length}, expected {expected}"
         )
-    start_port = buf.pull_uint16()
-    end_port = buf.pull_uint16()
-    address_size = (expected - TS_HEADER_LENGTH - 2 - 2) // 2
-    address: type[IPv4Address] | type[IPv6Address] = (
-        IPv4Address if ts_type == TsType.TS_IPV4_ADDR_RANGE else IPv6Address
+    start_port, end_port = buf.pull_struct(_TS_PORTS)
+    address_size = (expected - TS_HEADER_LENGTH - _TS_PORTS.size) // 2
+    address: Callable[[bytes], IPv4Address] | Callable[[bytes], IPv6Address] = (
+        _ipv4_address if ts_type == TsType.TS_IPV4_ADDR_RANGE else _ipv6_address
     )
     start_address = address(buf.pull_bytes(address_size))
     end_address = address(buf.pull_bytes(address_size))
@@ -794,18 +838,19 @@ def _push_traffic_selector(buf: Buffer, selector: Selector) -> None:
     if selector.start_address.version != selector.end_address.version:
         raise ValueError("a traffic selector's addresses must be of one family")
     ts_type = selector.ts_type
-    buf.push_uint8(ts_type)
-    buf.push_uint8(selector.ip_protocol)
-    buf.push_uint16(_TS_LENGTHS[ts_type])
-    buf.push_uint16(selector.start_port)
-    buf.push_uint16(selector.end_port)
-    buf.push_bytes(selector.start_address.packed)
-    buf.push_bytes(selector.end_address.packed)
+    buf.push_struct(
+        _TS_HEADER_PORTS,
+        ts_type,
+        selector.ip_protocol,
+        _TS_LENGTHS[ts_type],
+        selector.start_port,
+        selector.end_port,
+    )
+    buf.push_bytes(selector.start_address.packed + selector.end_address.packed)
 
 
 def _pull_traffic_selectors(buf: Buffer) -> tuple[Selector, ...]:
-    count = buf.pull_uint8()
-    _skip_reserved(buf, 3)
+    (count,) = buf.pull_struct(_TS_COUNT)
     selectors: list[Selector] = []
     while not buf.eof():
         selectors.append(_pull_traffic_selector(buf))
@@ -818,8 +863,7 @@ def _pull_traffic_selectors(buf: Buffer) -> tuple[Selector, ...]:
 def _push_traffic_selectors(buf: Buffer, selectors: tuple[Selector, ...]) -> None:
     if len(selectors) > MAX_TRAFFIC_SELECTORS:
         raise ValueError(f"{len(selectors)} traffic selectors, at most 255 fit")
-    buf.push_uint8(len(selectors))
-    buf.push_bytes(_RESERVED_3)
+    buf.push_struct(_TS_COUNT, len(selectors))
     for selector in selectors:
         _push_traffic_selector(buf, selector)
 
@@ -869,7 +913,7 @@ class EncryptedFragmentPayload:
 
 
 def pull_encrypted_payload(buf: Buffer, first_payload: int) -> EncryptedPayload:
-    return EncryptedPayload(enum_or_int(PayloadType, first_payload), _pull_rest(buf))
+    return EncryptedPayload(_PAYLOAD_TYPES.get(first_payload, first_payload), _pull_rest(buf))
 
 
 def push_encrypted_payload(buf: Buffer, payload: EncryptedPayload) -> None:
@@ -887,11 +931,10 @@ def _fragment_problem(number: int, total: int, first_payload: int) -> str | None
 
 
 def pull_encrypted_fragment_payload(buf: Buffer, first_payload: int) -> EncryptedFragmentPayload:
-    number = buf.pull_uint16()
-    total = buf.pull_uint16()
+    number, total = buf.pull_struct(_FRAGMENT_HEADER)
     _raise_if(_fragment_problem(number, total, first_payload))
     return EncryptedFragmentPayload(
-        number, total, enum_or_int(PayloadType, first_payload), _pull_rest(buf)
+        number, total, _PAYLOAD_TYPES.get(first_payload, first_payload), _pull_rest(buf)
     )
 
 
@@ -899,8 +942,7 @@ def push_encrypted_fragment_payload(buf: Buffer, payload: EncryptedFragmentPaylo
     _fail_if(
         _fragment_problem(payload.fragment_number, payload.total_fragments, payload.first_payload)
     )
-    buf.push_uint16(payload.fragment_number)
-    buf.push_uint16(payload.total_fragments)
+    buf.push_struct(_FRAGMENT_HEADER, payload.fragment_number, payload.total_fragments)
     buf.push_bytes(payload.data)
 
 
@@ -925,32 +967,28 @@ class ConfigurationPayload:
 
 
 def pull_configuration_payload(buf: Buffer) -> ConfigurationPayload:
-    cfg_type = enum_or_int(CfgType, buf.pull_uint8())
-    _skip_reserved(buf, 3)
+    (cfg_type,) = buf.pull_struct(_TYPE_RESERVED_3)
     attributes: list[ConfigurationAttribute] = []
     while not buf.eof():
+        word, length = buf.pull_struct(_CONFIG_ATTRIBUTE_HEADER)
         # RFC 7296 §3.15.1: the top bit is reserved, "MUST be ignored on receipt"
-        attribute_type = enum_or_int(
-            ConfigAttributeType, buf.pull_uint16() & CONFIG_ATTRIBUTE_TYPE_MASK
-        )
-        length = buf.pull_uint16()
+        attribute_type = word & CONFIG_ATTRIBUTE_TYPE_MASK
+        attribute_type = _CONFIG_ATTRIBUTE_TYPES.get(attribute_type, attribute_type)
         if length > buf.remaining():
             raise InvalidSyntax(
                 f"configuration attribute {attribute_type}: length {length} runs past the "
                 f"CP payload ({buf.remaining()} bytes left)"
             )
         attributes.append(ConfigurationAttribute(attribute_type, buf.pull_bytes(length)))
-    return ConfigurationPayload(cfg_type, tuple(attributes))
+    return ConfigurationPayload(_CFG_TYPES.get(cfg_type, cfg_type), tuple(attributes))
 
 
 def push_configuration_payload(buf: Buffer, payload: ConfigurationPayload) -> None:
-    buf.push_uint8(payload.cfg_type)
-    buf.push_bytes(_RESERVED_3)
+    buf.push_struct(_TYPE_RESERVED_3, payload.cfg_type)
     for attribute in payload.attributes:
         if not 0 <= attribute.attribute_type <= CONFIG_ATTRIBUTE_TYPE_MASK:
             raise ValueError(f"configuration attribute type {attribute.attribute_type} > 15 bits")
-        buf.push_uint16(attribute.attribute_type)
-        buf.push_uint16(len(attribute.value))
+        buf.push_struct(_CONFIG_ATTRIBUTE_HEADER, attribute.attribute_type, len(attribute.value))
         buf.push_bytes(attribute.value)
 
 
@@ -1005,42 +1043,37 @@ BODY_PULLERS: dict[int, Callable[[Buffer], Payload]] = {
 }
 
 
+def _push_unknown_payload(buf: Buffer, payload: UnknownPayload) -> None:
+    buf.push_bytes(payload.data)
+
+
+# Body serializers by payload class, the counterpart of BODY_PULLERS (a dict lookup: the
+# payloads of a message are written one by one)
+_BODY_PUSHERS: dict[type, Callable[[Buffer, Any], None]] = {
+    SaPayload: push_sa_payload,
+    KePayload: push_ke_payload,
+    IdiPayload: push_idi_payload,
+    IdrPayload: push_idr_payload,
+    CertPayload: push_cert_payload,
+    CertReqPayload: push_certreq_payload,
+    AuthPayload: push_auth_payload,
+    NoncePayload: push_nonce_payload,
+    NotifyPayload: push_notify_payload,
+    DeletePayload: push_delete_payload,
+    VendorIdPayload: push_vendor_id_payload,
+    TsiPayload: push_tsi_payload,
+    TsrPayload: push_tsr_payload,
+    EncryptedPayload: push_encrypted_payload,
+    EncryptedFragmentPayload: push_encrypted_fragment_payload,
+    ConfigurationPayload: push_configuration_payload,
+    UnknownPayload: _push_unknown_payload,
+}
+assert set(_BODY_PUSHERS) == set(get_args(Payload))
+
+
 def push_payload_body(buf: Buffer, payload: Payload) -> None:
     """Write the body of any payload (everything after its generic header)."""
-    match payload:
-        case SaPayload():
-            push_sa_payload(buf, payload)
-        case KePayload():
-            push_ke_payload(buf, payload)
-        case IdiPayload():
-            push_idi_payload(buf, payload)
-        case IdrPayload():
-            push_idr_payload(buf, payload)
-        case CertPayload():
-            push_cert_payload(buf, payload)
-        case CertReqPayload():
-            push_certreq_payload(buf, payload)
-        case AuthPayload():
-            push_auth_payload(buf, payload)
-        case NoncePayload():
-            push_nonce_payload(buf, payload)
-        case NotifyPayload():
-            push_notify_payload(buf, payload)
-        case DeletePayload():
-            push_delete_payload(buf, payload)
-        case VendorIdPayload():
-            push_vendor_id_payload(buf, payload)
-        case TsiPayload():
-            push_tsi_payload(buf, payload)
-        case TsrPayload():
-            push_tsr_payload(buf, payload)
-        case EncryptedPayload():
-            push_encrypted_payload(buf, payload)
-        case EncryptedFragmentPayload():
-            push_encrypted_fragment_payload(buf, payload)
-        case ConfigurationPayload():
-            push_configuration_payload(buf, payload)
-        case UnknownPayload():
-            buf.push_bytes(payload.data)
-        case _:
-            assert_never(payload)
+    pusher = _BODY_PUSHERS.get(type(payload))
+    if pusher is None:
+        raise TypeError(f"not a payload: {payload!r}")
+    pusher(buf, payload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from controller.ike.constants import (
     DhGroup,
@@ -77,19 +78,26 @@ def esp_transform_ids(
     return tuple(out)
 
 
+@lru_cache(maxsize=256)
+def _ike_transforms(p: IkeProposal) -> tuple[Transform, ...]:
+    """The transforms of an IKE proposal but its key exchange methods (one per config, not
+    per IKE_SA_INIT: transforms are immutable)."""
+    transforms = [
+        _encr(p.encr, p.suite.key_length_attribute),
+        Transform(TransformType.PRF, p.prf),
+    ]
+    if p.integ is not None:
+        transforms.append(Transform(TransformType.INTEG, p.integ))
+    return tuple(transforms)
+
+
 def ike_proposals(configured: Sequence[IkeProposal], spi: bytes = b"") -> SaPayload:
     """The SA payload of an IKE_SA_INIT request (SPI empty: RFC 7296 §3.3.1), or with the
     new initiator SPI that of a CREATE_CHILD_SA rekeying the IKE SA (RFC 7296 §2.18)."""
     proposals = []
     for i, p in enumerate(configured, start=1):
-        transforms = [
-            _encr(p.encr, p.suite.key_length_attribute),
-            Transform(TransformType.PRF, p.prf),
-        ]
-        if p.integ is not None:
-            transforms.append(Transform(TransformType.INTEG, p.integ))
-        transforms += [Transform(TransformType.KE, g) for g in p.ke_groups]
-        proposals.append(Proposal(i, ProtocolId.IKE, spi, tuple(transforms)))
+        transforms = (*_ike_transforms(p), *(Transform(TransformType.KE, g) for g in p.ke_groups))
+        proposals.append(Proposal(i, ProtocolId.IKE, spi, transforms))
     return SaPayload(tuple(proposals))
 
 
@@ -129,12 +137,7 @@ def select_ike(
     the caller answers INVALID_KE_PAYLOAD (RFC 7296 §1.3)."""
     candidates: list[ChosenIke] = []
     for config in configured:
-        base = [
-            _encr(config.encr, config.suite.key_length_attribute),
-            Transform(TransformType.PRF, config.prf),
-        ]
-        if config.integ is not None:
-            base.append(Transform(TransformType.INTEG, config.integ))
+        base = _ike_transforms(config)
         for offer in offered.proposals:
             if offer.protocol_id != ProtocolId.IKE or not _contains(offer, base):
                 continue
@@ -193,7 +196,7 @@ def select_esp(
                 continue
             groups = _ke_ids(offer)
             want = wanted
-            if ignore_ke:
+            if ignore_ke and groups:
                 offer = _without_ke(offer)
             elif ke_group is None and groups:
                 if DhGroup.NONE not in groups:
