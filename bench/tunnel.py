@@ -7,7 +7,8 @@ addresses, left -> right.
 
 - ``espline``: two ``espline run`` gateways with static SAs: ESP aes128gcm16 in UDP 4500
   (``encap: true``, as strongSwan's userspace data plane always does), TUN inside (MTU from
-  the tunnel overhead), socket outside, workers = cores.
+  the tunnel overhead), AF_PACKET outside (``--outside socket``: raw and UDP sockets), workers =
+  cores.
 - ``strongswan``: two Debian charons with kernel-libipsec (TUN ``ipsec0``, MTU 1400, ESP in
   UDP 4500), PSK, IKE aes128gcm16-prfsha256-x25519, ESP aes128gcm16, brought up with
   ``swanctl --initiate`` (recipe: shared/reference/strongswan-peer.md). Per-instance state
@@ -142,13 +143,18 @@ class Plain(Setup):
 class Espline(Setup):
     name = "espline"
 
+    def outside(self, side: Side) -> str:
+        if self.args.outside == "socket":
+            return "{mode: socket}"
+        return f"{{mode: af_packet, interface: {side.dev}}}"
+
     def config(self, side: Side, out_spi: int, in_spi: int, out_key: str, in_key: str) -> str:
         rundir = self.work / f"espline-{side.name[-1]}"
         return textwrap.dedent(f"""\
             dataplane:
               workers: {self.args.workers}
               inside: {{mode: tun, name: espl0}}
-              outside: {{mode: socket}}
+              outside: {self.outside(side)}
               endpoints: {{runtime_dir: {rundir}}}
             static_sas:
               - name: {side.outer}-to-{side.peer_outer}
@@ -611,6 +617,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pings", type=int, default=50, help="idle pings (default 50)")
     p.add_argument("--ping-interval", type=float, default=0.02,
                    help="seconds between pings, idle and loaded (default 0.02)")
+    p.add_argument("--outside", choices=("af_packet", "socket"), default="af_packet",
+                   help="espline's outside mode (default af_packet: TPACKET_V3 ring, "
+                        "sendmmsg; socket: raw/UDP sockets, one syscall per packet)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="espline workers (default: cores)")
     p.add_argument("--profile", metavar="DIR",
