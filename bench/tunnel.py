@@ -146,7 +146,7 @@ class Espline(Setup):
     def outside(self, side: Side) -> str:
         if self.args.outside == "socket":
             return "{mode: socket}"
-        return f"{{mode: af_packet, interface: {side.dev}}}"
+        return f"{{mode: af_packet, interface: {side.dev}, ring: {self.args.ring}}}"
 
     def config(self, side: Side, out_spi: int, in_spi: int, out_key: str, in_key: str) -> str:
         rundir = self.work / f"espline-{side.name[-1]}"
@@ -620,6 +620,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outside", choices=("af_packet", "socket"), default="af_packet",
                    help="espline's outside mode (default af_packet: TPACKET_V3 ring, "
                         "sendmmsg; socket: raw/UDP sockets, one syscall per packet)")
+    p.add_argument("--ring", choices=("v3", "v2"), default="v3",
+                   help="the af_packet outside's RX ring (v3: blocks; v2: per frame)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="espline workers (default: cores)")
     p.add_argument("--profile", metavar="DIR",

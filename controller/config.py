@@ -343,6 +343,9 @@ class OutsideConfig:
     mode: OutsideMode = "socket"
     interface: str | None = None
     fanout: bool = True
+    # The RX ring's TPACKET version (af_packet): "v3" hands packets over in blocks, after up
+    # to a block timeout at low rates (~1 ms a crossing); "v2" per frame, as they arrive.
+    ring: Literal["v2", "v3"] = "v3"
 
 
 def _default_endpoint(runtime_dir: str, name: str) -> str:
@@ -485,12 +488,14 @@ def _parse_inside(value: object, keys: _Keys) -> InsideConfig:
 
 
 def _parse_outside(value: object, keys: _Keys) -> OutsideConfig:
-    s = _Section(value, keys, ("mode", "interface", "fanout"))
+    s = _Section(value, keys, ("mode", "interface", "fanout", "ring"))
     mode = cast(OutsideMode, s.get_choice("mode", "socket", ("af_packet", "socket")))
     if mode == "af_packet":
         interface: str | None = _ifname(s.get("interface"), s.at("interface"))
-        return OutsideConfig(mode, interface, s.get_bool("fanout", True))
+        ring = cast(Literal["v2", "v3"], s.get_choice("ring", "v3", ("v2", "v3")))
+        return OutsideConfig(mode, interface, s.get_bool("fanout", True), ring)
     _only_for(s, "fanout", "af_packet", "")
+    _only_for(s, "ring", "af_packet", "")
     raw = s.get("interface", None)
     interface = None if raw is None else _ifname(raw, s.at("interface"))
     return OutsideConfig(mode, interface)

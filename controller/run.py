@@ -65,13 +65,14 @@ class TunIO:
 class AfPacketIO:
     """An AF_PACKET RX ring and TX path on one interface."""
 
-    def __init__(self, interface: str, *, esp_only: bool, fanout: bool) -> None:
+    def __init__(self, interface: str, *, esp_only: bool, fanout: bool,
+                 ring_version: int = 3) -> None:
         from pipeline import afpacket, bpf
 
         self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
         self.rx = afpacket.RxRing(interface, bpf=bpf.esp_filter() if esp_only else None,
                                   fanout_group=afpacket.default_fanout_group() if fanout
-                                  else None)
+                                  else None, version=ring_version)
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
@@ -196,7 +197,8 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
         stack.callback(sink.close)
         for nat_t_sock in claim_nat_t_ports(nat_t):
             stack.callback(nat_t_sock.close)
-        port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout)
+        port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout,
+                          ring_version=2 if dp.outside.ring == "v2" else 3)
         stack.callback(port.close)
         outside = port
     return inside, outside

@@ -161,13 +161,38 @@ FRAME_HDR_DTYPE = np.dtype(
         ("sll_addr_head", "V4"),
     ]
 )
+# struct tpacket2_hdr followed (at TPACKET_ALIGN(32) = 32) by the first 16 bytes of
+# struct sockaddr_ll: the same field names as FRAME_HDR_DTYPE, read the same way.
+FRAME_HDR_V2_DTYPE = np.dtype(
+    [
+        ("tp_status", "<u4"),  # TP_STATUS_KERNEL / TP_STATUS_USER: who owns the frame
+        ("tp_len", "<u4"),
+        ("tp_snaplen", "<u4"),
+        ("tp_mac", "<u2"),
+        ("tp_net", "<u2"),
+        ("tp_sec", "<u4"),
+        ("tp_nsec", "<u4"),
+        ("tp_vlan_tci", "<u2"),
+        ("tp_vlan_tpid", "<u2"),
+        ("tp_padding", "V4"),
+        ("sll_family", "<u2"),
+        ("sll_protocol", ">u2"),
+        ("sll_ifindex", "<i4"),
+        ("sll_hatype", "<u2"),
+        ("sll_pkttype", "u1"),
+        ("sll_halen", "u1"),
+        ("sll_addr_head", "V4"),
+    ]
+)
 assert BLOCK_DESC_DTYPE.itemsize == 48 and FRAME_HDR_DTYPE.itemsize == 64
+assert FRAME_HDR_V2_DTYPE.itemsize == 48
 _RX_DROP_REASONS = ("outgoing", "vlan", "not_ip", "truncated", "too_big")
 _V3_ALIGNMENT = 8  # frames in a V3 block start on 8-byte boundaries (TOTAL_PKT_LEN_INCL_ALIGN)
 
 _TPACKET_REQ3 = struct.Struct("=7I")  # block_size, block_nr, frame_size, frame_nr, tov, priv, feat
 _TPACKET_REQ = struct.Struct("=4I")
 _TPACKET_STATS_V3 = struct.Struct("=3I")  # tp_packets, tp_drops, tp_freeze_q_cnt
+_TPACKET_STATS = struct.Struct("=2I")  # tp_packets, tp_drops (TPACKET_V2)
 
 # The IP version nibble gives the ethertype; nothing else may leave through TxPath.
 _ETHERTYPE_FOR_VERSION = {4: ETHERTYPE_IPV4, 6: ETHERTYPE_IPV6}
@@ -222,8 +247,12 @@ class RxRing:
         fanout_group: int | None = None,
         fanout_mode: int = PACKET_FANOUT_HASH,
         fanout_flags: int = 0,
+        version: int = 3,
     ) -> None:
         page = mmap.PAGESIZE
+        if version not in (2, 3):
+            raise ValueError(f"TPACKET version 2 or 3, got {version}")
+        self.version = version
         if block_size % page or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two multiple of {page}")
         if frame_size % TPACKET_ALIGNMENT or not 0 < frame_size <= block_size:
@@ -248,15 +277,20 @@ class RxRing:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: no packets yet
         mm: mmap.mmap | None = None
         try:
-            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION,
+                            TPACKET_V3 if version == 3 else TPACKET_V2)
             with contextlib.suppress(OSError):  # Linux >= 4.20; the pkttype check stays
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             if bpf is not None:
                 _bpf.attach(sock, bpf)  # before bind: no unfiltered packet slips in
-            req = _TPACKET_REQ3.pack(
-                block_size, block_count, frame_size,
-                (block_size // frame_size) * block_count, retire_blk_tov_ms, 0, 0,
-            )  # fmt: skip
+            if version == 3:
+                req = _TPACKET_REQ3.pack(
+                    block_size, block_count, frame_size,
+                    (block_size // frame_size) * block_count, retire_blk_tov_ms, 0, 0,
+                )  # fmt: skip
+            else:
+                req = _TPACKET_REQ.pack(block_size, block_count, frame_size,
+                                        (block_size // frame_size) * block_count)
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
             mm = mmap.mmap(
                 sock.fileno(), block_size * block_count, mmap.MAP_SHARED,
@@ -284,6 +318,14 @@ class RxRing:
         self._bytes: memoryview = memoryview(self._mm)
         self._hdr_units = np.arange(FRAME_HDR_DTYPE.itemsize // _V3_ALIGNMENT, dtype=np.int64)
         self._l3_bytes = np.arange(6, dtype=np.int64)
+        # TPACKET_V2: fixed frames, back to back (block_size is a multiple of frame_size),
+        # each with its own status word: the kernel wakes the reader per packet.
+        self.frame_size = frame_size
+        self.frame_count = (block_size // frame_size) * block_count
+        self._frames: npt.NDArray[np.void] = np.ndarray(
+            (self.frame_count,), dtype=FRAME_HDR_V2_DTYPE, buffer=self._mm,
+            strides=(frame_size,))
+        self._frame = 0  # V2: the next frame to read
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
@@ -307,6 +349,8 @@ class RxRing:
 
     def readable(self) -> bool:
         """True if :meth:`read_into` has something to read now."""
+        if self.version == 2:
+            return bool(int(self._frames["tp_status"][self._frame]) & TP_STATUS_USER)
         if self._left:
             return True
         return bool(int(self._blocks["block_status"][self._block]) & TP_STATUS_USER)
@@ -364,13 +408,9 @@ class RxRing:
         room = batch.capacity - start
         if max_packets is not None:
             room = min(room, max_packets)
-        slot = batch.slot_size
-        max_len = batch.max_packet
-        dst = batch.data.data
-        src = self._bytes
+        if self.version == 2:
+            return self._read_v2(batch, room, ethertypes)
         u32 = self._u32
-        meta = batch.meta
-        counters = self._counters
         filled = 0
         while filled < room:
             if not self._left and not self._open_block():
@@ -384,64 +424,98 @@ class RxRing:
             self._pos = pos
             offs = np.array(offsets, dtype=np.int64)
             hdr = self._units[(offs >> 3)[:, None] + self._hdr_units].reshape(-1)
-            hdr = hdr.view(FRAME_HDR_DTYPE)
-            l3 = offs + hdr["tp_net"]
-            cap = hdr["tp_snaplen"].astype(np.int64) - (hdr["tp_net"] - hdr["tp_mac"])
-            ip = self._ring[l3[:, None] + self._l3_bytes].astype(np.int64)
-            version = ip[:, 0] >> 4
-            etype = hdr["sll_protocol"]
-            is4 = (etype == ETHERTYPE_IPV4) & (version == 4)
-            is6 = (etype == ETHERTYPE_IPV6) & (version == 6)
-            # Trim Ethernet padding: a frame is padded to 60 bytes, an IP packet is not.
-            ip_len = np.where(is4, (ip[:, 2] << 8) | ip[:, 3], 40 + ((ip[:, 4] << 8) | ip[:, 5]))
-            length = np.where((ip_len <= cap) & (ip_len > 0), ip_len, cap)
-            outgoing = hdr["sll_pkttype"] == PACKET_OUTGOING
-            vlan = (hdr["tp_status"] & TP_STATUS_VLAN_VALID) != 0
-            not_ip = ~(is4 | is6)
-            truncated = hdr["tp_len"] != hdr["tp_snaplen"]
-            too_big = length > max_len
-            # The first reason that applies is the one counted.
-            reason = np.select([outgoing, vlan, not_ip, truncated, too_big], [1, 2, 3, 4, 5], 0)
-            if reason.any():
-                counts = np.bincount(reason, minlength=6).tolist()
-                for name, c in zip(_RX_DROP_REASONS, counts[1:], strict=True):
-                    counters[name] += c
-                good = np.flatnonzero(reason == 0)
-                l3, length, etype = l3[good], length[good], etype[good]
-                hdr = hdr[good]
-            k = len(length)
-            if k:
-                first = start + filled
-                base = first * slot + HEADROOM
-                d = base
-                for s, n in zip(l3.tolist(), length.tolist(), strict=True):
-                    dst[d : d + n] = src[s : s + n]
-                    d += slot
-                sl = slice(first, first + k)
-                meta["offset"][sl] = np.arange(base, base + k * slot, slot, dtype=np.uint32)
-                meta["length"][sl] = length
-                meta["sa"][sl] = 0
-                meta["verdict"][sl] = 0
-                meta["flags"][sl] = 0
-                meta["seq"][sl] = 0
-                if ethertypes is not None:
-                    ethertypes[sl] = etype
-                partial = np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY)
-                for j in partial.tolist():  # only from local senders (veth, tap)
-                    if complete_l4_checksum(batch.data, base + j * slot, int(length[j])):
-                        counters["csum_completed"] += 1
-                filled += k
+            filled += self._deliver(batch, start + filled, offs, hdr.view(FRAME_HDR_DTYPE),
+                                    ethertypes)
             self._left -= take
             if not self._left:
                 self._release_block()
         batch.count = start + filled
-        counters["packets"] += filled
+        self._counters["packets"] += filled
         return filled
+
+    def _read_v2(self, batch: Batch, room: int,
+                 ethertypes: npt.NDArray[np.uint16] | None) -> int:
+        """TPACKET_V2: the run of user-owned frames from the cursor, in ring order."""
+        start = batch.count
+        idx = (self._frame + np.arange(room, dtype=np.int64)) % self.frame_count
+        ready = (self._frames["tp_status"][idx] & TP_STATUS_USER) != 0
+        take = room if ready.all() else int(np.argmin(ready))
+        if not take:
+            return 0
+        idx = idx[:take]
+        filled = self._deliver(batch, start, idx * self.frame_size, self._frames[idx],
+                               ethertypes)
+        self._frames["tp_status"][idx] = TP_STATUS_KERNEL  # copied out: the kernel's again
+        self._frame = int(idx[-1] + 1) % self.frame_count
+        batch.count = start + filled
+        self._counters["packets"] += filled
+        return filled
+
+    def _deliver(self, batch: Batch, first: int, offs: npt.NDArray[np.int64],
+                 hdr: npt.NDArray[np.void], ethertypes: npt.NDArray[np.uint16] | None) -> int:
+        """Copy the frames at ring offsets ``offs`` (headers ``hdr``) into slots ``first``,
+        ``first + 1``, ...; frames that are not ours are counted by reason and skipped.
+        Returns how many slots were filled."""
+        slot = batch.slot_size
+        max_len = batch.max_packet
+        dst = batch.data.data
+        src = self._bytes
+        meta = batch.meta
+        counters = self._counters
+        l3 = offs + hdr["tp_net"]
+        cap = hdr["tp_snaplen"].astype(np.int64) - (hdr["tp_net"] - hdr["tp_mac"])
+        ip = self._ring[l3[:, None] + self._l3_bytes].astype(np.int64)
+        version = ip[:, 0] >> 4
+        etype = hdr["sll_protocol"]
+        is4 = (etype == ETHERTYPE_IPV4) & (version == 4)
+        is6 = (etype == ETHERTYPE_IPV6) & (version == 6)
+        # Trim Ethernet padding: a frame is padded to 60 bytes, an IP packet is not.
+        ip_len = np.where(is4, (ip[:, 2] << 8) | ip[:, 3], 40 + ((ip[:, 4] << 8) | ip[:, 5]))
+        length = np.where((ip_len <= cap) & (ip_len > 0), ip_len, cap)
+        outgoing = hdr["sll_pkttype"] == PACKET_OUTGOING
+        vlan = (hdr["tp_status"] & TP_STATUS_VLAN_VALID) != 0
+        not_ip = ~(is4 | is6)
+        truncated = hdr["tp_len"] != hdr["tp_snaplen"]
+        too_big = length > max_len
+        # The first reason that applies is the one counted.
+        reason = np.select([outgoing, vlan, not_ip, truncated, too_big], [1, 2, 3, 4, 5], 0)
+        if reason.any():
+            counts = np.bincount(reason, minlength=6).tolist()
+            for name, c in zip(_RX_DROP_REASONS, counts[1:], strict=True):
+                counters[name] += c
+            good = np.flatnonzero(reason == 0)
+            l3, length, etype = l3[good], length[good], etype[good]
+            hdr = hdr[good]
+        k = len(length)
+        if k:
+            base = first * slot + HEADROOM
+            d = base
+            for s, n in zip(l3.tolist(), length.tolist(), strict=True):
+                dst[d : d + n] = src[s : s + n]
+                d += slot
+            sl = slice(first, first + k)
+            meta["offset"][sl] = np.arange(base, base + k * slot, slot, dtype=np.uint32)
+            meta["length"][sl] = length
+            meta["sa"][sl] = 0
+            meta["verdict"][sl] = 0
+            meta["flags"][sl] = 0
+            meta["seq"][sl] = 0
+            if ethertypes is not None:
+                ethertypes[sl] = etype
+            partial = np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY)
+            for j in partial.tolist():  # only from local senders (veth, tap)
+                if complete_l4_checksum(batch.data, base + j * slot, int(length[j])):
+                    counters["csum_completed"] += 1
+        return k
 
     def stats(self) -> dict[str, int]:
         """Counters since the ring was opened; the kernel's are read (and reset) here."""
-        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS_V3.size)
-        packets, drops, freeze = _TPACKET_STATS_V3.unpack(raw)
+        if self.version == 2:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+            (packets, drops), freeze = _TPACKET_STATS.unpack(raw), 0
+        else:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS_V3.size)
+            packets, drops, freeze = _TPACKET_STATS_V3.unpack(raw)
         self._counters["kernel_packets"] += packets  # tp_packets already includes tp_drops
         self._counters["kernel_drops"] += drops
         self._counters["kernel_freeze_q_cnt"] += freeze
@@ -454,7 +528,7 @@ class RxRing:
         # Views of the mapping must go before the mapping can be unmapped.
         self._u32.release()
         self._bytes.release()
-        del self._ring, self._units, self._blocks
+        del self._ring, self._units, self._blocks, self._frames
         with contextlib.suppress(BufferError):  # a caller still holds a view: the GC unmaps it
             self._mm.close()
         self._sock.close()

@@ -321,13 +321,13 @@ def test_dataplane_sections_in_full() -> None:
         batch={"max_packets": 4096, "max_wait_us": 0},
         mtu=9000,
         inside={"mode": "af_packet", "interface": "eth1"},
-        outside={"mode": "af_packet", "interface": "eth0", "fanout": False},
+        outside={"mode": "af_packet", "interface": "eth0", "fanout": False, "ring": "v2"},
         endpoints={"runtime_dir": "/tmp/e/", "batches": "tcp://10.0.0.5:5555"},
     )
     dp = parse(c).dataplane
     assert (dp.batch, dp.mtu) == (BatchConfig(4096, 0), 9000)
     assert dp.inside == InsideConfig("af_packet", "eth1")
-    assert dp.outside == OutsideConfig("af_packet", "eth0", fanout=False)
+    assert dp.outside == OutsideConfig("af_packet", "eth0", fanout=False, ring="v2")
     assert dp.endpoints == dataclasses.replace(
         EndpointsConfig.under("/tmp/e"), batches="tcp://10.0.0.5:5555"
     )
@@ -1064,6 +1064,18 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         at(("dataplane", "outside"), {"mode": "socket", "fanout": True}),
         "dataplane.outside.fanout",
         "only for mode af_packet",
+    ),
+    (
+        "ring on socket",
+        at(("dataplane", "outside"), {"mode": "socket", "ring": "v2"}),
+        "dataplane.outside.ring",
+        "only for mode af_packet",
+    ),
+    (
+        "ring unknown",
+        at(("dataplane", "outside"), {"mode": "af_packet", "interface": "eth0", "ring": "v1"}),
+        "dataplane.outside.ring",
+        "'v1' is not one of v2, v3",
     ),
     (
         "tun with interface",
