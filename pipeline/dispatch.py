@@ -134,6 +134,20 @@ class Dispatcher:
                         (la, lb, lma, lmb), (ra, rb, rma, rmb) = _split(lts), _split(rts)
                         self._rows6.append((tuple(map(np.uint64, (la, lb, ra, rb))),
                                             tuple(map(np.uint64, (lma, lmb, rma, rmb))), i))
+        # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff
+        # its masked address pair equals the row's, so one sorted search per shape finds
+        # the first matching row of that shape, however many rows share it (a concentrator
+        # has one policy per site, nearly all of one shape). The first match overall is the
+        # smallest policy index of the shapes' answers.
+        shapes: dict[int, dict[int, int]] = {}
+        for row_net, row_mask, i in self._rows4:
+            shapes.setdefault(int(row_mask), {}).setdefault(int(row_net), i)  # first row wins
+        self._shapes4: list[tuple[np.uint64, npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
+        self._shapes4 = []
+        for shape, first in shapes.items():
+            nets = sorted(first)
+            self._shapes4.append((np.uint64(shape), np.array(nets, dtype=np.uint64),
+                                  np.array([first[k] for k in nets], dtype=np.int64)))
         actions = np.array(
             [(p.sa_index if p.action is Action.PROTECT else -1) for p in policies]
             + [-1], dtype=np.int64)  # the extra entry: no match
@@ -161,15 +175,19 @@ class Dispatcher:
             length = meta["length"][sel]
             version = hdr["b0"] >> 4
             got = policy[sel]  # a view when sel is a slice: written in place
-            # The rows are tried last to first, each match overwriting: the first one wins.
             # (IPv4 and IPv6 rows never match the same packet.)
             if self._rows4:
                 v4 = (version == 4) & (length >= 20)
                 if np.count_nonzero(v4):
                     addrs = hdr["addrs4"].astype(np.uint64)
-                    for net, mask, i in reversed(self._rows4):
-                        np.copyto(got, i, where=v4 & ((addrs & mask) == net))
+                    for mask, keys, first in self._shapes4:
+                        masked = addrs & mask
+                        pos = np.searchsorted(keys, masked)
+                        np.minimum(pos, keys.size - 1, out=pos)
+                        hit = v4 & (keys[pos] == masked)
+                        np.minimum(got, np.where(hit, first[pos], got), out=got)
             if self._rows6:
+                # The rows are tried last to first, each match overwriting: the first wins.
                 v6 = (version == 6) & (length >= 40)
                 if np.count_nonzero(v6):
                     words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]

@@ -62,3 +62,40 @@ def test_outbound_sas_are_not_in_the_inbound_index() -> None:
     assert lookup(table, [0x1001, 0x2001]) == [None, 1]
     table.remove(1)
     assert lookup(table, [0x2001, 0x1001]) == [None, None]
+
+
+def test_sequence_blocks_for_a_batch_of_many_sas() -> None:
+    """Each SA's passing packets get its next numbers in batch order (DESIGN §4), whatever
+    the mix of SAs in the batch; dropped packets get none; an SA short of numbers gets what
+    is left and 0 (SEQ_OVERFLOW) for the rest."""
+    from pipeline.batch import Batch
+
+    rng = random.Random(3)
+    table = SaTable()
+    for i in range(12):
+        table.install(record(0x100 + i, Direction.OUT), i)
+    expected_next = {i: 1 for i in range(12)}
+    for round_ in range(30):
+        n = rng.randrange(1, 200)
+        batch = Batch.for_packets([bytes(40)] * n)
+        sa_of = [rng.randrange(12) if round_ % 3 else 5 for _ in range(n)]
+        batch.meta["sa"][:n] = sa_of
+        dropped = {k for k in range(n) if rng.random() < 0.1}
+        for k in dropped:
+            batch.meta["verdict"][k] = 3
+            batch.meta["seq"][k] = 777
+        table.assign_sequence(batch)
+        for k in range(n):
+            if k in dropped:
+                assert int(batch.meta["seq"][k]) == 777
+                continue
+            assert int(batch.meta["seq"][k]) == expected_next[sa_of[k]], (round_, k)
+            expected_next[sa_of[k]] += 1
+    sa = table[7]
+    assert sa is not None
+    sa.seq_out = sa.seq_limit - 2  # two numbers left
+    batch = Batch.for_packets([bytes(40)] * 6)
+    batch.meta["sa"][:6] = [7, 3, 7, 7, 3, 7]
+    table.assign_sequence(batch)
+    assert batch.meta["seq"][[0, 2, 3, 5]].tolist() == [sa.seq_limit - 1, sa.seq_limit, 0, 0]
+    assert batch.meta["seq"][[1, 4]].tolist() == [expected_next[3], expected_next[3] + 1]
