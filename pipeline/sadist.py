@@ -106,6 +106,8 @@ class SaTableSnapshot:
     version: int = 0
     sas: dict[int, SaRecord] | None = None
     policies: tuple[Policy, ...] = ()
+    # The SPD's entries by the ids SPD deltas name them with (see SaPublisher.set_policies).
+    policy_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sas is None:
@@ -116,14 +118,16 @@ class SaTableSnapshot:
         return json.dumps({
             "v": self.version,
             "sas": [[i, encode_record(r)] for i, r in sorted(self.sas.items())],
-            "policies": [_encode_policy(p) for p in self.policies],
+            "policies": [[i, _encode_policy(p)]
+                         for i, p in zip(self.policy_ids, self.policies, strict=True)],
         }).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> SaTableSnapshot:
         d = json.loads(data)
+        pairs = [(int(i), _decode_policy(p)) for i, p in d["policies"]]
         return cls(int(d["v"]), {int(i): decode_record(r) for i, r in d["sas"]},
-                   tuple(_decode_policy(p) for p in d["policies"]))
+                   tuple(p for _, p in pairs), tuple(i for i, _ in pairs))
 
     def apply_to(self, sink: SaSink) -> None:
         assert self.sas is not None
@@ -158,6 +162,8 @@ class SaPublisher:
         _bind_private(self.snapshot_socket, snapshot_endpoint)
         self._next_index = 0
         self._pending: list[dict[str, Any]] | None = None
+        self._policy_ids: dict[Policy, int] = {}
+        self._next_policy_id = 0
 
     @property
     def version(self) -> int:
@@ -217,9 +223,26 @@ class SaPublisher:
             self._publish({"op": "remove", "index": index})
 
     def set_policies(self, policies: Iterable[Policy]) -> None:
+        """The whole SPD, in order. Each entry keeps an id while it stays in the SPD; the
+        delta is the order of ids plus the entries the subscribers have not seen (on a
+        concentrator, one Child SA changes one entry of thousands: the delta stays small
+        and nothing is encoded or parsed again)."""
         self.table.policies = tuple(policies)
-        self._publish({"op": "policies",
-                       "policies": [_encode_policy(p) for p in self.table.policies]})
+        ids = self._policy_ids
+        known = dict(ids)
+        order, new = [], []
+        for p in self.table.policies:
+            pid = known.get(p)
+            if pid is None:
+                pid = known[p] = self._next_policy_id
+                self._next_policy_id += 1
+                new.append([pid, _encode_policy(p)])
+            order.append(pid)
+        # Only the current entries keep their ids: one that comes back later is new again
+        # (a subscriber's cache holds exactly the current SPD).
+        self._policy_ids = {p: known[p] for p in self.table.policies}
+        self.table.policy_ids = tuple(order)
+        self._publish({"op": "spd", "order": order, "new": new})
 
     def serve_snapshots(self) -> int:
         """Answer every waiting snapshot request; returns how many."""
@@ -244,12 +267,19 @@ class SaPublisher:
 
 # -- the data plane's side ----------------------------------------------------------------------
 
+class _Resync(Exception):
+    """A delta that cannot be applied to what this subscriber holds."""
+
+
 class SaSubscriber:
     """Follows the controller's table into ``sink`` (an I/O process's or a worker's)."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], pub_endpoint: str,
-                 snapshot_endpoint: str, sink: SaSink) -> None:
+                 snapshot_endpoint: str, sink: SaSink, *, policies: bool = True) -> None:
+        """``policies=False``: the sink has no use for the SPD (a worker), whose deltas
+        are then skipped unparsed."""
         self.sink = sink
+        self.policies = policies
         self.version = -1  # nothing applied yet
         self.resyncs = 0
         self.sub = ctx.socket(zmq.SUB)
@@ -259,6 +289,7 @@ class SaSubscriber:
         self.sub.connect(pub_endpoint)
         self._ctx = ctx
         self._snapshot_endpoint = snapshot_endpoint
+        self._policies: dict[int, Policy] = {}  # the current SPD's entries by id
 
     def sync(self, timeout: float = 5.0) -> None:
         """Fetch a snapshot and apply it plus every newer delta already received.
@@ -277,6 +308,7 @@ class SaSubscriber:
         finally:
             req.close(linger=0)
         snapshot = SaTableSnapshot.decode(frames[-1])
+        self._policies = dict(zip(snapshot.policy_ids, snapshot.policies, strict=True))
         snapshot.apply_to(self.sink)
         self.version = snapshot.version
         self.resyncs += 1
@@ -298,7 +330,11 @@ class SaSubscriber:
                 if version != self.version + 1:
                     self.sync()  # a gap: lost deltas; start again from a snapshot
                     return applied
-                self._apply(delta)
+                try:
+                    self._apply(delta)
+                except _Resync:
+                    self.sync()
+                    return applied
                 self.version = version
                 applied += 1
 
@@ -318,8 +354,17 @@ class SaSubscriber:
             self.sink.install(int(delta["index"]), decode_record(delta["sa"]))
         elif op == "remove":
             self.sink.remove(int(delta["index"]))
-        elif op == "policies":
-            self.sink.set_policies(tuple(_decode_policy(p) for p in delta["policies"]))
+        elif op == "spd":
+            if not self.policies:
+                return  # this sink has no SPD (a worker)
+            cache = self._policies
+            for pid, encoded in delta["new"]:
+                cache[int(pid)] = _decode_policy(encoded)
+            order = [int(pid) for pid in delta["order"]]
+            if any(pid not in cache for pid in order):
+                raise _Resync  # an entry we never saw: a bug, but a snapshot recovers
+            self._policies = {pid: cache[pid] for pid in order}
+            self.sink.set_policies(tuple(self._policies[pid] for pid in order))
 
     def close(self) -> None:
         self.sub.close(linger=0)

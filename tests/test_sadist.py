@@ -4,6 +4,7 @@ running data plane (real worker processes) that follows the controller's table l
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import queue
 import signal
@@ -308,3 +309,70 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
         finally:
             plane._updates = None
             updates.close()
+
+
+class SpdSink(TableSink):
+    def __init__(self) -> None:
+        super().__init__(SaTable())
+        self.spd: tuple[Policy, ...] = ()
+        self.changes = 0
+
+    def reset(self, sas: dict[int, SaRecord], policies: Any) -> None:
+        super().reset(sas, policies)
+        self.spd = tuple(policies)
+
+    def set_policies(self, policies: Any) -> None:
+        self.spd = tuple(policies)
+        self.changes += 1
+
+
+def site(i: int) -> Policy:
+    return Policy((NET_A,), (ipaddress.ip_network(f"172.{16 + i // 256}.{i % 256}.0/24"),),
+                  sa_index=i)
+
+
+def test_spd_deltas_carry_only_new_entries(publisher: tuple[Any, PublisherThread]) -> None:
+    """One site more in an SPD of 200 sends one entry, not 201; a subscriber that joins
+    from a snapshot later follows the same ids; a removed entry that comes back is sent
+    again; the worker's subscriber (policies=False) skips SPD deltas."""
+    ctx, pub = publisher
+    sink, late, worker = SpdSink(), SpdSink(), SpdSink()
+    sub = SaSubscriber(ctx, *pub.endpoints, sink=sink)
+    wsub = SaSubscriber(ctx, *pub.endpoints, sink=worker, policies=False)
+    spd = [site(i) for i in range(200)]
+    try:
+        sub.sync()
+        wsub.sync()
+        pub.call(lambda p: p.set_policies(spd))
+        assert sub.wait_for(1, timeout=5) and sink.spd == tuple(spd)
+
+        def publish(p: SaPublisher, policies: list[Policy]) -> int:
+            sent: list[bytes] = []
+            real, p.pub.send = p.pub.send, sent.append  # type: ignore[method-assign]
+            try:
+                p.set_policies(policies)
+            finally:
+                p.pub.send = real  # type: ignore[method-assign]
+            real(sent[0])
+            return len(json.loads(sent[0])["new"])
+
+        spd = [*spd[:100], site(500), *spd[100:]]
+        assert pub.call(lambda p: publish(p, spd)) == 1
+        assert sub.wait_for(2, timeout=5) and sink.spd == tuple(spd)
+        late_sub = SaSubscriber(ctx, *pub.endpoints, sink=late)
+        try:
+            late_sub.sync()
+            assert late.spd == tuple(spd)
+            removed = spd.pop(7)
+            assert pub.call(lambda p: publish(p, spd)) == 0
+            spd.append(removed)  # back, at the end: sent again
+            assert pub.call(lambda p: publish(p, spd)) == 1
+            assert late_sub.wait_for(4, timeout=5) and late.spd == tuple(spd)
+            assert late_sub.resyncs == 1
+        finally:
+            late_sub.close()
+        assert sub.wait_for(4, timeout=5) and sink.spd == tuple(spd) and sub.resyncs == 1
+        assert wsub.wait_for(4, timeout=5) and worker.changes == 0
+    finally:
+        sub.close()
+        wsub.close()

@@ -125,7 +125,8 @@ def run_worker(spec: WorkerSpec) -> None:
     ctx = zmq.Context()
     updates: SaSubscriber | None = None
     if spec.sa_updates is not None:
-        updates = SaSubscriber(ctx, *spec.sa_updates, sink=TableSink(codec.sas))
+        updates = SaSubscriber(ctx, *spec.sa_updates, sink=TableSink(codec.sas),
+                               policies=False)
         updates.sync()  # a restarted worker resyncs here (DESIGN §2)
     pool = BatchPool(spec.pool, spec.pool_buffers, spec.capacity, spec.slot_size,
                      create=False)
