@@ -325,18 +325,24 @@ class DataPlane:
             report.connect(self.reports)
             self._report = report
         self.supervisor.start()
-        poller = zmq.Poller()
+        # Two poll sets: everything, and (while no batch can be taken: every buffer or
+        # every worker's share is out) only what frees room. Polling packet fds that stay
+        # readable while nothing can be read would spin the loop at 100% CPU, on a core the
+        # workers may share.
+        poller, backlogged = zmq.Poller(), zmq.Poller()
         if updates is not None:
             poller.register(updates.sub, zmq.POLLIN)
+            backlogged.register(updates.sub, zmq.POLLIN)
         inside_fds = set(self.inside.fileno_list())
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
             poller.register(fd, zmq.POLLIN)
         poller.register(workers, zmq.POLLIN)
+        backlogged.register(workers, zmq.POLLIN)
         last_check = last_stats = time.monotonic()
         try:
             while not self._stop and not (until is not None and until()):
-                events = dict(poller.poll(10))
+                events = dict((poller if self._can_read() else backlogged).poll(10))
                 now = time.monotonic()
                 if updates is not None and updates.sub in events:
                     updates.drain()
