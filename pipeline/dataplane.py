@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -106,6 +107,39 @@ def _io_stats(io: object) -> dict[str, int]:
     return dict(get()) if callable(get) else {}
 
 
+_STALE = re.compile(r"batches-(\d+)(?:\.pool)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(runtime_dir: str) -> list[str]:
+    """Remove the batch pools and sockets an I/O process left behind when it died: a
+    container restart keeps its emptyDir, each pool holds tens of MiB of memory, and the new
+    process may well have the old one's PID (then its pool could not be created). Returns
+    the paths removed."""
+    removed = []
+    me = os.getpid()
+    for name in os.listdir(runtime_dir):
+        m = _STALE.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == me or not _alive(pid):
+            path = os.path.join(runtime_dir, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 class DataPlane:
     def __init__(self, settings: Settings, sas: Sequence[tuple[int, SaRecord]],
                  policies: Sequence[Policy], inside: PacketIO, outside: PacketIO, *,
@@ -136,6 +170,7 @@ class DataPlane:
         self._inside_src = {a.version: a for a in getattr(inside, "addresses", ())}
         self.stats = Stats()
         os.makedirs(settings.runtime_dir, mode=0o700, exist_ok=True)
+        remove_stale(settings.runtime_dir)
         tag = f"{os.getpid()}"
         self.endpoint = f"ipc://{settings.runtime_dir}/batches-{tag}"
         # The batch buffers, shared with the workers (pipeline/shmpool.py): those out at

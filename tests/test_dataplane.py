@@ -231,3 +231,27 @@ def test_a_hung_worker_is_killed_and_replaced(
     inside.put([inner(10**6 + i) for i in range(20)])
     wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent + 20)
     wait_for(lambda: len(plane._free) == len(plane.pool))
+
+
+def test_what_a_dead_io_process_left_is_removed_at_start() -> None:
+    """A container restart keeps the runtime dir: the pool and socket of the I/O process
+    that died are removed (even when the new process got the same PID), others kept."""
+    with tempfile.TemporaryDirectory() as rundir:
+        dead = os.fork()
+        if dead == 0:
+            os._exit(0)
+        os.waitpid(dead, 0)  # a PID that is gone
+        stale = [f"batches-{dead}.pool", f"batches-{dead}", f"batches-{os.getpid()}.pool"]
+        live = f"batches-{os.getppid()}.pool"  # a live process's: not ours to remove
+        for name in [*stale, live, "stats.json"]:
+            with open(os.path.join(rundir, name), "wb") as f:
+                f.write(b"x")
+        plane = DataPlane(Settings(workers=1, runtime_dir=rundir, max_packets=4), [], [],
+                          QueueIO(), QueueIO())
+        try:
+            left = sorted(os.listdir(rundir))
+            assert f"batches-{dead}.pool" not in left and f"batches-{dead}" not in left
+            assert live in left and "stats.json" in left
+            assert os.path.getsize(plane.pool.path) == plane.pool.nbytes  # ours, fresh
+        finally:
+            plane.pool.close()
