@@ -109,6 +109,19 @@ def _split(net: Network) -> tuple[int, int, int, int]:
     return addr >> 64, addr & (2**64 - 1), mask >> 64, mask & (2**64 - 1)
 
 
+_MIX6 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                  0x27D4EB2F165667C5], dtype=np.uint64)
+
+
+_SHAPE6_MIN_ROWS = 4
+
+
+def _hash6(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per row of four 64-bit words (multiply-xor; wraps modulo 2**64)."""
+    h: npt.NDArray[np.uint64] = (words * _MIX6).sum(axis=1, dtype=np.uint64)
+    return h ^ (h >> np.uint64(29))
+
+
 class Dispatcher:
     def __init__(self, sas: SaTable, policies: Sequence[Policy] = ()) -> None:
         self.sas = sas
@@ -148,6 +161,28 @@ class Dispatcher:
             nets = sorted(first)
             self._shapes4.append((np.uint64(shape), np.array(nets, dtype=np.uint64),
                                   np.array([first[k] for k in nets], dtype=np.int64)))
+        # IPv6 the same way, the four 64-bit words of a masked address pair hashed to one
+        # sortable key (and compared whole on a hit), for shapes of many rows; a shape of a
+        # few rows (cheaper row by row) or whose distinct rows collide in the hash keeps
+        # the row-by-row loop.
+        shapes6: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+        for nets6, masks6, i in self._rows6:
+            shapes6.setdefault(tuple(map(int, masks6)), {}).setdefault(
+                tuple(map(int, nets6)), i)
+        self._shapes6: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64],
+                                  npt.NDArray[np.uint64], npt.NDArray[np.int64]]] = []
+        self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
+        for masks_key, first6 in shapes6.items():
+            words = np.array(list(first6), dtype=np.uint64).reshape(-1, 4)
+            hashes = _hash6(words)
+            order = np.argsort(hashes)
+            if hashes.size < _SHAPE6_MIN_ROWS or np.unique(hashes).size != hashes.size:
+                self._loop6 += [r for r in self._rows6 if tuple(map(int, r[1])) == masks_key]
+                continue
+            self._shapes6.append((np.array(masks_key, dtype=np.uint64), hashes[order],
+                                  words[order],
+                                  np.array(list(first6.values()), dtype=np.int64)[order]))
+        self._loop6.sort(key=lambda r: r[2])
         actions = np.array(
             [(p.sa_index if p.action is Action.PROTECT else -1) for p in policies]
             + [-1], dtype=np.int64)  # the extra entry: no match
@@ -187,12 +222,18 @@ class Dispatcher:
                         hit = v4 & (keys[pos] == masked)
                         np.minimum(got, np.where(hit, first[pos], got), out=got)
             if self._rows6:
-                # The rows are tried last to first, each match overwriting: the first wins.
                 v6 = (version == 6) & (length >= 40)
                 if np.count_nonzero(v6):
                     words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]
-                    for nets, masks, i in reversed(self._rows6):
-                        hit = v6
+                    packed = np.stack(words, axis=1)
+                    for masks6, hashes, nets6, first6 in self._shapes6:
+                        masked = packed & masks6
+                        pos = np.searchsorted(hashes, _hash6(masked))
+                        np.minimum(pos, hashes.size - 1, out=pos)
+                        hit = v6 & (nets6[pos] == masked).all(axis=1)
+                        np.minimum(got, np.where(hit, first6[pos], got), out=got)
+                    for nets, masks, i in self._loop6:  # shapes whose rows collide
+                        hit = v6 & (got > i)
                         for word, net, mask in zip(words, nets, masks, strict=True):
                             hit = hit & ((word & mask) == net)
                         np.copyto(got, i, where=hit)
