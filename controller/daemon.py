@@ -92,10 +92,6 @@ class IkeDaemon:
         # COOKIE challenges from this many half-open SAs on (0: never; strongSwan's
         # charon.cookie_threshold defaults to 10 as well).
         self.cookies = CookieGuard(cookie_threshold, random) if cookie_threshold else None
-        # Set: datagrams wait for the end of the loop turn, and this runs before they go
-        # (the gateway sends the data plane what the turn's IKE events changed).
-        self.before_send: Callable[[], None] | None = None
-        self._outbox: list[tuple[bytes, tuple[str, int], bool]] = []
         self.dropped = 0  # datagrams that match no IKE SA and start none
         # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
         self.messages: Counter[tuple[int, str, str]] = Counter()
@@ -284,24 +280,6 @@ class IkeDaemon:
             self._send(data, addr, sa.local[1] == self.natt_port)
 
     def _send(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
-        if self.before_send is None:
-            self._transmit(data, addr, natt)
-            return
-        # Sent at the end of this loop turn, after ``before_send``: every datagram read in
-        # this turn has been handled by then, and what it changed reaches the data plane
-        # (in one message) before any answer that lets the peer use it.
-        self._outbox.append((data, addr, natt))
-        if len(self._outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._drain)
-
-    def _drain(self) -> None:
-        outbox, self._outbox = self._outbox, []
-        if self.before_send is not None:
-            self.before_send()
-        for data, addr, natt in outbox:
-            self._transmit(data, addr, natt)
-
-    def _transmit(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
         natt = natt and self._natt is not None
         endpoint = self._natt if natt else self._ike
         if endpoint is None or endpoint.transport is None:

@@ -292,7 +292,6 @@ class Gateway:
         self._next_child = 1
         self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
         self.publisher: SaPublisher | None = None
-        self._flush_scheduled = False
         self.stats: dict[str, Any] = {}  # the data plane's last counter report
         self.worker_stats: dict[int, dict[str, Any]] = {}  # each worker's last report
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
@@ -325,7 +324,6 @@ class Gateway:
                      f"ipc://{self.runtime_dir}/sa-snapshot-{tag}")
         reports = f"ipc://{self.runtime_dir}/reports-{tag}"
         self.publisher = SaPublisher(ctx, *endpoints)
-        self.daemon.before_send = self._flush_held
         self._reports = ctx.socket(zmq.PULL)
         self._reports.setsockopt(zmq.LINGER, 0)
         self._reports.bind(reports)
@@ -490,8 +488,6 @@ class Gateway:
                 if sock is not None:
                     loop.remove_reader(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         if self.publisher is not None:
-            self.publisher.flush()
-            self.daemon.before_send = None
             self.publisher.close()
             self.publisher = None
         if self._reports is not None:
@@ -603,20 +599,12 @@ class Gateway:
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:
             if self.publisher is not None:
-                # One message to the data plane per loop turn, sent before the turn's IKE
-                # datagrams (IkeDaemon.before_send): make-before-break holds.
-                self.publisher.hold()
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush_held)
-            self._handle(sa, event)
+                with self.publisher.batch():  # one message to the data plane per event
+                    self._handle(sa, event)
+            else:
+                self._handle(sa, event)
         finally:
             self._wake_waiters()
-
-    def _flush_held(self) -> None:
-        self._flush_scheduled = False
-        if self.publisher is not None:
-            self.publisher.flush()
 
     def _handle(self, sa: IkeSa, event: Event) -> None:
         entry = self._entry(sa)

@@ -198,19 +198,6 @@ class SaPublisher:
             if pending:
                 self.pub.send(json.dumps(pending).encode())
 
-    def hold(self) -> None:
-        """Keep every delta from now on for one message at :meth:`flush`: under load the
-        controller handles several IKE messages per loop turn, and each message to the data
-        plane wakes the I/O process and every worker."""
-        if self._pending is None:
-            self._pending = []
-
-    def flush(self) -> None:
-        """Send what :meth:`hold` kept, as one message."""
-        pending, self._pending = self._pending, None
-        if pending:
-            self.pub.send(json.dumps(pending).encode())
-
     def install(self, index: int, record: SaRecord) -> None:
         assert self.table.sas is not None
         self.table.sas[index] = record
