@@ -432,7 +432,8 @@ def tool_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tcp_mss(pkt: bytes, at: int) -> int | None:
+def tcp_mss(pkt: bytes, at: int) -> int | None:
+    """The MSS option of the TCP header at ``at`` (RFC 9293 §3.1), None if it has none."""
     doff = (pkt[at + 12] >> 4) * 4
     opts = pkt[at + 20 : at + doff]
     i = 0
@@ -475,7 +476,7 @@ def tool_sniff(args: argparse.Namespace) -> int:
         base = {"src": src, "dst": dst, "out": out, "len": struct.unpack_from("!H", pkt, 2)[0],
                 "df": bool(pkt[6] & 0x40)}
         if proto == 6 and len(pkt) >= ihl + 20 and pkt[ihl + 13] & 0x02:
-            syns.append({**base, "flags": pkt[ihl + 13], "mss": _tcp_mss(pkt, ihl)})
+            syns.append({**base, "flags": pkt[ihl + 13], "mss": tcp_mss(pkt, ihl)})
         elif proto == 1 and len(pkt) >= ihl + 8 and pkt[ihl] in (3, 11, 12):
             mtu = struct.unpack_from("!H", pkt, ihl + 6)[0]
             icmp.append({**base, "type": pkt[ihl], "code": pkt[ihl + 1], "mtu": mtu})

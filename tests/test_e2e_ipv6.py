@@ -65,6 +65,7 @@ from tests.e2e_support import (
     Tunnel,
     set_offloads,
     start_gateway,
+    tcp_mss,
     wait_for,
     wait_link,
 )
@@ -627,24 +628,6 @@ def _on_term(signum: int, frame: object) -> None:
     _stop = True
 
 
-def _tcp_mss(seg: bytes) -> int | None:
-    doff = (seg[12] >> 4) * 4
-    opts, i = seg[20:doff], 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2:
-            break
-        if kind == 2 and opts[i + 1] == 4:
-            return int(struct.unpack_from("!H", opts, i + 2)[0])
-        i += opts[i + 1]
-    return None
-
-
 def _l4(pkt: bytes) -> tuple[int, str, str, int, int, bytes] | None:
     """(version, src, dst, total length, upper-layer protocol, upper-layer bytes) of an IPv4
     or IPv6 packet (IPv6: stepping over extension headers; a non-first fragment: None)."""
@@ -711,7 +694,7 @@ def tool_sniff46(args: argparse.Namespace) -> int:
             else:
                 udp.append({**base, "sport": sport, "dport": dport})
         elif proto == 6 and len(l4) >= 20 and l4[13] & 0x02:
-            syns.append({**base, "flags": l4[13], "mss": _tcp_mss(l4)})
+            syns.append({**base, "flags": l4[13], "mss": tcp_mss(l4, 0)})
         elif proto == 1 and len(l4) >= 8 and l4[0] in (3, 11, 12):
             icmp.append({**base, "type": l4[0], "code": l4[1],
                          "mtu": struct.unpack_from("!H", l4, 6)[0], "quote": l4[8:56].hex()})
