@@ -209,7 +209,9 @@ def default_fanout_group() -> int:
 
 
 class RxRing:
-    """A TPACKET_V3 receive ring on one interface, read into batches.
+    """A TPACKET_V3 receive ring on one interface, read into batches (``version=2``: a
+    TPACKET_V2 ring of fixed frames, each handed over as it arrives rather than in blocks
+    retired by ``retire_blk_tov_ms``; the copy into the batch is the same).
 
     Geometry defaults, and why:
 

@@ -331,8 +331,7 @@ class DataPlane:
         return batch
 
     def _give_back(self, batch: Batch) -> None:
-        if batch.buffer >= 0:
-            self._free.append(batch.buffer)
+        self._free.append(batch.buffer)  # every batch the loop handles is one of the pool's
 
     # -- the loop --------------------------------------------------------------
     def stop(self) -> None:
@@ -517,9 +516,9 @@ class DataPlane:
                 batch, direction, _ = unpack(frame, self.pool)
             except TransportError:
                 continue
-            held = self._out.get(ident)
-            out = None if held is None else held.get(batch.batch_id)
-            if held is None or out is None or out[0] != batch.buffer:
+            held = self._out.get(ident, {})
+            out = held.get(batch.batch_id)
+            if out is None or out[0] != batch.buffer:
                 continue  # not out at that worker (any more): the buffer is not its to name
             del held[batch.batch_id]
             if not self.reassembler.push(batch, direction, now):

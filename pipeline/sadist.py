@@ -215,19 +215,18 @@ class SaPublisher:
         concentrator, one Child SA changes one entry of thousands: the delta stays small
         and nothing is encoded or parsed again)."""
         self.table.policies = tuple(policies)
-        ids = self._policy_ids
-        known = dict(ids)
-        order, new = [], []
-        for p in self.table.policies:
-            pid = known.get(p)
-            if pid is None:
-                pid = known[p] = self._next_policy_id
-                self._next_policy_id += 1
-                new.append([pid, _encode_policy(p)])
-            order.append(pid)
         # Only the current entries keep their ids: one that comes back later is new again
         # (a subscriber's cache holds exactly the current SPD).
-        self._policy_ids = {p: known[p] for p in self.table.policies}
+        previous, self._policy_ids = self._policy_ids, {}
+        new = []
+        for p in self.table.policies:
+            if p not in self._policy_ids:
+                pid = previous.get(p)
+                if pid is None:
+                    pid, self._next_policy_id = self._next_policy_id, self._next_policy_id + 1
+                    new.append([pid, _encode_policy(p)])
+                self._policy_ids[p] = pid
+        order = [self._policy_ids[p] for p in self.table.policies]
         self.table.policy_ids = tuple(order)
         self._publish({"op": "spd", "order": order, "new": new})
 

@@ -132,7 +132,6 @@ def run_worker(spec: WorkerSpec) -> None:
                      create=False)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, worker_identity(spec.index))
-    sock.setsockopt(zmq.LINGER, 0)
     sock.connect(spec.batches)
     sock.send(HELLO)
     stats = WorkerStats(spec.index)
