@@ -45,7 +45,7 @@ META_DTYPE = np.dtype(
         ("sa", "<u4"),  # SA index in the data plane's SA table
         ("verdict", "u1"),  # Verdict
         ("flags", "u1"),
-        ("_pad", "<u2"),
+        ("inner_length", "<u2"),  # outbound: the length as read, before encapsulation
         ("seq", "<u8"),  # 64-bit sequence number (outbound: reserved; inbound: inferred)
     ]
 )

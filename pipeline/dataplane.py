@@ -155,7 +155,7 @@ class DataPlane:
         self.dispatcher = Dispatcher(self.sas, policies)
         # The I/O process's own codec for tiny batches (replay windows move in the
         # reassembler, as for the workers' batches).
-        self._codec = EspCodec(self.sas, replay=False)
+        self._codec = EspCodec(self.sas, replay=False, count=False)
         self.sa_updates = sa_updates
         self.reports = reports
         self.sa_version = 0
@@ -451,6 +451,9 @@ class DataPlane:
         batch.batch_id = self._next_id
         self._next_id += 1
         if direction is Direction.OUTBOUND:
+            # Kept for the per-SA byte counters: RFC 4301 byte lifetimes count what the SA
+            # protects, as the inbound side (the reassembler) does.
+            batch.meta["inner_length"][: batch.count] = batch.meta["length"][: batch.count]
             self.dispatcher.outbound(batch)
             if self.dispatcher.trapped:
                 self._acquire(now)
@@ -552,11 +555,13 @@ class DataPlane:
             self.outside.write_batch(batch)
             if fragmented.size:
                 batch.meta["verdict"][fragmented] = Verdict.PASS  # left, as fragments
+            # (Before the prefragmented are marked sent: their fragments, a batch of their
+            # own, are what the SA carried, counted with that batch.)
+            self._count_outbound(batch)
             prefragmented = self._prefragmented.pop(batch.batch_id, None)
             if prefragmented is not None:
                 batch.meta["verdict"][prefragmented] = Verdict.PASS  # left, as fragments
             self.stats.outbound.add(batch)
-            self._count_outbound(batch)
         else:
             if self.settings.mss_clamp is not None:
                 sa = batch.meta["sa"][: batch.count].astype(np.int64)
@@ -596,10 +601,11 @@ class DataPlane:
                 self.acquires.popleft()
 
     def _count_outbound(self, batch: Batch) -> None:
-        """Per outbound SA: packets and bytes that left (the inbound ones are counted by
-        the reassembler as their windows move)."""
+        """Per outbound SA: packets and bytes (of the packets it protected, before
+        encapsulation) that left; the inbound ones are counted by the reassembler as their
+        windows move."""
         meta = batch.meta[: batch.count]
-        lengths = meta["length"]
+        lengths = meta["inner_length"]
         for index, packets, count in by_sa(meta["sa"], meta["verdict"] == Verdict.PASS):
             sa = self.sas[index]
             if sa is not None:

@@ -255,3 +255,45 @@ def test_what_a_dead_io_process_left_is_removed_at_start() -> None:
             assert os.path.getsize(plane.pool.path) == plane.pool.nbytes  # ours, fresh
         finally:
             plane.pool.close()
+
+
+def peer_wire(sizes: list[int]) -> list[bytes]:
+    """What the peer sends us on SA 0x2001: packet i of ``sizes[i]`` bytes."""
+    table = SaTable()
+    out = table.install(SaRecord(spi=0x2001, direction=Direction.OUT, alg="aes128gcm16",
+                                 local_addr=B, remote_addr=A, enc_key=KEY, encap=UdpEncap()))
+    batch = Batch.for_packets([inner(i, size) for i, size in enumerate(sizes)])
+    batch.meta["sa"][: batch.count] = out.index
+    table.assign_sequence(batch)
+    EspCodec(table).encap(batch)
+    return batch.packets()
+
+
+def test_each_packet_is_counted_once_per_sa_whoever_processed_it(
+        gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
+    """The per-SA counters (the controller's byte and packet lifetimes, VICI, metrics) count
+    a packet once, whether the I/O process did its batch itself (a handful of packets) or a
+    worker did."""
+    plane, inside, outside = gateway
+    wait_for(lambda: plane.ready == [0, 1])
+    small, large = [inner(i, 60) for i in range(3)], [inner(i, 200) for i in range(20)]
+    for pkt in small:  # one packet per batch: done inline
+        n = len(outside.outbox)
+        inside.put([pkt])
+        wait_for(lambda n=n: len(outside.outbox) == n + 1)
+    inside.put(large)  # one batch for a worker
+    wait_for(lambda: len(outside.outbox) == 23)
+    assert plane.stats.inline_batches >= 3 and sum(plane.stats.worker_batches.values()) >= 1
+    out_sa = plane.sas[0]
+    assert out_sa is not None
+    assert (out_sa.packets, out_sa.bytes) == (23, sum(map(len, small + large)))
+    wire = peer_wire([60] * 3 + [200] * 20)
+    for pkt in wire[:3]:
+        n = len(inside.outbox)
+        outside.put([pkt])
+        wait_for(lambda n=n: len(inside.outbox) == n + 1)
+    outside.put(wire[3:])
+    wait_for(lambda: len(inside.outbox) == 23)
+    in_sa = plane.sas[1]
+    assert in_sa is not None
+    assert (in_sa.packets, in_sa.bytes) == (23, 3 * 60 + 20 * 200)

@@ -149,9 +149,13 @@ class EspCodec:
     """
 
     def __init__(self, sas: SaTable, random: Callable[[int], bytes] = os.urandom,
-                 replay: bool = True) -> None:
+                 replay: bool = True, count: bool = True) -> None:
         self.sas = sas
         self.random = random
+        # count=False: the per-SA packet and byte counters are the caller's (the pipeline's
+        # I/O process counts what leaves, and what its reassembler commits): a codec that
+        # counted too would count the batches the I/O process does itself twice.
+        self.count = count
         # replay=False: the pipeline's dispatcher infers each packet's full sequence number
         # into meta "seq" and pre-checks it, and its reassembler commits the window in
         # order (DESIGN §4); the codec then only verifies and decrypts.
@@ -386,8 +390,9 @@ class EspCodec:
 
         meta["offset"][sel] = _offsets(batch, new_c)[:n] if dense else base + new_c
         meta["length"][sel] = total
-        sa.packets += n
-        sa.bytes += int(length.sum())
+        if self.count:
+            sa.packets += n
+            sa.bytes += int(length.sum())
         if memo_key is not None:
             # Steady traffic repeats this geometry slot for slot: remember what only it
             # decides, so the next such batch rewrites it instead of computing it again.
@@ -699,8 +704,9 @@ class EspCodec:
             slots, new_off, new_len, sel = slots[ok], new_off[ok], new_len[ok], slots[ok]
         meta["offset"][sel] = new_off
         meta["length"][sel] = new_len
-        sa.packets += slots.size
-        sa.bytes += int(new_len.sum())
+        if self.count:
+            sa.packets += slots.size
+            sa.bytes += int(new_len.sum())
 
     def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64, seq: U64,
                       esp_c: int, ct_c: int, ct_len: I64, dense: bool,
@@ -928,8 +934,9 @@ class _EncapMemo:
         assert sa.aead_encrypt_into is not None
         _consume(starmap(sa.aead_encrypt_into, self.args))
         self.offlen[...] = self.offlen_out
-        sa.packets += n
-        sa.bytes += self.inner_bytes
+        if codec.count:
+            sa.packets += n
+            sa.bytes += self.inner_bytes
         return True
 
 
@@ -1118,12 +1125,14 @@ class _DecapMemo:
                     good = ~replay
                     meta["offset"][:n][good] = self.offsets[good]
                     meta["length"][:n][good] = ilen[good]
-                    sa.packets += int(good.sum())
-                    sa.bytes += int(ilen[good].sum())
+                    if codec.count:
+                        sa.packets += int(good.sum())
+                        sa.bytes += int(ilen[good].sum())
                     return
         self.offlen[...] = offlen
-        sa.packets += n
-        sa.bytes += nbytes
+        if codec.count:
+            sa.packets += n
+            sa.bytes += nbytes
 
 
 # The last 8 bytes before the ICV of a packet with p (<= 3) bytes of padding, read as one

@@ -121,7 +121,7 @@ def run_worker(spec: WorkerSpec) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    codec = EspCodec(install_all(spec.sas), replay=False)
+    codec = EspCodec(install_all(spec.sas), replay=False, count=False)
     ctx = zmq.Context()
     updates: SaSubscriber | None = None
     if spec.sa_updates is not None:
