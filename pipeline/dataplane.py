@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from pipeline import mtu
+from pipeline import mtu, onepacket
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy
 from pipeline.reorder import Reassembler
@@ -67,6 +67,7 @@ class Settings:
     mss_clamp: int | str | None = "auto"  # "auto": from each SA's overhead; int: fixed; None
     stats_interval: float = 1.0  # seconds between writes of <runtime_dir>/stats.json
     inline_max: int = 4  # batches this small are processed by the I/O process itself
+    one_packet: bool = True  # a lone packet, while nothing is in flight: pipeline/onepacket.py
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Stats:
     icmp_too_big: int = 0
     fragmented: int = 0
     inline_batches: int = 0  # processed by the I/O process itself (tiny batches)
+    single_packets: int = 0  # lone packets done without numpy (pipeline/onepacket.py)
     worker_batches: dict[int, int] = field(default_factory=dict)  # handed to each worker
 
     def snapshot(self, plane: DataPlane) -> dict[str, object]:
@@ -84,6 +86,7 @@ class Stats:
             "outbound": self.outbound.snapshot(), "inbound": self.inbound.snapshot(),
             "mss_clamped": self.mss_clamped, "icmp_too_big": self.icmp_too_big,
             "fragmented": self.fragmented, "inline_batches": self.inline_batches,
+            "single_packets": self.single_packets,
             "worker_batches": dict(self.worker_batches), "workers_ready": len(plane.ready),
             "lost_batches": plane.reassembler.skipped,
             "lost_packets": plane.reassembler.lost_packets,
@@ -196,6 +199,7 @@ class DataPlane:
         self._next_id = 0
         self._stop = False
         self._refeed: list[bytes] = []  # inner fragments waiting for their batch
+        self._scratch = bytearray(settings.slot_size)  # onepacket.decap_one's
         self._prefragmented: dict[int, npt.NDArray[np.int64]] = {}  # batch id -> packets
 
     def _limits(self) -> None:
@@ -431,7 +435,8 @@ class DataPlane:
         if batch is None:
             return
         io.read_batch(batch, self.settings.max_packets)
-        if batch.count == 0:
+        if batch.count == 0 or (batch.count == 1 and self.settings.one_packet
+                                and self.reassembler.idle() and self._one(batch, direction)):
             self._give_back(batch)
             return
         self._process(batch, direction, workers, now)
@@ -479,6 +484,38 @@ class DataPlane:
             self._codec.decap(batch)
         self.stats.inline_batches += 1
         self.reassembler.push(batch, direction, now)
+
+    def _one(self, batch: Batch, direction: Direction) -> bool:
+        """A lone packet, nothing in flight: done and sent without numpy if it is the
+        common case (pipeline/onepacket.py); False, nothing changed, if not."""
+        clamp = self.settings.mss_clamp is not None
+        meta = batch.meta[0]
+        if direction is Direction.OUTBOUND:
+            index = self.dispatcher.protect_one(batch)
+            if index < 0:
+                return False
+            sa = self.sas[index]
+            length = int(meta["length"])
+            if sa is None or not onepacket.encap_one(
+                    batch, sa, int(self._inner_mtu[index]), self.settings.outside_mtu, clamp):
+                return False
+            meta["sa"] = index
+            self.outside.write_batch(batch)
+            self.stats.outbound.add_passed()
+        else:
+            done = onepacket.decap_one(batch, self.sas, self._scratch)
+            if done is None:
+                return False
+            sa, length = done
+            if clamp and onepacket.maybe_syn(batch):
+                self.stats.mss_clamped += mtu.clamp_mss(
+                    batch, int(self._mss4[sa.index]), int(self._mss6[sa.index]))
+            self.inside.write_batch(batch)
+            self.stats.inbound.add_passed()
+        sa.packets += 1
+        sa.bytes += length
+        self.stats.single_packets += 1
+        return True
 
     def _hand_over(self, workers: zmq.Socket[bytes], batch: Batch, direction: Direction,
                    now: float) -> bool:

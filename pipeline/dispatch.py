@@ -114,6 +114,7 @@ _MIX6 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
 
 
 _SHAPE6_MIN_ROWS = 4
+_ANSWERS_MAX = 1 << 16  # protect_one's remembered address pairs (then it starts over)
 
 
 def _hash6(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -191,6 +192,7 @@ class Dispatcher:
         self._traps = np.array([p.action is Action.TRAP for p in policies] + [False])
         self._any_trap = bool(self._traps.any())
         self.trapped: set[int] = set()  # TRAP policies packets hit since the caller cleared it
+        self._answers: dict[bytes, int] = {}  # protect_one's: address pair -> policy
 
     # ------------------------------------------------------------------ outbound
     def policy(self, index: int) -> Policy:
@@ -202,6 +204,46 @@ class Dispatcher:
         n = batch.count
         if n == 0:
             return
+        meta = batch.meta
+        policy = self._lookup(batch)
+        verdict = meta["verdict"][:n]
+        if self._any_trap:
+            hit = policy[self._traps[policy] & (verdict == 0)]
+            if hit.size:
+                self.trapped.update(np.unique(hit).tolist())
+        no_sa = self._no_sa[policy]
+        if np.count_nonzero(no_sa):
+            verdict[no_sa & (verdict == 0)] = Verdict.POLICY
+        meta["sa"][:n] = self._sa_of[policy]
+        self.sas.assign_sequence(batch)
+
+    def protect_one(self, batch: Batch) -> int:
+        """The outbound SA of a batch's one packet if a PROTECT policy covers it, else -1
+        (and the caller takes :meth:`outbound`, which deals with every other outcome). The
+        SPD's answer for each address pair seen is kept until the SPD changes: a packet
+        that comes alone is looked up without numpy (pipeline/onepacket.py)."""
+        meta = batch.meta[0]
+        off, length = int(meta["offset"]), int(meta["length"])
+        if off % batch.slot_size + _ADDRS.itemsize > batch.slot_size:
+            return -1
+        b0 = int(batch.data[off]) >> 4
+        if b0 == 4 and length >= 20:
+            key = batch.data[off + 12 : off + 20].tobytes()  # the fields _ADDRS reads
+        elif b0 == 6 and length >= 40:
+            key = batch.data[off + 8 : off + 40].tobytes()
+        else:
+            return -1
+        policy = self._answers.get(key)
+        if policy is None:
+            policy = int(self._lookup(batch)[0])
+            if len(self._answers) >= _ANSWERS_MAX:
+                self._answers.clear()
+            self._answers[key] = policy
+        return -1 if self._no_sa[policy] else int(self._sa_of[policy])
+
+    def _lookup(self, batch: Batch) -> npt.NDArray[np.int64]:
+        """The first matching policy of each packet (``len(policies)``: none)."""
+        n = batch.count
         meta, data = batch.meta, batch.data
         policy = np.full(n, len(self._policies), dtype=np.int64)  # no match, until one does
         groups = _by_offset(batch, _ADDRS.itemsize) if self._rows4 or self._rows6 else []
@@ -239,16 +281,7 @@ class Dispatcher:
                         np.copyto(got, i, where=hit)
             if not isinstance(sel, slice):
                 policy[sel] = got
-        verdict = meta["verdict"][:n]
-        if self._any_trap:
-            hit = policy[self._traps[policy] & (verdict == 0)]
-            if hit.size:
-                self.trapped.update(np.unique(hit).tolist())
-        no_sa = self._no_sa[policy]
-        if np.count_nonzero(no_sa):
-            verdict[no_sa & (verdict == 0)] = Verdict.POLICY
-        meta["sa"][:n] = self._sa_of[policy]
-        self.sas.assign_sequence(batch)
+        return policy
 
     # ------------------------------------------------------------------ inbound
     def inbound(self, batch: Batch) -> None:

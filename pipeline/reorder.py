@@ -96,6 +96,10 @@ class Reassembler:
         self.lost_packets += self._sizes.pop(self.next_id, 0)
         self.next_id += 1
 
+    def idle(self) -> bool:
+        """Nothing in flight and nothing held: a packet sent now overtakes no batch."""
+        return not self._sizes and not self._held
+
     def outstanding(self) -> int:
         """Batches sent to workers and neither released nor given up on yet."""
         return len(self._sizes)

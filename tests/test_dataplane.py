@@ -99,10 +99,17 @@ def records(encap: bool) -> list[tuple[int, SaRecord]]:
 
 @pytest.fixture
 def gateway() -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
+    with running() as gw:
+        yield gw
+
+
+@contextlib.contextmanager
+def running(**settings: object) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
     inside, outside = QueueIO(), QueueIO()
     with tempfile.TemporaryDirectory() as rundir:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
-        plane = DataPlane(Settings(workers=2, cpus=cpus, runtime_dir=rundir, max_packets=32),
+        plane = DataPlane(Settings(workers=2, cpus=cpus, runtime_dir=rundir, max_packets=32,
+                                   **settings),  # type: ignore[arg-type]
                           records(encap=True), [Policy((NET_A,), (NET_B,), sa_index=0)],
                           inside, outside)
         thread = threading.Thread(target=plane.run, daemon=True)
@@ -269,13 +276,18 @@ def peer_wire(sizes: list[int]) -> list[bytes]:
     return batch.packets()
 
 
-def test_each_packet_is_counted_once_per_sa_whoever_processed_it(
-        gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
+@pytest.mark.parametrize("one_packet", [True, False], ids=["one-packet", "inline"])
+def test_each_packet_is_counted_once_per_sa_whoever_processed_it(one_packet: bool) -> None:
     """The per-SA counters (the controller's byte and packet lifetimes, VICI, metrics) count
-    a packet once, whether the I/O process did its batch itself (a handful of packets) or a
-    worker did."""
-    plane, inside, outside = gateway
-    wait_for(lambda: plane.ready == [0, 1])
+    a packet once, whether the I/O process did it alone (pipeline/onepacket.py), as a small
+    batch of its own, or a worker did."""
+    with running(one_packet=one_packet) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        check_counted_once(plane, inside, outside, one_packet)
+
+
+def check_counted_once(plane: DataPlane, inside: QueueIO, outside: QueueIO,
+                       one_packet: bool) -> None:
     small, large = [inner(i, 60) for i in range(3)], [inner(i, 200) for i in range(20)]
     for pkt in small:  # one packet per batch: done inline
         n = len(outside.outbox)
@@ -283,7 +295,8 @@ def test_each_packet_is_counted_once_per_sa_whoever_processed_it(
         wait_for(lambda n=n: len(outside.outbox) == n + 1)
     inside.put(large)  # one batch for a worker
     wait_for(lambda: len(outside.outbox) == 23)
-    assert plane.stats.inline_batches >= 3 and sum(plane.stats.worker_batches.values()) >= 1
+    alone = plane.stats.single_packets if one_packet else plane.stats.inline_batches
+    assert alone == 3 and sum(plane.stats.worker_batches.values()) >= 1
     out_sa = plane.sas[0]
     assert out_sa is not None
     assert (out_sa.packets, out_sa.bytes) == (23, sum(map(len, small + large)))
@@ -297,3 +310,30 @@ def test_each_packet_is_counted_once_per_sa_whoever_processed_it(
     in_sa = plane.sas[1]
     assert in_sa is not None
     assert (in_sa.packets, in_sa.bytes) == (23, 3 * 60 + 20 * 200)
+
+
+def test_a_lone_packet_never_overtakes_a_batch_in_flight(
+        gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
+    """A packet read alone takes the one-packet path only while no batch is out at a
+    worker: right behind a batch it waits its turn, and every packet leaves in order with
+    its sequence number (DESIGN §4)."""
+    plane, inside, outside = gateway
+    wait_for(lambda: plane.ready == [0, 1])
+    sent: list[bytes] = []
+    for k in range(40):
+        # A full batch (max_packets), then one more packet: read alone, while that batch is
+        # at a worker.
+        batch = [inner(100 * k + i) for i in range(32)]
+        inside.put([*batch, inner(100 * k + 50)])
+        sent.extend([*batch, inner(100 * k + 50)])
+        time.sleep(0.002 * (k % 3))
+        if k % 10 == 9:  # and now and then one when all is quiet: the one-packet path
+            wait_for(lambda: len(outside.outbox) == len(sent))
+            inside.put([inner(100 * k + 99)])
+            sent.append(inner(100 * k + 99))
+            wait_for(lambda: len(outside.outbox) == len(sent))
+    wait_for(lambda: len(outside.outbox) == len(sent))
+    plain, seqs = peer_decap(outside.outbox)
+    assert plain == sent
+    assert seqs == list(range(1, len(sent) + 1))
+    assert plane.stats.single_packets >= 4 and sum(plane.stats.worker_batches.values()) >= 40

@@ -30,6 +30,11 @@ class Counters:
                                        minlength=len(Verdict))[: len(Verdict)]
         self.batches += 1
 
+    def add_passed(self) -> None:
+        """Count a batch of one packet that passed (pipeline/onepacket.py)."""
+        self.by_verdict[Verdict.PASS] += 1
+        self.batches += 1
+
     @property
     def passed(self) -> int:
         return int(self.by_verdict[Verdict.PASS])

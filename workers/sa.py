@@ -31,7 +31,7 @@ __all__ = ["SaState", "SaTable", "by_sa"]
 SEQ_MAX_32 = (1 << 32) - 1
 SEQ_MAX_64 = (1 << 64) - 1
 
-AeadCall = Callable[[bytes, bytes, bytes, memoryview], int]
+AeadCall = Callable[[bytes, bytes | memoryview, bytes, memoryview], int]
 # Which packets of a batch: ``slice(None)`` for all of them (a view, no copy), else indices.
 Packets = slice | npt.NDArray[np.intp]
 
