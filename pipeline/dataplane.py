@@ -40,6 +40,11 @@ from workers.sa import by_sa
 
 __all__ = ["DataPlane", "PacketIO", "Settings"]
 
+# The loop's poll timeout (ms) while batches are in flight (the reassembler's and the hung
+# worker's clocks run) and while idle (worker deaths, stats: CHECK_S and stats_interval).
+BUSY_POLL_MS = 10
+IDLE_POLL_MS = 100
+CHECK_S = 0.05  # how often worker processes are checked for death and hangs, at most
 # Pool buffers beyond max_in_flight: the batch being read, those done and held for order
 # behind a late one, those being written out.
 POOL_SPARE = 16
@@ -155,6 +160,7 @@ class DataPlane:
         self.settings = settings
         self.records: dict[int, SaRecord] = dict(sas)
         self.sas = install_all(tuple(self.records.items()))
+        self._routes_of: dict[int, tuple[Policy, tuple[str, ...]]] = {}  # set_policies'
         self.dispatcher = Dispatcher(self.sas, policies)
         # The I/O process's own codec for tiny batches (replay windows move in the
         # reassembler, as for the workers' batches).
@@ -266,7 +272,19 @@ class DataPlane:
         # never leaked through the default route while an SA is down.
         sync = getattr(self.inside, "sync_routes", None)
         if callable(sync):
-            sync(sorted({str(n) for p in policies for n in p.remote_ts}))
+            # Each policy's routes as text, kept while it stays in the SPD (the controller
+            # sends the whole SPD at each change; formatting thousands of prefixes each
+            # time cost more than the rest of a Child SA's install).
+            routes: set[str] = set()
+            memo, kept = self._routes_of, {}
+            for p in policies:
+                entry = memo.get(id(p))
+                if entry is None or entry[0] is not p:
+                    entry = (p, tuple(str(n) for n in p.remote_ts))
+                kept[id(p)] = entry
+                routes.update(entry[1])
+            self._routes_of = kept
+            sync(sorted(routes))
 
     def _outbound_mtu(self, batch: Batch) -> None:
         """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the
@@ -380,7 +398,12 @@ class DataPlane:
         last_check = last_stats = time.monotonic()
         try:
             while not self._stop and not (until is not None and until()):
-                events = dict((poller if self._can_read() else backlogged).poll(10))
+                # Idle (nothing in flight), the loop wakes only for its housekeeping: on
+                # a VM each wake-up of a sleeping process costs tens of microseconds of
+                # CPU, 100 a second of them a percent of a core.
+                timeout = BUSY_POLL_MS if self._refeed or not self.reassembler.idle() \
+                    else IDLE_POLL_MS
+                events = dict((poller if self._can_read() else backlogged).poll(timeout))
                 now = time.monotonic()
                 if updates is not None and updates.sub in events:
                     updates.drain()
@@ -393,7 +416,7 @@ class DataPlane:
                     if any(fd in events for fd in outside_fds):
                         self._ingest(self.outside, Direction.INBOUND, workers, now)
                 self.reassembler.pop(now, self._release)
-                if now - last_check > 0.05:
+                if now - last_check > CHECK_S:
                     self._check_workers(workers, now)
                     last_check = now
                 if now - last_stats > self.settings.stats_interval:

@@ -46,7 +46,7 @@ _ADDRS = np.dtype({
     "offsets": [0, 12, 8, 16, 24, 32],
     "itemsize": 40,
 })
-_ADDR6_WORDS = ("src6h", "src6l", "dst6h", "dst6l")  # the order of a _rows6 entry's values
+_ADDR6_WORDS = ("src6h", "src6l", "dst6h", "dst6l")  # the order of an IPv6 row's words
 # Per first byte of an IP header: its length (IPv4: IHL; else the fixed IPv6 header) and
 # where its protocol / Next Header field is; per protocol: the UDP header before ESP
 # (RFC 3948 §2.1). Table lookups replace a handful of vector operations per batch.
@@ -123,39 +123,70 @@ def _hash6(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return h ^ (h >> np.uint64(29))
 
 
+_Compiled = tuple[list[tuple[int, int]], list[tuple[tuple[int, ...], tuple[int, ...]]], int,
+                  bool]
+
+
+def _compile(p: Policy) -> _Compiled:
+    """One policy's rows: IPv4 (address pair, mask pair), source in the high half (see
+    _ADDRS); IPv6 (the four 64-bit words of the address pair, of the mask pair); its sa
+    column (-1: not PROTECT) and whether it TRAPs."""
+    rows4: list[tuple[int, int]] = []
+    rows6: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for lts in p.local_ts:
+        for rts in p.remote_ts:
+            if lts.version != rts.version:
+                continue  # a v4 packet never matches a v6 selector, nor the reverse
+            if lts.version == 4:
+                rows4.append((int(lts.network_address) << 32 | int(rts.network_address),
+                              int(lts.netmask) << 32 | int(rts.netmask)))
+            else:
+                (la, lb, lma, lmb), (ra, rb, rma, rmb) = _split(lts), _split(rts)
+                rows6.append(((la, lb, ra, rb), (lma, lmb, rma, rmb)))
+    return (rows4, rows6, p.sa_index if p.action is Action.PROTECT else -1,
+            p.action is Action.TRAP)
+
+
 class Dispatcher:
     def __init__(self, sas: SaTable, policies: Sequence[Policy] = ()) -> None:
         self.sas = sas
+        # Each policy's rows by id(policy), with the policy itself: held here, it stays
+        # alive, so its id names nobody else while it is kept (checked all the same).
+        self._compiled: dict[int, tuple[Policy, _Compiled]] = {}
         self.set_policies(policies)
 
     def set_policies(self, policies: Sequence[Policy]) -> None:
         """Flatten the SPD into rows, one per (local, remote) selector pair, in order; the
-        first matching row decides (RFC 4301 §4.4.1: the SPD is ordered)."""
+        first matching row decides (RFC 4301 §4.4.1: the SPD is ordered).
+
+        The controller sends the whole SPD at each change, nearly all of it the same
+        Policy objects: each one's rows are worked out once and kept while it stays, so a
+        change costs a pass over the policies in plain ints, not their re-encoding."""
         self._policies = list(policies)
-        # IPv4: (address pair, mask pair, policy), source in the high half (see _ADDRS).
-        self._rows4: list[tuple[np.uint64, np.uint64, int]] = []
-        self._rows6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
-        for i, p in enumerate(policies):
-            for lts in p.local_ts:
-                for rts in p.remote_ts:
-                    if lts.version != rts.version:
-                        continue  # a v4 packet never matches a v6 selector, nor the reverse
-                    if lts.version == 4:
-                        self._rows4.append((
-                            np.uint64(int(lts.network_address) << 32 | int(rts.network_address)),
-                            np.uint64(int(lts.netmask) << 32 | int(rts.netmask)), i))
-                    else:
-                        (la, lb, lma, lmb), (ra, rb, rma, rmb) = _split(lts), _split(rts)
-                        self._rows6.append((tuple(map(np.uint64, (la, lb, ra, rb))),
-                                            tuple(map(np.uint64, (lma, lmb, rma, rmb))), i))
+        memo, kept = self._compiled, {}
         # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff
         # its masked address pair equals the row's, so one sorted search per shape finds
         # the first matching row of that shape, however many rows share it (a concentrator
         # has one policy per site, nearly all of one shape). The first match overall is the
         # smallest policy index of the shapes' answers.
         shapes: dict[int, dict[int, int]] = {}
-        for row_net, row_mask, i in self._rows4:
-            shapes.setdefault(int(row_mask), {}).setdefault(int(row_net), i)  # first row wins
+        rows6: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+        actions: list[int] = []
+        traps: list[bool] = []
+        for i, p in enumerate(policies):
+            entry = memo.get(id(p))
+            if entry is None or entry[0] is not p:
+                entry = (p, _compile(p))
+            kept[id(p)] = entry
+            rows4_p, rows6_p, action, trap = entry[1]
+            for net, mask in rows4_p:
+                shapes.setdefault(mask, {}).setdefault(net, i)  # first row wins
+            for nets6, masks6 in rows6_p:
+                rows6.append((nets6, masks6, i))
+            actions.append(action)
+            traps.append(trap)
+        self._compiled = kept
+        self._has4, self._has6 = bool(shapes), bool(rows6)
         self._shapes4: list[tuple[np.uint64, npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
         self._shapes4 = []
         for shape, first in shapes.items():
@@ -167,9 +198,8 @@ class Dispatcher:
         # few rows (cheaper row by row) or whose distinct rows collide in the hash keeps
         # the row-by-row loop.
         shapes6: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-        for nets6, masks6, i in self._rows6:
-            shapes6.setdefault(tuple(map(int, masks6)), {}).setdefault(
-                tuple(map(int, nets6)), i)
+        for nets6, masks6, i in rows6:
+            shapes6.setdefault(masks6, {}).setdefault(nets6, i)
         self._shapes6: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64],
                                   npt.NDArray[np.uint64], npt.NDArray[np.int64]]] = []
         self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
@@ -178,18 +208,17 @@ class Dispatcher:
             hashes = _hash6(words)
             order = np.argsort(hashes)
             if hashes.size < _SHAPE6_MIN_ROWS or np.unique(hashes).size != hashes.size:
-                self._loop6 += [r for r in self._rows6 if tuple(map(int, r[1])) == masks_key]
+                self._loop6 += [(tuple(map(np.uint64, nets6)), tuple(map(np.uint64, masks6)), i)
+                                for nets6, masks6, i in rows6 if masks6 == masks_key]
                 continue
             self._shapes6.append((np.array(masks_key, dtype=np.uint64), hashes[order],
                                   words[order],
                                   np.array(list(first6.values()), dtype=np.int64)[order]))
         self._loop6.sort(key=lambda r: r[2])
-        actions = np.array(
-            [(p.sa_index if p.action is Action.PROTECT else -1) for p in policies]
-            + [-1], dtype=np.int64)  # the extra entry: no match
-        self._sa_of = np.maximum(actions, 0).astype(np.uint32)  # the sa column per policy
-        self._no_sa = actions < 0  # dropped: no match, BYPASS, DISCARD, TRAP, no SA
-        self._traps = np.array([p.action is Action.TRAP for p in policies] + [False])
+        action_col = np.array(actions + [-1], dtype=np.int64)  # the extra entry: no match
+        self._sa_of = np.maximum(action_col, 0).astype(np.uint32)  # the sa column per policy
+        self._no_sa = action_col < 0  # dropped: no match, BYPASS, DISCARD, TRAP, no SA
+        self._traps = np.array(traps + [False])
         self._any_trap = bool(self._traps.any())
         self.trapped: set[int] = set()  # TRAP policies packets hit since the caller cleared it
         self._answers: dict[bytes, int] = {}  # protect_one's: address pair -> policy
@@ -246,14 +275,14 @@ class Dispatcher:
         n = batch.count
         meta, data = batch.meta, batch.data
         policy = np.full(n, len(self._policies), dtype=np.int64)  # no match, until one does
-        groups = _by_offset(batch, _ADDRS.itemsize) if self._rows4 or self._rows6 else []
+        groups = _by_offset(batch, _ADDRS.itemsize) if self._has4 or self._has6 else []
         for c, sel in groups:
             hdr = rows(data, _ADDRS, batch.slot_size, c)[sel]
             length = meta["length"][sel]
             version = hdr["b0"] >> 4
             got = policy[sel]  # a view when sel is a slice: written in place
             # (IPv4 and IPv6 rows never match the same packet.)
-            if self._rows4:
+            if self._has4:
                 v4 = (version == 4) & (length >= 20)
                 if np.count_nonzero(v4):
                     addrs = hdr["addrs4"].astype(np.uint64)
@@ -263,7 +292,7 @@ class Dispatcher:
                         np.minimum(pos, keys.size - 1, out=pos)
                         hit = v4 & (keys[pos] == masked)
                         np.minimum(got, np.where(hit, first[pos], got), out=got)
-            if self._rows6:
+            if self._has6:
                 v6 = (version == 6) & (length >= 40)
                 if np.count_nonzero(v6):
                     words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]

@@ -23,7 +23,7 @@ import pytest
 
 from pipeline.batch import HEADROOM, Batch
 from pipeline.dataplane import DataPlane, Settings
-from pipeline.dispatch import Policy
+from pipeline.dispatch import Action, Policy
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from workers.esp import EspCodec
 from workers.sa import SaTable
@@ -337,3 +337,40 @@ def test_a_lone_packet_never_overtakes_a_batch_in_flight(
     assert plain == sent
     assert seqs == list(range(1, len(sent) + 1))
     assert plane.stats.single_packets >= 4 and sum(plane.stats.worker_batches.values()) >= 40
+
+
+class RoutedIO(QueueIO):
+    """An inside that records the routes the data plane asks for (TunIO.sync_routes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: list[str] = []
+
+    def sync_routes(self, routes: list[str]) -> None:
+        self.routes = list(routes)
+
+
+def test_inside_routes_follow_every_spd_change() -> None:
+    """Every remote selector of the SPD is routed inside, whatever changed: policies added,
+    removed, replaced by equal new ones, and an action that is not PROTECT."""
+    inside = RoutedIO()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=0, runtime_dir=rundir), records(encap=True), [],
+                          inside, QueueIO())
+        try:
+            def site(i: int, action: Action = Action.PROTECT) -> Policy:
+                return Policy((NET_A,), (ipaddress.ip_network(f"10.9.{i}.0/24"),), action,
+                              sa_index=0)
+
+            spd = [site(i) for i in range(5)]
+            plane.set_policies(spd)
+            assert inside.routes == [f"10.9.{i}.0/24" for i in range(5)]
+            spd = [spd[0], site(7, Action.TRAP), *spd[2:4], site(1)]  # 4 gone, 1 anew, 7 in
+            plane.set_policies(spd)
+            assert inside.routes == sorted(f"10.9.{i}.0/24" for i in (0, 1, 2, 3, 7))
+            plane.set_policies(spd[1:2])
+            assert inside.routes == ["10.9.7.0/24"]
+            plane.set_policies([])
+            assert inside.routes == []
+        finally:
+            plane.pool.close()

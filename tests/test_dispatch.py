@@ -75,6 +75,29 @@ def test_first_match_on_random_tables(seed: int, collide: bool,
         else:
             pairs.append((f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(6)}",
                           f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(6)}", 4))
+    check(dispatcher, policies, pairs)
+    # The SPD changes as the controller sends it: the same Policy objects mostly, reordered,
+    # some gone, some new. What the dispatcher kept per policy must not outlive its place.
+    rng.shuffle(policies)
+    del policies[: len(policies) // 4]
+    policies += [Policy((net(rng),), (net(rng),), Action.PROTECT, rng.randrange(4))
+                 for _ in range(rng.randrange(1, 10))]
+    rng.shuffle(policies)
+    dispatcher.trapped.clear()
+    dispatcher.set_policies(policies)
+    check(dispatcher, policies, pairs)
+
+
+def check(dispatcher: Dispatcher, policies: list[Policy],
+          pairs: list[tuple[str, str, int]]) -> None:
+    """Each packet's verdict and SA, and the TRAP policies hit, as the oracle says; and
+    ``protect_one`` (and the answers it keeps) agrees for each packet alone, twice."""
+    for _ in range(2):
+        for s, d, v in pairs:
+            want = oracle(policies, s, d)
+            protect = want >= 0 and policies[want].action is Action.PROTECT
+            got = dispatcher.protect_one(Batch.for_packets([packet(s, d, v)]))
+            assert got == (policies[want].sa_index if protect else -1), (s, d, want)
     batch = Batch.for_packets([packet(s, d, v) for s, d, v in pairs])
     dispatcher.outbound(batch)
     for k, (s, d, _) in enumerate(pairs):
