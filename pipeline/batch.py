@@ -12,6 +12,7 @@ Drop reasons follow the names operators know from Linux ``xfrm_stat`` and VPP co
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator
 from enum import IntEnum
 
@@ -49,6 +50,10 @@ META_DTYPE = np.dtype(
         ("seq", "<u8"),  # 64-bit sequence number (outbound: reserved; inbound: inferred)
     ]
 )
+# One META_DTYPE row as a struct: Batch.row / Batch.set_row.
+META_ROW = struct.Struct("<IIIBBHQ")
+assert META_ROW.size == META_DTYPE.itemsize and META_DTYPE.names == (
+    "offset", "length", "sa", "verdict", "flags", "inner_length", "seq")
 
 
 class Verdict(IntEnum):
@@ -145,6 +150,26 @@ class Batch:
             self.data[start : start + len(pkt)] = np.frombuffer(pkt, dtype=np.uint8)
             meta[i] = (start, len(pkt), sa, Verdict.PASS, 0, 0, 0)
             self.count = i + 1
+
+    # -- one packet's metadata without numpy (pipeline/onepacket.py) -----------------------
+    def memory(self) -> tuple[memoryview, memoryview]:
+        """(data, meta) as byte memoryviews over the batch's buffers (cached): for code that
+        handles a lone packet, where a numpy call costs more than the work."""
+        views = self._views.get("memoryviews")
+        if not isinstance(views, tuple):
+            views = (memoryview(self.data).cast("B"),  # type: ignore[arg-type]
+                     memoryview(self.meta.view(np.uint8)).cast("B"))  # type: ignore[arg-type]
+            self._views["memoryviews"] = views
+        return views
+
+    def row(self, i: int) -> tuple[int, int, int, int, int, int, int]:
+        """Slot ``i``'s metadata: (offset, length, sa, verdict, flags, inner_length, seq)."""
+        return META_ROW.unpack_from(self.memory()[1], i * META_ROW.size)
+
+    def set_row(self, i: int, offset: int, length: int, sa: int = 0, verdict: int = 0,
+                seq: int = 0, inner_length: int = 0) -> None:
+        META_ROW.pack_into(self.memory()[1], i * META_ROW.size, offset, length, sa, verdict,
+                           0, inner_length, seq)
 
     def packet(self, i: int) -> bytes:
         m = self.meta[i]

@@ -216,6 +216,7 @@ class DataPlane:
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._outer6 = np.zeros(size + 1, dtype=np.bool_)  # the SA's outer header is IPv6
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self._mtu_of: dict[int, int] = {}  # _inner_mtu as Python ints (the one-packet path)
         for i, rec in self.records.items():
             self._limit_one(i, rec)
 
@@ -228,7 +229,7 @@ class DataPlane:
             self._mss4 = np.append(self._mss4, np.full(grow, 1 << 16, dtype=np.int64))
             self._mss6 = np.append(self._mss6, np.full(grow, 1 << 16, dtype=np.int64))
             self._outer6 = np.append(self._outer6, np.zeros(grow, dtype=np.bool_))
-        self._inner_mtu[i] = self.settings.outside_mtu
+        self._inner_mtu[i] = self._mtu_of[i] = self.settings.outside_mtu
         self._outer6[i] = False
         self._mss4[i] = self._mss6[i] = 1 << 16
         sa = self.sas[i]
@@ -236,7 +237,7 @@ class DataPlane:
             return
         m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
                           rec.mode.name == "TUNNEL")
-        self._inner_mtu[i] = m
+        self._inner_mtu[i] = self._mtu_of[i] = m
         self._outer6[i] = rec.ipv6
         clamp = self.settings.mss_clamp
         if clamp == "auto":
@@ -512,17 +513,15 @@ class DataPlane:
         """A lone packet, nothing in flight: done and sent without numpy if it is the
         common case (pipeline/onepacket.py); False, nothing changed, if not."""
         clamp = self.settings.mss_clamp is not None
-        meta = batch.meta[0]
         if direction is Direction.OUTBOUND:
             index = self.dispatcher.protect_one(batch)
             if index < 0:
                 return False
             sa = self.sas[index]
-            length = int(meta["length"])
             if sa is None or not onepacket.encap_one(
-                    batch, sa, int(self._inner_mtu[index]), self.settings.outside_mtu, clamp):
+                    batch, sa, self._mtu_of.get(index, 0), self.settings.outside_mtu, clamp):
                 return False
-            meta["sa"] = index
+            length = batch.row(0)[5]  # inner_length
             self.outside.write_batch(batch)
             self.stats.outbound.add_passed()
         else:

@@ -217,6 +217,7 @@ class Dispatcher:
         self._loop6.sort(key=lambda r: r[2])
         action_col = np.array(actions + [-1], dtype=np.int64)  # the extra entry: no match
         self._sa_of = np.maximum(action_col, 0).astype(np.uint32)  # the sa column per policy
+        self._protects = actions + [-1]  # protect_one's answer per policy, numpy-free
         self._no_sa = action_col < 0  # dropped: no match, BYPASS, DISCARD, TRAP, no SA
         self._traps = np.array(traps + [False])
         self._any_trap = bool(self._traps.any())
@@ -251,15 +252,15 @@ class Dispatcher:
         (and the caller takes :meth:`outbound`, which deals with every other outcome). The
         SPD's answer for each address pair seen is kept until the SPD changes: a packet
         that comes alone is looked up without numpy (pipeline/onepacket.py)."""
-        meta = batch.meta[0]
-        off, length = int(meta["offset"]), int(meta["length"])
+        off, length, *_ = batch.row(0)
         if off % batch.slot_size + _ADDRS.itemsize > batch.slot_size:
             return -1
-        b0 = int(batch.data[off]) >> 4
-        if b0 == 4 and length >= 20:
-            key = batch.data[off + 12 : off + 20].tobytes()  # the fields _ADDRS reads
-        elif b0 == 6 and length >= 40:
-            key = batch.data[off + 8 : off + 40].tobytes()
+        data = batch.memory()[0]
+        version = data[off] >> 4
+        if version == 4 and length >= 20:
+            key = data[off + 12 : off + 20].tobytes()  # the fields _ADDRS reads
+        elif version == 6 and length >= 40:
+            key = data[off + 8 : off + 40].tobytes()
         else:
             return -1
         policy = self._answers.get(key)
@@ -268,7 +269,7 @@ class Dispatcher:
             if len(self._answers) >= _ANSWERS_MAX:
                 self._answers.clear()
             self._answers[key] = policy
-        return -1 if self._no_sa[policy] else int(self._sa_of[policy])
+        return self._protects[policy]
 
     def _lookup(self, batch: Batch) -> npt.NDArray[np.int64]:
         """The first matching policy of each packet (``len(policies)``: none)."""

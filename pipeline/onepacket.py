@@ -59,19 +59,10 @@ _SPI_SEQ = struct.Struct("!II")
 _ESN_AAD = struct.Struct("!IQ")  # RFC 4106 §5: SPI, then the whole 64-bit sequence number
 
 
-def _memory(batch: Batch) -> memoryview:
-    mv = batch._views.get("memoryview")
-    if not isinstance(mv, memoryview):
-        mv = memoryview(batch.data)  # type: ignore[arg-type]
-        batch._views["memoryview"] = mv
-    return mv
-
-
 def maybe_syn(batch: Batch) -> bool:
     """Whether MSS clamping may want the batch's one packet (see ``_syn``)."""
-    meta = batch.meta[0]
-    off, length = int(meta["offset"]), int(meta["length"])
-    pkt = _memory(batch)[off : off + length]
+    off, length, *_ = batch.row(0)
+    pkt = batch.memory()[0][off : off + length]
     version = pkt[0] >> 4 if length else 0
     if (version == 4 and length >= IPV4_HDR_LEN) or (version == 6 and length >= IPV6_HDR_LEN):
         return _syn(pkt, version, length)
@@ -109,17 +100,16 @@ def encap_one(batch: Batch, sa: SaState | None, inner_mtu: int, outside_mtu: int
         return False
     assert sa is not None and sa.esp is not None and sa.aead_encrypt_into is not None
     rec, t = sa.record, sa.esp
-    meta = batch.meta[0]
-    off, length = int(meta["offset"]), int(meta["length"])
+    off, length, index, verdict, *_ = batch.row(0)
     udp = UDP_HDR_LEN if rec.encap is not None else 0
     if rec.ipv6 and udp:
         return False  # its UDP checksum covers the ciphertext: the batch path's business
     size = batch.slot_size
     base = off - off % size
     c = off - base
-    mv = _memory(batch)
+    mv = batch.memory()[0]
     pkt = mv[off : off + length]
-    if meta["verdict"] or length > inner_mtu or c + IPV6_HDR_LEN > size:
+    if verdict or length > inner_mtu or c + IPV6_HDR_LEN > size:
         return False
     b0 = pkt[0]
     version = b0 >> 4
@@ -174,7 +164,7 @@ def encap_one(batch: Batch, sa: SaState | None, inner_mtu: int, outside_mtu: int
     aad = _ESN_AAD.pack(rec.spi, seq) if rec.esn else mv[at : at + ESP_HDR_LEN].tobytes()
     nonce = sa.salt + seq.to_bytes(8, "big")
     sa.aead_encrypt_into(nonce, mv[off : off + padded], aad, mv[off : off + padded + t.icv_len])
-    meta["offset"], meta["length"], meta["seq"] = start, total, seq
+    batch.set_row(0, start, total, sa.index, 0, seq, length)
     return True
 
 
@@ -183,13 +173,12 @@ def decap_one(batch: Batch, sas: SaTable, scratch: bytearray) -> tuple[SaState, 
     window, as the batch path would; (the SA, the inner packet's length) or None, having
     changed nothing, where it declines. ``scratch`` holds the decrypted packet until it
     proved authentic and well formed (a slot's size)."""
-    meta = batch.meta[0]
-    off, length = int(meta["offset"]), int(meta["length"])
+    off, length, _, verdict, *_ = batch.row(0)
     size = batch.slot_size
     base = off - off % size
-    if meta["verdict"] or off - base + IPV6_HDR_LEN + UDP_HDR_LEN + ESP_HDR_LEN > size:
+    if verdict or off - base + IPV6_HDR_LEN + UDP_HDR_LEN + ESP_HDR_LEN > size:
         return None
-    mv = _memory(batch)
+    mv = batch.memory()[0]
     b0 = mv[off]
     version = b0 >> 4
     if version == 4:
@@ -250,6 +239,5 @@ def decap_one(batch: Batch, sas: SaTable, scratch: bytearray) -> tuple[SaState, 
         return None
     replay.commit_run(seq, 1)
     mv[ct_at : ct_at + ilen] = out[:ilen]
-    meta["offset"], meta["length"], meta["seq"], meta["sa"] = ct_at, ilen, seq, index
-    meta["verdict"] = Verdict.PASS
+    batch.set_row(0, ct_at, ilen, index, Verdict.PASS, seq)
     return sa, ilen

@@ -68,8 +68,8 @@ class SocketOutside:
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
         """Append what is waiting (up to ``max_packets`` in all) to ``batch``."""
-        mv = memoryview(batch.data)  # type: ignore[arg-type]
-        meta, size = batch.meta, batch.slot_size
+        mv = batch.memory()[0]
+        size = batch.slot_size
         room = batch.max_packet
         limit = min(max_packets, batch.capacity)
         i = batch.count
@@ -80,7 +80,7 @@ class SocketOutside:
                 n = self.esp.recv_into(mv[base : base + room])
             except BlockingIOError:
                 break
-            meta[i] = (base, n, 0, Verdict.PASS, 0, 0, 0)
+            batch.set_row(i, base, n)
             i += 1
         while self.udp is not None and i < limit:
             base = i * size + HEADROOM
@@ -92,7 +92,7 @@ class SocketOutside:
             self._udp_hdr.pack_into(mv, base, 0x45, 0, total, 0, 0, 64, 17, 0,
                                     socket.inet_aton(src), local, sport, self.nat_t_port or 0,
                                     n + 8, 0)
-            meta[i] = (base, total, 0, Verdict.PASS, 0, 0, 0)
+            batch.set_row(i, base, total)
             i += 1
         got = i - batch.count
         batch.count = i
@@ -100,13 +100,18 @@ class SocketOutside:
 
     def write_batch(self, batch: Batch) -> int:
         """Send every passing packet (each a whole IPv4 packet); returns how many left."""
-        mv = memoryview(batch.data)  # type: ignore[arg-type]
+        mv = batch.memory()[0]
         n = batch.count
-        meta = batch.meta
-        live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
+        if n == 1:  # a lone packet: no numpy
+            off, ln, _, verdict, *_ = batch.row(0)
+            todo = [(off, ln)] if verdict == Verdict.PASS else []
+        else:
+            meta = batch.meta
+            live = np.flatnonzero(meta["verdict"][:n] == Verdict.PASS)
+            todo = list(zip(meta["offset"][live].tolist(), meta["length"][live].tolist(),
+                            strict=True))
         sent = 0
-        for off, ln in zip(meta["offset"][live].tolist(), meta["length"][live].tolist(),
-                           strict=True):
+        for off, ln in todo:
             dst = socket.inet_ntoa(mv[off + 16 : off + 20])
             try:
                 self.tx.sendto(mv[off : off + ln], (dst, 0))

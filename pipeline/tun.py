@@ -182,7 +182,14 @@ class TunQueue:
     ) -> None:
         n = len(lengths)
         batch.count = n
-        if n:
+        if n == 1:  # a lone packet (sparse traffic): no numpy
+            length, verdict = lengths[0], Verdict.PASS
+            if length > room:
+                self.rx_too_big += 1
+                length, verdict = room, Verdict.TOO_BIG
+            batch.set_row(0, int(offsets[0]), length, verdict=verdict)
+            self.rx_packets += 1
+        elif n:
             meta = batch.meta
             meta[:n] = 0  # verdict PASS, sa/flags/seq cleared
             meta["offset"][:n] = offsets[:n]
@@ -204,11 +211,15 @@ class TunQueue:
         n = batch.count
         if not n:
             return 0
-        meta = batch.meta[:n]
-        passing = meta["verdict"] == Verdict.PASS
-        offsets: list[int] = meta["offset"][passing].tolist()
-        lengths: list[int] = meta["length"][passing].tolist()
-        data = memoryview(batch.data)  # type: ignore[arg-type]
+        if n == 1:  # a lone packet: no numpy
+            offset, length, _, verdict, *_ = batch.row(0)
+            offsets, lengths = ([offset], [length]) if verdict == Verdict.PASS else ([], [])
+        else:
+            meta = batch.meta[:n]
+            passing = meta["verdict"] == Verdict.PASS
+            offsets = meta["offset"][passing].tolist()
+            lengths = meta["length"][passing].tolist()
+        data = batch.memory()[0]
         write = os.write
         sent = 0
         errors = 0

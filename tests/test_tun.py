@@ -172,14 +172,24 @@ def _inner_oversize() -> dict[str, Any]:
             select.select([tun], [], [], 0.5)
             got = tun.read_batch(batch, max_packets=2)
         m = batch.meta[: batch.count]
-        return {
+        result = {
             "count": batch.count,
             "verdicts": m["verdict"].tolist(),
             "lengths": m["length"].tolist(),
             "max_packet": batch.max_packet,
-            "rx_too_big": tun.queues[0].rx_too_big,
-            "rx_packets": tun.queues[0].rx_packets,
         }
+        # Read alone (the lone-packet branch), the same.
+        alone = Batch(capacity=4)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"z" * 1800, (REMOTE_HOST, 9))
+        deadline = time.monotonic() + 3
+        while alone.count == 0 and time.monotonic() < deadline:
+            select.select([tun], [], [], 0.5)
+            tun.read_batch(alone, max_packets=1)
+        result["alone"] = [alone.count, *alone.row(0)[:4]]
+        result["rx_too_big"] = tun.queues[0].rx_too_big
+        result["rx_packets"] = tun.queues[0].rx_packets
+        return result
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -238,8 +248,10 @@ def test_tun_oversize_packet_is_marked_too_big(netns_lab: NetnsLab) -> None:
     r = _run_inner(netns_lab, "inner-oversize", ipv6=False)
     assert r["count"] == 2
     assert r["verdicts"] == [Verdict.TOO_BIG, Verdict.PASS]
+    # count, offset (slot 0's payload area), length (cut), sa, verdict
+    assert r["alone"] == [1, HEADROOM, r["max_packet"], 0, Verdict.TOO_BIG]
     assert r["lengths"] == [r["max_packet"], 20 + 8 + 10]
-    assert (r["rx_too_big"], r["rx_packets"]) == (1, 2)
+    assert (r["rx_too_big"], r["rx_packets"]) == (2, 3)
 
 
 def test_tun_missing_device_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:

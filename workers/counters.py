@@ -18,11 +18,12 @@ __all__ = ["Counters"]
 class Counters:
     """Running totals for one worker (or one direction of one)."""
 
-    __slots__ = ("by_verdict", "batches")
+    __slots__ = ("by_verdict", "batches", "_passed_alone")
 
     def __init__(self) -> None:
         self.by_verdict: npt.NDArray[np.int64] = np.zeros(len(Verdict), dtype=np.int64)
         self.batches = 0
+        self._passed_alone = 0  # add_passed's, kept out of numpy (folded in when read)
 
     def add(self, batch: Batch) -> None:
         """Count every packet of a processed batch by its verdict."""
@@ -32,12 +33,12 @@ class Counters:
 
     def add_passed(self) -> None:
         """Count a batch of one packet that passed (pipeline/onepacket.py)."""
-        self.by_verdict[Verdict.PASS] += 1
+        self._passed_alone += 1
         self.batches += 1
 
     @property
     def passed(self) -> int:
-        return int(self.by_verdict[Verdict.PASS])
+        return int(self.by_verdict[Verdict.PASS]) + self._passed_alone
 
     def drops(self) -> dict[str, int]:
         """Non-zero drop counts by reason."""
