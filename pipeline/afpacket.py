@@ -187,6 +187,21 @@ FRAME_HDR_V2_DTYPE = np.dtype(
 assert BLOCK_DESC_DTYPE.itemsize == 48 and FRAME_HDR_DTYPE.itemsize == 64
 assert FRAME_HDR_V2_DTYPE.itemsize == 48
 _RX_DROP_REASONS = ("outgoing", "vlan", "not_ip", "truncated", "too_big")
+# The same headers as structs, for a lone frame (RxRing._deliver_one): tp_status, tp_len,
+# tp_snaplen, tp_mac, tp_net of TPACKET_V2; tp_snaplen, tp_len, tp_status, tp_mac, tp_net of
+# TPACKET_V3 (12 bytes in); then sockaddr_ll's protocol (network order) and pkttype.
+_V2_HDR = struct.Struct("<IIIHH")
+_V3_HDR = struct.Struct("<IIIHH")
+_SLL = struct.Struct(">H6xB")  # sll_protocol, sll_ifindex and sll_hatype skipped, pkttype
+_V2_SLL = 32 + 2  # sll_protocol of FRAME_HDR_V2_DTYPE
+_V3_SLL = 48 + 2  # sll_protocol of FRAME_HDR_DTYPE
+_U16BE = struct.Struct(">H")
+assert FRAME_HDR_V2_DTYPE.fields is not None and FRAME_HDR_DTYPE.fields is not None
+assert FRAME_HDR_V2_DTYPE.fields["sll_protocol"][1] == _V2_SLL
+assert FRAME_HDR_DTYPE.fields["sll_protocol"][1] == _V3_SLL
+assert FRAME_HDR_DTYPE.fields["sll_pkttype"][1] == _V3_SLL + _SLL.size - 1
+assert FRAME_HDR_V2_DTYPE.fields["sll_pkttype"][1] == _V2_SLL + _SLL.size - 1
+assert FRAME_HDR_DTYPE.fields["tp_snaplen"][1] == 12
 _V3_ALIGNMENT = 8  # frames in a V3 block start on 8-byte boundaries (TOTAL_PKT_LEN_INCL_ALIGN)
 
 _TPACKET_REQ3 = struct.Struct("=7I")  # block_size, block_nr, frame_size, frame_nr, tov, priv, feat
@@ -196,6 +211,7 @@ _TPACKET_STATS = struct.Struct("=2I")  # tp_packets, tp_drops (TPACKET_V2)
 
 # The IP version nibble gives the ethertype; nothing else may leave through TxPath.
 _ETHERTYPE_FOR_VERSION = {4: ETHERTYPE_IPV4, 6: ETHERTYPE_IPV6}
+_ETHERTYPE_BYTES = {v: t.to_bytes(2, "big") for v, t in _ETHERTYPE_FOR_VERSION.items()}
 
 
 def default_fanout_group() -> int:
@@ -419,6 +435,13 @@ class RxRing:
                 break
             take = min(self._left, room - filled)
             pos = self._pos
+            if take == 1:  # a lone frame (sparse traffic): no numpy
+                self._pos = pos + self._u32[pos >> 2]
+                filled += self._deliver_one(batch, start + filled, pos, ethertypes)
+                self._left -= 1
+                if not self._left:
+                    self._release_block()
+                continue
             offsets = [0] * take
             for i in range(take):  # the frame list is linked by tp_next_offset
                 offsets[i] = pos
@@ -439,6 +462,16 @@ class RxRing:
                  ethertypes: npt.NDArray[np.uint16] | None) -> int:
         """TPACKET_V2: the run of user-owned frames from the cursor, in ring order."""
         start = batch.count
+        u32, frame, fs = self._u32, self._frame, self.frame_size
+        if u32[frame * fs >> 2] & TP_STATUS_USER and (
+                room == 1 or not u32[(frame + 1) % self.frame_count * fs >> 2] & TP_STATUS_USER):
+            # A lone frame (sparse traffic): no numpy.
+            filled = self._deliver_one(batch, start, frame * fs, ethertypes)
+            u32[frame * fs >> 2] = TP_STATUS_KERNEL  # copied out: the kernel's again
+            self._frame = (frame + 1) % self.frame_count
+            batch.count = start + filled
+            self._counters["packets"] += filled
+            return filled
         idx = (self._frame + np.arange(room, dtype=np.int64)) % self.frame_count
         ready = (self._frames["tp_status"][idx] & TP_STATUS_USER) != 0
         take = room if ready.all() else int(np.argmin(ready))
@@ -452,6 +485,50 @@ class RxRing:
         batch.count = start + filled
         self._counters["packets"] += filled
         return filled
+
+    def _deliver_one(self, batch: Batch, slot: int, off: int,
+                     ethertypes: npt.NDArray[np.uint16] | None) -> int:
+        """``_deliver`` for the one frame at ring offset ``off``, in plain Python: the same
+        checks in the same order, the same counters (tests/test_afpacket.py reads frames
+        both ways)."""
+        mem = self._bytes
+        if self.version == 2:
+            status, wire_len, snaplen, mac, net = _V2_HDR.unpack_from(mem, off)
+            etype, pkttype = _SLL.unpack_from(mem, off + _V2_SLL)
+        else:
+            snaplen, wire_len, status, mac, net = _V3_HDR.unpack_from(mem, off + 12)
+            etype, pkttype = _SLL.unpack_from(mem, off + _V3_SLL)
+        l3 = off + net
+        cap = snaplen - (net - mac)
+        b0 = mem[l3]
+        is4 = etype == ETHERTYPE_IPV4 and b0 >> 4 == 4
+        is6 = etype == ETHERTYPE_IPV6 and b0 >> 4 == 6
+        ip_len = (_U16BE.unpack_from(mem, l3 + 2)[0] if is4
+                  else 40 + _U16BE.unpack_from(mem, l3 + 4)[0])
+        length = ip_len if 0 < ip_len <= cap else cap
+        # The first reason that applies is the one counted (as in _deliver).
+        if pkttype == PACKET_OUTGOING:
+            reason = "outgoing"
+        elif status & TP_STATUS_VLAN_VALID:
+            reason = "vlan"
+        elif not (is4 or is6):
+            reason = "not_ip"
+        elif wire_len != snaplen:
+            reason = "truncated"
+        elif length > batch.max_packet:
+            reason = "too_big"
+        else:
+            base = slot * batch.slot_size + HEADROOM
+            batch.memory()[0][base : base + length] = mem[l3 : l3 + length]
+            batch.set_row(slot, base, length)
+            if ethertypes is not None:
+                ethertypes[slot] = etype
+            if status & TP_STATUS_CSUMNOTREADY and complete_l4_checksum(batch.data, base,
+                                                                         length):
+                self._counters["csum_completed"] += 1
+            return 1
+        self._counters[reason] += 1
+        return 0
 
     def _deliver(self, batch: Batch, first: int, offs: npt.NDArray[np.int64],
                  hdr: npt.NDArray[np.void], ethertypes: npt.NDArray[np.uint16] | None) -> int:
@@ -835,6 +912,8 @@ class TxPath:
     def send(self, batch: Batch) -> int:
         """Transmit the batch's passing packets; return how many the kernel accepted."""
         n = batch.count
+        if n == 1 and self.method != "ring":
+            return self._send_one(batch)
         meta = batch.meta
         sel = np.flatnonzero(meta["verdict"][:n] == 0)
         if not len(sel):
@@ -857,6 +936,42 @@ class TxPath:
         else:
             sent = self._send_headroom(batch, offs, lens, hdrs[rows])
         return sent
+
+    def _send_one(self, batch: Batch) -> int:
+        """``send`` for a batch of one packet, in plain Python (sparse traffic): the same
+        checks in the same order, the same counters."""
+        off, length, _, verdict, *_ = batch.row(0)
+        if verdict:
+            return 0
+        data = batch.memory()[0]
+        version = data[off] >> 4
+        if version == 4:
+            family, addr = socket.AF_INET, data[off + 16 : off + 20]
+        elif version == 6:
+            family, addr = socket.AF_INET6, data[off + 24 : off + 40]
+        else:
+            self._counters["bad_version"] += 1
+            return 0
+        mac, reason = self.neighbours.lookup(family, addr.tobytes())
+        if mac is None:
+            self._counters[reason] += 1
+            return 0
+        if length > self.mtu:
+            self._counters["too_big"] += 1
+            return 0
+        start = off - ETH_HLEN
+        if start < off - off % batch.slot_size:
+            self._counters["no_headroom"] += 1
+            return 0
+        data[start:off] = mac + self.neighbours.mac + _ETHERTYPE_BYTES[version]
+        try:
+            self._sock.send(data[start : off + length])
+        except OSError:
+            self._counters["tx_error"] += 1
+            return 0
+        self._counters["packets"] += 1
+        self._counters["bytes"] += length + ETH_HLEN
+        return 1
 
     def _send_headroom(
         self,

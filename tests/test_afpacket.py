@@ -42,7 +42,7 @@ from pipeline.afpacket import (
     default_fanout_group,
     suppress_esp_unreachable,
 )
-from pipeline.batch import Batch, Verdict
+from pipeline.batch import HEADROOM, Batch, Verdict
 
 # --- a classic BPF interpreter (linux/filter.h semantics) -----------------------------------
 
@@ -479,10 +479,13 @@ def _matches(expected: Matcher, got: bytes) -> bool:
     return expected == got if isinstance(expected, bytes) else expected(got)
 
 
+@pytest.mark.parametrize("lone", [False, True], ids=["batch", "lone"])
 @pytest.mark.parametrize("version", [3, 2])
-def test_rx_ring_filter_in_the_kernel(lab: Lab, version: int) -> None:
+def test_rx_ring_filter_in_the_kernel(lab: Lab, version: int, lone: bool) -> None:
     """The kernel runs the filter: the ring sees exactly ESP and ESP-in-UDP, in order
-    (TPACKET_V3 blocks and TPACKET_V2 frames alike)."""
+    (TPACKET_V3 blocks and TPACKET_V2 frames alike). ``lone``: read a frame at a time,
+    which takes RxRing._deliver_one (no numpy) instead of the vector _deliver."""
+    most = 1 if lone else None
     with lab.enter(lab.b):
         ring = RxRing("b0", bpf=bpf.esp_filter(), version=version, **SMALL_RING)
         ethertypes = np.zeros(256, dtype=np.uint16)
@@ -534,7 +537,7 @@ def test_rx_ring_filter_in_the_kernel(lab: Lab, version: int) -> None:
         deadline = time.monotonic() + 2.0
         while batch.count < len(expected) and time.monotonic() < deadline:
             if ring.wait(0.1):
-                ring.read_into(batch, ethertypes=ethertypes)
+                ring.read_into(batch, max_packets=most, ethertypes=ethertypes)
         time.sleep(0.03)
         ring.read_into(batch, ethertypes=ethertypes)
         got = [batch.packet(i) for i in range(batch.count)]
@@ -652,9 +655,11 @@ def test_rx_ring_counts_kernel_drops_and_recovers(lab: Lab) -> None:
         ring.close()
 
 
-def test_rx_ring_drops_what_does_not_fit_a_slot(lab: Lab) -> None:
+@pytest.mark.parametrize("lone", [False, True], ids=["batch", "lone"])
+@pytest.mark.parametrize("version", [3, 2])
+def test_rx_ring_drops_what_does_not_fit_a_slot(lab: Lab, version: int, lone: bool) -> None:
     with lab.enter(lab.b):
-        ring = RxRing("b0", bpf=bpf.esp_filter(), **SMALL_RING)
+        ring = RxRing("b0", bpf=bpf.esp_filter(), version=version, **SMALL_RING)
     sender = frame_sender(lab)
     try:
         batch = Batch(capacity=8, slot_size=1024)  # payload area: 1024 - 128 - 320 = 576
@@ -665,9 +670,10 @@ def test_rx_ring_drops_what_does_not_fit_a_slot(lab: Lab) -> None:
         deadline = time.monotonic() + 2.0
         while batch.count < 1 and time.monotonic() < deadline:
             ring.wait(0.1)
-            ring.read_into(batch)
+            ring.read_into(batch, max_packets=1 if lone else None)
         assert batch.packets() == [small]
         assert ring.stats()["too_big"] == 1
+        assert batch.row(0)[:4] == (HEADROOM, len(small), 0, Verdict.PASS)
     finally:
         sender.close()
         ring.close()
@@ -738,9 +744,14 @@ def test_tx_resolves_neighbours_on_demand(lab: Lab) -> None:
         ring.close()
 
 
-def test_tx_batch_arrives_byte_exact_with_the_right_macs(lab: Lab) -> None:
+@pytest.mark.parametrize("lone", [False, True], ids=["batch", "lone"])
+def test_tx_batch_arrives_byte_exact_with_the_right_macs(lab: Lab, lone: bool) -> None:
+    """``lone``: each packet sent as a batch of its own (TxPath._send_one, no numpy). The
+    receiving ring is then TPACKET_V2 (a frame per packet): sent one by one, the packets
+    would fill TPACKET_V3 blocks a few at a time as each times out, and run out of them."""
     with lab.enter(lab.b):
-        ring = RxRing("b0", bpf=bpf.esp_filter(), block_size=1 << 20, block_count=4)
+        ring = RxRing("b0", bpf=bpf.esp_filter(), block_size=1 << 20, block_count=4,
+                      version=2 if lone else 3)
         tap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         bpf.attach(tap, bpf.esp_filter())
         tap.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
@@ -776,7 +787,15 @@ def test_tx_batch_arrives_byte_exact_with_the_right_macs(lab: Lab) -> None:
         batch.meta["verdict"][batch.count - 1] = Verdict.REPLAY  # not for sending
         assert batch.count == 258
 
-        assert tx.send(batch) == len(pkts)
+        if lone:
+            sent = 0
+            for i in range(batch.count):
+                one = Batch.for_packets([batch.packet(i)])
+                one.meta["verdict"][0] = batch.meta["verdict"][i]
+                sent += tx.send(one)
+            assert sent == len(pkts)
+        else:
+            assert tx.send(batch) == len(pkts)
         got = drain(ring, len(pkts))
         assert got == pkts
         stats = tx.stats()
