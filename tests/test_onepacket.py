@@ -61,12 +61,11 @@ def batch_path_encap(sas: SaTable, sa: SaState, pkt: bytes) -> Batch:
 
 
 @pytest.mark.parametrize("alg", AEADS)
-@pytest.mark.parametrize("outer", [4, 6])
-@pytest.mark.parametrize("udp", [False, True])
+# (IPv6 with UDP is declined: its checksum is the batch path's; see declined_encaps.)
+@pytest.mark.parametrize(("outer", "udp"), [(4, False), (4, True), (6, False)],
+                         ids=["esp4", "udp4", "esp6"])
 @pytest.mark.parametrize("esn", [False, True])
 def test_encap_matches_the_batch_path(alg: str, outer: int, udp: bool, esn: bool) -> None:
-    if outer == 6 and udp:
-        pytest.skip("declined: IPv6 UDP checksums are the batch path's (tested below)")
     rng = random.Random(f"{alg}{outer}{udp}{esn}")
     mine, mine_sa, _, _ = pair(alg, Mode.TUNNEL, outer, udp=udp, esn=esn)
     theirs, their_sa, _, _ = pair(alg, Mode.TUNNEL, outer, udp=udp, esn=esn)
