@@ -24,11 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
 from bench.esp_codec import inner_packet
 from pipeline.batch import HEADROOM, Batch
+from pipeline.cpus import siblings, spread
 from pipeline.dataplane import DataPlane, Settings
 from pipeline.dispatch import Policy
 from pipeline.satable import Direction, SaRecord
@@ -87,10 +89,23 @@ class Sink:
         return n
 
 
+def placement(io_cpus: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the I/O process's CPUs, the workers' in the order they are handed out): the I/O
+    process takes the first core (both its hardware threads when ``io_cpus`` is 2 and it
+    has two: its loop and its ZeroMQ I/O thread), the workers the others, one thread of
+    each core before any second one (pipeline/cpus.py)."""
+    allowed = os.sched_getaffinity(0)
+    order = spread(allowed)
+    io = siblings(order[0], allowed)[:io_cpus]
+    if len(io) < io_cpus:
+        io = order[:io_cpus]
+    rest = tuple(c for c in order if c not in io)
+    return io, rest or io
+
+
 def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int,
-            profile: str | None = None) -> dict[str, float]:
-    cpus = sorted(os.sched_getaffinity(0))
-    worker_cpus = tuple(cpus[1:] or cpus)  # the I/O process keeps the first core
+            profile: str | None = None, io_cpus: int = 1) -> dict[str, Any]:
+    io, worker_cpus = placement(io_cpus)
     records = [(0, SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
                             local_addr=LOCAL, remote_addr=REMOTE, enc_key=os.urandom(20)))]
     policy = Policy((ipaddress.ip_network("10.1.0.0/24"),),
@@ -101,7 +116,8 @@ def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int
                                    runtime_dir=rundir,
                                    max_in_flight=per_worker * (workers + 1)),
                           records, [policy], source, sink)
-        os.sched_setaffinity(0, {cpus[0]})
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, set(io))
         prof = cProfile.Profile() if profile else None
         target = plane.run if prof is None else (lambda: prof.runcall(plane.run))
         thread = threading.Thread(target=target, daemon=True)
@@ -119,12 +135,13 @@ def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int
         finally:
             plane.stop()
             thread.join(10)
-            os.sched_setaffinity(0, set(cpus))
+            os.sched_setaffinity(0, cpus)
         if prof is not None and profile:
             prof.dump_stats(profile)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     pps = (p1 - p0) / (t1 - t0)
     return {"workers": workers, "pps": pps, "gbps": pps * size * 8 / 1e9,
+            "io_cpus": list(io), "worker_cpus": list(worker_cpus[:workers]),
             "lost_batches": plane.reassembler.skipped,
             "inline_batches": plane.stats.inline_batches}
 
@@ -135,14 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--size", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--max-workers", type=int, default=0,
+                    help="default: one per CPU the I/O process leaves")
     ap.add_argument("--per-worker", type=int, default=2,
                     help="batches out at each worker (default 2: one being processed, one "
                          "waiting); more buffers in flight cost cache")
+    ap.add_argument("--io-cpus", type=int, default=1, choices=(1, 2),
+                    help="CPUs for the I/O process (default 1; 2: its loop and its ZeroMQ "
+                         "I/O thread each get one, the second hardware thread of its core "
+                         "where there is one); the workers get the others")
     ap.add_argument("--profile", metavar="FILE",
                     help="run the I/O loop under cProfile at the largest worker count, dump "
                          "the stats to FILE and print the top functions to stderr")
     args = ap.parse_args(argv)
+    io, worker_cpus = placement(args.io_cpus)
+    args.max_workers = args.max_workers or len(worker_cpus)
     counts, w = [], 1
     while w <= args.max_workers:
         counts.append(w)
@@ -152,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     if not args.json:
         print(f"cores: {len(os.sched_getaffinity(0))}, one SA (aes128gcm16), "
-              f"{args.size}-byte packets, batch {args.batch}")
+              f"{args.size}-byte packets, batch {args.batch}; I/O process on CPUs "
+              f"{list(io)}, workers on {list(worker_cpus)} in that order")
         print(f"{'workers':>7} {'pps':>10} {'Gbit/s':>7} {'ratio':>6} {'lost':>5}")
     for w in counts:
         profile = args.profile if w == counts[-1] else None
-        row = measure(w, args.seconds, args.size, args.batch, args.per_worker, profile)
+        row = measure(w, args.seconds, args.size, args.batch, args.per_worker, profile,
+                      args.io_cpus)
         base = base or row["pps"]
         row["ratio"] = row["pps"] / base if base else float(np.nan)
         if args.json:

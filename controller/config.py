@@ -24,6 +24,7 @@ from typing import Any, Literal, NoReturn, cast
 
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
+from pipeline.cpus import spread
 from pipeline.satable import (
     MAX_REPLAY_WINDOW,
     MIN_REPLAY_WINDOW,
@@ -383,7 +384,7 @@ def _affinity() -> frozenset[int]:
 @dataclass(frozen=True)
 class DataplaneConfig:
     workers: int = field(default_factory=lambda: max(1, len(_affinity())))
-    cpus: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(_affinity())))
+    cpus: tuple[int, ...] = field(default_factory=lambda: spread(_affinity()))
     batch: BatchConfig = BatchConfig()
     replay_window: int = DEFAULT_REPLAY_WINDOW  # default for static SAs that set none
     mss_clamp: MssClamp = "auto"
@@ -564,7 +565,9 @@ def _parse_dataplane(value: object, allowed_cpus: frozenset[int]) -> DataplaneCo
     cpus = (
         _cpus(s.get("cpus"), s.at("cpus"), allowed_cpus)
         if s.has("cpus")
-        else tuple(sorted(allowed_cpus))
+        # Unset: every allowed CPU, one thread of each physical core before any second
+        # one (workers are pinned round robin in this order: pipeline/cpus.py).
+        else spread(allowed_cpus)
     )
     workers = s.get_int("workers", max(1, len(cpus)), 1, MAX_WORKERS)
     inside = _parse_inside(s.get("inside", None), s.at("inside"))
