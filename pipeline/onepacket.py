@@ -113,7 +113,7 @@ def encap_one(batch: Batch, sa: SaState | None, inner_mtu: int, outside_mtu: int
     c = off - base
     mv = batch.memory()[0]
     pkt = mv[off : off + length]
-    if verdict or length > inner_mtu or c + IPV6_HDR_LEN > size:
+    if verdict or not IPV4_HDR_LEN <= length <= inner_mtu or c + IPV6_HDR_LEN > size:
         return False
     b0 = pkt[0]
     version = b0 >> 4

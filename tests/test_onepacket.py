@@ -122,6 +122,7 @@ def declined_encaps() -> list[tuple[str, SaState, bytes, int, int, bool]]:
         ("SYN, clamping", gcm, syn(4), BIG, MTU, True),
         ("SYN6, clamping", gcm, syn(6), BIG, MTU, True),
         ("runt", gcm, ok[:19], BIG, MTU, True),
+        ("empty", gcm, b"", BIG, MTU, True),
         ("not IP", gcm, b"\x55" * 60, BIG, MTU, True),
         ("numbers used up", exhausted, ok, BIG, MTU, True),
     ]
@@ -249,3 +250,26 @@ def test_esn_and_cbc_are_declined() -> None:
         assert batch_path_decap(pair(alg, Mode.TUNNEL, 4, esn=esn)[2], pkt).meta[
             "verdict"][0] == Verdict.PASS
         assert decap_one(one(pkt), sas, bytearray(2048)) is None and sa.replay.top == 0
+
+
+def test_random_bytes_never_raise() -> None:
+    """Whatever a packet holds, both functions either take it or decline it unchanged."""
+    rng = random.Random(7)
+    _, out_sa, _, _ = pair("aes128gcm16", Mode.TUNNEL, 4, udp=True)
+    _, _, in_sas, _ = pair("aes128gcm16", Mode.TUNNEL, 4, udp=True)
+    good = wire("aes128gcm16", 4, True, 1, inner_packet(4, 40))
+    for k in range(3000):
+        if k % 3 == 0:  # a real packet, cut or with bytes changed
+            pkt = bytearray(good[: rng.randrange(len(good) + 1)])
+            for _ in range(rng.randrange(4)):
+                if pkt:
+                    pkt[rng.randrange(len(pkt))] = rng.randrange(256)
+            data = bytes(pkt)
+        else:
+            data = bytes([rng.choice((0x45, 0x46, 0x60))]) + rng.randbytes(rng.randrange(120))
+        for run in (lambda b: encap_one(b, out_sa, BIG, MTU, True),
+                    lambda b: decap_one(b, in_sas, bytearray(b.slot_size))):
+            batch = one(data)
+            before = snapshot(batch)
+            if not run(batch):
+                assert snapshot(batch) == before
