@@ -33,6 +33,7 @@ shared host, which skews every figure and should be about 0 (``other_top`` names
     python -m bench.tunnel                       # all three setups, table
     python -m bench.tunnel --setups espline,plain --time 10 --json
     python -m bench.tunnel --profile DIR         # espline I/O processes under cProfile
+    python -m bench.tunnel --repeat 3            # interleaved rounds, then the medians
 
 Needs root, iproute2, iperf3; strongSwan (strongswan-charon, strongswan-swanctl,
 libcharon-extra-plugins, libstrongswan-standard/extra-plugins) for its setup.
@@ -46,6 +47,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,32 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[max(0, math.ceil(q / 100.0 * len(s)) - 1)]
+
+
+_FIGURES = ("mbps", "loss_pct", "rtt_p50_ms", "rtt_p99_ms", "cpu_left_pct", "cpu_right_pct",
+            "host_busy_pct", "other_cpu_pct")
+
+
+def summarize(results: list[Result]) -> list[Result]:
+    """Per (setup, test), in first-seen order: the median of each figure over the rounds
+    (``--repeat``), with the number of rounds and the throughput's range. This host's runs
+    scatter widely (the same build: 115-218 Mbit/s of TCP in back-to-back runs); one round
+    says little."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.setup, r.test), []).append(r)
+    out = []
+    for (setup, test), rs in groups.items():
+        med = Result(setup, test, extra={"rounds": len(rs), "summary": "median"})
+        for name in _FIGURES:
+            values = [v for r in rs if (v := getattr(r, name)) is not None]
+            if values:
+                setattr(med, name, statistics.median(values))
+        mbps = [r.mbps for r in rs if r.mbps is not None]
+        if mbps:
+            med.extra["mbps_min"], med.extra["mbps_max"] = min(mbps), max(mbps)
+        out.append(med)
+    return out
 
 
 # -- setups ---------------------------------------------------------------------------------
@@ -566,12 +594,18 @@ def print_table(results: list[Result], breakdown: list[tuple[str, str, str, str]
     print("-" * len(head))
     for r in results:
         extra = ""
-        if r.test == "tcp":
+        if "rounds" in r.extra:
+            extra = f"{r.extra['rounds']} rounds"
+            if "mbps_min" in r.extra:
+                extra += f", {r.extra['mbps_min']:.1f}-{r.extra['mbps_max']:.1f}"
+        elif r.test == "tcp":
             extra = f"retr {r.extra.get('retransmits')}"
         elif r.test.startswith("udp"):
             extra = f"sent {r.extra.get('sender_mbps')}"
         elif "pings" in r.extra:
             extra = f"{r.extra['pings']} pings"
+        if "round" in r.extra:
+            extra = f"round {r.extra['round']}, {extra}"
         print(f"{r.setup:<11}{r.test:<14}{fmt(r.mbps, '.1f'):>9}{fmt(r.loss_pct, '.2f'):>8}"
               f"{fmt(r.rtt_p50_ms, '.3f'):>9}{fmt(r.rtt_p99_ms, '.3f'):>9}"
               f"{fmt(r.cpu_left_pct, '.0f'):>8}{fmt(r.cpu_right_pct, '.0f'):>8}"
@@ -615,6 +649,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="iperf3 -b values, comma-separated ('' for none; default 200M,500M,1G)")
     p.add_argument("--udp-len", type=int, default=1300, help="UDP datagram size (default 1300)")
     p.add_argument("--pings", type=int, default=50, help="idle pings (default 50)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every setup, interleaved (espline, strongswan, plain, "
+                        "espline, ...); the table then ends with each figure's median "
+                        "(default 1)")
     p.add_argument("--ping-interval", type=float, default=0.02,
                    help="seconds between pings, idle and loaded (default 0.02)")
     p.add_argument("--outside", choices=("af_packet", "socket"), default="af_packet",
@@ -635,6 +673,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.setups if s not in SETUPS]
     if bad or not args.setups:
         p.error(f"unknown setup(s) {bad}; choose from {','.join(SETUPS)}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.udp_rates = [r.strip() for r in args.udp_rates.split(",") if r.strip()]
     if args.udp_time is None:
         args.udp_time = args.time
@@ -651,8 +691,9 @@ def background_load(seconds: float = 1.0) -> float:
     return 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-def run_setup(name: str, args: argparse.Namespace, work: Path,
-              emit: Any) -> tuple[list[Result], list[tuple[str, str, str, str]], list[str]]:
+def run_setup(name: str, args: argparse.Namespace, work: Path, emit: Any,
+              round_: int | None = None
+              ) -> tuple[list[Result], list[tuple[str, str, str, str]], list[str]]:
     idle = background_load()
     notes = [f"{name}: host {idle:.0f}% busy before the setup started (other processes)"]
     if idle > 10:
@@ -667,6 +708,8 @@ def run_setup(name: str, args: argparse.Namespace, work: Path,
             results = bench.run()
             for r in results:
                 r.extra["host_busy_before_pct"] = round(idle, 1)
+                if round_ is not None:
+                    r.extra["round"] = round_ + 1
                 emit(r)
             notes += setup.notes()
         finally:
@@ -696,12 +739,14 @@ def main(argv: list[str] | None = None) -> int:
     breakdown: list[tuple[str, str, str, str]] = []
     notes: list[str] = []
     failed = 0
+    rounds = [(k, name) for k in range(args.repeat) for name in args.setups]
     try:
-        for name in args.setups:
+        for k, name in rounds:
             if not args.json:
-                print(f"[{name}] running ...", file=sys.stderr, flush=True)
+                tag = f" (round {k + 1} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"[{name}] running{tag} ...", file=sys.stderr, flush=True)
             try:
-                r, b, n = run_setup(name, args, work, emit)
+                r, b, n = run_setup(name, args, work, emit, k if args.repeat > 1 else None)
             except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
                 failed += 1
                 print(f"[{name}] FAILED: {exc}", file=sys.stderr)
@@ -720,9 +765,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work directory kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+    summary = summarize(results) if args.repeat > 1 else []
     if not args.json:
         print_table(results, breakdown, notes)
+        if summary:
+            print(f"\nMedian of {args.repeat} rounds (Mbit/s min-max in extra):")
+            print_table(summary, [], [])
     else:
+        for r in summary:
+            print(json.dumps(r.as_dict()), flush=True)
         for n in notes:
             print(n, file=sys.stderr)
     if args.profile:

@@ -1,0 +1,47 @@
+"""bench/tunnel.py's arithmetic and arguments (the measurements themselves need root,
+namespaces and iperf3: the benchmark is run by hand, not by the suite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.tunnel import Result, parse_args, percentile, summarize
+
+
+def test_medians_per_setup_and_test_over_rounds() -> None:
+    rounds = [
+        [Result("espline", "tcp", mbps=150.0, cpu_left_pct=80.0),
+         Result("espline", "ping-idle", rtt_p50_ms=1.2, rtt_p99_ms=2.0),
+         Result("strongswan", "tcp", mbps=300.0)],
+        [Result("espline", "tcp", mbps=210.0, cpu_left_pct=90.0),
+         Result("espline", "ping-idle", rtt_p50_ms=1.4, rtt_p99_ms=5.0),
+         Result("strongswan", "tcp", mbps=280.0)],
+        [Result("espline", "tcp", mbps=180.0, cpu_left_pct=70.0),
+         Result("espline", "ping-idle", rtt_p50_ms=1.1, rtt_p99_ms=3.0),
+         Result("strongswan", "tcp", mbps=None)],  # a failed measurement: left out
+    ]
+    summary = summarize([r for rs in rounds for r in rs])
+    assert [(r.setup, r.test) for r in summary] == [
+        ("espline", "tcp"), ("espline", "ping-idle"), ("strongswan", "tcp")]
+    tcp, ping, swan = summary
+    assert (tcp.mbps, tcp.cpu_left_pct, tcp.rtt_p50_ms) == (180.0, 80.0, None)
+    assert (tcp.extra["mbps_min"], tcp.extra["mbps_max"], tcp.extra["rounds"]) == (
+        150.0, 210.0, 3)
+    assert (ping.rtt_p50_ms, ping.rtt_p99_ms, ping.mbps) == (1.2, 3.0, None)
+    assert "mbps_min" not in ping.extra
+    assert swan.mbps == 290.0 and swan.extra["rounds"] == 3
+    assert {"setup", "test", "mbps", "loss_pct", "rtt_p50_ms", "rtt_p99_ms"} <= set(
+        tcp.as_dict())
+
+
+def test_repeat_is_parsed_and_checked() -> None:
+    assert parse_args([]).repeat == 1
+    assert parse_args(["--repeat", "3"]).repeat == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 51)], 99) == 50.0
