@@ -436,7 +436,7 @@ class RxRing:
             take = min(self._left, room - filled)
             pos = self._pos
             if take == 1:  # a lone frame (sparse traffic): no numpy
-                self._pos = pos + self._u32[pos >> 2]
+                self._pos = pos + u32[pos >> 2]
                 filled += self._deliver_one(batch, start + filled, pos, ethertypes)
                 self._left -= 1
                 if not self._left:
@@ -469,19 +469,16 @@ class RxRing:
             filled = self._deliver_one(batch, start, frame * fs, ethertypes)
             u32[frame * fs >> 2] = TP_STATUS_KERNEL  # copied out: the kernel's again
             self._frame = (frame + 1) % self.frame_count
-            batch.count = start + filled
-            self._counters["packets"] += filled
-            return filled
-        idx = (self._frame + np.arange(room, dtype=np.int64)) % self.frame_count
-        ready = (self._frames["tp_status"][idx] & TP_STATUS_USER) != 0
-        take = room if ready.all() else int(np.argmin(ready))
-        if not take:
-            return 0
-        idx = idx[:take]
-        filled = self._deliver(batch, start, idx * self.frame_size, self._frames[idx],
-                               ethertypes)
-        self._frames["tp_status"][idx] = TP_STATUS_KERNEL  # copied out: the kernel's again
-        self._frame = int(idx[-1] + 1) % self.frame_count
+        else:
+            idx = (frame + np.arange(room, dtype=np.int64)) % self.frame_count
+            ready = (self._frames["tp_status"][idx] & TP_STATUS_USER) != 0
+            take = room if ready.all() else int(np.argmin(ready))
+            if not take:
+                return 0
+            idx = idx[:take]
+            filled = self._deliver(batch, start, idx * fs, self._frames[idx], ethertypes)
+            self._frames["tp_status"][idx] = TP_STATUS_KERNEL  # copied out: the kernel's again
+            self._frame = int(idx[-1] + 1) % self.frame_count
         batch.count = start + filled
         self._counters["packets"] += filled
         return filled

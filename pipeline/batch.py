@@ -151,6 +151,15 @@ class Batch:
             meta[i] = (start, len(pkt), sa, Verdict.PASS, 0, 0, 0)
             self.count = i + 1
 
+    def slot_starts(self) -> npt.NDArray[np.int64]:
+        """Where each slot begins in ``data`` (cached on the batch: the codecs and the
+        dispatcher index with it batch after batch)."""
+        starts = self._views.get("bases")
+        if not isinstance(starts, np.ndarray):
+            starts = np.arange(self.capacity, dtype=np.int64) * self.slot_size
+            self._views["bases"] = starts
+        return starts
+
     # -- one packet's metadata without numpy (pipeline/onepacket.py) -----------------------
     def memory(self) -> tuple[memoryview, memoryview]:
         """(data, meta) as byte memoryviews over the batch's buffers (cached): for code that

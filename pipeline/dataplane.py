@@ -26,7 +26,7 @@ import zmq
 
 from pipeline import mtu, onepacket
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
-from pipeline.dispatch import Dispatcher, Policy
+from pipeline.dispatch import Dispatcher, PerPolicy, Policy
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
@@ -148,6 +148,10 @@ def remove_stale(runtime_dir: str) -> list[str]:
     return removed
 
 
+def _remote_routes(policy: Policy) -> tuple[str, ...]:
+    return tuple(str(n) for n in policy.remote_ts)
+
+
 class DataPlane:
     def __init__(self, settings: Settings, sas: Sequence[tuple[int, SaRecord]],
                  policies: Sequence[Policy], inside: PacketIO, outside: PacketIO, *,
@@ -160,7 +164,7 @@ class DataPlane:
         self.settings = settings
         self.records: dict[int, SaRecord] = dict(sas)
         self.sas = install_all(tuple(self.records.items()))
-        self._routes_of: dict[int, tuple[Policy, tuple[str, ...]]] = {}  # set_policies'
+        self._routes_of = PerPolicy(_remote_routes)  # set_policies'
         self.dispatcher = Dispatcher(self.sas, policies)
         # The I/O process's own codec for tiny batches (replay windows move in the
         # reassembler, as for the workers' batches).
@@ -216,7 +220,6 @@ class DataPlane:
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._outer6 = np.zeros(size + 1, dtype=np.bool_)  # the SA's outer header is IPv6
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        self._mtu_of: dict[int, int] = {}  # _inner_mtu as Python ints (the one-packet path)
         for i, rec in self.records.items():
             self._limit_one(i, rec)
 
@@ -229,7 +232,7 @@ class DataPlane:
             self._mss4 = np.append(self._mss4, np.full(grow, 1 << 16, dtype=np.int64))
             self._mss6 = np.append(self._mss6, np.full(grow, 1 << 16, dtype=np.int64))
             self._outer6 = np.append(self._outer6, np.zeros(grow, dtype=np.bool_))
-        self._inner_mtu[i] = self._mtu_of[i] = self.settings.outside_mtu
+        self._inner_mtu[i] = self.settings.outside_mtu
         self._outer6[i] = False
         self._mss4[i] = self._mss6[i] = 1 << 16
         sa = self.sas[i]
@@ -237,7 +240,7 @@ class DataPlane:
             return
         m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
                           rec.mode.name == "TUNNEL")
-        self._inner_mtu[i] = self._mtu_of[i] = m
+        self._inner_mtu[i] = m
         self._outer6[i] = rec.ipv6
         clamp = self.settings.mss_clamp
         if clamp == "auto":
@@ -273,19 +276,10 @@ class DataPlane:
         # never leaked through the default route while an SA is down.
         sync = getattr(self.inside, "sync_routes", None)
         if callable(sync):
-            # Each policy's routes as text, kept while it stays in the SPD (the controller
-            # sends the whole SPD at each change; formatting thousands of prefixes each
-            # time cost more than the rest of a Child SA's install).
-            routes: set[str] = set()
-            memo, kept = self._routes_of, {}
-            for p in policies:
-                entry = memo.get(id(p))
-                if entry is None or entry[0] is not p:
-                    entry = (p, tuple(str(n) for n in p.remote_ts))
-                kept[id(p)] = entry
-                routes.update(entry[1])
-            self._routes_of = kept
-            sync(sorted(routes))
+            # Each policy's routes as text, kept while it stays in the SPD (formatting
+            # thousands of prefixes at each change cost more than the rest of a Child
+            # SA's install).
+            sync(sorted({r for rs in self._routes_of.update(policies) for r in rs}))
 
     def _outbound_mtu(self, batch: Batch) -> None:
         """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the
@@ -519,7 +513,7 @@ class DataPlane:
                 return False
             sa = self.sas[index]
             if sa is None or not onepacket.encap_one(
-                    batch, sa, self._mtu_of.get(index, 0), self.settings.outside_mtu, clamp):
+                    batch, sa, self._inner_mtu.item(index), self.settings.outside_mtu, clamp):
                 return False
             length = batch.row(0)[5]  # inner_length
             self.outside.write_batch(batch)

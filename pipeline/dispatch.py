@@ -16,9 +16,10 @@ workers' window arithmetic (workers/replay.py) and SA table.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +30,10 @@ from workers import vec
 from workers.layout import group_by, rows
 from workers.sa import SaTable, by_sa
 
-__all__ = ["Action", "Dispatcher", "Policy"]
+__all__ = ["Action", "Dispatcher", "PerPolicy", "Policy"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 U64 = npt.NDArray[np.uint64]
 
 PROTO_UDP = 17
@@ -54,19 +56,6 @@ _B0 = np.arange(256)
 _IP_HDR_LEN = np.where(_B0 >> 4 == 4, (_B0 & 0xF) * 4, 40).astype(np.int64)
 _PROTO_AT = np.where(_B0 >> 4 == 4, 9, 6).astype(np.int64)
 _ENCAP_LEN = np.where(_B0 == PROTO_UDP, UDP_HDR_LEN, 0).astype(np.int64)
-_SLOT_STARTS: dict[tuple[int, int], npt.NDArray[np.int64]] = {}
-
-
-def _slot_starts(n: int, slot_size: int) -> npt.NDArray[np.int64]:
-    """Where slots 0 .. n-1 begin in a batch's data (cached: batches are a few sizes)."""
-    starts = _SLOT_STARTS.get((n, slot_size))
-    if starts is None:
-        starts = np.arange(n, dtype=np.int64) * slot_size
-        starts.flags.writeable = False
-        if len(_SLOT_STARTS) > 1024:
-            _SLOT_STARTS.clear()
-        _SLOT_STARTS[n, slot_size] = starts
-    return starts
 
 
 def _by_offset(batch: Batch, width: int) -> list[tuple[int, slice | npt.NDArray[np.int64]]]:
@@ -76,7 +65,7 @@ def _by_offset(batch: Batch, width: int) -> list[tuple[int, slice | npt.NDArray[
     n, slot_size = batch.count, batch.slot_size
     offset = batch.meta["offset"][:n]
     first = int(offset[0])  # slot 0 starts at 0
-    in_slot = offset - _slot_starts(n, slot_size) if n > 1 else None  # int64
+    in_slot = offset - batch.slot_starts()[:n] if n > 1 else None  # int64
     if in_slot is None or not np.count_nonzero(in_slot != first):
         return [(first, slice(0, n))] if 0 <= first <= slot_size - width else []
     fits = (in_slot >= 0) & (in_slot + width <= slot_size)
@@ -101,6 +90,31 @@ class Policy:
     action: Action = Action.PROTECT
     sa_index: int = -1  # the outbound SA, for PROTECT
     name: str = ""  # for TRAP: what the controller negotiates ("connection/child")
+
+
+class PerPolicy(Generic[T]):
+    """A value worked out from each SPD entry once, and kept while the entry stays in the
+    SPD: the controller sends the whole SPD at each change, nearly all of it the same Policy
+    objects (pipeline/sadist.py keeps them by id), so a change costs a pass of dict
+    lookups. Entries are kept by id(policy) with the policy itself: held here, it stays
+    alive, so its id names nobody else while it is kept (checked all the same)."""
+
+    def __init__(self, make: Callable[[Policy], T]) -> None:
+        self._make = make
+        self._kept: dict[int, tuple[Policy, T]] = {}
+
+    def update(self, policies: Sequence[Policy]) -> list[T]:
+        """The value of each of ``policies``, in order; the others are forgotten."""
+        kept: dict[int, tuple[Policy, T]] = {}
+        values = []
+        for p in policies:
+            entry = self._kept.get(id(p))
+            if entry is None or entry[0] is not p:
+                entry = (p, self._make(p))
+            kept[id(p)] = entry
+            values.append(entry[1])
+        self._kept = kept
+        return values
 
 
 def _split(net: Network) -> tuple[int, int, int, int]:
@@ -150,20 +164,16 @@ def _compile(p: Policy) -> _Compiled:
 class Dispatcher:
     def __init__(self, sas: SaTable, policies: Sequence[Policy] = ()) -> None:
         self.sas = sas
-        # Each policy's rows by id(policy), with the policy itself: held here, it stays
-        # alive, so its id names nobody else while it is kept (checked all the same).
-        self._compiled: dict[int, tuple[Policy, _Compiled]] = {}
+        self._compiled = PerPolicy(_compile)  # each policy's rows
         self.set_policies(policies)
 
     def set_policies(self, policies: Sequence[Policy]) -> None:
         """Flatten the SPD into rows, one per (local, remote) selector pair, in order; the
         first matching row decides (RFC 4301 §4.4.1: the SPD is ordered).
 
-        The controller sends the whole SPD at each change, nearly all of it the same
-        Policy objects: each one's rows are worked out once and kept while it stays, so a
+        Each policy's rows are worked out once and kept while it stays (``PerPolicy``): a
         change costs a pass over the policies in plain ints, not their re-encoding."""
         self._policies = list(policies)
-        memo, kept = self._compiled, {}
         # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff
         # its masked address pair equals the row's, so one sorted search per shape finds
         # the first matching row of that shape, however many rows share it (a concentrator
@@ -173,19 +183,14 @@ class Dispatcher:
         rows6: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
         actions: list[int] = []
         traps: list[bool] = []
-        for i, p in enumerate(policies):
-            entry = memo.get(id(p))
-            if entry is None or entry[0] is not p:
-                entry = (p, _compile(p))
-            kept[id(p)] = entry
-            rows4_p, rows6_p, action, trap = entry[1]
+        for i, (rows4_p, rows6_p, action, trap) in enumerate(
+                self._compiled.update(self._policies)):
             for net, mask in rows4_p:
                 shapes.setdefault(mask, {}).setdefault(net, i)  # first row wins
             for nets6, masks6 in rows6_p:
                 rows6.append((nets6, masks6, i))
             actions.append(action)
             traps.append(trap)
-        self._compiled = kept
         self._has4, self._has6 = bool(shapes), bool(rows6)
         self._shapes4: list[tuple[np.uint64, npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
         self._shapes4 = []
@@ -328,7 +333,7 @@ class Dispatcher:
         # A packet too short to hold the headers is read at its slot's start instead (its
         # verdict is RUNT either way); the reads stay inside the buffer.
         any_short = np.count_nonzero(short) > 0
-        safe = np.where(short, _slot_starts(n, batch.slot_size) + HEADROOM, off) \
+        safe = np.where(short, batch.slot_starts()[:n] + HEADROOM, off) \
             if any_short else off
         b0 = data[safe]
         esp_off = safe + _IP_HDR_LEN[b0]

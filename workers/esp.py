@@ -107,21 +107,12 @@ for _p in range(MAX_PAD + 1):
     _TUNNEL_TRAILERS[1, _p, _p + 1] = NH_IPV6
 
 
-def _bases(batch: Batch) -> I64:
-    """Offset of each slot in the batch buffer."""
-    bases = batch._views.get("bases")
-    if not isinstance(bases, np.ndarray):
-        bases = np.arange(batch.capacity, dtype=np.int64) * batch.slot_size
-        batch._views["bases"] = bases
-    return bases
-
-
 def _offsets(batch: Batch, in_slot: int) -> npt.NDArray[np.uint32]:
     """Offsets of byte ``in_slot`` of every slot (the usual packet start, cached)."""
     key = ("offsets", in_slot)
     offs = batch._views.get(key)
     if not isinstance(offs, np.ndarray):
-        offs = (_bases(batch) + in_slot).astype(np.uint32)
+        offs = (batch.slot_starts() + in_slot).astype(np.uint32)
         batch._views[key] = offs
     return offs
 
@@ -169,6 +160,12 @@ class EspCodec:
             batch._views[name] = cache
         return cache
 
+    def _counted(self, sa: SaState, packets: int, nbytes: int) -> None:
+        """Count packets done on ``sa``, unless the caller counts (``count=False``)."""
+        if self.count:
+            sa.packets += packets
+            sa.bytes += nbytes
+
     def _sa(self, index: int, direction: Direction) -> SaState | None:
         sa = self.sas[index]
         if (sa is None or sa.esp is None or sa.record.direction is not direction
@@ -191,7 +188,7 @@ class EspCodec:
         if isinstance(memo, _EncapMemo) and memo.replay(self, batch):
             batch._views["esp-encap-memo"] = memo
             return
-        bases = _bases(batch)
+        bases = batch.slot_starts()
         if not meta["verdict"][:n].any():
             # Fast path: one SA, every packet at the same place in its slot.
             sa_col, off = meta["sa"][:n], meta["offset"][:n]
@@ -279,7 +276,7 @@ class EspCodec:
             return
 
         n = slots.size
-        base = _bases(batch)[:n] if dense else slots * size
+        base = batch.slot_starts()[:n] if dense else slots * size
         # (IPv6 with UDP is left out: its UDP checksum covers the ciphertext.)
         memoize = (dense and tunnel and t.is_aead and not rec.tfc_pad and not (rec.ipv6 and udp)
                    and _steady(batch, "esp-encap-lengths", meta["length"][:n]))
@@ -390,9 +387,7 @@ class EspCodec:
 
         meta["offset"][sel] = _offsets(batch, new_c)[:n] if dense else base + new_c
         meta["length"][sel] = total
-        if self.count:
-            sa.packets += n
-            sa.bytes += int(length.sum())
+        self._counted(sa, n, int(length.sum()))
         if memo_key is not None:
             # Steady traffic repeats this geometry slot for slot: remember what only it
             # decides, so the next such batch rewrites it instead of computing it again.
@@ -453,7 +448,7 @@ class EspCodec:
         # The memo's key covers the placement, version, header length, protocol and lengths.
         if isinstance(memo, _DecapMemo) and memo.replay(self, batch):
             return
-        bases = _bases(batch)
+        bases = batch.slot_starts()
         if not meta["verdict"][:n].any():
             # Fast path: every packet at the same place in its slot, one header layout.
             off = meta["offset"][:n]
@@ -599,7 +594,7 @@ class EspCodec:
             if n == 0:
                 return
         sel: Sel = slice(0, n) if dense else slots
-        base = _bases(batch)[:n] if dense else slots * size
+        base = batch.slot_starts()[:n] if dense else slots * size
         ct_start = base + ct_c
         meta["seq"][sel] = seq
         if (dense and t.is_aead and rec.mode is Mode.TUNNEL
@@ -704,9 +699,7 @@ class EspCodec:
             slots, new_off, new_len, sel = slots[ok], new_off[ok], new_len[ok], slots[ok]
         meta["offset"][sel] = new_off
         meta["length"][sel] = new_len
-        if self.count:
-            sa.packets += slots.size
-            sa.bytes += int(new_len.sum())
+        self._counted(sa, slots.size, int(new_len.sum()))
 
     def _aead_decrypt(self, batch: Batch, sa: SaState, t: EspTransform, slots: I64, seq: U64,
                       esp_c: int, ct_c: int, ct_len: I64, dense: bool,
@@ -934,9 +927,7 @@ class _EncapMemo:
         assert sa.aead_encrypt_into is not None
         _consume(starmap(sa.aead_encrypt_into, self.args))
         self.offlen[...] = self.offlen_out
-        if codec.count:
-            sa.packets += n
-            sa.bytes += self.inner_bytes
+        codec._counted(sa, n, self.inner_bytes)
         return True
 
 
@@ -1009,7 +1000,7 @@ class _DecapMemo:
         self.iv_in = rows(data, _IV64, size, esp_c + ESP_HDR_LEN)[:n]
         self.args: list[AeadArgs] | None = None  # bound on first use, see replay
         self.words = _words64(batch)
-        base = _bases(batch)[:n] + ct_c
+        base = batch.slot_starts()[:n] + ct_c
         self.trailer_at = base + (ct_len - 6)
         self.room = ct_len - ESP_TRAILER_LEN
         self.offsets = base.astype(np.uint32)
@@ -1075,8 +1066,8 @@ class _DecapMemo:
         if seq is None:
             seq = self.meta_seq.copy()
         codec._decap_finish(batch, sa, _arange(batch)[:n], True, self.c, self.version,
-                            self.ip_len, self.ct_c, _bases(batch)[:n] + self.ct_c, self.ct_len,
-                            seq, authentic)
+                            self.ip_len, self.ct_c, batch.slot_starts()[:n] + self.ct_c,
+                            self.ct_len, seq, authentic)
         return True
 
     def _finish_ipv4(self, codec: EspCodec, batch: Batch, sa: SaState, seq: U64 | None,
@@ -1125,14 +1116,10 @@ class _DecapMemo:
                     good = ~replay
                     meta["offset"][:n][good] = self.offsets[good]
                     meta["length"][:n][good] = ilen[good]
-                    if codec.count:
-                        sa.packets += int(good.sum())
-                        sa.bytes += int(ilen[good].sum())
+                    codec._counted(sa, int(good.sum()), int(ilen[good].sum()))
                     return
         self.offlen[...] = offlen
-        if codec.count:
-            sa.packets += n
-            sa.bytes += nbytes
+        codec._counted(sa, n, nbytes)
 
 
 # The last 8 bytes before the ICV of a packet with p (<= 3) bytes of padding, read as one

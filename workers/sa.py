@@ -222,10 +222,10 @@ class SaTable:
             return np.zeros(spi.shape, np.uint32), np.zeros(spi.shape, np.bool_)
         if spi.size:
             first = int(spi.flat[0])
-            holders = self._by_key.get((protocol << 32) | first)
-            if holders is not None and (spi.size == 1 or not np.count_nonzero(spi != first)):
+            index, found = self.lookup_one(protocol, first)
+            if found and (spi.size == 1 or not np.count_nonzero(spi != first)):
                 # One known SPI for the whole batch (the common case): no search.
-                return np.full(spi.shape, holders[-1], np.uint32), np.ones(spi.shape, np.bool_)
+                return np.full(spi.shape, index, np.uint32), np.ones(spi.shape, np.bool_)
         table_keys, table_idx = self._arrays()
         keys = spi.astype(np.uint64) | np.uint64(protocol << 32)
         pos = np.searchsorted(table_keys, keys)
