@@ -47,6 +47,8 @@ class Source:
         self.template = Batch(batch)
         self.template.load([inner_packet(size, i) for i in range(batch)])
         self.size = size
+        n, t = self.template.count, self.template
+        self._src = t.data[: n * t.slot_size].reshape(n, -1)[:, HEADROOM : HEADROOM + size]
         # A socket that stays readable: poll always reports the inside ready.
         self._r, self._w = socket.socketpair()
         self._w.send(b"x")
@@ -55,11 +57,10 @@ class Source:
         return [self._r.fileno()]
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
-        t, n = self.template, self.template.count
-        batch.meta[:n] = t.meta[:n]
-        slots = (slice(None), slice(HEADROOM, HEADROOM + self.size))
-        np.copyto(batch.data[: n * batch.slot_size].reshape(n, -1)[slots],
-                  t.data[: n * t.slot_size].reshape(n, -1)[slots])
+        n = self.template.count
+        batch.meta[:n] = self.template.meta[:n]
+        np.copyto(batch.data[: n * batch.slot_size].reshape(n, -1)[
+            :, HEADROOM : HEADROOM + self.size], self._src)
         batch.count = n
         return n
 
@@ -104,8 +105,10 @@ def placement(io_cpus: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int,
-            profile: str | None = None, io_cpus: int = 1) -> dict[str, Any]:
-    io, worker_cpus = placement(io_cpus)
+            where: tuple[tuple[int, ...], tuple[int, ...]],
+            profile: str | None = None) -> dict[str, Any]:
+    """``where``: (the I/O process's CPUs, the workers'), from ``placement``."""
+    io, worker_cpus = where
     records = [(0, SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
                             local_addr=LOCAL, remote_addr=REMOTE, enc_key=os.urandom(20)))]
     policy = Policy((ipaddress.ip_network("10.1.0.0/24"),),
@@ -181,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'workers':>7} {'pps':>10} {'Gbit/s':>7} {'ratio':>6} {'lost':>5}")
     for w in counts:
         profile = args.profile if w == counts[-1] else None
-        row = measure(w, args.seconds, args.size, args.batch, args.per_worker, profile,
-                      args.io_cpus)
+        row = measure(w, args.seconds, args.size, args.batch, args.per_worker,
+                      (io, worker_cpus), profile)
         base = base or row["pps"]
         row["ratio"] = row["pps"] / base if base else float(np.nan)
         if args.json:

@@ -58,6 +58,7 @@ from controller.keylog import KeyLog
 from controller.logs import IkeSaLogger, sa_logger
 from pipeline.dispatch import Action, Policy
 from pipeline.sadist import SaPublisher
+from pipeline.sadist import address as _ip_address
 from pipeline.satable import Direction, SaRecord, UdpEncap
 
 __all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "run_dataplane"]
@@ -131,10 +132,6 @@ def _selector_networks(selectors: tuple[TrafficSelector, ...]) -> tuple[IpNetwor
     for ts in selectors:
         nets += ipaddress.summarize_address_range(ts.start_address, ts.end_address)  # type: ignore[type-var, arg-type, unused-ignore]
     return tuple(nets)
-
-
-# Peer addresses repeat: each is parsed once (ip_address objects are immutable)
-_ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 def resolve_local(conn: Connection) -> str:
@@ -298,8 +295,7 @@ class Gateway:
         self.listeners: list[Callable[[str, IkeEntry, ChildEntry | None, bool], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # The SPD's PROTECT entries by selectors: the Child SAs that have them (the newest
-        # wins), kept up to date per install/remove rather than rebuilt from every SA. Each
-        # is ordered by unique id, so the newest is the last (no scan of a connection's SAs).
+        # wins), kept up to date per install/remove rather than rebuilt from every SA.
         self._protect: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]],
                             dict[int, ChildEntry]] = {}
         self._up: dict[tuple[str, str], int] = {}  # (connection, child) -> Child SAs
@@ -399,13 +395,9 @@ class Gateway:
                 cin, cout = by_index.get(child.index_in), by_index.get(child.index_out)
                 if cin is None and cout is None:
                     # Carried nothing yet (the report leaves such SAs out): zero counters,
-                    # checked against the limits once. Most SAs of a concentrator are idle:
-                    # unchanged, they cost a lookup per report.
-                    if child.counters is not _NO_TRAFFIC:
-                        child.counters = _NO_TRAFFIC
-                        if not child.replaced:
-                            self._check_limits(entry, child, 0, self._child_spec(
-                                entry.conn, child.name))
+                    # which no limit reaches (volumes are >= 0: connections._volume). Most
+                    # SAs of a concentrator are idle: they cost a lookup per report.
+                    child.counters = _NO_TRAFFIC
                     continue
                 cin, cout = cin or {}, cout or {}
                 child.counters = {"bytes-in": cin.get("bytes", 0),
@@ -731,7 +723,7 @@ class Gateway:
         successor = child.successor
         if successor is not None and successor.event.spi_in in entry.children:
             holders[successor.uniqueid] = successor  # the rekey initiator deleted the old SA
-            self._protect[child.selectors] = dict(sorted(holders.items()))  # newest last
+            self._protect[child.selectors] = holders
         if not holders:
             self._protect.pop(child.selectors, None)
         key = (entry.conn, child.name)
@@ -763,7 +755,7 @@ class Gateway:
         """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
         pair of selectors wins (rekeyed SAs are listed after the ones they replace)."""
         assert self.publisher is not None
-        spd = [Policy(local, remote, sa_index=holders[next(reversed(holders))].index_out)
+        spd = [Policy(local, remote, sa_index=holders[max(holders)].index_out)
                for (local, remote), holders in self._protect.items()]
         # After them, the TRAP policies of children to negotiate on first use (and of those
         # whose SA went down, with close_action/dpd_action trap): no SA yet, an acquire.
@@ -846,9 +838,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
             # Most of the time nobody listens: skip the filters and the handler's lock
             return bool(vici.listeners("log")) and bool(super().handle(record))
 
-        def emit(self, record: logging.LogRecord) -> None:
-            if not vici.listeners("log"):
-                return
+        def emit(self, record: logging.LogRecord) -> None:  # through handle: listened to
             group = "IKE" if record.name.startswith(("espline.ike", "espline.controller")) \
                 else "CFG"
             level = {logging.DEBUG: 2, logging.INFO: 1}.get(record.levelno, 0)

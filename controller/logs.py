@@ -129,10 +129,10 @@ class TextFormatter(logging.Formatter):
             ike, ike_id = fields["ike"], fields.get("ike_id")
             prefix = f"{ike}[{ike_id}] " if ike_id is not None else f"{ike} "
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {prefix}{record.message}"
-        if not extra_names <= _BOUND_SET:  # fields beyond the bound ones, in their order
-            pairs = [f"{k}={_text_value(v)}" for k, v in _extras(record).items()
-                     if k not in _BOUND]
-            line += " " + " ".join(pairs)
+        shown = extra_names - _BOUND_SET
+        if shown:  # fields beyond the bound ones, in the record's order
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items()
+                                   if k in shown)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -68,15 +68,16 @@ def encode_record(r: SaRecord) -> dict[str, Any]:
     }
 
 
-# A concentrator's SAs share a handful of addresses: parse each once.
-_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+# A concentrator's SAs share a handful of addresses: parse each once (ip_address objects
+# are immutable). The controller's gateway parses its peers' with it too.
+address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 def decode_record(d: dict[str, Any]) -> SaRecord:
     encap = d["encap"]
     return SaRecord(
         spi=int(d["spi"]), direction=Direction(d["dir"]), alg=str(d["alg"]),
-        local_addr=_address(d["local"]), remote_addr=_address(d["remote"]),
+        local_addr=address(d["local"]), remote_addr=address(d["remote"]),
         protocol=IpsecProtocol(d["proto"]), mode=Mode(d["mode"]),
         enc_key=bytes.fromhex(d["enc_key"]), integ_key=bytes.fromhex(d["integ_key"]),
         esn=bool(d["esn"]), replay_window=int(d["replay"]), tfc_pad=int(d["tfc"]),

@@ -3,7 +3,7 @@
 Each enum is one IANA registry; member names follow the registry (or, where the registry
 gives only a description, the name RFC 7296 uses in its tables). The registries keep
 growing: wire code keeps an unknown value as a plain ``int`` rather than failing (see
-``enum_or_int``), and the protocol layer decides what an unknown value means.
+``members_by_value``), and the protocol layer decides what an unknown value means.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "TransformAttributeType",
     "TransformType",
     "TsType",
-    "enum_or_int",
     "members_by_value",
 ]
 
@@ -42,18 +41,14 @@ _MEMBERS: dict[type[IntEnum], dict[int, IntEnum]] = {}
 
 
 def members_by_value(enum: type[_E]) -> dict[int, _E]:
-    """The registry as a dict, value -> member: ``members_by_value(E).get(v, v)`` is
-    ``enum_or_int(E, v)`` without the call, for parsers that convert a field per structure
-    (a dict lookup where ``E(v)`` runs the Enum machinery and raises for unknown values)."""
+    """The registry as a dict, value -> member: ``members_by_value(E).get(v, v)`` is the
+    member when the registry knows ``v``, else ``v`` itself; for parsers that convert a
+    field per structure (a dict lookup where ``E(v)`` runs the Enum machinery and raises
+    for unknown values)."""
     members = _MEMBERS.get(enum)
     if members is None:
         members = _MEMBERS[enum] = {int(member): member for member in enum}
     return cast(dict[int, _E], members)
-
-
-def enum_or_int(enum: type[_E], value: int) -> _E | int:
-    """``enum(value)`` when the registry knows the value, else ``value`` itself."""
-    return members_by_value(enum).get(value, value)
 
 
 class ExchangeType(IntEnum):

@@ -139,47 +139,18 @@ def pull_ike_header(buf: Buffer) -> IkeHeader:
 
 
 def push_ike_header(buf: Buffer, header: IkeHeader) -> None:
-    _push_ike_header_fields(
-        buf,
-        header.spi_i,
-        header.spi_r,
-        header.next_payload,
-        header.exchange_type,
-        header.flags,
-        header.message_id,
-        header.length,
-        header.major_version,
-        header.minor_version,
-    )
+    _push_ike_header(buf, header, header.next_payload, header.length)
 
 
-def _push_ike_header_fields(
-    buf: Buffer,
-    spi_i: bytes,
-    spi_r: bytes,
-    next_payload: int,
-    exchange_type: int,
-    flags: int,
-    message_id: int,
-    length: int,
-    major_version: int = IKE_MAJOR_VERSION,
-    minor_version: int = IKE_MINOR_VERSION,
-) -> None:
-    if len(spi_i) != IKE_SPI_LENGTH or len(spi_r) != IKE_SPI_LENGTH:
+def _push_ike_header(buf: Buffer, h: IkeHeader, next_payload: int, length: int) -> None:
+    """``h`` with its Next Payload and Length as given (computed by the serializers)."""
+    if len(h.spi_i) != IKE_SPI_LENGTH or len(h.spi_r) != IKE_SPI_LENGTH:
         raise ValueError("IKE SPIs are 8 bytes (RFC 7296 §3.1)")
-    if not (0 <= major_version <= 0x0F and 0 <= minor_version <= 0x0F):
+    if not (0 <= h.major_version <= 0x0F and 0 <= h.minor_version <= 0x0F):
         raise ValueError("IKE version numbers are 4 bits each")
-    buf.push_struct(
-        _IKE_HEADER,
-        spi_i,
-        spi_r,
-        next_payload,
-        major_version << 4 | minor_version,
-        exchange_type,
-        flags,
-        message_id,
-        length,
-    )
+    buf.push_struct(_IKE_HEADER, h.spi_i, h.spi_r, next_payload,
+                    h.major_version << 4 | h.minor_version, h.exchange_type, h.flags,
+                    h.message_id, length)
 
 
 # -- Generic payload header (RFC 7296 §3.2) -------------------------------------------------
@@ -424,18 +395,7 @@ def serialize_message(message: Message) -> bytes:
     if length > MAX_MESSAGE_LENGTH:
         raise ValueError(f"IKE message of {length} bytes exceeds the 32-bit Length field")
     buf.seek(0)
-    _push_ike_header_fields(
-        buf,
-        h.spi_i,
-        h.spi_r,
-        first_type,
-        h.exchange_type,
-        h.flags,
-        h.message_id,
-        length,
-        h.major_version,
-        h.minor_version,
-    )
+    _push_ike_header(buf, h, first_type, length)
     buf.seek(length)
     return buf.data
 
@@ -452,18 +412,7 @@ def serialize_sk_prefix(header: IkeHeader, first_inner: int, sk_length: int) -> 
     if sk_length > MAX_PAYLOAD_LENGTH:
         raise ValueError(f"SK payload of {sk_length} bytes exceeds the 16-bit Payload Length")
     buf = Buffer()
-    _push_ike_header_fields(
-        buf,
-        header.spi_i,
-        header.spi_r,
-        PayloadType.SK,
-        header.exchange_type,
-        header.flags,
-        header.message_id,
-        length,
-        header.major_version,
-        header.minor_version,
-    )
+    _push_ike_header(buf, header, PayloadType.SK, length)
     # RFC 7296 §3.2: C is zero; §3.14: Next Payload names the first payload inside
     buf.push_struct(_GENERIC_PAYLOAD_HEADER, first_inner, 0, sk_length)
     return buf.data

@@ -344,23 +344,12 @@ def _pull_transform(buf: Buffer) -> tuple[Transform, bool]:
 
 def _push_transform(buf: Buffer, transform: Transform, last: bool) -> None:
     start = buf.tell()
-    last_substructure = LAST_SUBSTRUCTURE if last else MORE_TRANSFORMS
-    if not transform.attributes:
-        buf.push_struct(
-            _TRANSFORM_HEADER,
-            last_substructure,
-            TRANSFORM_HEADER_LENGTH,
-            transform.transform_type,
-            transform.transform_id,
-        )
-        return
-    # Transform Length is patched below, once the attributes are written
-    buf.push_struct(
-        _TRANSFORM_HEADER, last_substructure, 0, transform.transform_type, transform.transform_id
-    )
-    for attribute in transform.attributes:
-        _push_transform_attribute(buf, attribute)
-    _patch_length(buf, start + 2, start, "transform")
+    buf.push_struct(_TRANSFORM_HEADER, LAST_SUBSTRUCTURE if last else MORE_TRANSFORMS,
+                    TRANSFORM_HEADER_LENGTH, transform.transform_type, transform.transform_id)
+    if transform.attributes:  # Transform Length grows: patched once they are written
+        for attribute in transform.attributes:
+            _push_transform_attribute(buf, attribute)
+        _patch_length(buf, start + 2, start, "transform")
 
 
 def _pull_proposal(buf: Buffer) -> tuple[Proposal, bool]:
