@@ -32,7 +32,14 @@ installs, is counted). ``cpu_ms_per_setup`` = that CPU / established setups. The
 idle CPU rate is sampled for ``--idle`` seconds before; ``cpu_ms_per_setup_idle_corrected``
 subtracts it. The initiator reports its own CPU (getrusage) per setup for context.
 
+Selectors (``--selectors``): ``shared`` (default) gives every Child SA the same selectors,
+so the responder keeps one SPD entry and replaces it at each setup; ``distinct`` has each
+setup propose its own /32 of 10.64.0.0/16 (a remote-access client's address), narrowed to by
+the responder: an SPD entry and a route per Child SA, as on a concentrator. The cost of an
+SPD that grows with the SAs shows there, at a few thousand setups.
+
     python -m bench.ike_rate                              # both responders, 500 setups each
+    python -m bench.ike_rate --count 3000 --selectors distinct
     python -m bench.ike_rate --responders espline --count 2000 --concurrency 32
     python -m bench.ike_rate --profile DIR                # espline's controller under cProfile
 
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -103,6 +111,11 @@ RECV_BURST = 256  # datagrams read per socket per wake-up
 SOCKET_BUFFER = 4 << 20
 RESPONDERS = ("espline", "strongswan")
 DEFAULT_OUT = REPO_ROOT / "bench" / "ike_rate.json"
+# --selectors distinct: every initiator proposes its own inner address (a remote-access
+# client's virtual IP, RFC 7296 §2.9 narrowing), one /32 of this pool, as on a concentrator
+# whose every Child SA has selectors of its own (and an SPD entry and a route of its own)
+CLIENT_POOL = ipaddress.ip_network("10.64.0.0/16")
+SELECTORS = ("shared", "distinct")
 
 
 # -- the load initiator (runs in the left namespace) ------------------------------------------
@@ -157,13 +170,23 @@ def initiator_config(psk: bytes, *, retransmit_timeout: float,
                      natt_port=NATT_PORT)
 
 
+def client_config(config: IkeConfig, k: int) -> IkeConfig:
+    """``config`` for the ``k``-th setup of ``--selectors distinct``: its Child SA's local
+    selector is the ``k``-th address of CLIENT_POOL alone."""
+    assert config.child is not None
+    address = CLIENT_POOL[k % (CLIENT_POOL.num_addresses - 2) + 1]
+    own = network_selectors([ipaddress.ip_network(f"{address}/32")])
+    return dataclasses.replace(config, child=dataclasses.replace(config.child, local_ts=own))
+
+
 class LoadInitiator:
     """``count`` IKE SAs against one responder, ``concurrency`` of them in flight at a time."""
 
     def __init__(self, config: IkeConfig, local: str, remote: str, *, count: int, concurrency: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 distinct: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.local, self.remote = config, local, remote
         self.count, self.concurrency, self.clock = count, concurrency, clock
+        self.distinct = distinct
         self.inflight: dict[bytes, _Pending] = {}  # by our SPI
         self.started = 0
         self.result = LoadResult()
@@ -188,7 +211,9 @@ class LoadInitiator:
         while self.started < self.count or self.inflight:
             while len(self.inflight) < self.concurrency and self.started < self.count:
                 now = self.clock()
-                sa = IkeSa(self.config, initiator=True, local=(self.local, IKE_PORT),
+                config = (client_config(self.config, self.started) if self.distinct
+                          else self.config)
+                sa = IkeSa(config, initiator=True, local=(self.local, IKE_PORT),
                            remote=(self.remote, IKE_PORT))
                 self.started += 1
                 pending = self.inflight[sa.spi_i] = _Pending(sa, now)
@@ -275,7 +300,8 @@ def tool_initiator() -> int:
                               retransmit_timeout=params["retransmit_timeout"],
                               retransmit_tries=params["retransmit_tries"])
     load = LoadInitiator(config, params["local"], params["remote"], count=params["count"],
-                         concurrency=params["concurrency"])
+                         concurrency=params["concurrency"],
+                         distinct=params.get("selectors") == "distinct")
     try:
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
@@ -336,7 +362,7 @@ class EsplineResponder(Responder):
                 children:
                   lan:
                     local_ts: [{side.net}]
-                    remote_ts: [{side.peer_net}]
+                    remote_ts: [{_remote_ts(self.args, side)}]
                     esp_proposals: [{ESP_PROPOSAL}]
                     start_action: none
             secrets:
@@ -396,6 +422,12 @@ class EsplineResponder(Responder):
                 "every Child SA is installed into the data plane, part of the cost")
 
 
+def _remote_ts(args: argparse.Namespace, side: Side) -> str:
+    """The responder's remote selector: the initiator's network, or with ``--selectors
+    distinct`` the pool its clients' addresses come from."""
+    return str(CLIENT_POOL) if args.selectors == "distinct" else side.peer_net
+
+
 def _udp_bound(pid: int, port: int) -> bool:
     """Whether a UDP socket in ``pid``'s network namespace is bound to ``port`` (IPv4)."""
     try:
@@ -424,7 +456,7 @@ class StrongSwanResponder(Responder):
         side = self.lab.right
         self.charon = LoadCharon(lambda argv, **kw: self.lab.popen(side, argv, **kw),
                                  self.work / "charon")
-        self.charon.write(load_swanctl_conf(side, self.psk))
+        self.charon.write(load_swanctl_conf(side, self.psk, _remote_ts(self.args, side)))
         self.charon.start()
 
     def stop(self) -> None:
@@ -438,7 +470,7 @@ class StrongSwanResponder(Responder):
                 "into its userspace SAD), log level 1 to a file")
 
 
-def load_swanctl_conf(side: Side, psk: str) -> str:
+def load_swanctl_conf(side: Side, psk: str, remote_ts: str) -> str:
     """One connection that accepts any number of IKE SAs with the same identities."""
     return textwrap.dedent(f"""\
         connections {{
@@ -463,7 +495,7 @@ def load_swanctl_conf(side: Side, psk: str) -> str:
                     lan {{
                         mode = tunnel
                         local_ts = {side.net}
-                        remote_ts = {side.peer_net}
+                        remote_ts = {remote_ts}
                         esp_proposals = {ESP_PROPOSAL}
                         start_action = none
                     }}
@@ -510,7 +542,7 @@ def _drive(lab: Lab, responder: Responder, args: argparse.Namespace, psk: str,
     assert init.stdin is not None and init.stdout is not None
     init.stdin.write(json.dumps({
         "psk": psk.encode().hex(), "local": left.outer, "remote": left.peer_outer,
-        "count": args.count, "concurrency": args.concurrency,
+        "count": args.count, "concurrency": args.concurrency, "selectors": args.selectors,
         "retransmit_timeout": args.retransmit_timeout,
         "retransmit_tries": args.retransmit_tries}) + "\n")
     init.stdin.flush()
@@ -551,7 +583,7 @@ def _drive(lab: Lab, responder: Responder, args: argparse.Namespace, psk: str,
     return {
         "responder": responder.name,
         "setups": n, "failed": load["failed"], "failures": load["failures"],
-        "count": args.count, "concurrency": args.concurrency,
+        "count": args.count, "concurrency": args.concurrency, "selectors": args.selectors,
         "seconds": load["seconds"],
         "setups_per_s": n / load["seconds"] if load["seconds"] > 0 else None,
         "cpu_ms_per_setup": per(cpu_s),
@@ -611,6 +643,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=500, help="IKE SAs to set up (default 500)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="setups in flight at a time (default 16)")
+    p.add_argument("--selectors", choices=SELECTORS, default="shared",
+                   help="shared: every Child SA has the same selectors (one SPD entry, "
+                        "replaced at each setup); distinct: each initiator proposes its own "
+                        f"/32 of {CLIENT_POOL}, narrowed to by the responder (an SPD entry "
+                        "and a route per Child SA, as on a remote-access concentrator)")
     p.add_argument("--workers", type=int, default=1,
                    help="espline data plane workers (default 1)")
     p.add_argument("--encap", action="store_true",

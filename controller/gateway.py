@@ -66,6 +66,8 @@ __all__ = ["ChildEntry", "DataplaneJob", "Gateway", "IkeEntry", "ike_config", "r
 log = logging.getLogger("espline.controller")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Selectors = tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]]  # (local, remote)
+TRAP_RANKS = 1 << 48  # the SPD ranks of TRAP/DISCARD entries: after every PROTECT entry
 # Outbound sequence numbers: rekey this far before the counter's end, delete at the end
 # (the data plane itself never sends past it: SEQ_OVERFLOW drops).
 SEQ_HARD_32 = (1 << 32) - 1
@@ -169,7 +171,7 @@ class ChildEntry:
     rekeys: int = 0
     replaced: bool = False  # rekeyed: its successor carries on
     # Its selectors as SPD prefixes (computed once: summarizing ranges is not free).
-    selectors: tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]] = ((), ())
+    selectors: Selectors = ((), ())
     successor: ChildEntry | None = None  # a rekey we answered: outbound moves on our delete
     rekeying: bool = False  # a volume or sequence limit asked for a rekey
     deleting: bool = False
@@ -296,10 +298,15 @@ class Gateway:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # The SPD's PROTECT entries by selectors: the Child SAs that have them (the newest
         # wins), kept up to date per install/remove rather than rebuilt from every SA.
-        self._protect: dict[tuple[tuple[IpNetwork, ...], tuple[IpNetwork, ...]],
-                            dict[int, ChildEntry]] = {}
+        self._protect: dict[Selectors, dict[int, ChildEntry]] = {}
         self._up: dict[tuple[str, str], int] = {}  # (connection, child) -> Child SAs
-        self._spd: tuple[Policy, ...] | None = None
+        # The SPD as the data plane has it, by rank (pipeline/dispatch.py); the rank of
+        # each PROTECT entry's selectors and of each configured child's TRAP/DISCARD entry.
+        self._spd: dict[int, Policy] = {}
+        self._spd_sent = False
+        self._ranks: dict[Selectors, int] = {}
+        self._next_rank = 0
+        self._trap_ranks: dict[tuple[str, str], int] = {}
         self.keylog: KeyLog | None = None
         if cfg.controller.keylog_dir is not None:
             # Opt-in (DESIGN §6): session keys on disk, for Wireshark, when an operator asks.
@@ -320,6 +327,10 @@ class Gateway:
                      f"ipc://{self.runtime_dir}/sa-snapshot-{tag}")
         reports = f"ipc://{self.runtime_dir}/reports-{tag}"
         self.publisher = SaPublisher(ctx, *endpoints)
+        # The changes of one turn of the loop leave as one message, before the IKE messages
+        # of that turn (make-before-break: a new inbound SA is on its way to the data plane
+        # before the response that lets the peer use it).
+        self.publisher.coalesce(self._publish_soon, self.daemon.release_output)
         self._reports = ctx.socket(zmq.PULL)
         self._reports.setsockopt(zmq.LINGER, 0)
         self._reports.bind(reports)
@@ -588,13 +599,13 @@ class Gateway:
             self.ike[entry.uniqueid] = entry
         return entry
 
+    def _publish_soon(self, flush: Callable[[], None]) -> None:
+        self.daemon.hold_output()
+        asyncio.get_running_loop().call_soon(flush)
+
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:
-            if self.publisher is not None:
-                with self.publisher.batch():  # one message to the data plane per event
-                    self._handle(sa, event)
-            else:
-                self._handle(sa, event)
+            self._handle(sa, event)
         finally:
             self._wake_waiters()
 
@@ -697,7 +708,7 @@ class Gateway:
         entry.children[e.spi_in] = child
         if old is None or switch:
             self._protect.setdefault(child.selectors, {})[child.uniqueid] = child
-            self._publish_policies()
+            self._publish_policies([child.selectors], [(entry.conn, e.name)])
             if old is not None:
                 # make-before-break: outbound has switched; the old inbound SA stays until
                 # its Delete completes (ChildSaDeleted), and a moment longer.
@@ -731,7 +742,7 @@ class Gateway:
         if self._up[key] <= 0:
             del self._up[key]
         if pub is not None:
-            self._publish_policies()
+            self._publish_policies([child.selectors], [key])
             if child.replaced and entry.closed is None:
                 # A rekeyed SA lingers a moment after its Delete: packets the peer sent on it
                 # before switching may still be on their way in, and batches classified
@@ -751,29 +762,60 @@ class Gateway:
         if self.publisher is not None:
             self.publisher.remove(index)
 
-    def _publish_policies(self) -> None:
-        """The SPD: per Child SA its selectors -> its outbound SA; the newest Child SA of a
-        pair of selectors wins (rekeyed SAs are listed after the ones they replace)."""
+    def _publish_policies(self, selectors: Iterable[Selectors] | None = None,
+                          children: Iterable[tuple[str, str]] | None = None) -> None:
+        """Bring the data plane's SPD up to date, sending only the entries that changed
+        (pipeline/sadist.py ``edit_policies``): the PROTECT entries of ``selectors`` and the
+        TRAP/DISCARD entries of ``children`` ((connection, child) pairs), or all of them.
+
+        A PROTECT entry per pair of selectors that a Child SA has: its outbound SA, the
+        newest Child SA's (rekeyed SAs are listed after the ones they replace); ranked in
+        the order the pairs came. After them (TRAP_RANKS on), in configuration order, the
+        children that are not up: TRAP (negotiate on first use, or again after a
+        close_action/dpd_action trap), else DISCARD (never sent in the clear: the TUN keeps
+        routing their traffic to us, see DataPlane.set_policies)."""
         assert self.publisher is not None
-        spd = [Policy(local, remote, sa_index=holders[max(holders)].index_out)
-               for (local, remote), holders in self._protect.items()]
-        # After them, the TRAP policies of children to negotiate on first use (and of those
-        # whose SA went down, with close_action/dpd_action trap): no SA yet, an acquire.
-        up = self._up
-        for conn in self.conns.values():
-            for spec in conn.children:
-                if (conn.name, spec.name) in up:
-                    continue
-                trap = spec.start_action == "trap" or "trap" in (spec.close_action,
-                                                                 spec.dpd_action)
-                # Not up and not trapped: its traffic is dropped, never sent in the clear
-                # (the TUN keeps routing it to us, see DataPlane.set_policies).
-                spd.append(Policy(spec.local_ts, spec.remote_ts,
-                                  Action.TRAP if trap else Action.DISCARD,
-                                  name=f"{conn.name}/{spec.name}"))
-        if tuple(spd) != self._spd:  # the data plane rebuilds its SPD on every change
-            self._spd = tuple(spd)
-            self.publisher.set_policies(spd)
+        want: dict[int, Policy | None] = {}
+        keys = ([*self._protect, *(k for k in self._ranks if k not in self._protect)]
+                if selectors is None else selectors)
+        for key in keys:
+            holders = self._protect.get(key)
+            if holders:
+                rank = self._ranks.get(key)
+                if rank is None:
+                    rank = self._ranks[key] = self._next_rank
+                    self._next_rank += 1
+                want[rank] = Policy(key[0], key[1], sa_index=holders[max(holders)].index_out)
+            elif key in self._ranks:
+                want[self._ranks.pop(key)] = None
+        if children is None:
+            self._trap_ranks = {}
+            for conn in self.conns.values():
+                for configured in conn.children:
+                    self._trap_ranks[(conn.name, configured.name)] = (
+                        TRAP_RANKS + len(self._trap_ranks))
+            want.update({rank: None for rank in self._spd if rank >= TRAP_RANKS})
+            children = self._trap_ranks
+        for pair in children:
+            rank = self._trap_ranks.get(pair)
+            spec = self._child_spec(*pair)
+            if rank is None or spec is None:
+                continue
+            if pair in self._up:
+                want[rank] = None
+                continue
+            trap = spec.start_action == "trap" or "trap" in (spec.close_action,
+                                                             spec.dpd_action)
+            want[rank] = Policy(spec.local_ts, spec.remote_ts,
+                                Action.TRAP if trap else Action.DISCARD, name="/".join(pair))
+        put = {r: p for r, p in want.items() if p is not None and self._spd.get(r) != p}
+        removed = [r for r, p in want.items() if p is None and r in self._spd]
+        for rank in removed:
+            del self._spd[rank]
+        self._spd.update(put)
+        if put or removed or not self._spd_sent:
+            self._spd_sent = True
+            self.publisher.edit_policies(put, removed)
 
     def _emit(self, event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
         for listener in self.listeners:

@@ -56,6 +56,18 @@ class TunIO:
             except OSError as exc:  # e.g. a route that already exists elsewhere
                 log.warning("cannot route %s into %s: %s", route, self.device.name, exc)
 
+    def update_routes(self, added: Sequence[str], removed: Sequence[str]) -> None:
+        """Route ``added`` into the device and withdraw ``removed`` (never one it was
+        created with)."""
+        for route in removed:
+            if route not in self.base_routes:
+                self.device.remove_route(route)
+        for route in added:
+            try:
+                self.device.add_route(route)
+            except OSError as exc:
+                log.warning("cannot route %s into %s: %s", route, self.device.name, exc)
+
     def io_stats(self) -> dict[str, int]:
         q = self.device.queues[0]
         return {"rx_packets": q.rx_packets, "rx_too_big": q.rx_too_big,

@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
@@ -26,7 +26,7 @@ import zmq
 
 from pipeline import mtu, onepacket
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
-from pipeline.dispatch import Dispatcher, PerPolicy, Policy
+from pipeline.dispatch import Dispatcher, Policy, Spd, ranked
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
@@ -152,9 +152,51 @@ def _remote_routes(policy: Policy) -> tuple[str, ...]:
     return tuple(str(n) for n in policy.remote_ts)
 
 
+class InsideRoutes:
+    """The inside routes the SPD asks for: every remote selector of a policy (PROTECT,
+    TRAP or DISCARD) is routed to us, so that its traffic is protected or dropped, never
+    leaked through the default route while an SA is down. Counted per route (policies
+    share them); an SPD edit touches the routes of the entries it changes only."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, tuple[Policy, tuple[str, ...]]] = {}  # by rank
+        self.count: dict[str, int] = {}  # route -> policies that have it
+
+    def set(self, spd: dict[int, Policy]) -> list[str]:
+        """Every route of ``spd``; each policy's kept while it stays at its rank."""
+        kept, self._of, self.count = self._of, {}, {}
+        for rank, p in spd.items():
+            old = kept.get(rank)
+            entry = self._of[rank] = old if old is not None and old[0] is p else (
+                p, _remote_routes(p))
+            for route in entry[1]:
+                self.count[route] = self.count.get(route, 0) + 1
+        return sorted(self.count)
+
+    def edit(self, put: Mapping[int, Policy],
+             removed: Collection[int]) -> tuple[list[str], list[str]]:
+        """The routes an SPD edit adds and those it withdraws."""
+        before: dict[str, bool] = {}
+        for rank in {*removed, *put}:
+            entry = self._of.pop(rank, None)
+            for route in entry[1] if entry is not None else ():
+                before.setdefault(route, True)
+                self.count[route] -= 1
+                if not self.count[route]:
+                    del self.count[route]
+        for rank, p in put.items():
+            entry = self._of[rank] = (p, _remote_routes(p))
+            for route in entry[1]:
+                before.setdefault(route, route in self.count)
+                self.count[route] = self.count.get(route, 0) + 1
+        added = sorted(r for r, was in before.items() if not was and r in self.count)
+        gone = sorted(r for r, was in before.items() if was and r not in self.count)
+        return added, gone
+
+
 class DataPlane:
     def __init__(self, settings: Settings, sas: Sequence[tuple[int, SaRecord]],
-                 policies: Sequence[Policy], inside: PacketIO, outside: PacketIO, *,
+                 policies: Spd, inside: PacketIO, outside: PacketIO, *,
                  sa_updates: tuple[str, str] | None = None,
                  reports: str | None = None) -> None:
         """``sas``/``policies``: a fixed table (static SAs). ``sa_updates``: the controller's
@@ -164,7 +206,7 @@ class DataPlane:
         self.settings = settings
         self.records: dict[int, SaRecord] = dict(sas)
         self.sas = install_all(tuple(self.records.items()))
-        self._routes_of = PerPolicy(_remote_routes)  # set_policies'
+        self._routes = InsideRoutes()
         self.dispatcher = Dispatcher(self.sas, policies)
         # The I/O process's own codec for tiny batches (replay windows move in the
         # reassembler, as for the workers' batches).
@@ -250,7 +292,7 @@ class DataPlane:
         self._src[rec.local_addr.version] = rec.local_addr
 
     # -- the controller's SA table (pipeline/sadist.py SaSink) ------------------------------
-    def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None:
+    def reset(self, sas: dict[int, SaRecord], policies: Spd) -> None:
         for index in list(self.records):
             if sas.get(index) != self.records[index]:
                 self.remove(index)
@@ -269,17 +311,19 @@ class DataPlane:
         self.records.pop(index, None)
         self._limit_one(index, None)
 
-    def set_policies(self, policies: Sequence[Policy]) -> None:
+    def set_policies(self, policies: Spd) -> None:
         self.dispatcher.set_policies(policies)
-        # The inside routes follow the SPD: every remote selector of a policy (PROTECT,
-        # TRAP or DISCARD) is routed to us, so that its traffic is protected or dropped,
-        # never leaked through the default route while an SA is down.
+        routes = self._routes.set(ranked(policies))
         sync = getattr(self.inside, "sync_routes", None)
         if callable(sync):
-            # Each policy's routes as text, kept while it stays in the SPD (formatting
-            # thousands of prefixes at each change cost more than the rest of a Child
-            # SA's install).
-            sync(sorted({r for rs in self._routes_of.update(policies) for r in rs}))
+            sync(routes)
+
+    def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int]) -> None:
+        self.dispatcher.edit_policies(put, removed)
+        added, gone = self._routes.edit(put, removed)
+        update = getattr(self.inside, "update_routes", None)
+        if callable(update) and (added or gone):
+            update(added, gone)
 
     def _outbound_mtu(self, batch: Batch) -> None:
         """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the

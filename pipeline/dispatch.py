@@ -15,11 +15,11 @@ workers' window arithmetic (workers/replay.py) and SA table.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,11 +30,11 @@ from workers import vec
 from workers.layout import group_by, rows
 from workers.sa import SaTable, by_sa
 
-__all__ = ["Action", "Dispatcher", "PerPolicy", "Policy"]
+__all__ = ["Action", "Dispatcher", "Policy", "Spd", "ranked"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-T = TypeVar("T")
 U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
 
 PROTO_UDP = 17
 UDP_HDR_LEN = 8
@@ -92,31 +92,6 @@ class Policy:
     name: str = ""  # for TRAP: what the controller negotiates ("connection/child")
 
 
-class PerPolicy(Generic[T]):
-    """A value worked out from each SPD entry once, and kept while the entry stays in the
-    SPD: the controller sends the whole SPD at each change, nearly all of it the same Policy
-    objects (pipeline/sadist.py keeps them by id), so a change costs a pass of dict
-    lookups. Entries are kept by id(policy) with the policy itself: held here, it stays
-    alive, so its id names nobody else while it is kept (checked all the same)."""
-
-    def __init__(self, make: Callable[[Policy], T]) -> None:
-        self._make = make
-        self._kept: dict[int, tuple[Policy, T]] = {}
-
-    def update(self, policies: Sequence[Policy]) -> list[T]:
-        """The value of each of ``policies``, in order; the others are forgotten."""
-        kept: dict[int, tuple[Policy, T]] = {}
-        values = []
-        for p in policies:
-            entry = self._kept.get(id(p))
-            if entry is None or entry[0] is not p:
-                entry = (p, self._make(p))
-            kept[id(p)] = entry
-            values.append(entry[1])
-        self._kept = kept
-        return values
-
-
 def _split(net: Network) -> tuple[int, int, int, int]:
     """(address hi, lo, mask hi, lo) of an IPv6 prefix as 64-bit halves."""
     addr, mask = int(net.network_address), int(net.netmask)
@@ -128,6 +103,11 @@ _MIX6 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
 
 
 _SHAPE6_MIN_ROWS = 4
+_EDIT_ROWS_MAX = 256  # IPv4 rows an SPD edit inserts or deletes one by one; more: a rebuild
+_NO_MATCH = np.iinfo(np.int64).max  # the rank of "no policy matched" (sorts last)
+_NO_SA, _TRAP = 1, 2  # a rank's flags: no outbound SA (dropped); TRAP (an acquire)
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _ANSWERS_MAX = 1 << 16  # protect_one's remembered address pairs (then it starts over)
 
 
@@ -139,6 +119,16 @@ def _hash6(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 _Compiled = tuple[list[tuple[int, int]], list[tuple[tuple[int, ...], tuple[int, ...]]], int,
                   bool]
+Spd = Sequence[Policy] | Mapping[int, Policy]  # in order, or by rank (smaller first)
+
+
+def ranked(policies: Spd) -> dict[int, Policy]:
+    """An SPD by rank: as given, or ranked by position."""
+    return dict(policies) if isinstance(policies, Mapping) else dict(enumerate(policies))
+
+
+def _flags(c: _Compiled) -> int:
+    return (_NO_SA if c[2] < 0 else 0) | (_TRAP if c[3] else 0)
 
 
 def _compile(p: Policy) -> _Compiled:
@@ -162,76 +152,179 @@ def _compile(p: Policy) -> _Compiled:
 
 
 class Dispatcher:
-    def __init__(self, sas: SaTable, policies: Sequence[Policy] = ()) -> None:
+    def __init__(self, sas: SaTable, policies: Spd = ()) -> None:
         self.sas = sas
-        self._compiled = PerPolicy(_compile)  # each policy's rows
+        self._spd: dict[int, Policy] = {}  # by rank: smaller ranks match first
+        self._compiled: dict[int, tuple[Policy, _Compiled]] = {}  # by rank, with its policy
+        # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff its
+        # masked address pair equals the row's, so one sorted search per shape finds the
+        # first matching row of that shape, however many rows share it (a concentrator has
+        # one policy per site or client, nearly all of one shape). The first match overall
+        # is the smallest rank of the shapes' answers. Per shape: net pair -> the ranks of
+        # the policies that have that row (sorted), and the arrays searched.
+        self._rows4: dict[int, dict[int, list[int]]] = {}
+        self._shapes4: dict[int, tuple[np.uint64, U64, I64]] = {}
+        self._shapes6: list[tuple[U64, U64, U64, I64]] = []
+        self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
+        # Per rank present, ascending, then one for "no match": its SA and its flags.
+        self._ranks: I64 = np.array([_NO_MATCH], dtype=np.int64)
+        self._sa_col: npt.NDArray[np.uint32] = np.zeros(1, dtype=np.uint32)
+        self._flags: npt.NDArray[np.uint8] = np.array([_NO_SA], dtype=np.uint8)
+        self._protects: dict[int, int] = {}  # protect_one's answer per rank: PROTECT's SA
+        self._has6 = False
+        self._any_trap = False
+        self.trapped: set[int] = set()  # ranks of TRAP policies packets hit since cleared
+        self._answers: dict[bytes, int] = {}  # protect_one's: address pair -> rank
         self.set_policies(policies)
 
-    def set_policies(self, policies: Sequence[Policy]) -> None:
-        """Flatten the SPD into rows, one per (local, remote) selector pair, in order; the
-        first matching row decides (RFC 4301 §4.4.1: the SPD is ordered).
+    def set_policies(self, policies: Spd) -> None:
+        """Replace the SPD: ``policies`` in order, or by rank (RFC 4301 §4.4.1: the SPD is
+        ordered; the first matching entry decides). A policy kept at its rank is not
+        worked out again."""
+        spd = ranked(policies)
+        kept, self._compiled = self._compiled, {}
+        for rank, p in spd.items():
+            old = kept.get(rank)
+            self._compiled[rank] = old if old is not None and old[0] is p else (p, _compile(p))
+        self._spd = spd
+        self._rebuild4()
+        self._rebuild6()
+        self._rebuild_columns()
 
-        Each policy's rows are worked out once and kept while it stays (``PerPolicy``): a
-        change costs a pass over the policies in plain ints, not their re-encoding."""
-        self._policies = list(policies)
-        # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff
-        # its masked address pair equals the row's, so one sorted search per shape finds
-        # the first matching row of that shape, however many rows share it (a concentrator
-        # has one policy per site, nearly all of one shape). The first match overall is the
-        # smallest policy index of the shapes' answers.
-        shapes: dict[int, dict[int, int]] = {}
-        rows6: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
-        actions: list[int] = []
-        traps: list[bool] = []
-        for i, (rows4_p, rows6_p, action, trap) in enumerate(
-                self._compiled.update(self._policies)):
-            for net, mask in rows4_p:
-                shapes.setdefault(mask, {}).setdefault(net, i)  # first row wins
-            for nets6, masks6 in rows6_p:
-                rows6.append((nets6, masks6, i))
-            actions.append(action)
-            traps.append(trap)
-        self._has4, self._has6 = bool(shapes), bool(rows6)
-        self._shapes4: list[tuple[np.uint64, npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
-        self._shapes4 = []
-        for shape, first in shapes.items():
-            nets = sorted(first)
-            self._shapes4.append((np.uint64(shape), np.array(nets, dtype=np.uint64),
-                                  np.array([first[k] for k in nets], dtype=np.int64)))
-        # IPv6 the same way, the four 64-bit words of a masked address pair hashed to one
-        # sortable key (and compared whole on a hit), for shapes of many rows; a shape of a
-        # few rows (cheaper row by row) or whose distinct rows collide in the hash keeps
-        # the row-by-row loop.
+    def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int] = ()) -> None:
+        """Change some entries of the SPD: ``put`` (new or replacing, by rank) and the
+        ``removed`` ranks. The others stay: the cost is the changed rows, not the SPD's (a
+        concentrator's SPD changes with every Child SA that comes or goes)."""
+        gone = [(rank, self._compiled.pop(rank)) for rank in {*removed, *put}
+                if rank in self._compiled]
+        for rank, _ in gone:
+            del self._spd[rank]
+        added = [(rank, p, _compile(p)) for rank, p in put.items()]
+        for rank, p, c in added:
+            self._spd[rank] = p
+            self._compiled[rank] = (p, c)
+        rows = sum(len(c[0]) for _, (_, c) in gone) + sum(len(c[0]) for _, _, c in added)
+        if rows > _EDIT_ROWS_MAX:
+            self._rebuild4()  # a large change: one sort beats many inserts
+        else:
+            for rank, (_, c) in gone:
+                for net, mask in c[0]:
+                    self._remove4(mask, net, rank)
+            for rank, _, c in added:
+                for net, mask in c[0]:
+                    self._add4(mask, net, rank)
+        if any(c[1] for _, (_, c) in gone) or any(c[1] for _, _, c in added):
+            self._rebuild6()
+        for rank, _ in gone:
+            self._drop_column(rank)
+        for rank, _, c in added:
+            self._put_column(rank, c)
+        self._changed()
+
+    def _rebuild4(self) -> None:
+        self._rows4 = {}
+        for rank in sorted(self._compiled):
+            for net, mask in self._compiled[rank][1][0]:
+                self._rows4.setdefault(mask, {}).setdefault(net, []).append(rank)
+        self._shapes4 = {}
+        for mask, nets in self._rows4.items():
+            keys = sorted(nets)
+            self._shapes4[mask] = (np.uint64(mask), np.array(keys, dtype=np.uint64),
+                                   np.array([nets[k][0] for k in keys], dtype=np.int64))
+
+    def _add4(self, mask: int, net: int, rank: int) -> None:
+        nets = self._rows4.setdefault(mask, {})
+        ranks = nets.get(net)
+        if ranks is not None:
+            bisect.insort(ranks, rank)
+            if ranks[0] == rank:
+                self._set_first4(mask, net, rank)
+            return
+        nets[net] = [rank]
+        m, keys, first = self._shapes4.get(mask) or (np.uint64(mask), _EMPTY_U64, _EMPTY_I64)
+        pos = int(np.searchsorted(keys, np.uint64(net)))
+        self._shapes4[mask] = (m, np.insert(keys, pos, np.uint64(net)),
+                               np.insert(first, pos, rank))
+
+    def _remove4(self, mask: int, net: int, rank: int) -> None:
+        nets = self._rows4[mask]
+        ranks = nets[net]
+        ranks.remove(rank)
+        if ranks:
+            self._set_first4(mask, net, ranks[0])
+            return
+        del nets[net]
+        m, keys, first = self._shapes4[mask]
+        if not nets:
+            del self._rows4[mask], self._shapes4[mask]
+            return
+        pos = int(np.searchsorted(keys, np.uint64(net)))
+        self._shapes4[mask] = (m, np.delete(keys, pos), np.delete(first, pos))
+
+    def _set_first4(self, mask: int, net: int, rank: int) -> None:
+        _, keys, first = self._shapes4[mask]
+        first[int(np.searchsorted(keys, np.uint64(net)))] = rank
+
+    def _rebuild6(self) -> None:
+        """IPv6 the same way, the four 64-bit words of a masked address pair hashed to one
+        sortable key (and compared whole on a hit), for shapes of many rows; a shape of a
+        few rows (cheaper row by row) or whose distinct rows collide in the hash keeps the
+        row-by-row loop. Rebuilt whole when an IPv6 row changes."""
         shapes6: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-        for nets6, masks6, i in rows6:
-            shapes6.setdefault(masks6, {}).setdefault(nets6, i)
-        self._shapes6: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64],
-                                  npt.NDArray[np.uint64], npt.NDArray[np.int64]]] = []
-        self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
+        rows6 = [(nets6, masks6, rank) for rank in sorted(self._compiled)
+                 for nets6, masks6 in self._compiled[rank][1][1]]
+        for nets6, masks6, rank in rows6:
+            shapes6.setdefault(masks6, {}).setdefault(nets6, rank)  # first row wins
+        self._has6 = bool(rows6)
+        self._shapes6, self._loop6 = [], []
         for masks_key, first6 in shapes6.items():
             words = np.array(list(first6), dtype=np.uint64).reshape(-1, 4)
             hashes = _hash6(words)
             order = np.argsort(hashes)
             if hashes.size < _SHAPE6_MIN_ROWS or np.unique(hashes).size != hashes.size:
-                self._loop6 += [(tuple(map(np.uint64, nets6)), tuple(map(np.uint64, masks6)), i)
-                                for nets6, masks6, i in rows6 if masks6 == masks_key]
+                self._loop6 += [(tuple(map(np.uint64, nets6)), tuple(map(np.uint64, masks6)),
+                                 rank) for nets6, masks6, rank in rows6 if masks6 == masks_key]
                 continue
             self._shapes6.append((np.array(masks_key, dtype=np.uint64), hashes[order],
                                   words[order],
                                   np.array(list(first6.values()), dtype=np.int64)[order]))
         self._loop6.sort(key=lambda r: r[2])
-        action_col = np.array(actions + [-1], dtype=np.int64)  # the extra entry: no match
-        self._sa_of = np.maximum(action_col, 0).astype(np.uint32)  # the sa column per policy
-        self._protects = actions + [-1]  # protect_one's answer per policy, numpy-free
-        self._no_sa = action_col < 0  # dropped: no match, BYPASS, DISCARD, TRAP, no SA
-        self._traps = np.array(traps + [False])
-        self._any_trap = bool(self._traps.any())
-        self.trapped: set[int] = set()  # TRAP policies packets hit since the caller cleared it
-        self._answers: dict[bytes, int] = {}  # protect_one's: address pair -> policy
+
+    def _rebuild_columns(self) -> None:
+        ranks = sorted(self._compiled)
+        self._ranks = np.array([*ranks, _NO_MATCH], dtype=np.int64)
+        self._sa_col = np.array([max(self._compiled[r][1][2], 0) for r in ranks] + [0],
+                                dtype=np.uint32)
+        self._flags = np.array([_flags(self._compiled[r][1]) for r in ranks] + [_NO_SA],
+                               dtype=np.uint8)
+        self._protects = {r: self._compiled[r][1][2] for r in ranks}
+        self._changed()
+
+    def _put_column(self, rank: int, c: _Compiled) -> None:
+        pos = int(np.searchsorted(self._ranks, rank))
+        if self._ranks[pos] == rank:
+            self._sa_col[pos], self._flags[pos] = max(c[2], 0), _flags(c)
+        else:
+            self._ranks = np.insert(self._ranks, pos, rank)
+            self._sa_col = np.insert(self._sa_col, pos, max(c[2], 0))
+            self._flags = np.insert(self._flags, pos, _flags(c))
+        self._protects[rank] = c[2]
+
+    def _drop_column(self, rank: int) -> None:
+        pos = int(np.searchsorted(self._ranks, rank))
+        self._ranks = np.delete(self._ranks, pos)
+        self._sa_col = np.delete(self._sa_col, pos)
+        self._flags = np.delete(self._flags, pos)
+        del self._protects[rank]
+
+    def _changed(self) -> None:
+        self._any_trap = bool(np.count_nonzero(self._flags & _TRAP))
+        self._answers = {}  # protect_one's answers were the old SPD's
+        self.trapped.intersection_update(self._spd)
 
     # ------------------------------------------------------------------ outbound
-    def policy(self, index: int) -> Policy:
-        return self._policies[index]
+    def policy(self, rank: int) -> Policy:
+        return self._spd[rank]
 
     def outbound(self, batch: Batch) -> None:
         """SPD lookup and sequence-number blocks for packets read from the inside; packets
@@ -240,16 +333,18 @@ class Dispatcher:
         if n == 0:
             return
         meta = batch.meta
-        policy = self._lookup(batch)
+        rank = self._lookup(batch)
+        column = np.searchsorted(self._ranks, rank)  # every rank found is there
+        flags = self._flags[column]
         verdict = meta["verdict"][:n]
         if self._any_trap:
-            hit = policy[self._traps[policy] & (verdict == 0)]
+            hit = rank[(flags & _TRAP).astype(bool) & (verdict == 0)]
             if hit.size:
                 self.trapped.update(np.unique(hit).tolist())
-        no_sa = self._no_sa[policy]
+        no_sa = (flags & _NO_SA).astype(bool)
         if np.count_nonzero(no_sa):
             verdict[no_sa & (verdict == 0)] = Verdict.POLICY
-        meta["sa"][:n] = self._sa_of[policy]
+        meta["sa"][:n] = self._sa_col[column]
         self.sas.assign_sequence(batch)
 
     def protect_one(self, batch: Batch) -> int:
@@ -268,31 +363,31 @@ class Dispatcher:
             key = data[off + 8 : off + 40].tobytes()
         else:
             return -1
-        policy = self._answers.get(key)
-        if policy is None:
-            policy = int(self._lookup(batch)[0])
+        rank = self._answers.get(key)
+        if rank is None:
+            rank = int(self._lookup(batch)[0])
             if len(self._answers) >= _ANSWERS_MAX:
                 self._answers.clear()
-            self._answers[key] = policy
-        return self._protects[policy]
+            self._answers[key] = rank
+        return self._protects.get(rank, -1)
 
     def _lookup(self, batch: Batch) -> npt.NDArray[np.int64]:
-        """The first matching policy of each packet (``len(policies)``: none)."""
+        """The rank of each packet's first matching policy (``_NO_MATCH``: none)."""
         n = batch.count
         meta, data = batch.meta, batch.data
-        policy = np.full(n, len(self._policies), dtype=np.int64)  # no match, until one does
-        groups = _by_offset(batch, _ADDRS.itemsize) if self._has4 or self._has6 else []
+        policy = np.full(n, _NO_MATCH, dtype=np.int64)  # no match, until one does
+        groups = _by_offset(batch, _ADDRS.itemsize) if self._shapes4 or self._has6 else []
         for c, sel in groups:
             hdr = rows(data, _ADDRS, batch.slot_size, c)[sel]
             length = meta["length"][sel]
             version = hdr["b0"] >> 4
             got = policy[sel]  # a view when sel is a slice: written in place
             # (IPv4 and IPv6 rows never match the same packet.)
-            if self._has4:
+            if self._shapes4:
                 v4 = (version == 4) & (length >= 20)
                 if np.count_nonzero(v4):
                     addrs = hdr["addrs4"].astype(np.uint64)
-                    for mask, keys, first in self._shapes4:
+                    for mask, keys, first in self._shapes4.values():
                         masked = addrs & mask
                         pos = np.searchsorted(keys, masked)
                         np.minimum(pos, keys.size - 1, out=pos)

@@ -30,6 +30,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline.batch import HEADROOM, Batch, Verdict
+from pipeline.rtnl import RouteSocket
 
 __all__ = [
     "IFF_MULTI_QUEUE",
@@ -285,7 +286,11 @@ class TunDevice:
         mq = queues > 1 if multi_queue is None else multi_queue
         if queues > 1 and not mq:
             raise ValueError("several queues need IFF_MULTI_QUEUE")
-        self._routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # The routes added, in order (a dict: found without a scan among thousands), and
+        # one netlink socket for them, opened at the first (a socket per route costs more
+        # than the route).
+        self._routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, None] = {}
+        self._netlink: RouteSocket | None = None
         self.queues: tuple[TunQueue, ...] = ()
         self.ifindex = 0
         fd, self.name = _open_queue_fd(name, mq)
@@ -342,25 +347,28 @@ class TunDevice:
         if net in self._routes:
             return
         self._require_open()
-        with IPRoute() as ipr:
-            try:
-                ipr.route("add", dst=str(net), oif=self.ifindex)
-            except NetlinkError as exc:
-                raise self._netlink_error(f"add route {net} via", exc) from exc
-        self._routes.append(net)
+        try:
+            self._rtnl().add(net, self.ifindex)
+        except NetlinkError as exc:
+            raise self._netlink_error(f"add route {net} via", exc) from exc
+        self._routes[net] = None
 
     def remove_route(self, route: str) -> None:
         """Withdraw a route added by :meth:`add_route`; a route already gone is not an error."""
         net = _prefix(route)
         if net not in self._routes:
             return
-        self._routes.remove(net)
-        with IPRoute() as ipr:
-            self._del_route(ipr, net)
+        del self._routes[net]
+        self._del_route(net)
 
-    def _del_route(self, ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    def _rtnl(self) -> RouteSocket:
+        if self._netlink is None:
+            self._netlink = RouteSocket()
+        return self._netlink
+
+    def _del_route(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         try:
-            ipr.route("del", dst=str(net), oif=self.ifindex)
+            self._rtnl().delete(net, self.ifindex)
         except NetlinkError as exc:
             # ESRCH: already gone (the device went down, or someone removed it).
             if exc.code not in (errno.ESRCH, errno.ENODEV):
@@ -400,11 +408,13 @@ class TunDevice:
             return
         try:
             if self._routes and self.ifindex:
-                with IPRoute() as ipr:
-                    while self._routes:
-                        self._del_route(ipr, self._routes.pop())
+                while self._routes:
+                    self._del_route(self._routes.popitem()[0])
         finally:
             self._routes.clear()
+            if self._netlink is not None:
+                self._netlink.close()
+                self._netlink = None
             for q in self.queues:
                 q.close()
 

@@ -55,8 +55,12 @@ def test_the_table_has_one_row_per_responder() -> None:
     assert lines[2].split() == ["espline", "3", "0", "0.50", "6.0", "1.250", "-"]
 
 
-@pytest.mark.parametrize("responder", ["espline", "strongswan"])
-def test_every_setup_succeeds_against_the_responder(tmp_path: Path, responder: str) -> None:
+@pytest.mark.parametrize(("responder", "selectors"),
+                         [("espline", "shared"), ("strongswan", "shared"),
+                          ("espline", "distinct")])
+def test_every_setup_succeeds_against_the_responder(tmp_path: Path, responder: str,
+                                                    selectors: str) -> None:
+    """``distinct``: every client its own /32, each narrowed to by the responder."""
     require_root_netns()
     if responder == "strongswan":
         require_strongswan()
@@ -76,6 +80,8 @@ def test_every_setup_succeeds_against_the_responder(tmp_path: Path, responder: s
             "0.2",
             "--settle",
             "0.2",
+            "--selectors",
+            selectors,
             "--out",
             str(out),
         ],
@@ -90,7 +96,7 @@ def test_every_setup_succeeds_against_the_responder(tmp_path: Path, responder: s
     (result,) = json.loads(out.read_text())
     for key in FIELDS:
         assert key in result, key
-    assert result["responder"] == responder
+    assert (result["responder"], result["selectors"]) == (responder, selectors)
     assert result["setups"] == COUNT and result["failed"] == 0, result
     assert result["setups_per_s"] > 0
     assert result["cpu_ms_per_setup"] >= 0  # /proc counts in ticks: 20 setups may be one

@@ -349,6 +349,14 @@ class RoutedIO(QueueIO):
     def sync_routes(self, routes: list[str]) -> None:
         self.routes = list(routes)
 
+    def update_routes(self, added: list[str], removed: list[str]) -> None:
+        assert not set(added) & set(self.routes), "added twice"
+        assert set(removed) <= set(self.routes), "removed, never added"
+        self.routes = sorted(set(self.routes) - set(removed) | set(added))
+        self.updates += 1
+
+    updates = 0
+
 
 def test_inside_routes_follow_every_spd_change() -> None:
     """Every remote selector of the SPD is routed inside, whatever changed: policies added,
@@ -372,5 +380,34 @@ def test_inside_routes_follow_every_spd_change() -> None:
             assert inside.routes == ["10.9.7.0/24"]
             plane.set_policies([])
             assert inside.routes == []
+        finally:
+            plane.pool.close()
+
+
+def test_inside_routes_follow_spd_edits() -> None:
+    """The controller's edits (by rank) route and withdraw only what changed: a route two
+    policies share stays until the last goes; a policy replaced by one with the same
+    selectors changes no route; the dispatcher classifies by the edited SPD."""
+    inside = RoutedIO()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=0, runtime_dir=rundir), records(encap=True), [],
+                          inside, QueueIO())
+        try:
+            def site(i: int, sa: int = 0, action: Action = Action.PROTECT) -> Policy:
+                return Policy((NET_A,), (ipaddress.ip_network(f"10.9.{i}.0/24"),), action,
+                              sa_index=sa)
+
+            plane.edit_policies({10: site(1), 20: site(2), 30: site(1, action=Action.TRAP)},
+                                [])
+            assert inside.routes == ["10.9.1.0/24", "10.9.2.0/24"]
+            plane.edit_policies({}, [10])  # rank 30 still routes 10.9.1.0/24
+            assert inside.routes == ["10.9.1.0/24", "10.9.2.0/24"]
+            updates = inside.updates
+            plane.edit_policies({20: site(2, sa=1)}, [])  # the same selectors, a new SA
+            assert inside.updates == updates
+            assert plane.dispatcher.policy(20).sa_index == 1
+            plane.edit_policies({40: site(3)}, [30, 20])
+            assert inside.routes == ["10.9.3.0/24"]
+            assert sorted(plane.dispatcher._spd) == [40]
         finally:
             plane.pool.close()

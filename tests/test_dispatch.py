@@ -88,10 +88,58 @@ def test_first_match_on_random_tables(seed: int, collide: bool,
     check(dispatcher, policies, pairs)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_edits_keep_the_first_match_of_the_ranked_spd(seed: int) -> None:
+    """The SPD as the controller changes it, entry by entry (``edit_policies``: put and
+    removed by rank, the rest untouched): after each edit the dispatcher answers as the
+    first-match oracle over the entries in rank order, by the row-by-row path and, for a
+    large edit, by the rebuild."""
+    rng = random.Random(seed)
+    table = SaTable()
+    for i in range(4):
+        table.install(SaRecord(spi=0x100 + i, direction=Direction.OUT, alg="aes128gcm16",
+                               local_addr=A, remote_addr=B, enc_key=bytes(20)), i)
+
+    def policy() -> Policy:
+        if rng.random() < 0.5:  # a client's: its own /32, all of one shape
+            client = ipaddress.ip_network(f"10.{rng.randrange(3)}.{rng.randrange(4)}."
+                                          f"{rng.randrange(6)}/32")
+            return Policy((ipaddress.ip_network("10.0.0.0/8"),), (client,), Action.PROTECT,
+                          rng.randrange(4))
+        v6 = rng.random() < 0.2
+        action = rng.choice((Action.PROTECT, Action.PROTECT, Action.DISCARD, Action.TRAP))
+        return Policy(tuple(net(rng, v6) for _ in range(rng.randrange(1, 3))),
+                      tuple(net(rng, v6) for _ in range(rng.randrange(1, 3))),
+                      action, rng.randrange(4))
+
+    spd = {rng.randrange(1 << 40): policy() for _ in range(rng.randrange(0, 20))}
+    dispatcher = Dispatcher(table, spd)
+    pairs = [(f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(6)}",
+              f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(6)}", 4)
+             for _ in range(150)]
+    pairs += [(f"2001:db8:{rng.randrange(4):x}::{rng.randrange(9)}",
+               f"2001:db8:{rng.randrange(4):x}::{rng.randrange(9)}", 6) for _ in range(30)]
+    for step in range(12):
+        big = step == 6  # more rows than one edit inserts one by one
+        removed = rng.sample(sorted(spd), min(len(spd), rng.randrange(0, 4)))
+        put = {rng.randrange(1 << 40): policy() for _ in range(300)} if big else {
+            rng.choice([*spd, rng.randrange(1 << 40)]) if spd else rng.randrange(1 << 40):
+            policy() for _ in range(rng.randrange(0, 4))}
+        removed = [r for r in removed if r not in put] + [rng.randrange(1 << 40)]  # + unknown
+        for rank in removed:
+            spd.pop(rank, None)
+        spd.update(put)
+        dispatcher.trapped.clear()
+        dispatcher.edit_policies(put, removed)
+        ranks = sorted(spd)
+        check(dispatcher, [spd[r] for r in ranks], pairs, ranks)
+
+
 def check(dispatcher: Dispatcher, policies: list[Policy],
-          pairs: list[tuple[str, str, int]]) -> None:
+          pairs: list[tuple[str, str, int]], ranks: list[int] | None = None) -> None:
     """Each packet's verdict and SA, and the TRAP policies hit, as the oracle says; and
-    ``protect_one`` (and the answers it keeps) agrees for each packet alone, twice."""
+    ``protect_one`` (and the answers it keeps) agrees for each packet alone, twice.
+    ``ranks``: each policy's rank (default: its position)."""
     for _ in range(2):
         for s, d, v in pairs:
             want = oracle(policies, s, d)
@@ -108,7 +156,8 @@ def check(dispatcher: Dispatcher, policies: list[Policy],
         if protect:
             assert int(batch.meta["sa"][k]) == policies[want].sa_index
     trapped = {oracle(policies, s, d) for s, d, _ in pairs}
-    assert dispatcher.trapped == {i for i in trapped
+    rank = ranks or list(range(len(policies)))
+    assert dispatcher.trapped == {rank[i] for i in trapped
                                   if i >= 0 and policies[i].action is Action.TRAP}
 
 

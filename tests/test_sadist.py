@@ -312,17 +312,25 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
 
 
 class SpdSink(TableSink):
+    """The SPD a subscriber applied, by rank, and how many changes it took."""
+
     def __init__(self) -> None:
         super().__init__(SaTable())
-        self.spd: tuple[Policy, ...] = ()
+        self.spd: dict[int, Policy] = {}
         self.changes = 0
 
     def reset(self, sas: dict[int, SaRecord], policies: Any) -> None:
         super().reset(sas, policies)
-        self.spd = tuple(policies)
+        self.spd = dict(policies)
 
     def set_policies(self, policies: Any) -> None:
-        self.spd = tuple(policies)
+        self.spd = dict(policies)
+        self.changes += 1
+
+    def edit_policies(self, put: Any, removed: Any) -> None:
+        for rank in removed:
+            del self.spd[rank]
+        self.spd.update(put)
         self.changes += 1
 
 
@@ -331,48 +339,57 @@ def site(i: int) -> Policy:
                   sa_index=i)
 
 
-def test_spd_deltas_carry_only_new_entries(publisher: tuple[Any, PublisherThread]) -> None:
-    """One site more in an SPD of 200 sends one entry, not 201; a subscriber that joins
-    from a snapshot later follows the same ids; a removed entry that comes back is sent
-    again; the worker's subscriber (policies=False) skips SPD deltas."""
+def test_spd_edits_carry_only_the_changed_entries(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """One site more in an SPD of 200 sends one entry, not 201, and one site less sends
+    its rank; a subscriber that joins from a snapshot later holds the same ranks and
+    follows the next edits; a whole new SPD replaces the old; the worker's subscriber
+    (policies=False) skips SPD deltas."""
     ctx, pub = publisher
     sink, late, worker = SpdSink(), SpdSink(), SpdSink()
     sub = SaSubscriber(ctx, *pub.endpoints, sink=sink)
     wsub = SaSubscriber(ctx, *pub.endpoints, sink=worker, policies=False)
-    spd = [site(i) for i in range(200)]
+    spd = {rank: site(rank) for rank in range(0, 400, 2)}
     try:
         sub.sync()
         wsub.sync()
-        pub.call(lambda p: p.set_policies(spd))
-        assert sub.wait_for(1, timeout=5) and sink.spd == tuple(spd)
+        pub.call(lambda p: p.edit_policies(spd))
+        assert sub.wait_for(1, timeout=5) and sink.spd == spd
 
-        def publish(p: SaPublisher, policies: list[Policy]) -> int:
+        def edit(p: SaPublisher, put: dict[int, Policy], removed: list[int]) -> Any:
             sent: list[bytes] = []
             real, p.pub.send = p.pub.send, sent.append  # type: ignore[method-assign]
             try:
-                p.set_policies(policies)
+                p.edit_policies(put, removed)
             finally:
                 p.pub.send = real  # type: ignore[method-assign]
             real(sent[0])
-            return len(json.loads(sent[0])["new"])
+            return json.loads(sent[0])
 
-        spd = [*spd[:100], site(500), *spd[100:]]
-        assert pub.call(lambda p: publish(p, spd)) == 1
-        assert sub.wait_for(2, timeout=5) and sink.spd == tuple(spd)
+        delta = pub.call(lambda p: edit(p, {201: site(500)}, []))
+        assert (len(delta["put"]), delta["del"]) == (1, [])
+        spd[201] = site(500)  # between ranks 200 and 202
+        assert sub.wait_for(2, timeout=5) and sink.spd == spd
         late_sub = SaSubscriber(ctx, *pub.endpoints, sink=late)
         try:
             late_sub.sync()
-            assert late.spd == tuple(spd)
-            removed = spd.pop(7)
-            assert pub.call(lambda p: publish(p, spd)) == 0
-            spd.append(removed)  # back, at the end: sent again
-            assert pub.call(lambda p: publish(p, spd)) == 1
-            assert late_sub.wait_for(4, timeout=5) and late.spd == tuple(spd)
+            assert late.spd == spd
+            delta = pub.call(lambda p: edit(p, {}, [14, 999]))  # 999: not there, not sent
+            assert (delta["put"], delta["del"]) == ([], [14])
+            del spd[14]
+            delta = pub.call(lambda p: edit(p, {14: site(7), 16: site(8)}, [16]))
+            assert (len(delta["put"]), delta["del"]) == (2, [])  # put wins over removed
+            spd.update({14: site(7), 16: site(8)})
+            assert late_sub.wait_for(4, timeout=5) and late.spd == spd
             assert late_sub.resyncs == 1
+            new = [site(1), site(2)]
+            pub.call(lambda p: p.set_policies(new))
+            assert late_sub.wait_for(5, timeout=5) and late.spd == dict(enumerate(new))
         finally:
             late_sub.close()
-        assert sub.wait_for(4, timeout=5) and sink.spd == tuple(spd) and sub.resyncs == 1
-        assert wsub.wait_for(4, timeout=5) and worker.changes == 0
+        assert sub.wait_for(5, timeout=5) and sink.spd == dict(enumerate(new))
+        assert sub.resyncs == 1 and sink.changes == 5
+        assert wsub.wait_for(5, timeout=5) and worker.changes == 0
     finally:
         sub.close()
         wsub.close()

@@ -8,6 +8,7 @@ leaves no device, route or process behind in the host.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import select
@@ -156,6 +157,32 @@ def _inner_multiqueue() -> dict[str, Any]:
     return {"fds": fds, "route": route, "name": name, "after": _ip("-o", "link", "show", name)}
 
 
+def _inner_routes() -> dict[str, Any]:
+    """Many routes added and withdrawn one by one (pipeline/rtnl.py), a refused one, one
+    someone else removed first."""
+    out: dict[str, Any] = {}
+    with TunDevice("esplrt%d", address=TUN_ADDRESS) as tun, \
+            TunDevice("esplrt%d") as other:
+        clients = [f"10.64.{i // 200}.{i % 200 + 1}/32" for i in range(300)]
+        for route in [*clients, "2001:db8:97::/64"]:
+            tun.add_route(route)
+        out["shown"] = _ip("-o", "route", "show", "dev", tun.name)
+        out["shown6"] = _ip("-o", "-6", "route", "show", "dev", tun.name)
+        try:
+            other.add_route(clients[5])  # the same prefix through another device
+            out["refused"] = "no error"
+        except TunError as exc:
+            out["refused"] = [exc.errno, str(exc)]
+        _ip("route", "del", clients[7], "dev", tun.name)
+        for route in clients[:250]:
+            tun.remove_route(route)  # clients[7]: gone already, not an error
+        out["left"] = _ip("-o", "route", "show", "dev", tun.name)
+        out["routes"] = list(tun.routes)
+        out["name"] = tun.name
+    out["after_close"] = _ip("-o", "route", "show", "10.64.0.0/16", "root", "10.64.0.0/16")
+    return out
+
+
 def _inner_oversize() -> dict[str, Any]:
     """A packet longer than a slot's payload area (device MTU above it) is kept truncated and
     marked TOO_BIG; the one after it is read normally."""
@@ -244,6 +271,23 @@ def test_tun_multi_queue(netns_lab: NetnsLab) -> None:
     assert r["after"] == ""
 
 
+def test_tun_routes_one_by_one(netns_lab: NetnsLab) -> None:
+    """Routes as ``ip route add PREFIX dev DEV`` makes them (table main, proto static,
+    scope global), written over rtnetlink by pipeline/rtnl.py: hundreds added, the kernel's
+    refusal (EEXIST) named, withdrawn ones gone, the rest withdrawn at close."""
+    r = _run_inner(netns_lab, "inner-routes")
+    clients = {f"10.64.{i // 200}.{i % 200 + 1}" for i in range(300)}
+    shown = [line.split() for line in r["shown"].splitlines() if "proto kernel" not in line]
+    # (ip leaves out what is the default: table main, scope global, unicast)
+    assert sorted(shown) == sorted([c, "proto", "static"] for c in clients)
+    assert "2001:db8:97::/64 proto static metric 1024" in r["shown6"]
+    assert r["refused"][0] == errno.EEXIST and "10.64.0.6/32" in r["refused"][1]
+    left = {line.split()[0] for line in r["left"].splitlines()}
+    assert clients - left == {f"10.64.{i // 200}.{i % 200 + 1}" for i in range(250)}
+    assert len(r["routes"]) == 51 and r["routes"][-1] == "2001:db8:97::/64"
+    assert r["after_close"] == ""
+
+
 def test_tun_oversize_packet_is_marked_too_big(netns_lab: NetnsLab) -> None:
     r = _run_inner(netns_lab, "inner-oversize", ipv6=False)
     assert r["count"] == 2
@@ -291,6 +335,7 @@ if __name__ == "__main__":
         "inner": _inner,
         "inner-multiqueue": _inner_multiqueue,
         "inner-oversize": _inner_oversize,
+        "inner-routes": _inner_routes,
     }
     result = inners[which]()
     print(json.dumps(result), flush=True)

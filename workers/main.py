@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -90,7 +90,7 @@ class TableSink:
     def __init__(self, table: SaTable) -> None:
         self.table = table
 
-    def reset(self, sas: dict[int, SaRecord], policies: Sequence[Policy]) -> None:
+    def reset(self, sas: dict[int, SaRecord], policies: Mapping[int, Policy]) -> None:
         for sa in list(self.table):
             if sas.get(sa.index) != sa.record:
                 self.table.remove(sa.index)
@@ -105,8 +105,11 @@ class TableSink:
     def remove(self, index: int) -> None:
         self.table.remove(index)
 
-    def set_policies(self, policies: Sequence[Policy]) -> None:
+    def set_policies(self, policies: Mapping[int, Policy]) -> None:
         pass  # the SPD is the dispatcher's
+
+    def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int]) -> None:
+        pass
 
 
 def run_worker(spec: WorkerSpec) -> None:
