@@ -393,3 +393,63 @@ def test_spd_edits_carry_only_the_changed_entries(
     finally:
         sub.close()
         wsub.close()
+
+
+def test_the_changes_of_one_loop_turn_leave_as_one_message_before_its_ike_messages(
+        tmp_path: Any) -> None:
+    """The controller's coalescing (SaPublisher.coalesce, as Gateway.start sets it up):
+    the SA deltas made in one turn of the event loop leave as one ZeroMQ message at the
+    end of the turn, and the IKE messages of that turn after it (make-before-break: the
+    peer is told of an SA only once the data plane is); with nothing pending, an IKE
+    message leaves at once."""
+    import asyncio
+
+    from controller.config import parse_config
+    from controller.daemon import _Endpoint
+    from controller.gateway import Gateway
+
+    cfg = parse_config({"connections": {}}, allowed_cpus=[0])
+    gw = Gateway(cfg, start_dataplane=False)
+    order: list[str] = []
+
+    class Transport:
+        def sendto(self, data: bytes, addr: Any) -> None:
+            order.append(f"udp {data.decode()}")
+
+    gw.daemon._ike = _Endpoint(gw.daemon, False, Transport())  # type: ignore[arg-type]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub = gw.publisher = SaPublisher(ctx, f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/snap")
+    sent: list[Any] = []
+
+    def send(data: bytes) -> None:
+        sent.append(json.loads(data))
+        order.append("zmq")
+
+    pub.pub.send = send  # type: ignore[assignment,method-assign]
+    peer = ("192.0.2.2", 500)
+
+    async def turns() -> None:
+        pub.coalesce(gw._publish_soon, gw.daemon.release_output)
+        gw.daemon._send(b"before", peer, False)  # nothing pending: at once
+        assert order == ["udp before"]
+        pub.install(0, record(0x2001, Direction.IN))
+        gw.daemon._send(b"auth-response", peer, False)
+        pub.install(1, record(0x1001, Direction.OUT))
+        pub.edit_policies({0: Policy((NET_A,), (NET_B,), sa_index=1)})
+        assert order == ["udp before"]  # held until the turn ends
+        await asyncio.sleep(0)
+        assert order == ["udp before", "zmq", "udp auth-response"]
+        gw.daemon._send(b"after", peer, False)
+        assert order[-1] == "udp after"
+        pub.remove(0)  # a later turn: a message of its own
+        await asyncio.sleep(0)
+        assert order[-1] == "zmq"
+
+    try:
+        asyncio.run(turns())
+    finally:
+        pub.close()
+        ctx.term()
+    assert [[d["v"] for d in m] if isinstance(m, list) else [m["v"]] for m in sent] == \
+        [[1, 2, 3], [4]]
+    assert [d["op"] for d in sent[0]] == ["install", "install", "spd-edit"]
