@@ -20,6 +20,7 @@ import ipaddress
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -105,7 +106,6 @@ _MIX6 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
 _SHAPE6_MIN_ROWS = 4
 _EDIT_ROWS_MAX = 256  # IPv4 rows an SPD edit inserts or deletes one by one; more: a rebuild
 _NO_MATCH = np.iinfo(np.int64).max  # the rank of "no policy matched" (sorts last)
-_NO_SA, _TRAP = 1, 2  # a rank's flags: no outbound SA (dropped); TRAP (an acquire)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _ANSWERS_MAX = 1 << 16  # protect_one's remembered address pairs (then it starts over)
@@ -122,13 +122,21 @@ _Compiled = tuple[list[tuple[int, int]], list[tuple[tuple[int, ...], tuple[int, 
 Spd = Sequence[Policy] | Mapping[int, Policy]  # in order, or by rank (smaller first)
 
 
+A = TypeVar("A", bound=np.generic)
+
+
+def _inserted(a: npt.NDArray[A], pos: int, value: object) -> npt.NDArray[A]:
+    """``a`` with ``value`` at ``pos`` (np.insert, without its general-case overhead)."""
+    return np.concatenate((a[:pos], np.array([value], dtype=a.dtype), a[pos:]))
+
+
+def _deleted(a: npt.NDArray[A], pos: int) -> npt.NDArray[A]:
+    return np.concatenate((a[:pos], a[pos + 1 :]))
+
+
 def ranked(policies: Spd) -> dict[int, Policy]:
     """An SPD by rank: as given, or ranked by position."""
     return dict(policies) if isinstance(policies, Mapping) else dict(enumerate(policies))
-
-
-def _flags(c: _Compiled) -> int:
-    return (_NO_SA if c[2] < 0 else 0) | (_TRAP if c[3] else 0)
 
 
 def _compile(p: Policy) -> _Compiled:
@@ -166,10 +174,12 @@ class Dispatcher:
         self._shapes4: dict[int, tuple[np.uint64, U64, I64]] = {}
         self._shapes6: list[tuple[U64, U64, U64, I64]] = []
         self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
-        # Per rank present, ascending, then one for "no match": its SA and its flags.
+        # Per rank present, ascending, then one for "no match": its SA, whether it has none
+        # (dropped: no match, BYPASS, DISCARD, TRAP, no SA), whether it TRAPs.
         self._ranks: I64 = np.array([_NO_MATCH], dtype=np.int64)
         self._sa_col: npt.NDArray[np.uint32] = np.zeros(1, dtype=np.uint32)
-        self._flags: npt.NDArray[np.uint8] = np.array([_NO_SA], dtype=np.uint8)
+        self._no_sa_col: npt.NDArray[np.bool_] = np.ones(1, dtype=bool)
+        self._trap_col: npt.NDArray[np.bool_] = np.zeros(1, dtype=bool)
         self._protects: dict[int, int] = {}  # protect_one's answer per rank: PROTECT's SA
         self._has6 = False
         self._any_trap = False
@@ -194,7 +204,19 @@ class Dispatcher:
     def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int] = ()) -> None:
         """Change some entries of the SPD: ``put`` (new or replacing, by rank) and the
         ``removed`` ranks. The others stay: the cost is the changed rows, not the SPD's (a
-        concentrator's SPD changes with every Child SA that comes or goes)."""
+        concentrator's SPD changes with every Child SA that comes or goes). An entry
+        replaced by one with the same selectors (a new SA for them) keeps its rows."""
+        resold: list[tuple[int, Policy, _Compiled]] = []  # same rows, another action or SA
+        for rank, p in put.items():
+            old = self._compiled.get(rank)
+            if old is not None and (old[0].local_ts, old[0].remote_ts) == (p.local_ts,
+                                                                           p.remote_ts):
+                c = _compile(p)
+                self._spd[rank], self._compiled[rank] = p, (p, c)
+                resold.append((rank, p, c))
+        if resold:
+            put = {rank: p for rank, p in put.items() if self._spd.get(rank) is not p}
+            removed = {*removed} - {rank for rank, _, _ in resold}  # put wins
         gone = [(rank, self._compiled.pop(rank)) for rank in {*removed, *put}
                 if rank in self._compiled]
         for rank, _ in gone:
@@ -217,7 +239,7 @@ class Dispatcher:
             self._rebuild6()
         for rank, _ in gone:
             self._drop_column(rank)
-        for rank, _, c in added:
+        for rank, _, c in [*added, *resold]:
             self._put_column(rank, c)
         self._changed()
 
@@ -243,8 +265,8 @@ class Dispatcher:
         nets[net] = [rank]
         m, keys, first = self._shapes4.get(mask) or (np.uint64(mask), _EMPTY_U64, _EMPTY_I64)
         pos = int(np.searchsorted(keys, np.uint64(net)))
-        self._shapes4[mask] = (m, np.insert(keys, pos, np.uint64(net)),
-                               np.insert(first, pos, rank))
+        self._shapes4[mask] = (m, _inserted(keys, pos, np.uint64(net)),
+                               _inserted(first, pos, rank))
 
     def _remove4(self, mask: int, net: int, rank: int) -> None:
         nets = self._rows4[mask]
@@ -259,7 +281,7 @@ class Dispatcher:
             del self._rows4[mask], self._shapes4[mask]
             return
         pos = int(np.searchsorted(keys, np.uint64(net)))
-        self._shapes4[mask] = (m, np.delete(keys, pos), np.delete(first, pos))
+        self._shapes4[mask] = (m, _deleted(keys, pos), _deleted(first, pos))
 
     def _set_first4(self, mask: int, net: int, rank: int) -> None:
         _, keys, first = self._shapes4[mask]
@@ -295,32 +317,36 @@ class Dispatcher:
         self._ranks = np.array([*ranks, _NO_MATCH], dtype=np.int64)
         self._sa_col = np.array([max(self._compiled[r][1][2], 0) for r in ranks] + [0],
                                 dtype=np.uint32)
-        self._flags = np.array([_flags(self._compiled[r][1]) for r in ranks] + [_NO_SA],
-                               dtype=np.uint8)
+        self._no_sa_col = np.array([self._compiled[r][1][2] < 0 for r in ranks] + [True])
+        self._trap_col = np.array([self._compiled[r][1][3] for r in ranks] + [False])
         self._protects = {r: self._compiled[r][1][2] for r in ranks}
         self._changed()
 
     def _put_column(self, rank: int, c: _Compiled) -> None:
         pos = int(np.searchsorted(self._ranks, rank))
         if self._ranks[pos] == rank:
-            self._sa_col[pos], self._flags[pos] = max(c[2], 0), _flags(c)
+            self._sa_col[pos], self._no_sa_col[pos], self._trap_col[pos] = (
+                max(c[2], 0), c[2] < 0, c[3])
         else:
-            self._ranks = np.insert(self._ranks, pos, rank)
-            self._sa_col = np.insert(self._sa_col, pos, max(c[2], 0))
-            self._flags = np.insert(self._flags, pos, _flags(c))
+            self._ranks = _inserted(self._ranks, pos, rank)
+            self._sa_col = _inserted(self._sa_col, pos, max(c[2], 0))
+            self._no_sa_col = _inserted(self._no_sa_col, pos, c[2] < 0)
+            self._trap_col = _inserted(self._trap_col, pos, c[3])
         self._protects[rank] = c[2]
 
     def _drop_column(self, rank: int) -> None:
         pos = int(np.searchsorted(self._ranks, rank))
-        self._ranks = np.delete(self._ranks, pos)
-        self._sa_col = np.delete(self._sa_col, pos)
-        self._flags = np.delete(self._flags, pos)
+        self._ranks = _deleted(self._ranks, pos)
+        self._sa_col = _deleted(self._sa_col, pos)
+        self._no_sa_col = _deleted(self._no_sa_col, pos)
+        self._trap_col = _deleted(self._trap_col, pos)
         del self._protects[rank]
 
     def _changed(self) -> None:
-        self._any_trap = bool(np.count_nonzero(self._flags & _TRAP))
+        self._any_trap = bool(np.count_nonzero(self._trap_col))
         self._answers = {}  # protect_one's answers were the old SPD's
-        self.trapped.intersection_update(self._spd)
+        if self.trapped:  # (intersection_update would walk the whole SPD)
+            self.trapped = {rank for rank in self.trapped if rank in self._spd}
 
     # ------------------------------------------------------------------ outbound
     def policy(self, rank: int) -> Policy:
@@ -335,13 +361,12 @@ class Dispatcher:
         meta = batch.meta
         rank = self._lookup(batch)
         column = np.searchsorted(self._ranks, rank)  # every rank found is there
-        flags = self._flags[column]
         verdict = meta["verdict"][:n]
         if self._any_trap:
-            hit = rank[(flags & _TRAP).astype(bool) & (verdict == 0)]
+            hit = rank[self._trap_col[column] & (verdict == 0)]
             if hit.size:
                 self.trapped.update(np.unique(hit).tolist())
-        no_sa = (flags & _NO_SA).astype(bool)
+        no_sa = self._no_sa_col[column]
         if np.count_nonzero(no_sa):
             verdict[no_sa & (verdict == 0)] = Verdict.POLICY
         meta["sa"][:n] = self._sa_col[column]

@@ -125,12 +125,18 @@ def test_edits_keep_the_first_match_of_the_ranked_spd(seed: int) -> None:
         put = {rng.randrange(1 << 40): policy() for _ in range(300)} if big else {
             rng.choice([*spd, rng.randrange(1 << 40)]) if spd else rng.randrange(1 << 40):
             policy() for _ in range(rng.randrange(0, 4))}
+        for rank in rng.sample(sorted(spd), min(len(spd), rng.randrange(0, 3))):
+            # a new SA or action for the same selectors (a rekey; a child gone down)
+            p = spd[rank]
+            put[rank] = Policy(p.local_ts, p.remote_ts, rng.choice(list(Action)),
+                               rng.randrange(4))
         removed = [r for r in removed if r not in put] + [rng.randrange(1 << 40)]  # + unknown
+        sent_removed = removed + [r for r in put if rng.random() < 0.2]  # put wins
         for rank in removed:
             spd.pop(rank, None)
         spd.update(put)
         dispatcher.trapped.clear()
-        dispatcher.edit_policies(put, removed)
+        dispatcher.edit_policies(put, sent_removed)
         ranks = sorted(spd)
         check(dispatcher, [spd[r] for r in ranks], pairs, ranks)
 
