@@ -217,10 +217,12 @@ class SaPublisher:
     def flush(self) -> None:
         """Send the waiting deltas as one message (each still its own version)."""
         pending, self._pending = self._pending, None
-        if pending:
-            self._send(pending)
-        if self._after_flush is not None:
-            self._after_flush()
+        try:
+            if pending:
+                self._send(pending)
+        finally:
+            if self._after_flush is not None:
+                self._after_flush()  # whatever became of the send: nothing stays held
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
