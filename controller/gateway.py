@@ -600,8 +600,13 @@ class Gateway:
         return entry
 
     def _publish_soon(self, flush: Callable[[], None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a change made outside the loop (closing): sent at once
+            flush()
+            return
         self.daemon.hold_output()
-        asyncio.get_running_loop().call_soon(flush)
+        loop.call_soon(flush)
 
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:

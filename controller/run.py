@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.config import Config, ConfigError, DataplaneConfig, StaticSa, load_config
 from pipeline.batch import Batch
@@ -35,6 +35,7 @@ class TunIO:
 
     device: TunDevice
     base_routes: frozenset[str] = frozenset()  # routes the device was created with
+    _failed: set[str] = field(default_factory=set)  # wanted, refused by the kernel
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
         return self.device.read_batch(batch, max_packets)
@@ -58,15 +59,28 @@ class TunIO:
 
     def update_routes(self, added: Sequence[str], removed: Sequence[str]) -> None:
         """Route ``added`` into the device and withdraw ``removed`` (never one it was
-        created with)."""
+        created with). A route the kernel refused is tried again at each later update
+        while it is wanted; a failure is logged, never raised into the I/O loop."""
         for route in removed:
-            if route not in self.base_routes:
+            self._failed.discard(route)
+            if route in self.base_routes:
+                continue
+            try:
                 self.device.remove_route(route)
-        for route in added:
+            except OSError as exc:
+                log.warning("cannot withdraw route %s from %s: %s", route,
+                            self.device.name, exc)
+        retry = sorted(self._failed)
+        for route in [*added, *retry]:
             try:
                 self.device.add_route(route)
             except OSError as exc:
-                log.warning("cannot route %s into %s: %s", route, self.device.name, exc)
+                if route not in self._failed:
+                    log.warning("cannot route %s into %s (tried again at each SPD change): "
+                                "%s", route, self.device.name, exc)
+                self._failed.add(route)
+            else:
+                self._failed.discard(route)
 
     def io_stats(self) -> dict[str, int]:
         q = self.device.queues[0]

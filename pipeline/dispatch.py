@@ -104,7 +104,7 @@ _MIX6 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
 
 
 _SHAPE6_MIN_ROWS = 4
-_EDIT_ROWS_MAX = 256  # IPv4 rows an SPD edit inserts or deletes one by one; more: a rebuild
+_EDIT_ROWS_MAX = 256  # rows (ranks) an SPD edit inserts or deletes one by one; more: a rebuild
 _NO_MATCH = np.iinfo(np.int64).max  # the rank of "no policy matched" (sorts last)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
@@ -237,6 +237,9 @@ class Dispatcher:
                     self._add4(mask, net, rank)
         if any(c[1] for _, (_, c) in gone) or any(c[1] for _, _, c in added):
             self._rebuild6()
+        if len(gone) + len(added) > _EDIT_ROWS_MAX:
+            self._rebuild_columns()  # each insert or delete copies the columns
+            return
         for rank, _ in gone:
             self._drop_column(rank)
         for rank, _, c in [*added, *resold]:

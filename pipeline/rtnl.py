@@ -14,6 +14,7 @@ NLMSG_ERROR with error 0 (the acknowledgement) or a negative errno.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
@@ -30,6 +31,7 @@ NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 RTA_DST, RTA_OIF = 1, 4
+ACK_TIMEOUT = 5.0  # seconds
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol,
@@ -60,6 +62,7 @@ class RouteSocket:
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self._sock.settimeout(ACK_TIMEOUT)  # the kernel answers at once; never hang on it
         self._sock.bind((0, 0))
         self._seq = itertools.count(1)
 
@@ -81,7 +84,7 @@ class RouteSocket:
             while offset + _NLMSGHDR.size <= len(data):
                 length, mtype, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
                 if length < _NLMSGHDR.size:
-                    break
+                    raise NetlinkError(errno.EPROTO, "malformed netlink reply")
                 if mtype == NLMSG_ERROR and mseq == seq:
                     (error,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
                     if error:

@@ -199,7 +199,11 @@ class SaPublisher:
         delta["v"] = self.table.version
         if self._pending is None and self._schedule is not None:
             self._pending = []
-            self._schedule(self.flush)
+            try:
+                self._schedule(self.flush)
+            except BaseException:
+                self._pending = None  # not scheduled: nothing may wait for it
+                raise
         if self._pending is not None:
             self._pending.append(delta)
         else:

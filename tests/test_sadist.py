@@ -447,9 +447,11 @@ def test_the_changes_of_one_loop_turn_leave_as_one_message_before_its_ike_messag
 
     try:
         asyncio.run(turns())
+        pub.remove(1)  # outside any loop (a close path): sent at once, nothing held
+        assert order[-1] == "zmq" and gw.daemon._held is None and not pub.pending
     finally:
         pub.close()
         ctx.term()
     assert [[d["v"] for d in m] if isinstance(m, list) else [m["v"]] for m in sent] == \
-        [[1, 2, 3], [4]]
+        [[1, 2, 3], [4], [5]]
     assert [d["op"] for d in sent[0]] == ["install", "install", "spd-edit"]

@@ -339,3 +339,46 @@ if __name__ == "__main__":
     }
     result = inners[which]()
     print(json.dumps(result), flush=True)
+
+
+class FlakyDevice:
+    """A TunDevice stand-in whose kernel refuses some routes, then accepts them."""
+
+    name = "flaky0"
+
+    def __init__(self) -> None:
+        self.routes: list[str] = []
+        self.refuse = {"10.64.0.7/32", "10.64.0.8/32"}
+
+    def add_route(self, route: str) -> None:
+        if route in self.refuse:
+            raise TunError(errno.EEXIST, f"add route {route}: File exists")
+        if route not in self.routes:
+            self.routes.append(route)
+
+    def remove_route(self, route: str) -> None:
+        if route == "10.64.0.9/32":
+            raise TunError(errno.EPERM, "remove route: Operation not permitted")
+        self.routes.remove(route)
+
+
+def test_refused_routes_are_tried_again_and_failures_stay_out_of_the_io_loop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """TunIO.update_routes (the SPD edits' routes): a route the kernel refuses is logged
+    once and tried again at every later update while wanted; a refused withdrawal is
+    logged, not raised (it would stop the data plane)."""
+    from controller.run import TunIO
+
+    device = FlakyDevice()
+    io = TunIO(device)  # type: ignore[arg-type]
+    io.update_routes(["10.64.0.7/32", "10.64.0.1/32"], [])
+    assert device.routes == ["10.64.0.1/32"]
+    io.update_routes(["10.64.0.8/32"], [])
+    device.refuse.clear()  # whatever held them is gone
+    io.update_routes(["10.64.0.9/32"], [])
+    assert sorted(device.routes) == [f"10.64.0.{i}/32" for i in (1, 7, 8, 9)]
+    io.update_routes([], ["10.64.0.9/32", "10.64.0.1/32"])  # the first is refused
+    assert sorted(device.routes) == [f"10.64.0.{i}/32" for i in (7, 8, 9)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("10.64.0.7/32" in w for w in warnings) == 1  # once, not at every retry
+    assert any("withdraw route 10.64.0.9/32" in w for w in warnings)
