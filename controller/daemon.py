@@ -100,6 +100,10 @@ class IkeDaemon:
         self._natt: _Endpoint | None = None
         self._wake = asyncio.Event()
         self._held: list[tuple[bytes, tuple[str, int], bool]] | None = None
+        # Runs once a response is handled: the peer answered, so it may already send on
+        # what the answer set up (as rekey initiator, our new inbound SA), and the gateway
+        # sends that to the data plane now rather than at the end of the loop turn.
+        self.after_response: Callable[[], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -224,6 +228,8 @@ class IkeDaemon:
         if sa.dropped != dropped:
             self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
         self._flush(sa)
+        if flags & FLAG_RESPONSE and self.after_response is not None:
+            self.after_response()
 
     def half_open(self) -> int:
         return len(self._half_open)

@@ -326,18 +326,15 @@ class Gateway:
         endpoints = (f"ipc://{self.runtime_dir}/sa-pub-{tag}",
                      f"ipc://{self.runtime_dir}/sa-snapshot-{tag}")
         reports = f"ipc://{self.runtime_dir}/reports-{tag}"
-        self.publisher = SaPublisher(ctx, *endpoints)
-        # The changes of one turn of the loop leave as one message, before the IKE messages
-        # of that turn (make-before-break: a new inbound SA is on its way to the data plane
-        # before the response that lets the peer use it).
-        self.publisher.coalesce(self._publish_soon, self.daemon.release_output)
+        publisher = SaPublisher(ctx, *endpoints)
+        self._use_publisher(publisher)
         self._reports = ctx.socket(zmq.PULL)
         self._reports.setsockopt(zmq.LINGER, 0)
         self._reports.bind(reports)
         os.chmod(reports.removeprefix("ipc://"), 0o600)
         loop = asyncio.get_running_loop()
         self._publish_policies()  # the TRAP policies, before any SA exists
-        self._watch(loop, self.publisher.snapshot_socket, self.publisher.serve_snapshots)
+        self._watch(loop, publisher.snapshot_socket, publisher.serve_snapshots)
         self._watch(loop, self._reports, self._read_reports)
         if self.start_dataplane:
             # No routes at creation: they follow the SPD the data plane receives (every
@@ -491,6 +488,7 @@ class Gateway:
                 if sock is not None:
                     loop.remove_reader(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         if self.publisher is not None:
+            self.daemon.after_response = None
             self.publisher.close()
             self.publisher = None
         if self._reports is not None:
@@ -598,6 +596,15 @@ class Gateway:
             self._by_sa[id(sa)] = entry
             self.ike[entry.uniqueid] = entry
         return entry
+
+    def _use_publisher(self, publisher: SaPublisher) -> None:
+        """The changes of one turn of the loop leave as one message, before the IKE
+        messages of that turn (make-before-break: a new inbound SA is on its way to the data
+        plane before the response that lets the peer use it); those a response brought
+        leave at once (the peer, having answered, may use them already)."""
+        self.publisher = publisher
+        publisher.coalesce(self._publish_soon, self.daemon.release_output)
+        self.daemon.after_response = publisher.flush
 
     def _publish_soon(self, flush: Callable[[], None]) -> None:
         try:
