@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -117,8 +117,6 @@ def _hash6(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return h ^ (h >> np.uint64(29))
 
 
-_Compiled = tuple[list[tuple[int, int]], list[tuple[tuple[int, ...], tuple[int, ...]]], int,
-                  bool]
 Spd = Sequence[Policy] | Mapping[int, Policy]  # in order, or by rank (smaller first)
 
 
@@ -139,10 +137,19 @@ def ranked(policies: Spd) -> dict[int, Policy]:
     return dict(policies) if isinstance(policies, Mapping) else dict(enumerate(policies))
 
 
-def _compile(p: Policy) -> _Compiled:
-    """One policy's rows: IPv4 (address pair, mask pair), source in the high half (see
-    _ADDRS); IPv6 (the four 64-bit words of the address pair, of the mask pair); its sa
-    column (-1: not PROTECT) and whether it TRAPs."""
+class _Entry(NamedTuple):
+    """An SPD entry as the lookup uses it: IPv4 rows (address pair, mask pair), source in
+    the high half (see _ADDRS); IPv6 rows (the four 64-bit words of the address pair, of
+    the mask pair); its outbound SA (-1: not PROTECT); whether it TRAPs."""
+
+    policy: Policy
+    rows4: list[tuple[int, int]]
+    rows6: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    sa: int
+    trap: bool
+
+
+def _entry(p: Policy) -> _Entry:
     rows4: list[tuple[int, int]] = []
     rows6: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     for lts in p.local_ts:
@@ -155,15 +162,14 @@ def _compile(p: Policy) -> _Compiled:
             else:
                 (la, lb, lma, lmb), (ra, rb, rma, rmb) = _split(lts), _split(rts)
                 rows6.append(((la, lb, ra, rb), (lma, lmb, rma, rmb)))
-    return (rows4, rows6, p.sa_index if p.action is Action.PROTECT else -1,
-            p.action is Action.TRAP)
+    return _Entry(p, rows4, rows6, p.sa_index if p.action is Action.PROTECT else -1,
+                  p.action is Action.TRAP)
 
 
 class Dispatcher:
     def __init__(self, sas: SaTable, policies: Spd = ()) -> None:
         self.sas = sas
-        self._spd: dict[int, Policy] = {}  # by rank: smaller ranks match first
-        self._compiled: dict[int, tuple[Policy, _Compiled]] = {}  # by rank, with its policy
+        self._spd: dict[int, _Entry] = {}  # by rank: smaller ranks match first
         # IPv4 rows by shape (their mask pair): within a shape a packet matches a row iff its
         # masked address pair equals the row's, so one sorted search per shape finds the
         # first matching row of that shape, however many rows share it (a concentrator has
@@ -180,7 +186,6 @@ class Dispatcher:
         self._sa_col: npt.NDArray[np.uint32] = np.zeros(1, dtype=np.uint32)
         self._no_sa_col: npt.NDArray[np.bool_] = np.ones(1, dtype=bool)
         self._trap_col: npt.NDArray[np.bool_] = np.zeros(1, dtype=bool)
-        self._protects: dict[int, int] = {}  # protect_one's answer per rank: PROTECT's SA
         self._has6 = False
         self._any_trap = False
         self.trapped: set[int] = set()  # ranks of TRAP policies packets hit since cleared
@@ -191,65 +196,54 @@ class Dispatcher:
         """Replace the SPD: ``policies`` in order, or by rank (RFC 4301 §4.4.1: the SPD is
         ordered; the first matching entry decides). A policy kept at its rank is not
         worked out again."""
-        spd = ranked(policies)
-        kept, self._compiled = self._compiled, {}
-        for rank, p in spd.items():
+        kept, self._spd = self._spd, {}
+        for rank, p in ranked(policies).items():
             old = kept.get(rank)
-            self._compiled[rank] = old if old is not None and old[0] is p else (p, _compile(p))
-        self._spd = spd
+            self._spd[rank] = old if old is not None and old.policy is p else _entry(p)
         self._rebuild4()
         self._rebuild6()
         self._rebuild_columns()
 
     def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int] = ()) -> None:
-        """Change some entries of the SPD: ``put`` (new or replacing, by rank) and the
-        ``removed`` ranks. The others stay: the cost is the changed rows, not the SPD's (a
-        concentrator's SPD changes with every Child SA that comes or goes). An entry
-        replaced by one with the same selectors (a new SA for them) keeps its rows."""
-        resold: list[tuple[int, Policy, _Compiled]] = []  # same rows, another action or SA
+        """Change some entries of the SPD: ``put`` (new or replacing, by rank; put wins
+        over removed) and the ``removed`` ranks. The others stay: the cost is the changed
+        rows, not the SPD's (a concentrator's SPD changes with every Child SA that comes or
+        goes). An entry replaced by one with the same rows (a new SA for the same
+        selectors) changes its column only."""
+        changes: list[tuple[int, _Entry | None, _Entry | None]] = [
+            (rank, self._spd.pop(rank), None) for rank in removed
+            if rank not in put and rank in self._spd]
         for rank, p in put.items():
-            old = self._compiled.get(rank)
-            if old is not None and (old[0].local_ts, old[0].remote_ts) == (p.local_ts,
-                                                                           p.remote_ts):
-                c = _compile(p)
-                self._spd[rank], self._compiled[rank] = p, (p, c)
-                resold.append((rank, p, c))
-        if resold:
-            put = {rank: p for rank, p in put.items() if self._spd.get(rank) is not p}
-            removed = {*removed} - {rank for rank, _, _ in resold}  # put wins
-        gone = [(rank, self._compiled.pop(rank)) for rank in {*removed, *put}
-                if rank in self._compiled]
-        for rank, _ in gone:
-            del self._spd[rank]
-        added = [(rank, p, _compile(p)) for rank, p in put.items()]
-        for rank, p, c in added:
-            self._spd[rank] = p
-            self._compiled[rank] = (p, c)
-        rows = sum(len(c[0]) for _, (_, c) in gone) + sum(len(c[0]) for _, _, c in added)
-        if rows > _EDIT_ROWS_MAX:
+            entry = _entry(p)
+            changes.append((rank, self._spd.get(rank), entry))
+            self._spd[rank] = entry
+        moved = [(rank, old, new) for rank, old, new in changes if old is None or new is None
+                 or (old.rows4, old.rows6) != (new.rows4, new.rows6)]
+        entries = [e for _, old, new in moved for e in (old, new) if e is not None]
+        if sum(len(e.rows4) for e in entries) > _EDIT_ROWS_MAX:
             self._rebuild4()  # a large change: one sort beats many inserts
         else:
-            for rank, (_, c) in gone:
-                for net, mask in c[0]:
+            for rank, old, new in moved:
+                for net, mask in old.rows4 if old is not None else ():
                     self._remove4(mask, net, rank)
-            for rank, _, c in added:
-                for net, mask in c[0]:
+                for net, mask in new.rows4 if new is not None else ():
                     self._add4(mask, net, rank)
-        if any(c[1] for _, (_, c) in gone) or any(c[1] for _, _, c in added):
+        if any(e.rows6 for e in entries):
             self._rebuild6()
-        if len(gone) + len(added) > _EDIT_ROWS_MAX:
+        if len(changes) > _EDIT_ROWS_MAX:
             self._rebuild_columns()  # each insert or delete copies the columns
             return
-        for rank, _ in gone:
-            self._drop_column(rank)
-        for rank, _, c in [*added, *resold]:
-            self._put_column(rank, c)
+        for rank, _, new in changes:
+            if new is None:
+                self._drop_column(rank)
+            else:
+                self._put_column(rank, new)
         self._changed()
 
     def _rebuild4(self) -> None:
         self._rows4 = {}
-        for rank in sorted(self._compiled):
-            for net, mask in self._compiled[rank][1][0]:
+        for rank in sorted(self._spd):
+            for net, mask in self._spd[rank].rows4:
                 self._rows4.setdefault(mask, {}).setdefault(net, []).append(rank)
         self._shapes4 = {}
         for mask, nets in self._rows4.items():
@@ -296,8 +290,8 @@ class Dispatcher:
         few rows (cheaper row by row) or whose distinct rows collide in the hash keeps the
         row-by-row loop. Rebuilt whole when an IPv6 row changes."""
         shapes6: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-        rows6 = [(nets6, masks6, rank) for rank in sorted(self._compiled)
-                 for nets6, masks6 in self._compiled[rank][1][1]]
+        rows6 = [(nets6, masks6, rank) for rank in sorted(self._spd)
+                 for nets6, masks6 in self._spd[rank].rows6]
         for nets6, masks6, rank in rows6:
             shapes6.setdefault(masks6, {}).setdefault(nets6, rank)  # first row wins
         self._has6 = bool(rows6)
@@ -316,26 +310,23 @@ class Dispatcher:
         self._loop6.sort(key=lambda r: r[2])
 
     def _rebuild_columns(self) -> None:
-        ranks = sorted(self._compiled)
-        self._ranks = np.array([*ranks, _NO_MATCH], dtype=np.int64)
-        self._sa_col = np.array([max(self._compiled[r][1][2], 0) for r in ranks] + [0],
-                                dtype=np.uint32)
-        self._no_sa_col = np.array([self._compiled[r][1][2] < 0 for r in ranks] + [True])
-        self._trap_col = np.array([self._compiled[r][1][3] for r in ranks] + [False])
-        self._protects = {r: self._compiled[r][1][2] for r in ranks}
+        entries = [self._spd[r] for r in sorted(self._spd)]
+        self._ranks = np.array([*sorted(self._spd), _NO_MATCH], dtype=np.int64)
+        self._sa_col = np.array([max(e.sa, 0) for e in entries] + [0], dtype=np.uint32)
+        self._no_sa_col = np.array([e.sa < 0 for e in entries] + [True])
+        self._trap_col = np.array([e.trap for e in entries] + [False])
         self._changed()
 
-    def _put_column(self, rank: int, c: _Compiled) -> None:
+    def _put_column(self, rank: int, e: _Entry) -> None:
         pos = int(np.searchsorted(self._ranks, rank))
         if self._ranks[pos] == rank:
             self._sa_col[pos], self._no_sa_col[pos], self._trap_col[pos] = (
-                max(c[2], 0), c[2] < 0, c[3])
+                max(e.sa, 0), e.sa < 0, e.trap)
         else:
             self._ranks = _inserted(self._ranks, pos, rank)
-            self._sa_col = _inserted(self._sa_col, pos, max(c[2], 0))
-            self._no_sa_col = _inserted(self._no_sa_col, pos, c[2] < 0)
-            self._trap_col = _inserted(self._trap_col, pos, c[3])
-        self._protects[rank] = c[2]
+            self._sa_col = _inserted(self._sa_col, pos, max(e.sa, 0))
+            self._no_sa_col = _inserted(self._no_sa_col, pos, e.sa < 0)
+            self._trap_col = _inserted(self._trap_col, pos, e.trap)
 
     def _drop_column(self, rank: int) -> None:
         pos = int(np.searchsorted(self._ranks, rank))
@@ -343,7 +334,6 @@ class Dispatcher:
         self._sa_col = _deleted(self._sa_col, pos)
         self._no_sa_col = _deleted(self._no_sa_col, pos)
         self._trap_col = _deleted(self._trap_col, pos)
-        del self._protects[rank]
 
     def _changed(self) -> None:
         self._any_trap = bool(np.count_nonzero(self._trap_col))
@@ -353,7 +343,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ outbound
     def policy(self, rank: int) -> Policy:
-        return self._spd[rank]
+        return self._spd[rank].policy
 
     def outbound(self, batch: Batch) -> None:
         """SPD lookup and sequence-number blocks for packets read from the inside; packets
@@ -397,7 +387,8 @@ class Dispatcher:
             if len(self._answers) >= _ANSWERS_MAX:
                 self._answers.clear()
             self._answers[key] = rank
-        return self._protects.get(rank, -1)
+        entry = self._spd.get(rank)
+        return entry.sa if entry is not None else -1
 
     def _lookup(self, batch: Batch) -> npt.NDArray[np.int64]:
         """The rank of each packet's first matching policy (``_NO_MATCH``: none)."""
