@@ -303,7 +303,6 @@ class Gateway:
         # The SPD as the data plane has it, by rank (pipeline/dispatch.py); the rank of
         # each PROTECT entry's selectors and of each configured child's TRAP/DISCARD entry.
         self._spd: dict[int, Policy] = {}
-        self._spd_sent = False
         self._ranks: dict[Selectors, int] = {}
         self._next_rank = 0
         self._trap_ranks: dict[tuple[str, str], int] = {}
@@ -825,9 +824,7 @@ class Gateway:
         for rank in removed:
             del self._spd[rank]
         self._spd.update(put)
-        if put or removed or not self._spd_sent:
-            self._spd_sent = True
-            self.publisher.edit_policies(put, removed)
+        self.publisher.edit_policies(put, removed)  # (nothing changed: nothing sent)
 
     def _emit(self, event: str, entry: IkeEntry, child: ChildEntry | None, up: bool) -> None:
         for listener in self.listeners:

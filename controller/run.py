@@ -49,13 +49,9 @@ class TunIO:
     def sync_routes(self, routes: Sequence[str]) -> None:
         """Route exactly ``routes`` into the device (beyond those it was created with)."""
         want = set(routes) | self.base_routes
-        for route in set(self.device.routes) - want:
-            self.device.remove_route(route)
-        for route in sorted(want - set(self.device.routes)):
-            try:
-                self.device.add_route(route)
-            except OSError as exc:  # e.g. a route that already exists elsewhere
-                log.warning("cannot route %s into %s: %s", route, self.device.name, exc)
+        have = set(self.device.routes)
+        self._failed &= want
+        self.update_routes(sorted(want - have), sorted(have - want))
 
     def update_routes(self, added: Sequence[str], removed: Sequence[str]) -> None:
         """Route ``added`` into the device and withdraw ``removed`` (never one it was
@@ -70,7 +66,7 @@ class TunIO:
             except OSError as exc:
                 log.warning("cannot withdraw route %s from %s: %s", route,
                             self.device.name, exc)
-        retry = sorted(self._failed)
+        retry = sorted(self._failed.difference(added))
         for route in [*added, *retry]:
             try:
                 self.device.add_route(route)

@@ -17,13 +17,12 @@ Records carry key material, so the endpoints are ``ipc://`` paths created mode 0
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import json
 import os
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,7 +172,6 @@ class SaPublisher:
         self._pending: list[dict[str, Any]] | None = None
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self._after_flush: Callable[[], None] | None = None
-        self.messages = 0  # sent on the PUB socket
 
     def coalesce(self, schedule: Callable[[Callable[[], None]], object],
                  after_flush: Callable[[], None] | None = None) -> None:
@@ -211,7 +209,6 @@ class SaPublisher:
 
     def _send(self, deltas: list[dict[str, Any]]) -> None:
         self.pub.send(json.dumps(deltas[0] if len(deltas) == 1 else deltas).encode())
-        self.messages += 1
 
     @property
     def pending(self) -> bool:
@@ -227,21 +224,6 @@ class SaPublisher:
         finally:
             if self._after_flush is not None:
                 self._after_flush()  # whatever became of the send: nothing stays held
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Send the deltas made inside as one message (still one version each): a Child SA
-        is an inbound SA, an outbound SA and an SPD change, and one send costs ~100 us."""
-        if self._pending is not None:
-            yield
-            return
-        self._pending = []
-        try:
-            yield
-        finally:
-            pending, self._pending = self._pending, None
-            if pending:
-                self._send(pending)
 
     def install(self, index: int, record: SaRecord) -> None:
         assert self.table.sas is not None

@@ -258,11 +258,13 @@ def test_a_batch_of_deltas_travels_as_one_message(
         sub.sync()
 
         def child(p: SaPublisher) -> None:
-            with p.batch():
-                p.install(0, record(0x2001, Direction.IN))
-                p.install(1, record(0x1001, Direction.OUT))
-                with p.batch():  # nested: still the one message
-                    p.set_policies([Policy((NET_A,), (NET_B,), sa_index=1)])
+            flushes: list[Callable[[], None]] = []
+            p.coalesce(flushes.append)  # as the controller's loop turn: one flush at the end
+            p.install(0, record(0x2001, Direction.IN))
+            p.install(1, record(0x1001, Direction.OUT))
+            p.set_policies([Policy((NET_A,), (NET_B,), sa_index=1)])
+            (flush,) = flushes
+            flush()
 
         pub.call(child)
         assert sub.sub.poll(5000)
