@@ -312,8 +312,9 @@ class DataPlane:
         self._limit_one(index, None)
 
     def set_policies(self, policies: Spd) -> None:
-        self.dispatcher.set_policies(policies)
-        routes = self._routes.set(ranked(policies))
+        spd = ranked(policies)
+        self.dispatcher.set_policies(spd)
+        routes = self._routes.set(spd)
         sync = getattr(self.inside, "sync_routes", None)
         if callable(sync):
             sync(routes)
