@@ -99,11 +99,6 @@ class IkeDaemon:
         self._ike: _Endpoint | None = None
         self._natt: _Endpoint | None = None
         self._wake = asyncio.Event()
-        self._held: list[tuple[bytes, tuple[str, int], bool]] | None = None
-        # Runs once a response is handled: the peer answered, so it may already send on
-        # what the answer set up (as rekey initiator, our new inbound SA), and the gateway
-        # sends that to the data plane now rather than at the end of the loop turn.
-        self.after_response: Callable[[], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -228,8 +223,6 @@ class IkeDaemon:
         if sa.dropped != dropped:
             self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
         self._flush(sa)
-        if flags & FLAG_RESPONSE and self.after_response is not None:
-            self.after_response()
 
     def half_open(self) -> int:
         return len(self._half_open)
@@ -286,21 +279,7 @@ class IkeDaemon:
             # a NAT the peer's may be anything), with the non-ESP marker (RFC 3948 §2.2).
             self._send(data, addr, sa.local[1] == self.natt_port)
 
-    def hold_output(self) -> None:
-        """Keep outgoing messages until ``release_output`` (in order): the gateway's SA
-        changes of this turn of the loop go to the data plane first."""
-        if self._held is None:
-            self._held = []
-
-    def release_output(self) -> None:
-        held, self._held = self._held, None
-        for data, addr, natt in held or ():
-            self._send(data, addr, natt)
-
     def _send(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
-        if self._held is not None:
-            self._held.append((data, addr, natt))
-            return
         natt = natt and self._natt is not None
         endpoint = self._natt if natt else self._ike
         if endpoint is None or endpoint.transport is None:

@@ -325,8 +325,7 @@ class Gateway:
         endpoints = (f"ipc://{self.runtime_dir}/sa-pub-{tag}",
                      f"ipc://{self.runtime_dir}/sa-snapshot-{tag}")
         reports = f"ipc://{self.runtime_dir}/reports-{tag}"
-        publisher = SaPublisher(ctx, *endpoints)
-        self._use_publisher(publisher)
+        publisher = self.publisher = SaPublisher(ctx, *endpoints)
         self._reports = ctx.socket(zmq.PULL)
         self._reports.setsockopt(zmq.LINGER, 0)
         self._reports.bind(reports)
@@ -487,7 +486,6 @@ class Gateway:
                 if sock is not None:
                     loop.remove_reader(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
         if self.publisher is not None:
-            self.daemon.after_response = None
             self.publisher.close()
             self.publisher = None
         if self._reports is not None:
@@ -596,27 +594,18 @@ class Gateway:
             self.ike[entry.uniqueid] = entry
         return entry
 
-    def _use_publisher(self, publisher: SaPublisher) -> None:
-        """The changes of one turn of the loop leave as one message, before the IKE
-        messages of that turn (make-before-break: a new inbound SA is on its way to the data
-        plane before the response that lets the peer use it); those a response brought
-        leave at once (the peer, having answered, may use them already)."""
-        self.publisher = publisher
-        publisher.coalesce(self._publish_soon, self.daemon.release_output)
-        self.daemon.after_response = publisher.flush
-
-    def _publish_soon(self, flush: Callable[[], None]) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # a change made outside the loop (closing): sent at once
-            flush()
-            return
-        self.daemon.hold_output()
-        loop.call_soon(flush)
-
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:
-            self._handle(sa, event)
+            if self.publisher is not None:
+                # One message to the data plane per event, sent at once: before the IKE
+                # datagrams it lets go out (make-before-break), and as early as it can
+                # (the ZeroMQ hop is asynchronous; a peer that has our answer, or answered
+                # us, may use the new SA at once). Holding it to the end of the loop turn
+                # lost packets as no_sa under rekeys twice (6395539; this session's CI).
+                with self.publisher.batch():
+                    self._handle(sa, event)
+            else:
+                self._handle(sa, event)
         finally:
             self._wake_waiters()
 

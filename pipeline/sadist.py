@@ -17,12 +17,13 @@ Records carry key material, so the endpoints are ``ipc://`` paths created mode 0
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
 import os
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -170,17 +171,6 @@ class SaPublisher:
         _bind_private(self.snapshot_socket, snapshot_endpoint)
         self._next_index = 0
         self._pending: list[dict[str, Any]] | None = None
-        self._schedule: Callable[[Callable[[], None]], object] | None = None
-        self._after_flush: Callable[[], None] | None = None
-
-    def coalesce(self, schedule: Callable[[Callable[[], None]], object],
-                 after_flush: Callable[[], None] | None = None) -> None:
-        """From now on, deltas wait for one ``flush`` that the first of them schedules
-        with ``schedule`` (the controller's ``loop.call_soon``), then leave as one message;
-        ``after_flush`` runs after it is sent. A send costs the controller ~100 us and
-        wakes every subscriber: under a storm of setups, every setup answered in one turn
-        of the event loop shares one."""
-        self._schedule, self._after_flush = schedule, after_flush
 
     @property
     def version(self) -> int:
@@ -195,35 +185,25 @@ class SaPublisher:
     def _publish(self, delta: dict[str, Any]) -> None:
         self.table.version += 1
         delta["v"] = self.table.version
-        if self._pending is None and self._schedule is not None:
-            self._pending = []
-            try:
-                self._schedule(self.flush)
-            except BaseException:
-                self._pending = None  # not scheduled: nothing may wait for it
-                raise
         if self._pending is not None:
             self._pending.append(delta)
         else:
-            self._send([delta])
+            self.pub.send(json.dumps(delta).encode())
 
-    def _send(self, deltas: list[dict[str, Any]]) -> None:
-        self.pub.send(json.dumps(deltas[0] if len(deltas) == 1 else deltas).encode())
-
-    @property
-    def pending(self) -> bool:
-        """Deltas are waiting for a flush."""
-        return bool(self._pending)
-
-    def flush(self) -> None:
-        """Send the waiting deltas as one message (each still its own version)."""
-        pending, self._pending = self._pending, None
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Send the deltas made inside as one message (still one version each): a Child SA
+        is an inbound SA, an outbound SA and an SPD change, and one send costs ~100 us."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = []
         try:
-            if pending:
-                self._send(pending)
+            yield
         finally:
-            if self._after_flush is not None:
-                self._after_flush()  # whatever became of the send: nothing stays held
+            pending, self._pending = self._pending, None
+            if pending:
+                self.pub.send(json.dumps(pending).encode())
 
     def install(self, index: int, record: SaRecord) -> None:
         assert self.table.sas is not None

@@ -258,13 +258,11 @@ def test_a_batch_of_deltas_travels_as_one_message(
         sub.sync()
 
         def child(p: SaPublisher) -> None:
-            flushes: list[Callable[[], None]] = []
-            p.coalesce(flushes.append)  # as the controller's loop turn: one flush at the end
-            p.install(0, record(0x2001, Direction.IN))
-            p.install(1, record(0x1001, Direction.OUT))
-            p.set_policies([Policy((NET_A,), (NET_B,), sa_index=1)])
-            (flush,) = flushes
-            flush()
+            with p.batch():
+                p.install(0, record(0x2001, Direction.IN))
+                p.install(1, record(0x1001, Direction.OUT))
+                with p.batch():  # nested: still the one message
+                    p.set_policies([Policy((NET_A,), (NET_B,), sa_index=1)])
 
         pub.call(child)
         assert sub.sub.poll(5000)
@@ -395,108 +393,3 @@ def test_spd_edits_carry_only_the_changed_entries(
     finally:
         sub.close()
         wsub.close()
-
-
-class AnsweredSa:
-    """Just enough of an IkeSa for IkeDaemon.received: an SA of ours that gets a response
-    and, handling it, changes the SA table (``on_receive``), sending nothing back."""
-
-    spi = bytes(range(1, 9))
-    local_spis = (spi,)
-    local = ("192.0.2.1", 500)
-    dropped = 0
-    on_receive: Callable[[], None] = staticmethod(lambda: None)
-
-    @property
-    def state(self) -> Any:
-        from controller.ike.state import IkeState
-        return IkeState.ESTABLISHED
-
-    def response(self) -> bytes:
-        # RFC 7296 §3.1: SPIi (ours), SPIr, next payload, version, INFORMATIONAL (37),
-        # flags: Response, message id, length
-        return self.spi + bytes(8) + bytes([0, 0x20, 37, 0x20]) + bytes(4) + (28).to_bytes(4)
-
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        self.on_receive()
-
-    def next_event(self) -> None:
-        return None
-
-    def get_timer(self) -> None:
-        return None
-
-    def datagrams_to_send(self, now: float) -> list[Any]:
-        return []
-
-
-ANSWERED = AnsweredSa()
-
-
-def test_the_changes_of_one_loop_turn_leave_as_one_message_before_its_ike_messages(
-        tmp_path: Any) -> None:
-    """The controller's coalescing (SaPublisher.coalesce, as Gateway.start sets it up):
-    the SA deltas made in one turn of the event loop leave as one ZeroMQ message at the
-    end of the turn, and the IKE messages of that turn after it (make-before-break: the
-    peer is told of an SA only once the data plane is); with nothing pending, an IKE
-    message leaves at once; what a response brought leaves when it is handled."""
-    import asyncio
-
-    from controller.config import parse_config
-    from controller.daemon import _Endpoint
-    from controller.gateway import Gateway
-
-    cfg = parse_config({"connections": {}}, allowed_cpus=[0])
-    gw = Gateway(cfg, start_dataplane=False)
-    order: list[str] = []
-
-    class Transport:
-        def sendto(self, data: bytes, addr: Any) -> None:
-            order.append(f"udp {data.decode()}")
-
-    gw.daemon._ike = _Endpoint(gw.daemon, False, Transport())  # type: ignore[arg-type]
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    pub = SaPublisher(ctx, f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/snap")
-    sent: list[Any] = []
-
-    def send(data: bytes) -> None:
-        sent.append(json.loads(data))
-        order.append("zmq")
-
-    pub.pub.send = send  # type: ignore[assignment,method-assign]
-    peer = ("192.0.2.2", 500)
-
-    async def turns() -> None:
-        gw._use_publisher(pub)
-        gw.daemon._send(b"before", peer, False)  # nothing pending: at once
-        assert order == ["udp before"]
-        pub.install(0, record(0x2001, Direction.IN))
-        gw.daemon._send(b"auth-response", peer, False)
-        pub.install(1, record(0x1001, Direction.OUT))
-        pub.edit_policies({0: Policy((NET_A,), (NET_B,), sa_index=1)})
-        assert order == ["udp before"]  # held until the turn ends
-        await asyncio.sleep(0)
-        assert order == ["udp before", "zmq", "udp auth-response"]
-        gw.daemon._send(b"after", peer, False)
-        assert order[-1] == "udp after"
-        pub.remove(0)  # a later turn: a message of its own
-        await asyncio.sleep(0)
-        assert order[-1] == "zmq"
-        # A response (we started the exchange): what it set up leaves before the turn
-        # ends, since the peer may already send on it.
-        gw.daemon.sas[ANSWERED.spi] = ANSWERED  # type: ignore[assignment]
-        ANSWERED.on_receive = lambda: pub.install(2, record(0x2002, Direction.IN))
-        gw.daemon.received(ANSWERED.response(), peer, False)
-        assert order[-1] == "zmq" and not pub.pending and gw.daemon._held is None
-        await asyncio.sleep(0)
-
-    try:
-        asyncio.run(turns())
-        pub.remove(1)  # outside any loop (a close path): sent at once, nothing held
-        assert order[-1] == "zmq" and gw.daemon._held is None and not pub.pending
-    finally:
-        pub.close()
-        ctx.term()
-    assert [[d["v"] for d in m] if isinstance(m, list) else [m["v"]] for m in sent] == \
-        [[1, 2, 3], [4], [5], [6]]
-    assert [d["op"] for d in sent[0]] == ["install", "install", "spd-edit"]
