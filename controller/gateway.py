@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
 import ipaddress
 import json
 import logging
@@ -177,6 +178,35 @@ class ChildEntry:
     deleting: bool = False
 
 
+class Holders:
+    """The Child SAs that hold one pair of selectors, by unique id. The newest (highest id)
+    gives the pair's PROTECT entry its outbound SA; found in O(log n) amortized (a heap with
+    stale ids skipped), not by a scan: a concentrator's clients may all share one pair."""
+
+    __slots__ = ("children", "_ids")
+
+    def __init__(self) -> None:
+        self.children: dict[int, ChildEntry] = {}
+        self._ids: list[int] = []  # negated unique ids: a max-heap, with stale ones
+
+    def add(self, child: ChildEntry) -> None:
+        self.children[child.uniqueid] = child
+        heapq.heappush(self._ids, -child.uniqueid)
+
+    def discard(self, uniqueid: int) -> None:
+        self.children.pop(uniqueid, None)
+        if not self.children:
+            self._ids.clear()
+
+    def newest(self) -> ChildEntry:
+        while -self._ids[0] not in self.children:
+            heapq.heappop(self._ids)
+        return self.children[-self._ids[0]]
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+
 @dataclass
 class IkeEntry:
     uniqueid: int
@@ -298,7 +328,7 @@ class Gateway:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # The SPD's PROTECT entries by selectors: the Child SAs that have them (the newest
         # wins), kept up to date per install/remove rather than rebuilt from every SA.
-        self._protect: dict[Selectors, dict[int, ChildEntry]] = {}
+        self._protect: dict[Selectors, Holders] = {}
         self._up: dict[tuple[str, str], int] = {}  # (connection, child) -> Child SAs
         # The SPD as the data plane has it, by rank (pipeline/dispatch.py); the rank of
         # each PROTECT entry's selectors and of each configured child's TRAP/DISCARD entry.
@@ -707,7 +737,10 @@ class Gateway:
             old.replaced = True
         entry.children[e.spi_in] = child
         if old is None or switch:
-            self._protect.setdefault(child.selectors, {})[child.uniqueid] = child
+            holders = self._protect.get(child.selectors)
+            if holders is None:
+                holders = self._protect[child.selectors] = Holders()
+            holders.add(child)
             self._publish_policies([child.selectors], [(entry.conn, e.name)])
             if old is not None:
                 # make-before-break: outbound has switched; the old inbound SA stays until
@@ -729,11 +762,11 @@ class Gateway:
         pub = self.publisher
         if entry.children.pop(child.event.spi_in, None) is None:
             return
-        holders = self._protect.get(child.selectors, {})
-        holders.pop(child.uniqueid, None)
+        holders = self._protect.get(child.selectors) or Holders()
+        holders.discard(child.uniqueid)
         successor = child.successor
         if successor is not None and successor.event.spi_in in entry.children:
-            holders[successor.uniqueid] = successor  # the rekey initiator deleted the old SA
+            holders.add(successor)  # the rekey initiator deleted the old SA
             self._protect[child.selectors] = holders
         if not holders:
             self._protect.pop(child.selectors, None)
@@ -785,7 +818,7 @@ class Gateway:
                 if rank is None:
                     rank = self._ranks[key] = self._next_rank
                     self._next_rank += 1
-                want[rank] = Policy(key[0], key[1], sa_index=holders[max(holders)].index_out)
+                want[rank] = Policy(key[0], key[1], sa_index=holders.newest().index_out)
             elif key in self._ranks:
                 want[self._ranks.pop(key)] = None
         if children is None:

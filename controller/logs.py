@@ -214,6 +214,11 @@ def setup_logging(format: str = "text", level: int | str = "INFO",
         if level.upper() not in levels:
             raise ValueError(f"log level {level!r}: expected one of {', '.join(levels)}")
         level = levels[level.upper()]
+    # No record field our formatters leave out is gathered (the logging HOWTO's
+    # "Optimization"): the caller's frame, thread, process and multiprocessing names cost a
+    # fifth of a line, and the daemon logs a few lines per IKE SA.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_espline", False)]:
         root.removeHandler(old)

@@ -425,10 +425,12 @@ class DataPlane:
         # every worker's share is out) only what frees room. Polling packet fds that stay
         # readable while nothing can be read would spin the loop at 100% CPU, on a core the
         # workers may share.
+        # SA deltas do not wake the loop (not polled): they are applied at the top of each
+        # turn, before any packet is classified, and when ESP comes for an SPI not known
+        # yet (_retry_unknown_spis). An idle I/O process woken per Child SA set up would
+        # spend most of its CPU on wake-ups (bench/ike_rate.py); a turn comes at least
+        # every IDLE_POLL_MS.
         poller, backlogged = zmq.Poller(), zmq.Poller()
-        if updates is not None:
-            poller.register(updates.sub, zmq.POLLIN)
-            backlogged.register(updates.sub, zmq.POLLIN)
         inside_fds = set(self.inside.fileno_list())
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
@@ -445,7 +447,7 @@ class DataPlane:
                     else IDLE_POLL_MS
                 events = dict((poller if self._can_read() else backlogged).poll(timeout))
                 now = time.monotonic()
-                if updates is not None and updates.sub in events:
+                if updates is not None and updates.pending():
                     updates.drain()
                     self.sa_version = updates.version
                 if workers in events:

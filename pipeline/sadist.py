@@ -301,6 +301,10 @@ class SaSubscriber:
         self.resyncs += 1
         self.drain()  # deltas published since: newer ones apply, older ones are skipped
 
+    def pending(self) -> bool:
+        """Whether a delta waits on the socket (cheaper than a receive that finds none)."""
+        return bool(int(self.sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
     def drain(self) -> int:
         """Apply every delta waiting on the socket; returns how many were applied."""
         applied = 0

@@ -19,7 +19,7 @@ import pytest
 
 from controller.config import parse_config
 from controller.connections import parse_connection
-from controller.gateway import ChildEntry, Gateway
+from controller.gateway import ChildEntry, Gateway, Holders
 from pipeline.dispatch import Action, Policy
 
 CONN: dict[str, Any] = {
@@ -51,7 +51,7 @@ class SpdCopy:
 
 
 def whole_spd(gw: Gateway) -> list[Policy]:
-    spd = [Policy(local, remote, sa_index=holders[max(holders)].index_out)
+    spd = [Policy(local, remote, sa_index=holders.children[max(holders.children)].index_out)
            for (local, remote), holders in gw._protect.items()]
     for conn in gw.conns.values():
         for spec in conn.children:
@@ -92,14 +92,14 @@ def test_spd_edits_match_the_whole_spd(seed: int) -> None:
             entry.uniqueid, entry.index_out = next_id, 1000 + next_id
             entry.selectors = (spec.local_ts, remote)
             next_id += 1
-            gw._protect.setdefault(entry.selectors, {})[entry.uniqueid] = entry
+            gw._protect.setdefault(entry.selectors, Holders()).add(entry)
             gw._up[(conn, child)] = gw._up.get((conn, child), 0) + 1
             children.append((entry, (conn, child)))
             gw._publish_policies([entry.selectors], [(conn, child)])
         elif op < 0.9:
             entry, pair = children.pop(rng.randrange(len(children)))
             holders = gw._protect[entry.selectors]
-            del holders[entry.uniqueid]
+            holders.discard(entry.uniqueid)
             if not holders:
                 del gw._protect[entry.selectors]
             gw._up[pair] -= 1
@@ -112,3 +112,25 @@ def test_spd_edits_match_the_whole_spd(seed: int) -> None:
         assert [copy.spd[r] for r in sorted(copy.spd)] == whole_spd(gw)
         if op < 0.9:  # a Child SA's change sends its entry and its child's TRAP, no more
             assert all(put + removed <= 2 for put, removed in copy.edits[edits:])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_holders_give_the_newest_child_sa(seed: int) -> None:
+    """Holders.newest against max() over the holders, through adds (in and out of order, as
+    a rekey's successor comes back late), discards of the newest and of others, and empty."""
+    rng = random.Random(seed)
+    holders, present = Holders(), set[int]()
+    for _ in range(2000):
+        if present and rng.random() < 0.45:
+            uid = max(present) if rng.random() < 0.5 else rng.choice(sorted(present))
+            holders.discard(uid)
+            present.discard(uid)
+        else:
+            uid = rng.randrange(1, 300)
+            entry = ChildEntry.__new__(ChildEntry)
+            entry.uniqueid = uid
+            holders.add(entry)
+            present.add(uid)
+        assert len(holders) == len(present)
+        if present:
+            assert holders.newest().uniqueid == max(present)
