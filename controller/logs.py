@@ -217,7 +217,7 @@ def setup_logging(format: str = "text", level: int | str = "INFO",
     # No record field our formatters leave out is gathered (the logging HOWTO's
     # "Optimization"): the caller's frame, thread, process and multiprocessing names cost a
     # fifth of a line, and the daemon logs a few lines per IKE SA.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_espline", False)]:
