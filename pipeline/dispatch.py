@@ -166,6 +166,9 @@ def _entry(p: Policy) -> _Entry:
                   p.action is Action.TRAP)
 
 
+_Loop6Row = tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]  # nets, masks, rank
+
+
 class Dispatcher:
     def __init__(self, sas: SaTable, policies: Spd = ()) -> None:
         self.sas = sas
@@ -178,8 +181,13 @@ class Dispatcher:
         # the policies that have that row (sorted), and the arrays searched.
         self._rows4: dict[int, dict[int, list[int]]] = {}
         self._shapes4: dict[int, tuple[np.uint64, U64, I64]] = {}
-        self._shapes6: list[tuple[U64, U64, U64, I64]] = []
-        self._loop6: list[tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]] = []
+        # IPv6 likewise, per shape (the four 64-bit words of its mask pair): net pair ->
+        # ranks (sorted); a shape of many rows is searched by hash (_shapes6), a small or
+        # colliding one row by row (its rows in _loop6_by_shape, all of them in _loop6).
+        self._rows6: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+        self._shapes6: dict[tuple[int, ...], tuple[U64, U64, U64, I64]] = {}
+        self._loop6_by_shape: dict[tuple[int, ...], list[_Loop6Row]] = {}
+        self._loop6: list[_Loop6Row] = []
         # Per rank present, ascending, then one for "no match": its SA, whether it has none
         # (dropped: no match, BYPASS, DISCARD, TRAP, no SA), whether it TRAPs.
         self._ranks: I64 = np.array([_NO_MATCH], dtype=np.int64)
@@ -228,8 +236,14 @@ class Dispatcher:
                     self._remove4(mask, net, rank)
                 for net, mask in new.rows4 if new is not None else ():
                     self._add4(mask, net, rank)
-        if any(e.rows6 for e in entries):
+        if sum(len(e.rows6) for e in entries) > _EDIT_ROWS_MAX:
             self._rebuild6()
+        else:
+            for rank, old, new in moved:
+                for nets6, masks6 in old.rows6 if old is not None else ():
+                    self._remove6(masks6, nets6, rank)
+                for nets6, masks6 in new.rows6 if new is not None else ():
+                    self._add6(masks6, nets6, rank)
         if len(changes) > _EDIT_ROWS_MAX:
             self._rebuild_columns()  # each insert or delete copies the columns
             return
@@ -285,29 +299,102 @@ class Dispatcher:
         first[int(np.searchsorted(keys, np.uint64(net)))] = rank
 
     def _rebuild6(self) -> None:
-        """IPv6 the same way, the four 64-bit words of a masked address pair hashed to one
-        sortable key (and compared whole on a hit), for shapes of many rows; a shape of a
-        few rows (cheaper row by row) or whose distinct rows collide in the hash keeps the
-        row-by-row loop. Rebuilt whole when an IPv6 row changes."""
-        shapes6: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
-        rows6 = [(nets6, masks6, rank) for rank in sorted(self._spd)
-                 for nets6, masks6 in self._spd[rank].rows6]
-        for nets6, masks6, rank in rows6:
-            shapes6.setdefault(masks6, {}).setdefault(nets6, rank)  # first row wins
-        self._has6 = bool(rows6)
-        self._shapes6, self._loop6 = [], []
-        for masks_key, first6 in shapes6.items():
-            words = np.array(list(first6), dtype=np.uint64).reshape(-1, 4)
+        """The IPv6 rows the same way, the four 64-bit words of a masked address pair
+        hashed to one sortable key (and compared whole on a hit), for shapes of many rows;
+        a shape of a few rows (cheaper row by row) or whose distinct rows collide in the
+        hash is searched row by row."""
+        self._rows6 = {}
+        for rank in sorted(self._spd):
+            for nets6, masks6 in self._spd[rank].rows6:
+                self._rows6.setdefault(masks6, {}).setdefault(nets6, []).append(rank)
+        self._shapes6, self._loop6_by_shape = {}, {}
+        for masks6 in self._rows6:
+            self._build_shape6(masks6, flatten=False)
+        self._has6 = bool(self._rows6)
+        self._flatten_loop6()
+
+    def _build_shape6(self, masks6: tuple[int, ...], flatten: bool = True) -> None:
+        """Work out one IPv6 shape again from its rows: hashed, row by row, or gone."""
+        nets = self._rows6.get(masks6)
+        looped = self._loop6_by_shape.pop(masks6, None) is not None
+        self._shapes6.pop(masks6, None)
+        if not nets:
+            self._rows6.pop(masks6, None)
+        else:
+            keys = list(nets)
+            words = np.array(keys, dtype=np.uint64).reshape(-1, 4)
             hashes = _hash6(words)
-            order = np.argsort(hashes)
-            if hashes.size < _SHAPE6_MIN_ROWS or np.unique(hashes).size != hashes.size:
-                self._loop6 += [(tuple(map(np.uint64, nets6)), tuple(map(np.uint64, masks6)),
-                                 rank) for nets6, masks6, rank in rows6 if masks6 == masks_key]
-                continue
-            self._shapes6.append((np.array(masks_key, dtype=np.uint64), hashes[order],
-                                  words[order],
-                                  np.array(list(first6.values()), dtype=np.int64)[order]))
-        self._loop6.sort(key=lambda r: r[2])
+            if hashes.size >= _SHAPE6_MIN_ROWS and np.unique(hashes).size == hashes.size:
+                order = np.argsort(hashes)
+                first = np.array([nets[k][0] for k in keys], dtype=np.int64)
+                self._shapes6[masks6] = (np.array(masks6, dtype=np.uint64), hashes[order],
+                                         words[order], first[order])
+            else:
+                masks = tuple(map(np.uint64, masks6))
+                self._loop6_by_shape[masks6] = [(tuple(map(np.uint64, k)), masks, nets[k][0])
+                                                for k in keys]
+                looped = True
+        self._has6 = bool(self._rows6)
+        if looped and flatten:
+            self._flatten_loop6()
+
+    def _flatten_loop6(self) -> None:
+        self._loop6 = sorted((row for rows in self._loop6_by_shape.values() for row in rows),
+                             key=lambda r: r[2])
+
+    def _find6(self, masks6: tuple[int, ...], nets6: tuple[int, ...]) -> tuple[int, bool]:
+        """Where ``nets6`` is, or goes, in its hashed shape's arrays, and whether a row with
+        its hash is there."""
+        _, hashes, _, _ = self._shapes6[masks6]
+        h = _hash6(np.array(nets6, dtype=np.uint64).reshape(1, 4))[0]
+        pos = int(np.searchsorted(hashes, h))
+        return pos, pos < hashes.size and hashes[pos] == h
+
+    def _add6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
+        nets = self._rows6.setdefault(masks6, {})
+        ranks = nets.get(nets6)
+        if ranks is not None:
+            bisect.insort(ranks, rank)
+            if ranks[0] == rank:
+                self._set_first6(masks6, nets6, rank)
+            return
+        nets[nets6] = [rank]
+        if masks6 not in self._shapes6:
+            self._build_shape6(masks6)  # a small shape (it may be one no longer), or new
+            return
+        pos, taken = self._find6(masks6, nets6)
+        if taken:  # two rows, one hash: this shape is searched row by row from now
+            self._build_shape6(masks6)
+            return
+        m, hashes, words, first = self._shapes6[masks6]
+        row = np.array(nets6, dtype=np.uint64).reshape(1, 4)
+        self._shapes6[masks6] = (m, _inserted(hashes, pos, _hash6(row)[0]),
+                                 np.concatenate((words[:pos], row, words[pos:])),
+                                 _inserted(first, pos, rank))
+
+    def _remove6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
+        nets = self._rows6[masks6]
+        ranks = nets[nets6]
+        ranks.remove(rank)
+        if ranks:
+            self._set_first6(masks6, nets6, ranks[0])
+            return
+        del nets[nets6]
+        if masks6 not in self._shapes6 or len(nets) < _SHAPE6_MIN_ROWS:
+            self._build_shape6(masks6)
+            return
+        pos, _ = self._find6(masks6, nets6)
+        m, hashes, words, first = self._shapes6[masks6]
+        self._shapes6[masks6] = (m, _deleted(hashes, pos),
+                                 np.concatenate((words[:pos], words[pos + 1 :])),
+                                 _deleted(first, pos))
+
+    def _set_first6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
+        if masks6 in self._shapes6:
+            pos, _ = self._find6(masks6, nets6)
+            self._shapes6[masks6][3][pos] = rank
+        else:
+            self._build_shape6(masks6)
 
     def _rebuild_columns(self) -> None:
         entries = [self._spd[r] for r in sorted(self._spd)]
@@ -417,7 +504,7 @@ class Dispatcher:
                 if np.count_nonzero(v6):
                     words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]
                     packed = np.stack(words, axis=1)
-                    for masks6, hashes, nets6, first6 in self._shapes6:
+                    for masks6, hashes, nets6, first6 in self._shapes6.values():
                         masked = packed & masks6
                         pos = np.searchsorted(hashes, _hash6(masked))
                         np.minimum(pos, hashes.size - 1, out=pos)
