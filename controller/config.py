@@ -321,10 +321,13 @@ def _listen(value: object, keys: _Keys) -> str:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """DESIGN.md §3: up to ``max_packets`` per batch, or what arrived within ``max_wait_us``."""
+    """DESIGN.md §3: up to ``max_packets`` per batch, or what arrived within ``max_wait_us``.
+    A batch of at least ``handoff_min`` packets goes to a worker; the I/O process does
+    smaller ones itself (None: ``max_packets``, only full batches spread over the workers)."""
 
     max_packets: int = 256
     max_wait_us: int = 50
+    handoff_min: int | None = None
 
 
 @dataclass(frozen=True)
@@ -466,10 +469,18 @@ def _cpus(value: object, keys: _Keys, allowed: frozenset[int]) -> tuple[int, ...
 
 
 def _parse_batch(value: object, keys: _Keys) -> BatchConfig:
-    s = _Section(value, keys, ("max_packets", "max_wait_us"))
+    s = _Section(value, keys, ("max_packets", "max_wait_us", "handoff_min"))
+    max_packets = s.get_int("max_packets", 256, 1, MAX_BATCH_PACKETS)
+    handoff_min = None
+    if s.has("handoff_min"):
+        handoff_min = s.get_int("handoff_min", max_packets, 1, MAX_BATCH_PACKETS)
+        if handoff_min > max_packets:
+            _fail(s.at("handoff_min"), f"{handoff_min} is more than max_packets "
+                  f"({max_packets}): no batch would ever reach a worker")
     return BatchConfig(
-        max_packets=s.get_int("max_packets", 256, 1, MAX_BATCH_PACKETS),
+        max_packets=max_packets,
         max_wait_us=s.get_int("max_wait_us", 50, 0, MAX_BATCH_WAIT_US),
+        handoff_min=handoff_min,
     )
 
 

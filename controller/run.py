@@ -229,6 +229,7 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
 def settings_for(dp: DataplaneConfig) -> Settings:
     clamp = dp.mss_clamp
     return Settings(workers=dp.workers, cpus=dp.cpus, max_packets=dp.batch.max_packets,
+                    handoff_min=dp.batch.handoff_min,
                     runtime_dir=dp.endpoints.runtime_dir, outside_mtu=dp.mtu,
                     mss_clamp="auto" if clamp == "auto" else clamp)
 

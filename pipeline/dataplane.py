@@ -71,7 +71,9 @@ class Settings:
     outside_mtu: int = 1500
     mss_clamp: int | str | None = "auto"  # "auto": from each SA's overhead; int: fixed; None
     stats_interval: float = 1.0  # seconds between writes of <runtime_dir>/stats.json
-    inline_max: int = 4  # batches this small are processed by the I/O process itself
+    # The fewest packets a batch has for the I/O process to hand it to a worker; smaller
+    # ones it encrypts or decrypts itself (None: max_packets, a full batch). See _process.
+    handoff_min: int | None = None
     one_packet: bool = True  # a lone packet, while nothing is in flight: pipeline/onepacket.py
 
 
@@ -204,11 +206,13 @@ class DataPlane:
         every worker. ``reports``: where to PUSH the stats snapshot each ``stats_interval``
         (the controller's counters for VICI and metrics)."""
         self.settings = settings
+        self._handoff_min = (settings.max_packets if settings.handoff_min is None
+                             else settings.handoff_min)
         self.records: dict[int, SaRecord] = dict(sas)
         self.sas = install_all(tuple(self.records.items()))
         self._routes = InsideRoutes()
         self.dispatcher = Dispatcher(self.sas, policies)
-        # The I/O process's own codec for tiny batches (replay windows move in the
+        # The I/O process's own codec for the batches it keeps (replay windows move in the
         # reassembler, as for the workers' batches).
         self._codec = EspCodec(self.sas, replay=False, count=False)
         self.sa_updates = sa_updates
@@ -536,13 +540,18 @@ class DataPlane:
             # Nothing for a worker to do: straight to the reassembler, keeping its place.
             self.reassembler.push(batch, direction, now)
             return
-        if batch.count > self.settings.inline_max and self._hand_over(
-                workers, batch, direction, now):
+        if batch.count >= self._handoff_min and self._hand_over(workers, batch, direction,
+                                                                 now):
             return
-        # A handful of packets (a ping, a TCP ACK at low rate) is done here: the two
-        # ZeroMQ hops to a worker and back cost more than the crypto (about a millisecond
-        # of wake-ups on a busy host). So is any batch while no worker is ready (at
-        # start-up, or all of them restarting). The reassembler still orders it.
+        # A batch short of handoff_min (by default: one that is not full) is done here. A
+        # read that found fewer packets than a batch holds means this process keeps up with
+        # its input, and the two ZeroMQ hops to a worker and back (four thread and process
+        # wake-ups, each tens of microseconds of CPU on a VM) cost more than the crypto they
+        # would move: on the 2-core lab, TCP through a gateway pair went from 150-240 to
+        # 470-550 Mbit/s with this (bench/tunnel.py). Full batches mean the input is
+        # waiting: they spread over the workers, as many cores as there are. So is any
+        # batch while no worker is ready (at start-up, or all of them restarting). The
+        # reassembler orders both kinds alike.
         if direction is Direction.OUTBOUND:
             self._codec.encap(batch)
         else:

@@ -31,6 +31,7 @@ from controller.config import (
     parse_config,
     parse_config_text,
 )
+from controller.run import settings_for
 from pipeline.satable import Direction, Mode, Protocol, SaRecord, UdpEncap
 from workers.algorithms import AlgorithmError, parse_ah, parse_esp
 from workers.sa import SaTable
@@ -318,14 +319,15 @@ def test_cpus_and_the_default_worker_count(value: object, expected: tuple[int, .
 def test_dataplane_sections_in_full() -> None:
     c = base()
     c["dataplane"].update(
-        batch={"max_packets": 4096, "max_wait_us": 0},
+        batch={"max_packets": 4096, "max_wait_us": 0, "handoff_min": 64},
         mtu=9000,
         inside={"mode": "af_packet", "interface": "eth1"},
         outside={"mode": "af_packet", "interface": "eth0", "fanout": False, "ring": "v2"},
         endpoints={"runtime_dir": "/tmp/e/", "batches": "tcp://10.0.0.5:5555"},
     )
     dp = parse(c).dataplane
-    assert (dp.batch, dp.mtu) == (BatchConfig(4096, 0), 9000)
+    assert (dp.batch, dp.mtu) == (BatchConfig(4096, 0, 64), 9000)
+    assert settings_for(dp).handoff_min == 64
     assert dp.inside == InsideConfig("af_packet", "eth1")
     assert dp.outside == OutsideConfig("af_packet", "eth0", fanout=False, ring="v2")
     assert dp.endpoints == dataclasses.replace(
@@ -972,6 +974,18 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         "4097 is outside 1..4096",
     ),
     (
+        "handoff_min above max_packets",
+        at(("dataplane", "batch"), {"max_packets": 64, "handoff_min": 65}),
+        "dataplane.batch.handoff_min",
+        "65 is more than max_packets (64): no batch would ever reach a worker",
+    ),
+    (
+        "handoff_min 0",
+        at(("dataplane", "batch"), {"handoff_min": 0}),
+        "dataplane.batch.handoff_min",
+        "0 is outside 1..4096",
+    ),
+    (
         "max_wait_us negative",
         at(("dataplane", "batch"), {"max_wait_us": -1}),
         "dataplane.batch.max_wait_us",
@@ -1396,8 +1410,11 @@ def configs(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], list[dict[
         dp["workers"] = want["workers"]
     else:
         want["workers"] = len(want["cpus"])
-    want["batch"] = BatchConfig(draw(st.integers(1, 4096)), draw(st.integers(0, 1_000_000)))
-    dp["batch"] = dataclasses.asdict(want["batch"])
+    max_packets = draw(st.integers(1, 4096))
+    want["batch"] = BatchConfig(max_packets, draw(st.integers(0, 1_000_000)),
+                                draw(st.none() | st.integers(1, max_packets)))
+    dp["batch"] = {k: v for k, v in dataclasses.asdict(want["batch"]).items()
+                   if v is not None}  # no handoff_min: the default
     want["replay_window"] = draw(st.sampled_from([0, 32, 64, 1024, 65536]))
     dp["replay_window"] = want["replay_window"]
     dp["mss_clamp"] = draw(st.one_of(st.booleans(), st.integers(88, 65495)))

@@ -105,6 +105,10 @@ def gateway() -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
 
 @contextlib.contextmanager
 def running(**settings: object) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
+    """A data plane of two workers in a thread. These tests are about the workers: a batch
+    of two packets or more goes to one (by default only full batches do: see
+    test_batches_the_io_process_keeps_up_with_stay_there)."""
+    settings.setdefault("handoff_min", 2)
     inside, outside = QueueIO(), QueueIO()
     with tempfile.TemporaryDirectory() as rundir:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -157,6 +161,28 @@ def test_outbound_sequence_numbers_increase_across_workers(
     # Both workers did work: each batch went to whichever held the fewest.
     assert plane.stats.outbound.passed == len(sent)
     assert set(plane.stats.worker_batches) == {0, 1}
+
+
+def test_batches_the_io_process_keeps_up_with_stay_there() -> None:
+    """The default hand-off: a batch that is not full (the read found fewer packets than a
+    batch holds) is done by the I/O process, a full one (input waiting) by a worker; the
+    two interleave, and what leaves is every packet once, in order, with sequence numbers
+    that increase across both kinds of batch."""
+    with running(handoff_min=None) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        sent: list[bytes] = []
+        for k, size in enumerate([5, 100, 7, 64, 1, 31, 32, 90, 3]):
+            burst = [inner(1000 * k + i) for i in range(size)]
+            sent += burst
+            inside.put(burst)  # read as full batches of 32, then what is left
+            wait_for(lambda n=len(sent): len(outside.outbox) == n)
+        plain, seqs = peer_decap(outside.outbox)
+        assert plain == sent
+        assert seqs == list(range(1, len(sent) + 1))
+        # Full batches: 3 of the 100, 2 of the 64, 1 of the 32, 2 of the 90. The rest: the
+        # 5, the 100's last 4, the 7, the 1 (alone), the 31, the 90's last 26, the 3.
+        assert sum(plane.stats.worker_batches.values()) == 8, plane.stats.worker_batches
+        assert (plane.stats.inline_batches, plane.stats.single_packets) == (6, 1)
 
 
 def test_a_killed_worker_is_replaced_and_no_sequence_number_is_reused(
@@ -328,10 +354,10 @@ def test_a_lone_packet_never_overtakes_a_batch_in_flight(
         sent.extend([*batch, inner(100 * k + 50)])
         time.sleep(0.002 * (k % 3))
         if k % 10 == 9:  # and now and then one when all is quiet: the one-packet path
-            wait_for(lambda: len(outside.outbox) == len(sent))
+            wait_for(lambda n=len(sent): len(outside.outbox) == n)
             inside.put([inner(100 * k + 99)])
             sent.append(inner(100 * k + 99))
-            wait_for(lambda: len(outside.outbox) == len(sent))
+            wait_for(lambda n=len(sent): len(outside.outbox) == n)
     wait_for(lambda: len(outside.outbox) == len(sent))
     plain, seqs = peer_decap(outside.outbox)
     assert plain == sent
