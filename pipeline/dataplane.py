@@ -84,7 +84,7 @@ class Stats:
     mss_clamped: int = 0
     icmp_too_big: int = 0
     fragmented: int = 0
-    inline_batches: int = 0  # processed by the I/O process itself (tiny batches)
+    inline_batches: int = 0  # processed by the I/O process itself (short of handoff_min)
     single_packets: int = 0  # lone packets done without numpy (pipeline/onepacket.py)
     worker_batches: dict[int, int] = field(default_factory=dict)  # handed to each worker
 
