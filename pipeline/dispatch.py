@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple, TypeVar
@@ -130,6 +130,39 @@ def _inserted(a: npt.NDArray[A], pos: int, value: object) -> npt.NDArray[A]:
 
 def _deleted(a: npt.NDArray[A], pos: int) -> npt.NDArray[A]:
     return np.concatenate((a[:pos], a[pos + 1 :]))
+
+
+K = TypeVar("K")
+
+
+def _add_rank(nets: dict[K, list[int]], net: K, rank: int,
+              set_first: Callable[[int], None]) -> bool:
+    """Note that the policy of ``rank`` has the row ``net`` of a shape (the row's ranks
+    sorted: the first is what a match answers, ``set_first`` told when it changes); True if
+    the row is new to the shape (the caller puts it into the shape's arrays)."""
+    ranks = nets.get(net)
+    if ranks is None:
+        nets[net] = [rank]
+        return True
+    bisect.insort(ranks, rank)
+    if ranks[0] == rank:
+        set_first(rank)
+    return False
+
+
+def _drop_rank(nets: dict[K, list[int]], net: K, rank: int,
+               set_first: Callable[[int], None]) -> bool:
+    """The reverse of :func:`_add_rank`; True if the row has no policy left (gone from
+    ``nets``: the caller takes it out of the shape's arrays)."""
+    ranks = nets[net]
+    first = ranks[0]
+    ranks.remove(rank)
+    if not ranks:
+        del nets[net]
+        return True
+    if ranks[0] != first:
+        set_first(ranks[0])
+    return False
 
 
 def ranked(policies: Spd) -> dict[int, Policy]:
@@ -267,13 +300,8 @@ class Dispatcher:
 
     def _add4(self, mask: int, net: int, rank: int) -> None:
         nets = self._rows4.setdefault(mask, {})
-        ranks = nets.get(net)
-        if ranks is not None:
-            bisect.insort(ranks, rank)
-            if ranks[0] == rank:
-                self._set_first4(mask, net, rank)
+        if not _add_rank(nets, net, rank, lambda first: self._set_first4(mask, net, first)):
             return
-        nets[net] = [rank]
         m, keys, first = self._shapes4.get(mask) or (np.uint64(mask), _EMPTY_U64, _EMPTY_I64)
         pos = int(np.searchsorted(keys, np.uint64(net)))
         self._shapes4[mask] = (m, _inserted(keys, pos, np.uint64(net)),
@@ -281,12 +309,8 @@ class Dispatcher:
 
     def _remove4(self, mask: int, net: int, rank: int) -> None:
         nets = self._rows4[mask]
-        ranks = nets[net]
-        ranks.remove(rank)
-        if ranks:
-            self._set_first4(mask, net, ranks[0])
+        if not _drop_rank(nets, net, rank, lambda first: self._set_first4(mask, net, first)):
             return
-        del nets[net]
         m, keys, first = self._shapes4[mask]
         if not nets:
             del self._rows4[mask], self._shapes4[mask]
@@ -352,13 +376,8 @@ class Dispatcher:
 
     def _add6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
         nets = self._rows6.setdefault(masks6, {})
-        ranks = nets.get(nets6)
-        if ranks is not None:
-            bisect.insort(ranks, rank)
-            if ranks[0] == rank:
-                self._set_first6(masks6, nets6, rank)
+        if not _add_rank(nets, nets6, rank, lambda _: self._set_first6(masks6, nets6)):
             return
-        nets[nets6] = [rank]
         if masks6 not in self._shapes6:
             self._build_shape6(masks6)  # a small shape (it may be one no longer), or new
             return
@@ -374,12 +393,8 @@ class Dispatcher:
 
     def _remove6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
         nets = self._rows6[masks6]
-        ranks = nets[nets6]
-        ranks.remove(rank)
-        if ranks:
-            self._set_first6(masks6, nets6, ranks[0])
+        if not _drop_rank(nets, nets6, rank, lambda _: self._set_first6(masks6, nets6)):
             return
-        del nets[nets6]
         if masks6 not in self._shapes6 or len(nets) < _SHAPE6_MIN_ROWS:
             self._build_shape6(masks6)
             return
@@ -389,10 +404,10 @@ class Dispatcher:
                                  np.concatenate((words[:pos], words[pos + 1 :])),
                                  _deleted(first, pos))
 
-    def _set_first6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
+    def _set_first6(self, masks6: tuple[int, ...], nets6: tuple[int, ...]) -> None:
         if masks6 in self._shapes6:
             pos, _ = self._find6(masks6, nets6)
-            self._shapes6[masks6][3][pos] = rank
+            self._shapes6[masks6][3][pos] = self._rows6[masks6][nets6][0]
         else:
             self._build_shape6(masks6)
 
