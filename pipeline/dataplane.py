@@ -545,10 +545,11 @@ class DataPlane:
             return
         # A batch short of handoff_min (by default: one that is not full) is done here. A
         # read that found fewer packets than a batch holds means this process keeps up with
-        # its input, and the two ZeroMQ hops to a worker and back (four thread and process
-        # wake-ups, each tens of microseconds of CPU on a VM) cost more than the crypto they
-        # would move: on the 2-core lab, TCP through a gateway pair went from 150-240 to
-        # 470-550 Mbit/s with this (bench/tunnel.py). Full batches mean the input is
+        # its input, and the two ZeroMQ hops to a worker and back (up to six wake-ups: each
+        # side's ZeroMQ I/O thread both ways, the worker, this loop; each tens of
+        # microseconds of CPU on a VM) cost more than the crypto they would move: on the
+        # 2-core lab, TCP through a gateway pair went from 150-240 to 470-550 Mbit/s with
+        # this (bench/tunnel.py). Full batches mean the input is
         # waiting: they spread over the workers, as many cores as there are. So is any
         # batch while no worker is ready (at start-up, or all of them restarting). The
         # reassembler orders both kinds alike.
