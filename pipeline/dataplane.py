@@ -549,10 +549,10 @@ class DataPlane:
         # side's ZeroMQ I/O thread both ways, the worker, this loop; each tens of
         # microseconds of CPU on a VM) cost more than the crypto they would move: on the
         # 2-core lab, TCP through a gateway pair went from 150-240 to 470-550 Mbit/s with
-        # this (bench/tunnel.py). Full batches mean the input is
-        # waiting: they spread over the workers, as many cores as there are. So is any
-        # batch while no worker is ready (at start-up, or all of them restarting). The
-        # reassembler orders both kinds alike.
+        # this (bench/tunnel.py). Full batches mean the input is waiting: they spread over
+        # the workers, as many cores as there are. A batch is done here too while no worker
+        # is ready (at start-up, or all of them restarting). The reassembler orders both
+        # kinds alike.
         if direction is Direction.OUTBOUND:
             self._codec.encap(batch)
         else:
