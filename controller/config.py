@@ -58,6 +58,7 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 InsideMode = Literal["tun", "af_packet"]
 OutsideMode = Literal["af_packet", "socket"]
 LogFormat = Literal["text", "json"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MssClamp = int | Literal["auto"] | None  # "auto": path MTU minus overhead; None: no clamping
 
 DEFAULT_RUNTIME_DIR = "/run/espline"
@@ -268,6 +269,9 @@ class ControllerConfig:
     metrics_listen: str | None = None  # "host:port" for the Prometheus endpoint
     keylog_dir: str | None = None  # opt-in Wireshark key logs (DESIGN.md §6)
     log_format: LogFormat = "text"
+    # "info": a line per IKE SA and Child SA event; "warning" keeps only what needs a look
+    # (a busy concentrator saves the lines and their CPU).
+    log_level: str = "info"
     # A second YAML file with a ``secrets`` section (a Kubernetes Secret mounted apart
     # from the ConfigMap); its shared keys are added to those of the main file.
     secrets_file: str | None = None
@@ -277,7 +281,7 @@ class ControllerConfig:
     cookie_threshold: int = 10
 
 
-_CONTROLLER_KEYS = ("vici_socket", "metrics_listen", "keylog_dir", "log_format",
+_CONTROLLER_KEYS = ("vici_socket", "metrics_listen", "keylog_dir", "log_format", "log_level",
                     "secrets_file", "ike_port", "natt_port", "cookie_threshold")
 
 
@@ -292,6 +296,7 @@ def _parse_controller(value: object) -> ControllerConfig:
         metrics_listen=metrics,
         keylog_dir=None if keylog is None else _str(keylog, s.at("keylog_dir")),
         log_format=cast(LogFormat, s.get_choice("log_format", "text", ("text", "json"))),
+        log_level=s.get_choice("log_level", "info", LOG_LEVELS),
         secrets_file=None if s.get("secrets_file", None) is None
         else _str(s.get("secrets_file"), s.at("secrets_file")),
         ike_port=s.get_int("ike_port", 500, 1, 65535),

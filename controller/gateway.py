@@ -243,6 +243,7 @@ class DataplaneJob:
     sa_updates: tuple[str, str]
     reports: str
     log_format: str = "text"
+    log_level: str = "info"
 
 
 def run_dataplane(job: DataplaneJob) -> None:
@@ -252,7 +253,7 @@ def run_dataplane(job: DataplaneJob) -> None:
     from pipeline.dataplane import DataPlane
 
     _die_with_parent()
-    setup_logging(job.log_format)
+    setup_logging(job.log_format, job.log_level)
     with ExitStack() as stack:
         inside, outside = build_io(job.dataplane, stack, routes=job.routes,
                                    tun_mtu=job.tun_mtu, nat_t=())
@@ -368,7 +369,8 @@ class Gateway:
             # No routes at creation: they follow the SPD the data plane receives (every
             # configured child's remote selectors, see DataPlane.set_policies).
             job = DataplaneJob(self.cfg.dataplane, (), _tun_mtu(self.cfg), endpoints,
-                               reports, self.cfg.controller.log_format)
+                               reports, self.cfg.controller.log_format,
+                               self.cfg.controller.log_level)
             proc = multiprocessing.get_context("spawn").Process(
                 target=run_dataplane, args=(job,), name="espline-io")  # it has children
             proc.start()

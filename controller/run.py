@@ -319,7 +319,7 @@ def main(config_path: str) -> int:
     except ConfigError as exc:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.controller.log_format)
+    setup_logging(cfg.controller.log_format, cfg.controller.log_level)
     if cfg.conns or not cfg.static_sas:
         # The controller: connections from the file, or later over VICI (swanctl).
         if cfg.dataplane.outside.mode == "socket":

@@ -349,10 +349,12 @@ def test_controller_section() -> None:
         "metrics_listen": "[::]:9100",
         "keylog_dir": "/var/log/espline",
         "log_format": "json",
+        "log_level": "warning",
     }
     assert parse(c).controller == ControllerConfig(
-        "/tmp/v.sock", "[::]:9100", "/var/log/espline", "json"
+        "/tmp/v.sock", "[::]:9100", "/var/log/espline", "json", "warning"
     )
+    assert parse(base()).controller.log_level == "info"
 
 
 def test_swanctl_sections_pass_through_raw_and_copied() -> None:
@@ -610,6 +612,12 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         at(("controller", "log_format"), "xml"),
         "controller.log_format",
         "'xml' is not one of text, json",
+    ),
+    (
+        "log_level",
+        at(("controller", "log_level"), "verbose"),
+        "controller.log_level",
+        "'verbose' is not one of debug, info, warning, error",
     ),
     (
         "mss_clamp string",

@@ -73,6 +73,14 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
                               f"controller: {{vici_socket: {rundir}/vici.sock, "
                               f"keylog_dir: {keylog}, metrics_listen: '{METRICS}', "
                               "log_format: json}")
+            # Every batch of two packets or more to a worker (by default only full ones):
+            # the workers' own counters must show in the metrics.
+            assert cfg.count("\n  workers: 2\n") == 1, cfg
+            cfg = cfg.replace("\n  workers: 2\n", "\n  workers: 2\n  batch: {handoff_min: 2}\n")
+        else:  # gwB logs warnings only
+            cfg = cfg.replace(f"controller: {{vici_socket: {rundir}/vici.sock}}",
+                              f"controller: {{vici_socket: {rundir}/vici.sock, "
+                              "log_level: warning}")
         gws.append(start_gateway(ns, cfg, tmp_path, name, rundir))
     b, a = gws
     try:
@@ -108,6 +116,8 @@ def test_key_log_lets_tshark_decrypt_and_metrics_count(netns_lab: NetnsLab,
         dumper.terminate()
         dumper.wait(10)
     assert codes == [0, 0]
+    # gwB, at log_level warning, wrote no INFO line (gwA's show there were events to log).
+    assert " INFO " not in b.log() and "IKE SA established" not in b.log(), b.log()
     # JSON logs: one object per line, bound to the IKE SA where one applies.
     lines = [json.loads(line) for line in a.log().splitlines() if line.startswith("{")]
     established = [r for r in lines if r["msg"].startswith("IKE SA established")]
