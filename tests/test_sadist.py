@@ -172,7 +172,10 @@ def test_a_running_data_plane_follows_installs_rekeys_and_worker_restarts(
     inside, outside = QueueIO(), QueueIO()
     old_key, new_key = KEY, bytes(range(100, 120))
     with tempfile.TemporaryDirectory() as rundir:
-        plane = DataPlane(Settings(workers=2, runtime_dir=rundir, max_packets=32), [], [], inside, outside,
+        # Every batch of two packets or more to a worker (by default only full ones): the
+        # workers' copies of the SA table are what this test follows.
+        plane = DataPlane(Settings(workers=2, runtime_dir=rundir, max_packets=32,
+                                   handoff_min=2), [], [], inside, outside,
                           sa_updates=pub.endpoints)
         thread = threading.Thread(target=plane.run, daemon=True)
         thread.start()
