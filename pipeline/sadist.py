@@ -34,6 +34,7 @@ from pipeline.satable import Direction, Mode, SaRecord, UdpEncap
 from pipeline.satable import Protocol as IpsecProtocol
 
 __all__ = [
+    "DeferringSaSink",
     "SaPublisher",
     "SaSink",
     "SaSubscriber",
@@ -55,6 +56,13 @@ class SaSink(Protocol):
     def remove(self, index: int) -> None: ...
     def set_policies(self, policies: Mapping[int, Policy]) -> None: ...
     def edit_policies(self, put: Mapping[int, Policy], removed: Collection[int]) -> None: ...
+
+
+class DeferringSaSink(SaSink, Protocol):
+    """A sink that takes an installed record as it came on the wire (``encoded``, what
+    :func:`encode_record` gives) and decodes it only if it ever needs the SA."""
+
+    def install_encoded(self, index: int, encoded: dict[str, Any]) -> None: ...
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -264,11 +272,13 @@ class SaSubscriber:
     """Follows the controller's table into ``sink`` (an I/O process's or a worker's)."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], pub_endpoint: str,
-                 snapshot_endpoint: str, sink: SaSink, *, policies: bool = True) -> None:
+                 snapshot_endpoint: str, sink: SaSink | DeferringSaSink, *,
+                 policies: bool = True) -> None:
         """``policies=False``: the sink has no use for the SPD (a worker), whose deltas
-        are then skipped unparsed."""
+        are then skipped unparsed. A :class:`DeferringSaSink` gets installs undecoded."""
         self.sink = sink
         self.policies = policies
+        self._install_encoded = getattr(sink, "install_encoded", None)
         self.version = -1  # nothing applied yet
         self.resyncs = 0
         self.sub = ctx.socket(zmq.SUB)
@@ -342,7 +352,10 @@ class SaSubscriber:
     def _apply(self, delta: dict[str, Any]) -> None:
         op = delta["op"]
         if op == "install":
-            self.sink.install(int(delta["index"]), decode_record(delta["sa"]))
+            if self._install_encoded is not None:
+                self._install_encoded(int(delta["index"]), delta["sa"])
+            else:
+                self.sink.install(int(delta["index"]), decode_record(delta["sa"]))
         elif op == "remove":
             self.sink.remove(int(delta["index"]))
         elif op in ("spd", "spd-edit"):

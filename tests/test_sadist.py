@@ -150,6 +150,56 @@ def test_a_gap_in_versions_forces_a_fresh_snapshot(
         sub.close()
 
 
+def test_a_worker_builds_an_sa_only_when_a_batch_needs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's sink takes installs as they came (install_encoded) and builds an SA's
+    state when a packet first needs it: SPI lookups find deferred inbound SAs at once, a
+    removed or replaced one is gone, and what a batch gets is what an eager table gives."""
+    built: list[int] = []
+    real_decode = decode_record
+    monkeypatch.setattr("workers.main.decode_record",
+                        lambda d: built.append(d["spi"]) or real_decode(d))
+    table = SaTable()
+    sink = TableSink(table)
+    records = {i: record(0x1000 + i, Direction.OUT if i % 2 else Direction.IN)
+               for i in range(40)}
+    for i, r in records.items():
+        sink.install_encoded(i, json.loads(json.dumps(encode_record(r))))  # as on the wire
+    assert built == []  # nothing decoded, no cipher context made
+    assert table.lookup_one(50, 0x1000 + 4) == (4, True)  # deferred inbound SAs are indexed
+    sink.remove(6)
+    assert table.lookup_one(50, 0x1000 + 6) == (0, False) and table[6] is None
+    sink.install_encoded(8, encode_record(record(0x2008, Direction.IN)))  # index 8 reused
+    assert table.lookup_one(50, 0x1000 + 8) == (0, False)
+    assert table.lookup_one(50, 0x2008) == (8, True)
+    # An outbound batch on SA 3 builds SA 3 alone, and encrypts as an eager table does.
+    eager = SaTable()
+    eager.install(records[3], 3)
+    packets = [inner(i) for i in range(5)]
+    got, want = Batch.for_packets(packets), Batch.for_packets(packets)
+    for b, t in ((got, table), (want, eager)):
+        b.meta["sa"][: b.count] = 3
+        b.meta["seq"][: b.count] = range(1, 6)
+        EspCodec(t, replay=False, count=False).encap(b)
+    assert got.packets() == want.packets() and got.verdict_counts() == {}
+    assert built == [0x1003]
+    # A batch from the peer on deferred inbound SA 4 decrypts.
+    peer = SaTable()
+    peer.install(record(0x1004, Direction.OUT), 0)
+    wire = Batch.for_packets(packets)
+    wire.meta["seq"][: wire.count] = range(1, 6)
+    EspCodec(peer, replay=False, count=False).encap(wire)
+    back = Batch.for_packets(wire.packets())
+    EspCodec(table, replay=False, count=False).decap(back)
+    assert back.packets() == packets and back.verdict_counts() == {}
+    assert built == [0x1003, 0x1004]
+    # Iterating (a resync) builds the rest; a record that cannot be built is taken out.
+    sink.install_encoded(50, {**encode_record(record(0x3050, Direction.IN)), "enc_key": "00"})
+    assert table.lookup_one(50, 0x3050) == (50, True)
+    assert sorted(sa.index for sa in table) == sorted({*records, 8} - {6})
+    assert table[50] is None and table.lookup_one(50, 0x3050) == (0, False)
+
+
 def test_a_resync_keeps_the_state_of_unchanged_sas() -> None:
     table = SaTable()
     sink = TableSink(table)

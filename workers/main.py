@@ -10,18 +10,22 @@ the I/O process, so any worker can take any batch and a restarted one needs only
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
 from pipeline.batch import SLOT_SIZE, Batch
 from pipeline.dispatch import Policy
-from pipeline.sadist import SaSubscriber
+from pipeline.sadist import SaSubscriber, decode_record
+from pipeline.satable import Direction as SaDirection
+from pipeline.satable import Protocol as IpsecProtocol
 from pipeline.satable import SaRecord
 from pipeline.shmpool import BatchPool
 from pipeline.transport import (
@@ -101,6 +105,14 @@ class TableSink:
 
     def install(self, index: int, record: SaRecord) -> None:
         self.table.install(record, index)
+
+    def install_encoded(self, index: int, encoded: dict[str, Any]) -> None:
+        """Each SA reaches every worker, and most are never used by most of them (batches
+        reach workers only under load): its record is decoded and its cipher contexts
+        built when a batch first needs it (SaTable.install_deferred)."""
+        self.table.install_deferred(index, int(encoded["spi"]), IpsecProtocol(encoded["proto"]),
+                                    int(encoded["dir"]) == SaDirection.IN,
+                                    functools.partial(decode_record, encoded))
 
     def remove(self, index: int) -> None:
         self.table.remove(index)

@@ -7,7 +7,9 @@ key material; the per-packet path can then assume a well-formed SA.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +29,8 @@ from workers.algorithms import (
 from workers.replay import ReplayWindow
 
 __all__ = ["SaState", "SaTable", "by_sa"]
+
+log = logging.getLogger("espline.sa")
 
 SEQ_MAX_32 = (1 << 32) - 1
 SEQ_MAX_64 = (1 << 64) - 1
@@ -146,6 +150,15 @@ def _key(record: SaRecord) -> int:
     return (int(record.protocol) << 32) | record.spi
 
 
+class _Deferred(NamedTuple):
+    """An SA installed but not built yet (:meth:`SaTable.install_deferred`): what the SPI
+    index needs now, and how to get the record when a packet first needs the SA."""
+
+    key: int  # (protocol << 32) | SPI
+    inbound: bool
+    record: Callable[[], SaRecord]
+
+
 class SaTable:
     """SAs by index, with a vectorized inbound lookup by (protocol, SPI).
 
@@ -157,7 +170,7 @@ class SaTable:
     """
 
     def __init__(self) -> None:
-        self._sas: list[SaState | None] = []
+        self._sas: list[SaState | _Deferred | None] = []
         self._by_key: dict[int, list[int]] = {}  # key -> SA indices, newest last
         self._keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self._idx: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
@@ -166,28 +179,48 @@ class SaTable:
     def install(self, record: SaRecord, index: int | None = None) -> SaState:
         if index is None:
             index = next((i for i, s in enumerate(self._sas) if s is None), len(self._sas))
+        state = SaState(record, index)
+        self._put(index, state, _key(record), record.direction is Direction.IN)
+        return state
+
+    def install_deferred(self, index: int, spi: int, protocol: Protocol, inbound: bool,
+                         record: Callable[[], SaRecord]) -> None:
+        """Install an SA whose state is built when a packet first needs it (``record()``
+        then gives its record). A worker gets every SA of the controller's table and uses
+        few of them: the cipher contexts and windows of the rest are never made. A record
+        that cannot be built then is logged and the SA is taken out (its packets find no
+        SA)."""
+        key = (int(protocol) << 32) | spi
+        self._put(index, _Deferred(key, inbound, record), key, inbound)
+
+    def _put(self, index: int, entry: SaState | _Deferred, key: int, inbound: bool) -> None:
         while len(self._sas) <= index:
             self._sas.append(None)
-        state = SaState(record, index)
-        self._unindex(self._sas[index])
-        self._sas[index] = state
-        if record.direction is Direction.IN:
-            self._by_key.setdefault(_key(record), []).append(index)
+        self._unindex(self._sas[index], index)
+        self._sas[index] = entry
+        if inbound:
+            self._by_key.setdefault(key, []).append(index)
             self._stale = True
-        return state
 
     def remove(self, index: int) -> None:
         if 0 <= index < len(self._sas):
-            self._unindex(self._sas[index])
+            self._unindex(self._sas[index], index)
             self._sas[index] = None
 
-    def _unindex(self, state: SaState | None) -> None:
-        if state is None or state.record.direction is not Direction.IN:
+    def _unindex(self, entry: SaState | _Deferred | None, index: int | None = None) -> None:
+        if entry is None:
             return
-        key = _key(state.record)
+        if isinstance(entry, _Deferred):
+            if not entry.inbound or index is None:
+                return
+            key = entry.key
+        else:
+            if entry.record.direction is not Direction.IN:
+                return
+            key, index = _key(entry.record), entry.index
         holders = self._by_key.get(key)
-        if holders is not None and state.index in holders:
-            holders.remove(state.index)
+        if holders is not None and index in holders:
+            holders.remove(index)
             if not holders:
                 del self._by_key[key]
             self._stale = True
@@ -201,10 +234,26 @@ class SaTable:
         return self._keys, self._idx
 
     def __getitem__(self, index: int) -> SaState | None:
-        return self._sas[index] if 0 <= index < len(self._sas) else None
+        entry = self._sas[index] if 0 <= index < len(self._sas) else None
+        if isinstance(entry, _Deferred):
+            return self._build(index, entry)
+        return entry
+
+    def _build(self, index: int, entry: _Deferred) -> SaState | None:
+        try:
+            state = SaState(entry.record(), index)
+        except (SaRecordError, KeyError, TypeError, ValueError) as exc:
+            log.warning("SA %d cannot be installed: %s", index, exc)
+            self.remove(index)
+            return None
+        self._sas[index] = state
+        return state
 
     def __iter__(self) -> Iterator[SaState]:
-        return (s for s in self._sas if s is not None)
+        for index in range(len(self._sas)):
+            state = self[index]
+            if state is not None:
+                yield state
 
     def __len__(self) -> int:
         return len(self._sas)
