@@ -132,7 +132,8 @@ def _deleted(a: npt.NDArray[A], pos: int) -> npt.NDArray[A]:
     return np.concatenate((a[:pos], a[pos + 1 :]))
 
 
-K = TypeVar("K")
+K = TypeVar("K")  # a row's net (pair)
+M = TypeVar("M")  # a row's mask (pair): its shape
 
 
 def _add_rank(nets: dict[K, list[int]], net: K, rank: int,
@@ -227,7 +228,6 @@ class Dispatcher:
         self._sa_col: npt.NDArray[np.uint32] = np.zeros(1, dtype=np.uint32)
         self._no_sa_col: npt.NDArray[np.bool_] = np.ones(1, dtype=bool)
         self._trap_col: npt.NDArray[np.bool_] = np.zeros(1, dtype=bool)
-        self._has6 = False
         self._any_trap = False
         self.trapped: set[int] = set()  # ranks of TRAP policies packets hit since cleared
         self._answers: dict[bytes, int] = {}  # protect_one's: address pair -> rank
@@ -287,11 +287,17 @@ class Dispatcher:
                 self._put_column(rank, new)
         self._changed()
 
-    def _rebuild4(self) -> None:
-        self._rows4 = {}
+    def _rows_by_shape(self, rows: Callable[[_Entry], Sequence[tuple[K, M]]]
+                       ) -> dict[M, dict[K, list[int]]]:
+        """Shape (mask) -> net -> the ranks of the policies with that row, ascending."""
+        shapes: dict[M, dict[K, list[int]]] = {}
         for rank in sorted(self._spd):
-            for net, mask in self._spd[rank].rows4:
-                self._rows4.setdefault(mask, {}).setdefault(net, []).append(rank)
+            for net, mask in rows(self._spd[rank]):
+                shapes.setdefault(mask, {}).setdefault(net, []).append(rank)
+        return shapes
+
+    def _rebuild4(self) -> None:
+        self._rows4 = self._rows_by_shape(lambda e: e.rows4)
         self._shapes4 = {}
         for mask, nets in self._rows4.items():
             keys = sorted(nets)
@@ -327,14 +333,10 @@ class Dispatcher:
         hashed to one sortable key (and compared whole on a hit), for shapes of many rows;
         a shape of a few rows (cheaper row by row) or whose distinct rows collide in the
         hash is searched row by row."""
-        self._rows6 = {}
-        for rank in sorted(self._spd):
-            for nets6, masks6 in self._spd[rank].rows6:
-                self._rows6.setdefault(masks6, {}).setdefault(nets6, []).append(rank)
+        self._rows6 = self._rows_by_shape(lambda e: e.rows6)
         self._shapes6, self._loop6_by_shape = {}, {}
         for masks6 in self._rows6:
             self._build_shape6(masks6, flatten=False)
-        self._has6 = bool(self._rows6)
         self._flatten_loop6()
 
     def _build_shape6(self, masks6: tuple[int, ...], flatten: bool = True) -> None:
@@ -358,7 +360,6 @@ class Dispatcher:
                 self._loop6_by_shape[masks6] = [(tuple(map(np.uint64, k)), masks, nets[k][0])
                                                 for k in keys]
                 looped = True
-        self._has6 = bool(self._rows6)
         if looped and flatten:
             self._flatten_loop6()
 
@@ -366,13 +367,14 @@ class Dispatcher:
         self._loop6 = sorted((row for rows in self._loop6_by_shape.values() for row in rows),
                              key=lambda r: r[2])
 
-    def _find6(self, masks6: tuple[int, ...], nets6: tuple[int, ...]) -> tuple[int, bool]:
-        """Where ``nets6`` is, or goes, in its hashed shape's arrays, and whether a row with
-        its hash is there."""
+    def _find6(self, masks6: tuple[int, ...],
+               nets6: tuple[int, ...]) -> tuple[int, np.uint64, bool]:
+        """Where ``nets6`` is, or goes, in its hashed shape's arrays: the position, the
+        row's hash, and whether a row with that hash is there."""
         _, hashes, _, _ = self._shapes6[masks6]
         h = _hash6(np.array(nets6, dtype=np.uint64).reshape(1, 4))[0]
         pos = int(np.searchsorted(hashes, h))
-        return pos, pos < hashes.size and hashes[pos] == h
+        return pos, h, pos < hashes.size and hashes[pos] == h
 
     def _add6(self, masks6: tuple[int, ...], nets6: tuple[int, ...], rank: int) -> None:
         nets = self._rows6.setdefault(masks6, {})
@@ -381,13 +383,13 @@ class Dispatcher:
         if masks6 not in self._shapes6:
             self._build_shape6(masks6)  # a small shape (it may be one no longer), or new
             return
-        pos, taken = self._find6(masks6, nets6)
+        pos, h, taken = self._find6(masks6, nets6)
         if taken:  # two rows, one hash: this shape is searched row by row from now
             self._build_shape6(masks6)
             return
         m, hashes, words, first = self._shapes6[masks6]
         row = np.array(nets6, dtype=np.uint64).reshape(1, 4)
-        self._shapes6[masks6] = (m, _inserted(hashes, pos, _hash6(row)[0]),
+        self._shapes6[masks6] = (m, _inserted(hashes, pos, h),
                                  np.concatenate((words[:pos], row, words[pos:])),
                                  _inserted(first, pos, rank))
 
@@ -398,7 +400,7 @@ class Dispatcher:
         if masks6 not in self._shapes6 or len(nets) < _SHAPE6_MIN_ROWS:
             self._build_shape6(masks6)
             return
-        pos, _ = self._find6(masks6, nets6)
+        pos, _, _ = self._find6(masks6, nets6)
         m, hashes, words, first = self._shapes6[masks6]
         self._shapes6[masks6] = (m, _deleted(hashes, pos),
                                  np.concatenate((words[:pos], words[pos + 1 :])),
@@ -406,7 +408,7 @@ class Dispatcher:
 
     def _set_first6(self, masks6: tuple[int, ...], nets6: tuple[int, ...]) -> None:
         if masks6 in self._shapes6:
-            pos, _ = self._find6(masks6, nets6)
+            pos, _, _ = self._find6(masks6, nets6)
             self._shapes6[masks6][3][pos] = self._rows6[masks6][nets6][0]
         else:
             self._build_shape6(masks6)
@@ -497,7 +499,7 @@ class Dispatcher:
         n = batch.count
         meta, data = batch.meta, batch.data
         policy = np.full(n, _NO_MATCH, dtype=np.int64)  # no match, until one does
-        groups = _by_offset(batch, _ADDRS.itemsize) if self._shapes4 or self._has6 else []
+        groups = _by_offset(batch, _ADDRS.itemsize) if self._shapes4 or self._rows6 else []
         for c, sel in groups:
             hdr = rows(data, _ADDRS, batch.slot_size, c)[sel]
             length = meta["length"][sel]
@@ -514,7 +516,7 @@ class Dispatcher:
                         np.minimum(pos, keys.size - 1, out=pos)
                         hit = v4 & (keys[pos] == masked)
                         np.minimum(got, np.where(hit, first[pos], got), out=got)
-            if self._has6:
+            if self._rows6:
                 v6 = (version == 6) & (length >= 40)
                 if np.count_nonzero(v6):
                     words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]

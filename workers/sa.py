@@ -207,17 +207,16 @@ class SaTable:
             self._unindex(self._sas[index], index)
             self._sas[index] = None
 
-    def _unindex(self, entry: SaState | _Deferred | None, index: int | None = None) -> None:
+    def _unindex(self, entry: SaState | _Deferred | None, index: int) -> None:
+        """Take SA ``index`` (``entry``) out of the SPI index."""
         if entry is None:
             return
         if isinstance(entry, _Deferred):
-            if not entry.inbound or index is None:
-                return
-            key = entry.key
+            key, inbound = entry.key, entry.inbound
         else:
-            if entry.record.direction is not Direction.IN:
-                return
-            key, index = _key(entry.record), entry.index
+            key, inbound = _key(entry.record), entry.record.direction is Direction.IN
+        if not inbound:
+            return
         holders = self._by_key.get(key)
         if holders is not None and index in holders:
             holders.remove(index)
