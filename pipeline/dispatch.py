@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import operator
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -201,6 +202,9 @@ def _entry(p: Policy) -> _Entry:
 
 
 _Loop6Row = tuple[tuple[np.uint64, ...], tuple[np.uint64, ...], int]  # nets, masks, rank
+_Rows = Callable[[_Entry], Sequence[tuple[Any, Any]]]  # an entry's (net, mask) rows of a family
+_ROWS4: _Rows = operator.attrgetter("rows4")
+_ROWS6: _Rows = operator.attrgetter("rows6")
 
 
 class Dispatcher:
@@ -261,22 +265,8 @@ class Dispatcher:
         moved = [(rank, old, new) for rank, old, new in changes if old is None or new is None
                  or (old.rows4, old.rows6) != (new.rows4, new.rows6)]
         entries = [e for _, old, new in moved for e in (old, new) if e is not None]
-        if sum(len(e.rows4) for e in entries) > _EDIT_ROWS_MAX:
-            self._rebuild4()  # a large change: one sort beats many inserts
-        else:
-            for rank, old, new in moved:
-                for net, mask in old.rows4 if old is not None else ():
-                    self._remove4(mask, net, rank)
-                for net, mask in new.rows4 if new is not None else ():
-                    self._add4(mask, net, rank)
-        if sum(len(e.rows6) for e in entries) > _EDIT_ROWS_MAX:
-            self._rebuild6()
-        else:
-            for rank, old, new in moved:
-                for nets6, masks6 in old.rows6 if old is not None else ():
-                    self._remove6(masks6, nets6, rank)
-                for nets6, masks6 in new.rows6 if new is not None else ():
-                    self._add6(masks6, nets6, rank)
+        self._edit_rows(moved, entries, _ROWS4, self._rebuild4, self._remove4, self._add4)
+        self._edit_rows(moved, entries, _ROWS6, self._rebuild6, self._remove6, self._add6)
         if len(changes) > _EDIT_ROWS_MAX:
             self._rebuild_columns()  # each insert or delete copies the columns
             return
@@ -286,6 +276,22 @@ class Dispatcher:
             else:
                 self._put_column(rank, new)
         self._changed()
+
+    @staticmethod
+    def _edit_rows(moved: list[tuple[int, _Entry | None, _Entry | None]],
+                   entries: list[_Entry], rows: _Rows, rebuild: Callable[[], None],
+                   remove: Callable[[Any, Any, int], None],
+                   add: Callable[[Any, Any, int], None]) -> None:
+        """One address family's rows of an edit: each row removed and added in place, or
+        for a large change the family's structures rebuilt (one sort beats many inserts)."""
+        if sum(len(rows(e)) for e in entries) > _EDIT_ROWS_MAX:
+            rebuild()
+            return
+        for rank, old, new in moved:
+            for net, mask in rows(old) if old is not None else ():
+                remove(mask, net, rank)
+            for net, mask in rows(new) if new is not None else ():
+                add(mask, net, rank)
 
     def _rows_by_shape(self, rows: Callable[[_Entry], Sequence[tuple[K, M]]]
                        ) -> dict[M, dict[K, list[int]]]:
@@ -297,7 +303,7 @@ class Dispatcher:
         return shapes
 
     def _rebuild4(self) -> None:
-        self._rows4 = self._rows_by_shape(lambda e: e.rows4)
+        self._rows4 = self._rows_by_shape(_ROWS4)
         self._shapes4 = {}
         for mask, nets in self._rows4.items():
             keys = sorted(nets)
@@ -333,7 +339,7 @@ class Dispatcher:
         hashed to one sortable key (and compared whole on a hit), for shapes of many rows;
         a shape of a few rows (cheaper row by row) or whose distinct rows collide in the
         hash is searched row by row."""
-        self._rows6 = self._rows_by_shape(lambda e: e.rows6)
+        self._rows6 = self._rows_by_shape(_ROWS6)
         self._shapes6, self._loop6_by_shape = {}, {}
         for masks6 in self._rows6:
             self._build_shape6(masks6, flatten=False)
