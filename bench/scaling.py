@@ -2,21 +2,27 @@
 
 The whole pipeline runs as in production (dispatcher with sequence-number blocks, ZeroMQ
 batches, pinned worker processes, in-order reassembly); only the packet I/O is synthetic: the
-inside always has a full batch of 1400-byte packets ready (one memcpy per batch) and the
-outside counts what leaves. The I/O process takes one core; workers get the others, round
-robin (more workers than cores share).
+inside always has a full batch of 1400-byte packets ready in shared memory, and the outside
+counts what leaves. Two readers, side by side: "copy" copies every packet into its batch
+slot in the I/O process (a TUN read, or a TPACKET_V2 ring); "heads" copies each packet's
+first bytes only and the worker the rest (pipeline/region.py, what a TPACKET_V3 ring does
+for batches that go to workers). The I/O process takes one core; workers get the others,
+round robin (more workers than cores share).
 
-    python -m bench.scaling                 # table
+    python -m bench.scaling                 # table: each count with each reader
     python -m bench.scaling --json          # one JSON object per line
+    python -m bench.scaling --reader heads  # only the heads-only reader
     python -m bench.scaling --profile io.prof   # the I/O loop at the most workers, profiled
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import ipaddress
 import json
+import mmap
 import os
 import pstats
 import socket
@@ -33,6 +39,7 @@ from pipeline.batch import HEADROOM, Batch
 from pipeline.cpus import siblings, spread
 from pipeline.dataplane import DataPlane, Settings
 from pipeline.dispatch import Policy
+from pipeline.region import SharedRegion, copy_heads
 from pipeline.satable import Direction, SaRecord
 
 LOCAL = ipaddress.ip_address("192.0.2.1")
@@ -41,14 +48,23 @@ REMOTE = ipaddress.ip_address("192.0.2.2")
 
 class Source:
     """Inside: a full batch is always ready. Reading it copies each packet's bytes into its
-    slot (what a ring or TUN read must do at least), and the metadata."""
+    slot (what a TUN read, or a ring read by copy, must do at least), and the metadata.
+
+    The packets lie in shared memory, as in an AF_PACKET RX ring."""
 
     def __init__(self, size: int, batch: int) -> None:
         self.template = Batch(batch)
         self.template.load([inner_packet(size, i) for i in range(batch)])
         self.size = size
         n, t = self.template.count, self.template
-        self._src = t.data[: n * t.slot_size].reshape(n, -1)[:, HEADROOM : HEADROOM + size]
+        self._fd = os.memfd_create("espline-bench-source")
+        os.ftruncate(self._fd, t.data.nbytes)
+        self._mm = mmap.mmap(self._fd, t.data.nbytes)
+        self._ring = np.frombuffer(self._mm, dtype=np.uint8)
+        self._ring[:] = t.data
+        self._src = self._ring[: n * t.slot_size].reshape(n, -1)[:, HEADROOM : HEADROOM + size]
+        self._offsets = t.meta["offset"][:n].astype(np.int64)
+        self._lengths = t.meta["length"][:n].astype(np.int64)
         # A socket that stays readable: poll always reports the inside ready.
         self._r, self._w = socket.socketpair()
         self._w.send(b"x")
@@ -66,6 +82,36 @@ class Source:
 
     def write_batch(self, batch: Batch) -> int:
         return 0
+
+    def close(self) -> None:
+        os.close(self._fd)  # the mapping goes with the last view of it
+        self._r.close()
+        self._w.close()
+
+
+class HeadsSource(Source):
+    """:class:`Source` as a :class:`pipeline.dataplane.HeadsReader`: for batches that go to
+    workers it copies only each packet's first bytes, and the workers copy the rest from
+    the shared memory (pipeline/region.py), as the data plane does with a TPACKET_V3 ring.
+    The ring's own per-frame work (the frame-list walk, the per-frame checks) is not
+    modelled."""
+
+    def __init__(self, size: int, batch: int) -> None:
+        super().__init__(size, batch)
+        self.released = 0
+
+    def shared_region(self) -> SharedRegion:
+        return SharedRegion(self._fd, self._ring.size, self._ring)
+
+    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+        n = self.template.count
+        batch.meta[:n] = self.template.meta[:n]
+        copy_heads(batch, 0, self._ring, self._offsets, self._lengths)
+        batch.count, batch.region = n, region
+        return n
+
+    def release(self, token: int) -> None:
+        self.released += 1
 
 
 class Sink:
@@ -104,17 +150,23 @@ def placement(io_cpus: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return io, rest or io
 
 
+READERS = ("copy", "heads")
+
+
 def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int,
             where: tuple[tuple[int, ...], tuple[int, ...]],
-            profile: str | None = None) -> dict[str, Any]:
-    """``where``: (the I/O process's CPUs, the workers'), from ``placement``."""
+            profile: str | None = None, reader: str = "heads") -> dict[str, Any]:
+    """``where``: (the I/O process's CPUs, the workers'), from ``placement``. ``reader``:
+    "copy" (the I/O process copies every packet into its slot) or "heads" (it copies the
+    heads, the workers the rest: pipeline/region.py)."""
     io, worker_cpus = where
     records = [(0, SaRecord(spi=0x1001, direction=Direction.OUT, alg="aes128gcm16",
                             local_addr=LOCAL, remote_addr=REMOTE, enc_key=os.urandom(20)))]
     policy = Policy((ipaddress.ip_network("10.1.0.0/24"),),
                     (ipaddress.ip_network("10.2.0.0/24"),), sa_index=0)
-    source, sink = Source(size, batch), Sink()
-    with tempfile.TemporaryDirectory() as rundir:
+    source = HeadsSource(size, batch) if reader == "heads" else Source(size, batch)
+    sink = Sink()
+    with tempfile.TemporaryDirectory() as rundir, contextlib.closing(source):
         plane = DataPlane(Settings(workers=workers, cpus=worker_cpus, max_packets=batch,
                                    runtime_dir=rundir,
                                    max_in_flight=per_worker * (workers + 1)),
@@ -143,10 +195,11 @@ def measure(workers: int, seconds: float, size: int, batch: int, per_worker: int
             prof.dump_stats(profile)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     pps = (p1 - p0) / (t1 - t0)
-    return {"workers": workers, "pps": pps, "gbps": pps * size * 8 / 1e9,
+    return {"reader": reader, "workers": workers, "pps": pps, "gbps": pps * size * 8 / 1e9,
             "io_cpus": list(io), "worker_cpus": list(worker_cpus[:workers]),
             "lost_batches": plane.reassembler.skipped,
-            "inline_batches": plane.stats.inline_batches}
+            "inline_batches": plane.stats.inline_batches,
+            "heads_batches": plane.stats.heads_batches}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="FILE",
                     help="run the I/O loop under cProfile at the largest worker count, dump "
                          "the stats to FILE and print the top functions to stderr")
+    ap.add_argument("--reader", choices=(*READERS, "both"), default="both",
+                    help="copy: the I/O process copies each packet into its batch; heads: "
+                         "only its first bytes, the worker the rest (pipeline/region.py); "
+                         "both (default): each worker count with each, side by side")
     args = ap.parse_args(argv)
+    readers = READERS if args.reader == "both" else (args.reader,)
     io, worker_cpus = placement(args.io_cpus)
     args.max_workers = args.max_workers or len(worker_cpus)
     counts, w = [], 1
@@ -176,23 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         w *= 2
     if counts[-1] != args.max_workers:
         counts.append(args.max_workers)
-    base = None
+    base: dict[str, float] = {}
     if not args.json:
         print(f"cores: {len(os.sched_getaffinity(0))}, one SA (aes128gcm16), "
               f"{args.size}-byte packets, batch {args.batch}; I/O process on CPUs "
               f"{list(io)}, workers on {list(worker_cpus)} in that order")
-        print(f"{'workers':>7} {'pps':>10} {'Gbit/s':>7} {'ratio':>6} {'lost':>5}")
+        print(f"{'workers':>7}" + "".join(
+            f" {r + ' pps':>11} {'ratio':>6} {'lost':>5}" for r in readers))
     for w in counts:
-        profile = args.profile if w == counts[-1] else None
-        row = measure(w, args.seconds, args.size, args.batch, args.per_worker,
-                      (io, worker_cpus), profile)
-        base = base or row["pps"]
-        row["ratio"] = row["pps"] / base if base else float(np.nan)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            print(f"{w:7d} {row['pps']:10.0f} {row['gbps']:7.3f} {row['ratio']:6.2f} "
-                  f"{int(row['lost_batches']):5d}", flush=True)
+        line = f"{w:7d}"
+        for reader in readers:
+            profile = args.profile if w == counts[-1] and reader == readers[-1] else None
+            row = measure(w, args.seconds, args.size, args.batch, args.per_worker,
+                          (io, worker_cpus), profile, reader)
+            base.setdefault(reader, row["pps"])
+            row["ratio"] = row["pps"] / base[reader] if base[reader] else float(np.nan)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            line += f" {row['pps']:11.0f} {row['ratio']:6.2f} {int(row['lost_batches']):5d}"
+        if not args.json:
+            print(line, flush=True)
     return 0
 
 

@@ -21,6 +21,7 @@ from pipeline.batch import Batch
 from pipeline.dataplane import DataPlane, PacketIO, Settings
 from pipeline.dispatch import Policy
 from pipeline.outside import SocketOutside
+from pipeline.region import SharedRegion
 from pipeline.satable import IpAddress, Mode, Protocol, SaRecord
 from pipeline.tun import TunDevice
 
@@ -100,6 +101,18 @@ class AfPacketIO:
     def read_batch(self, batch: Batch, max_packets: int) -> int:
         batch.count = 0
         return self.rx.read_into(batch, max_packets)
+
+    # pipeline.dataplane.HeadsReader: batches for workers carry packet heads, the workers
+    # map the ring (pipeline/region.py).
+    def shared_region(self) -> SharedRegion | None:
+        return self.rx.shared_region()
+
+    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+        batch.count = 0
+        return self.rx.read_heads(batch, max_packets, region, batch.buffer)
+
+    def release(self, token: int) -> None:
+        self.rx.release(token)
 
     def write_batch(self, batch: Batch) -> int:
         return self.tx.send(batch)

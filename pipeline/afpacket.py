@@ -66,6 +66,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
+from pipeline.region import SharedRegion, copy_heads
 
 __all__ = [
     "BLOCK_DESC_DTYPE",
@@ -344,6 +345,11 @@ class RxRing:
             (self.frame_count,), dtype=FRAME_HDR_V2_DTYPE, buffer=self._mm,
             strides=(frame_size,))
         self._frame = 0  # V2: the next frame to read
+        # Heads-only reads (read_heads): batches still out with packets in a block, per
+        # block; a block read to its end stays ours (``_kept``) until that count is 0.
+        self._holds = [0] * block_count
+        self._kept = [False] * block_count
+        self._held_by: dict[int, list[int]] = {}  # token -> blocks its batch holds
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
@@ -385,7 +391,9 @@ class RxRing:
     def _open_block(self) -> bool:
         blocks = self._blocks
         b = self._block
-        while int(blocks["block_status"][b]) & TP_STATUS_USER:
+        # A block still kept for a batch out at a worker is not new: the kernel cannot
+        # have filled it again, since it is not the kernel's.
+        while not self._kept[b] and int(blocks["block_status"][b]) & TP_STATUS_USER:
             num = int(blocks["num_pkts"][b])
             if num:
                 self._left = num
@@ -396,9 +404,51 @@ class RxRing:
         return False
 
     def _release_block(self) -> None:
-        # Hand the block back only once every frame in it is copied out.
-        self._blocks["block_status"][self._block] = TP_STATUS_KERNEL
-        self._block = (self._block + 1) % self.block_count
+        # Hand the block back only once every frame in it is copied out, and no batch of
+        # packet heads still points into it.
+        b = self._block
+        if self._holds[b]:
+            self._kept[b] = True
+        else:
+            self._blocks["block_status"][b] = TP_STATUS_KERNEL
+        self._block = (b + 1) % self.block_count
+
+    def shared_region(self) -> SharedRegion | None:
+        """The ring as memory other processes map (pipeline/region.py): the socket's
+        descriptor maps the same pages there. None for TPACKET_V2, read by copy only."""
+        if self.version != 3:
+            return None
+        return SharedRegion(self._sock.fileno(), self.block_size * self.block_count,
+                            self._ring)
+
+    def read_heads(self, batch: Batch, max_packets: int | None, region: int, token: int,
+                   ethertypes: npt.NDArray[np.uint16] | None = None) -> int:
+        """:meth:`read_into`, but the slots get each packet's first ``HEAD`` bytes and
+        ``batch.src`` its offset in the ring (pipeline/region.py); ``batch.region`` is set
+        to ``region`` if any packet was read so. The blocks those packets lie in stay out
+        of the kernel's hands until :meth:`release` with ``token``. A lone frame is copied
+        whole (``src`` -1), as are all frames of a TPACKET_V2 ring."""
+        if self.version != 3:
+            batch.src[batch.count : batch.capacity] = -1
+            return self.read_into(batch, max_packets, ethertypes)
+        start = batch.count
+        n = self._read(batch, max_packets, ethertypes, token)
+        if n and int(batch.src[start : start + n].max()) >= 0:
+            batch.region = region
+        return n
+
+    def release(self, token: int) -> None:
+        """The batch read with ``token`` is done with the ring: its blocks go back to the
+        kernel once no other batch holds them and they are read to their end."""
+        for b in self._held_by.pop(token, ()):
+            self._holds[b] -= 1
+            if not self._holds[b] and self._kept[b]:
+                self._kept[b] = False
+                self._blocks["block_status"][b] = TP_STATUS_KERNEL
+
+    def held_blocks(self) -> int:
+        """Blocks kept for batches of packet heads not yet released."""
+        return sum(1 for h in self._holds if h)
 
     def read_into(
         self,
@@ -422,12 +472,19 @@ class RxRing:
         version disagree are dropped here. Never blocks; a block left half read is resumed
         on the next call.
         """
+        if self.version == 2:
+            room = batch.capacity - batch.count
+            return self._read_v2(batch, room if max_packets is None else min(room, max_packets),
+                                 ethertypes)
+        return self._read(batch, max_packets, ethertypes, None)
+
+    def _read(self, batch: Batch, max_packets: int | None,
+              ethertypes: npt.NDArray[np.uint16] | None, token: int | None) -> int:
+        """TPACKET_V3: ``read_into``, or with a ``token`` ``read_heads``."""
         start = batch.count
         room = batch.capacity - start
         if max_packets is not None:
             room = min(room, max_packets)
-        if self.version == 2:
-            return self._read_v2(batch, room, ethertypes)
         u32 = self._u32
         filled = 0
         while filled < room:
@@ -437,7 +494,10 @@ class RxRing:
             pos = self._pos
             if take == 1:  # a lone frame (sparse traffic): no numpy
                 self._pos = pos + u32[pos >> 2]
-                filled += self._deliver_one(batch, start + filled, pos, ethertypes)
+                slot = start + filled
+                filled += self._deliver_one(batch, slot, pos, ethertypes)
+                if token is not None and slot < batch.capacity:
+                    batch.src[slot] = -1  # whole in its slot
                 self._left -= 1
                 if not self._left:
                     self._release_block()
@@ -449,8 +509,14 @@ class RxRing:
             self._pos = pos
             offs = np.array(offsets, dtype=np.int64)
             hdr = self._units[(offs >> 3)[:, None] + self._hdr_units].reshape(-1)
-            filled += self._deliver(batch, start + filled, offs, hdr.view(FRAME_HDR_DTYPE),
-                                    ethertypes)
+            got = self._deliver(batch, start + filled, offs, hdr.view(FRAME_HDR_DTYPE),
+                                ethertypes, heads=token is not None)
+            if got and token is not None:
+                blocks = self._held_by.setdefault(token, [])
+                if self._block not in blocks:
+                    blocks.append(self._block)
+                    self._holds[self._block] += 1
+            filled += got
             self._left -= take
             if not self._left:
                 self._release_block()
@@ -528,10 +594,12 @@ class RxRing:
         return 0
 
     def _deliver(self, batch: Batch, first: int, offs: npt.NDArray[np.int64],
-                 hdr: npt.NDArray[np.void], ethertypes: npt.NDArray[np.uint16] | None) -> int:
+                 hdr: npt.NDArray[np.void], ethertypes: npt.NDArray[np.uint16] | None,
+                 heads: bool = False) -> int:
         """Copy the frames at ring offsets ``offs`` (headers ``hdr``) into slots ``first``,
-        ``first + 1``, ...; frames that are not ours are counted by reason and skipped.
-        Returns how many slots were filled."""
+        ``first + 1``, ... (``heads``: their first bytes, pipeline/region.py); frames that
+        are not ours are counted by reason and skipped. Returns how many slots were
+        filled."""
         slot = batch.slot_size
         max_len = batch.max_packet
         dst = batch.data.data
@@ -563,7 +631,21 @@ class RxRing:
             l3, length, etype = l3[good], length[good], etype[good]
             hdr = hdr[good]
         k = len(length)
-        if k:
+        if k and heads:
+            # Partial checksums are completed in the ring, before the heads are taken: the
+            # worker copies the rest of the packet from there.
+            for j in np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY).tolist():
+                if complete_l4_checksum(self._ring, int(l3[j]), int(length[j])):
+                    counters["csum_completed"] += 1
+            copy_heads(batch, first, self._ring, l3, length)
+            sl = slice(first, first + k)
+            meta["sa"][sl] = 0
+            meta["verdict"][sl] = 0
+            meta["flags"][sl] = 0
+            meta["seq"][sl] = 0
+            if ethertypes is not None:
+                ethertypes[sl] = etype
+        elif k:
             base = first * slot + HEADROOM
             d = base
             for s, n in zip(l3.tolist(), length.tolist(), strict=True):

@@ -88,14 +88,16 @@ class Batch:
     ``count`` says how many slots are in use.
     """
 
-    __slots__ = ("batch_id", "buffer", "capacity", "count", "data", "meta", "sa_version",
-                 "slot_size", "_views")
+    __slots__ = ("batch_id", "buffer", "capacity", "count", "data", "meta", "region",
+                 "sa_version", "slot_size", "src", "_views")
 
     def __init__(self, capacity: int = 256, slot_size: int = SLOT_SIZE, *,
                  meta: npt.NDArray[np.void] | None = None,
-                 data: npt.NDArray[np.uint8] | None = None, buffer: int = -1) -> None:
-        """A batch with its own zeroed buffers, or (``meta``, ``data``, ``buffer``) one over
-        memory it does not own: a buffer of a shared :class:`pipeline.shmpool.BatchPool`."""
+                 data: npt.NDArray[np.uint8] | None = None, buffer: int = -1,
+                 src: npt.NDArray[np.int64] | None = None) -> None:
+        """A batch with its own zeroed buffers, or (``meta``, ``data``, ``src``, ``buffer``)
+        one over memory it does not own: a buffer of a shared
+        :class:`pipeline.shmpool.BatchPool`."""
         if capacity <= 0:
             raise ValueError(f"batch capacity must be positive, got {capacity}")
         if slot_size < HEADROOM + TAILROOM + 64 or slot_size % 64:
@@ -111,8 +113,17 @@ class Batch:
         elif meta.shape != (capacity,) or meta.dtype != META_DTYPE or data.shape != (
                 capacity * slot_size,) or data.dtype != np.uint8:
             raise ValueError("meta/data do not match the batch geometry")
+        if src is None:
+            src = np.zeros(capacity, dtype=np.int64)
+        elif src.shape != (capacity,) or src.dtype != np.int64:
+            raise ValueError("src does not match the batch geometry")
         self.meta: npt.NDArray[np.void] = meta
         self.data: npt.NDArray[np.uint8] = data
+        # Heads only (pipeline/region.py): ``region`` >= 0 says each slot holds just the
+        # first HEAD bytes of its packet, whose whole lies at ``src[i]`` in that shared
+        # region (the reader's memory, e.g. an AF_PACKET ring); -1: every packet is whole.
+        self.region = -1
+        self.src: npt.NDArray[np.int64] = src
         self.buffer = buffer  # its index in the shared pool; -1: a private batch
         # Per-slot memoryview caches owned by the codecs (see workers/views.py). They are
         # tied to this buffer, which is why a batch is reused rather than reallocated.
@@ -140,6 +151,7 @@ class Batch:
     def load(self, packets: Iterable[bytes], sa: int = 0) -> None:
         """Place packets at the start of their slots' payload area (after the headroom)."""
         self.count = 0
+        self.region = -1
         meta = self.meta
         for i, pkt in enumerate(packets):
             if i >= self.capacity:
@@ -205,8 +217,11 @@ class Batch:
         """Take ``other``'s packets into this (preallocated) batch: the receive step."""
         if other.slot_size != self.slot_size or other.count > self.capacity:
             raise ValueError("batch geometry differs")
+        if other.region >= 0:
+            raise ValueError("a batch of packet heads is completed before it is copied")
         n = other.count
         self.count = n
+        self.region = -1
         self.batch_id = other.batch_id
         self.meta[:n] = other.meta[:n]
         np.copyto(self.data[: n * self.slot_size], other.data[: n * self.slot_size])

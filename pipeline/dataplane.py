@@ -27,6 +27,7 @@ import zmq
 from pipeline import mtu, onepacket
 from pipeline.batch import SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy, Spd, ranked
+from pipeline.region import SharedRegion, complete
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
@@ -38,7 +39,7 @@ from workers.esp import EspCodec
 from workers.main import WorkerSpec, install_all
 from workers.sa import by_sa
 
-__all__ = ["DataPlane", "PacketIO", "Settings"]
+__all__ = ["DataPlane", "HeadsReader", "PacketIO", "Settings"]
 
 # The loop's poll timeout (ms) while batches are in flight (the reassembler's and the hung
 # worker's clocks run) and while idle (worker deaths, stats: CHECK_S and stats_interval).
@@ -54,6 +55,16 @@ class PacketIO(TypingProtocol):
     def read_batch(self, batch: Batch, max_packets: int) -> int: ...
     def write_batch(self, batch: Batch) -> int: ...
     def fileno_list(self) -> list[int]: ...
+
+
+class HeadsReader(PacketIO, TypingProtocol):
+    """A reader whose memory the workers can map (pipeline/region.py): it may fill a batch
+    with packet heads only, setting ``batch.region`` to ``region``, and keeps the memory
+    those packets lie in until :meth:`release` with the batch's buffer index."""
+
+    def shared_region(self) -> SharedRegion | None: ...
+    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int: ...
+    def release(self, token: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,9 @@ class Settings:
     # ones it encrypts or decrypts itself (None: max_packets, a full batch). See _process.
     handoff_min: int | None = None
     one_packet: bool = True  # a lone packet, while nothing is in flight: pipeline/onepacket.py
+    # Readers that can (AF_PACKET V3 rings) copy packet heads only into batches that go to
+    # workers, which copy the rest from the shared ring (pipeline/region.py).
+    heads: bool = True
 
 
 @dataclass
@@ -85,6 +99,7 @@ class Stats:
     icmp_too_big: int = 0
     fragmented: int = 0
     inline_batches: int = 0  # processed by the I/O process itself (short of handoff_min)
+    heads_batches: int = 0  # handed to a worker as packet heads (pipeline/region.py)
     single_packets: int = 0  # lone packets done without numpy (pipeline/onepacket.py)
     worker_batches: dict[int, int] = field(default_factory=dict)  # handed to each worker
 
@@ -93,6 +108,7 @@ class Stats:
             "outbound": self.outbound.snapshot(), "inbound": self.inbound.snapshot(),
             "mss_clamped": self.mss_clamped, "icmp_too_big": self.icmp_too_big,
             "fragmented": self.fragmented, "inline_batches": self.inline_batches,
+            "heads_batches": self.heads_batches,
             "single_packets": self.single_packets,
             "worker_batches": dict(self.worker_batches), "workers_ready": len(plane.ready),
             "lost_batches": plane.reassembler.skipped,
@@ -238,13 +254,26 @@ class DataPlane:
                               settings.max_in_flight + POOL_SPARE, settings.max_packets,
                               settings.slot_size, create=True)
         self._free: list[int] = list(range(len(self.pool) - 1, -1, -1))
+        # Readers whose memory the workers map: region 0 the inside's, 1 the outside's
+        # (pipeline/region.py). Only worth it when there are workers to copy in parallel.
+        self._readers: list[HeadsReader | None] = []
+        self._regions: list[SharedRegion | None] = []
+        for io in (inside, outside):
+            region = None
+            if settings.workers and settings.heads and callable(
+                    getattr(io, "shared_region", None)):
+                region = io.shared_region()  # type: ignore[attr-defined]
+            self._readers.append(io if region is not None else None)  # type: ignore[arg-type]
+            self._regions.append(region)
+        self._holding: dict[int, int] = {}  # buffer out at a worker -> the region it holds
         cpus = settings.cpus
         self.supervisor = Supervisor([
             WorkerSpec(index=i, cpu=cpus[i % len(cpus)] if cpus else None,
                        batches=self.endpoint, pool=self.pool.path,
                        pool_buffers=len(self.pool), sas=tuple(self.records.items()),
                        capacity=settings.max_packets, slot_size=settings.slot_size,
-                       sa_updates=sa_updates, reports=reports)
+                       sa_updates=sa_updates, reports=reports,
+                       regions=tuple(self._regions) if any(self._regions) else ())
             for i in range(settings.workers)])
         # The ledger of who holds what: per worker, its batches out (id -> (buffer, when
         # sent)); and the workers that said they are ready and have not vanished since.
@@ -340,6 +369,7 @@ class DataPlane:
         limit = self._inner_mtu[sa]
         over = mtu.too_big(batch, limit)
         if over.any():
+            self._complete(batch)  # ICMP quotes them, fragments copy them: whole packets
             # From an address of the inner packet's family: the inside interface's (what
             # the kernel would use), else the SA's own when the families match.
             src4, src6 = (self._inside_src.get(v) or self._src.get(v) for v in (4, 6))
@@ -387,6 +417,25 @@ class DataPlane:
                 report.send(snapshot.encode(), zmq.NOBLOCK)  # a busy controller skips one
 
     # -- buffers ---------------------------------------------------------------
+    def _complete(self, batch: Batch) -> None:
+        """A batch of packet heads kept here: its packets whole, its reader's memory back."""
+        if batch.region >= 0:
+            region = self._regions[batch.region]
+            assert region is not None and region.data is not None
+            reader = self._readers[batch.region]
+            assert reader is not None
+            complete(batch, region.data)
+            reader.release(batch.buffer)
+
+    def _unhold(self, buffer: int) -> None:
+        """A batch of heads came back from its worker (or was lost with it): its reader's
+        memory goes back."""
+        region = self._holding.pop(buffer, None)
+        if region is not None:
+            reader = self._readers[region]
+            assert reader is not None
+            reader.release(buffer)
+
     def _take(self) -> Batch | None:
         """A free buffer of the pool; None when every one is in use (the loop stops
         reading until some come back)."""
@@ -503,7 +552,15 @@ class DataPlane:
         batch = self._take()
         if batch is None:
             return
-        io.read_batch(batch, self.settings.max_packets)
+        region = 0 if direction is Direction.OUTBOUND else 1
+        reader = self._readers[region]
+        if reader is None:
+            io.read_batch(batch, self.settings.max_packets)
+        else:
+            reader.read_heads(batch, self.settings.max_packets, region)
+            if batch.region >= 0 and (batch.count < max(2, self._handoff_min)
+                                      or not self._ready):
+                self._complete(batch)  # it stays here: whole now, and the memory goes back
         if batch.count == 0 or (batch.count == 1 and self.settings.one_packet
                                 and self.reassembler.idle() and self._one(batch, direction)):
             self._give_back(batch)
@@ -538,11 +595,13 @@ class DataPlane:
         batch.sa_version = self.sa_version  # what it was classified with
         if not (batch.meta["verdict"][: batch.count] == Verdict.PASS).any():
             # Nothing for a worker to do: straight to the reassembler, keeping its place.
+            self._complete(batch)
             self.reassembler.push(batch, direction, now)
             return
         if batch.count >= self._handoff_min and self._hand_over(workers, batch, direction,
                                                                  now):
             return
+        self._complete(batch)
         # A batch short of handoff_min (by default: one that is not full) is done here. A
         # read that found fewer packets than a batch holds means this process keeps up with
         # its input, and the two ZeroMQ hops to a worker and back (up to six wake-ups: each
@@ -606,6 +665,9 @@ class DataPlane:
                 self._ready.discard(ident)
                 continue
             self._out[ident][batch.batch_id] = (batch.buffer, now)
+            if batch.region >= 0:
+                self._holding[batch.buffer] = batch.region
+                self.stats.heads_batches += 1
             index = self._worker_index[ident]
             self.stats.worker_batches[index] = self.stats.worker_batches.get(index, 0) + 1
             self.reassembler.sent(batch.batch_id, batch.count)
@@ -626,7 +688,7 @@ class DataPlane:
                     self._ready.add(ident)
                 continue
             try:
-                batch, direction, _ = unpack(frame, self.pool)
+                batch, direction = unpack(frame, self.pool)
             except TransportError:
                 continue
             held = self._out.get(ident, {})
@@ -634,6 +696,8 @@ class DataPlane:
             if out is None or out[0] != batch.buffer:
                 continue  # not out at that worker (any more): the buffer is not its to name
             del held[batch.batch_id]
+            self._unhold(batch.buffer)
+            batch.region = -1  # the worker made it whole
             if not self.reassembler.push(batch, direction, now):
                 self._give_back(batch)  # its turn passed while it was late: dropped, counted
 
@@ -644,6 +708,8 @@ class DataPlane:
         for batch_id, (buffer, _) in self._out.pop(ident, {}).items():
             self.reassembler.lost(batch_id)
             self._prefragmented.pop(batch_id, None)
+            self._unhold(buffer)
+            self.pool[buffer].region = -1
             self._free.append(buffer)
 
     def _check_workers(self, workers: zmq.Socket[bytes], now: float) -> None:

@@ -13,8 +13,9 @@ one worker, which alone touches it until its answer names the buffer again. A bu
 never reused while a worker may still write to it: only the answer, or the death of the
 worker that held it (pipeline/dataplane.py keeps the ledger), returns it to the free list.
 
-Layout, per buffer: ``capacity`` metadata records (``META_DTYPE``), padded to a page, then
-``capacity`` slots of ``slot_size`` bytes, padded to a page.
+Layout, per buffer: ``capacity`` metadata records (``META_DTYPE``), padded to a page;
+``capacity`` int64 source offsets (``Batch.src``, pipeline/region.py), padded to a page;
+then ``capacity`` slots of ``slot_size`` bytes, padded to a page.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class BatchPool:
         self.capacity = capacity
         self.slot_size = slot_size
         self._meta_bytes = _pages(capacity * META_DTYPE.itemsize)
+        self._src_bytes = _pages(capacity * 8)
         self._data_bytes = _pages(capacity * slot_size)
-        stride = self._meta_bytes + self._data_bytes
+        stride = self._meta_bytes + self._src_bytes + self._data_bytes
         size = stride * buffers
         self._owner = create
         if create:
@@ -80,8 +82,12 @@ class BatchPool:
         for i in range(buffers):
             at = i * stride
             meta = whole[at : at + capacity * META_DTYPE.itemsize].view(META_DTYPE)
-            data = whole[at + self._meta_bytes : at + self._meta_bytes + capacity * slot_size]
-            self._batches.append(Batch(capacity, slot_size, meta=meta, data=data, buffer=i))
+            at += self._meta_bytes
+            src = whole[at : at + capacity * 8].view(np.int64)
+            at += self._src_bytes
+            data = whole[at : at + capacity * slot_size]
+            self._batches.append(Batch(capacity, slot_size, meta=meta, data=data, src=src,
+                                       buffer=i))
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -94,7 +100,7 @@ class BatchPool:
 
     @property
     def nbytes(self) -> int:
-        return len(self._batches) * (self._meta_bytes + self._data_bytes)
+        return len(self._batches) * (self._meta_bytes + self._src_bytes + self._data_bytes)
 
     def close(self) -> None:
         """Unmap (when no view of it is left elsewhere) and, for the creator, remove the file."""

@@ -4,7 +4,9 @@ The packets and their metadata stay in shared memory (pipeline/shmpool.py); a me
 buffer over. Its one frame is the header ``<Q B B H I I`` (20 bytes): batch id, direction,
 flags, packet count, the buffer's index in the pool, and the SA table version the batch was
 classified with: a worker that has not yet applied that version of the controller's table
-(pipeline/sadist.py) waits for it.
+(pipeline/sadist.py) waits for it. Flags: bit 0 set says the slots hold packet heads only,
+the packets being whole in the shared region numbered by bits 1-3 (``Batch.region``,
+pipeline/region.py).
 
 The I/O process talks to its workers over one ROUTER socket, each worker over a DEALER whose
 identity is its index (:func:`worker_identity`), so the I/O process knows which worker holds
@@ -22,8 +24,8 @@ from pipeline.batch import Batch
 if TYPE_CHECKING:
     from pipeline.shmpool import BatchPool
 
-__all__ = ["HEADER", "HELLO", "Direction", "Handoff", "TransportError", "pack", "unpack",
-           "worker_identity"]
+__all__ = ["HEADER", "HELLO", "MAX_REGIONS", "Direction", "Handoff", "TransportError", "pack",
+           "unpack", "worker_identity"]
 
 HEADER = struct.Struct("<QBBHII")
 HELLO = b"ready"  # a worker's first message: it has its SA table and takes batches
@@ -45,10 +47,17 @@ def worker_identity(index: int) -> bytes:
     return b"w%d" % index
 
 
-def pack(batch: Batch, direction: Direction, flags: int = 0) -> bytes:
+HEADS = 0x01  # flags: heads only, the region's number above this bit
+MAX_REGIONS = 8
+
+
+def pack(batch: Batch, direction: Direction) -> bytes:
     """The message that hands ``batch`` (a buffer of the pool) over."""
     if batch.buffer < 0:
         raise ValueError("only a batch of the shared pool can be handed over")
+    if not -1 <= batch.region < MAX_REGIONS:
+        raise ValueError(f"region {batch.region} out of range")
+    flags = HEADS | batch.region << 1 if batch.region >= 0 else 0
     return HEADER.pack(batch.batch_id, direction, flags, batch.count, batch.buffer,
                        batch.sa_version)
 
@@ -56,11 +65,11 @@ def pack(batch: Batch, direction: Direction, flags: int = 0) -> bytes:
 class Handoff(NamedTuple):
     batch: Batch
     direction: Direction
-    flags: int
 
 
 def unpack(frame: bytes, pool: BatchPool) -> Handoff:
-    """The batch a message names, with its count, id and SA version set from the header."""
+    """The batch a message names, with its count, id, SA version and region set from the
+    header."""
     if len(frame) != HEADER.size:
         raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
     batch_id, direction, flags, n, buffer, sa_version = HEADER.unpack(frame)
@@ -69,6 +78,9 @@ def unpack(frame: bytes, pool: BatchPool) -> Handoff:
                              f"of {len(pool)} x {pool.capacity}")
     if direction not in (Direction.OUTBOUND, Direction.INBOUND):
         raise TransportError(f"unknown direction {direction}")
+    if flags & ~(HEADS | (MAX_REGIONS - 1) << 1):
+        raise TransportError(f"unknown flags {flags:#x}")
     batch = pool[buffer]
     batch.count, batch.batch_id, batch.sa_version = n, batch_id, sa_version
-    return Handoff(batch, Direction(direction), flags)
+    batch.region = flags >> 1 if flags & HEADS else -1
+    return Handoff(batch, Direction(direction))

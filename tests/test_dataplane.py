@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import mmap
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -19,10 +21,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from pipeline.batch import HEADROOM, Batch
 from pipeline.dataplane import DataPlane, Settings
+from pipeline.region import SharedRegion, copy_heads
 from pipeline.dispatch import Action, Policy
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from workers.esp import EspCodec
@@ -77,6 +81,73 @@ class QueueIO:
         return len(out)
 
 
+class RingIO(QueueIO):
+    """:class:`QueueIO` as a reader of packet heads (pipeline/region.py), like a TPACKET_V3
+    ring: each read writes its packets into a free area of shared memory, back to back at
+    odd offsets as frames lie in a ring block, and hands the batch only their heads. An
+    area is scribbled over the moment it is released, so a worker that read a packet's
+    rest after that would send garbage; running out of areas (memory never released)
+    fails the read."""
+
+    AREAS, AREA = 8, 32 * 1600
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fd = os.memfd_create("espline-test-ring")
+        os.ftruncate(self._fd, self.AREAS * self.AREA)
+        self._mm = mmap.mmap(self._fd, self.AREAS * self.AREA)
+        self.ring = np.frombuffer(self._mm, dtype=np.uint8)
+        self.free = list(range(self.AREAS))
+        self.held: dict[int, int] = {}  # token -> area
+        self.heads_reads = 0
+        self.releases = 0
+
+    def shared_region(self) -> SharedRegion:
+        return SharedRegion(self._fd, self.ring.size, self.ring)
+
+    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+        assert batch.buffer not in self.held, "a buffer read again before its release"
+        take = self._take(max_packets)
+        if not take:
+            batch.count = 0
+            return 0
+        assert self.free, "every area held: the data plane does not release"
+        area = self.free.pop()
+        src, at = [], area * self.AREA + 14  # an Ethernet header's worth in
+        for pkt in take:
+            self.ring[at : at + len(pkt)] = np.frombuffer(pkt, dtype=np.uint8)
+            src.append(at)
+            at += -(-(len(pkt) + 34) // 16) * 16  # the next frame, 16-byte aligned
+        assert at <= (area + 1) * self.AREA
+        batch.count = 0
+        copy_heads(batch, 0, self.ring, np.array(src, dtype=np.int64),
+                   np.array([len(p) for p in take], dtype=np.int64))
+        batch.meta["sa"][: len(take)] = 0
+        batch.meta["verdict"][: len(take)] = 0
+        batch.count, batch.region = len(take), region
+        self.held[batch.buffer] = area
+        self.heads_reads += 1
+        return len(take)
+
+    def release(self, token: int) -> None:
+        area = self.held.pop(token)
+        self.ring[area * self.AREA : (area + 1) * self.AREA] = 0xAA  # scribbled over
+        self.free.append(area)
+        self.releases += 1
+
+    def _take(self, max_packets: int) -> list[bytes]:
+        try:
+            while self._r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            take = [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
+            if self._inbox:
+                self._w.send(b"x")
+        return take
+
+
 def inner(i: int, size: int = 100) -> bytes:
     """An IPv4/UDP packet from 10.1.0.1 to 10.2.0.1 whose payload carries ``i``."""
     payload = i.to_bytes(4, "big") * ((size - 28) // 4)
@@ -104,12 +175,13 @@ def gateway() -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
 
 
 @contextlib.contextmanager
-def running(**settings: object) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
+def running(io: tuple[QueueIO, QueueIO] | None = None,
+            **settings: object) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
     """A data plane of two workers in a thread. These tests are about the workers: a batch
     of two packets or more goes to one (by default only full batches do: see
     test_batches_the_io_process_keeps_up_with_stay_there)."""
     settings.setdefault("handoff_min", 2)
-    inside, outside = QueueIO(), QueueIO()
+    inside, outside = io or (QueueIO(), QueueIO())
     with tempfile.TemporaryDirectory() as rundir:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
         plane = DataPlane(Settings(workers=2, cpus=cpus, runtime_dir=rundir, max_packets=32,
@@ -437,3 +509,62 @@ def test_inside_routes_follow_spd_edits() -> None:
             assert sorted(plane.dispatcher._spd) == [40]
         finally:
             plane.pool.close()
+
+
+def test_batches_of_packet_heads_are_completed_by_the_workers_both_ways() -> None:
+    """Readers that share their memory (pipeline/region.py) hand the workers packet heads;
+    what leaves is every packet whole and in order, both ways, for packets of every size
+    (runs of one size, and sizes that change packet by packet), and every area read is
+    released (scribbled over at once: a worker that read it late would send garbage)."""
+    inside, outside = RingIO(), RingIO()
+    with running(io=(inside, outside)) as (plane, _, _):
+        wait_for(lambda: plane.ready == [0, 1])
+        rng = random.Random(7)
+        # Five bursts of 13 (batches for the workers), then one packet alone (done by the
+        # I/O process, which completes it itself).
+        sizes = [1400] * 20 + [rng.randrange(40, 1400) for _ in range(39)] + [100] * 3 \
+            + [129, 128, 127, 60]
+        sent: list[bytes] = []
+        for k in range(0, len(sizes), 13):
+            burst = [inner(1000 + i, size) for i, size in enumerate(sizes[k : k + 13], k)]
+            sent += burst
+            inside.put(burst)
+            wait_for(lambda n=len(sent): len(outside.outbox) == n)
+        plain, seqs = peer_decap(outside.outbox)
+        assert plain == sent
+        assert seqs == list(range(1, len(sent) + 1))
+        wire = peer_wire(sizes)
+        for k in range(0, len(wire), 13):
+            outside.put(wire[k : k + 13])
+            wait_for(lambda n=min(k + 13, len(wire)): len(inside.outbox) == n)
+        assert inside.outbox == [inner(i, size) for i, size in enumerate(sizes)]
+        assert len(sizes) == 66 and plane.stats.heads_batches == 10
+        assert plane.stats.single_packets == 2
+        assert inside.heads_reads == outside.heads_reads == 6
+        wait_for(lambda: not inside.held and not outside.held)
+    assert inside.releases == inside.heads_reads and outside.releases == outside.heads_reads
+
+
+def test_a_worker_killed_with_packet_heads_gives_their_memory_back() -> None:
+    """The memory a batch of heads points into goes back to its reader when the batch is
+    lost with its worker, as when it comes back: nothing is held for ever, and traffic
+    resumes."""
+    inside = RingIO()
+    with running(io=(inside, QueueIO())) as (plane, _, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        victim = plane.supervisor.pids()[0]
+        sent = 0
+        for round_ in range(30):
+            inside.put([inner(sent + i, 600) for i in range(20)])
+            sent += 20
+            if round_ == 8:
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.005)
+        wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets >= sent, 15)
+        wait_for(lambda: plane.supervisor.restarts >= 1 and plane.ready == [0, 1])
+        inside.put([inner(10**6 + i, 600) for i in range(20)])
+        wait_for(lambda: len(outside.outbox) + plane.reassembler.lost_packets == sent + 20)
+        _, seqs = peer_decap(outside.outbox)
+        assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+        wait_for(lambda: not inside.held and len(plane._free) == len(plane.pool))
+        assert inside.releases == inside.heads_reads

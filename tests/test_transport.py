@@ -34,12 +34,14 @@ def _child_flips(path: str, endpoint: str) -> None:
     sock.setsockopt(zmq.IDENTITY, worker_identity(3))
     sock.connect(endpoint)
     sock.send(HELLO)
-    batch, direction, flags = unpack(sock.recv(), pool)
+    batch, direction = unpack(sock.recv(), pool)
+    assert batch.region == 5 and batch.src[: batch.count].tolist() == [7, 8, 9]
     for i in range(batch.count):
         off = int(batch.meta["offset"][i])
         batch.data[off] ^= 0xFF
     batch.meta["verdict"][1] = Verdict.REPLAY
-    sock.send(pack(batch, direction, flags + 1))
+    batch.region = -1  # made whole
+    sock.send(pack(batch, direction))
     sock.close(linger=1000)
     ctx.term()
 
@@ -62,11 +64,12 @@ def test_a_batch_crosses_processes_by_buffer_index(tmp_path: Path) -> None:
             batch = pool[2]
             batch.load(packets, sa=3)
             batch.batch_id, batch.sa_version = 41, 7
-            router.send_multipart([ident, pack(batch, Direction.INBOUND, 5)])
+            batch.region, batch.src[:3] = 5, [7, 8, 9]  # heads of packets in region 5
+            router.send_multipart([ident, pack(batch, Direction.INBOUND)])
             assert router.poll(20000)
             ident, frame = router.recv_multipart()
-            back, direction, flags = unpack(frame, pool)
-            assert back is pool[2] and (direction, flags) == (Direction.INBOUND, 6)
+            back, direction = unpack(frame, pool)
+            assert back is pool[2] and (direction, back.region) == (Direction.INBOUND, -1)
             assert (back.count, back.batch_id, back.sa_version) == (3, 41, 7)
             # The child's writes are visible here: the same memory, no copy.
             assert [p for _, p in back] == [bytes([p[0] ^ 0xFF]) + p[1:] for p in packets]
@@ -83,8 +86,10 @@ def test_buffers_do_not_overlap(tmp_path: Path) -> None:
         for i, b in enumerate(pool):
             b.data[:] = i
             b.meta["seq"][:] = i
+            b.src[:] = -i
         for i, b in enumerate(pool):
             assert (b.data == i).all() and (b.meta["seq"] == i).all() and b.buffer == i
+            assert (b.src == -i).all()
 
 
 def test_a_pool_of_another_geometry_is_refused(tmp_path: Path) -> None:
@@ -106,6 +111,11 @@ def test_malformed_messages_are_refused(tmp_path: Path) -> None:
             unpack(HEADER.pack(1, 0, 0, 5, 0, 0), pool)  # 5 packets in 4 slots
         with pytest.raises(TransportError, match="direction"):
             unpack(HEADER.pack(1, 9, 0, 1, 0, 0), pool)
+        with pytest.raises(TransportError, match="flags"):
+            unpack(HEADER.pack(1, 0, 0x10, 1, 0, 0), pool)  # region 8 of 8
         with pytest.raises(ValueError, match="pool"):
             pack(Batch(4), Direction.OUTBOUND)  # a private batch cannot be handed over
+        pool[0].region = 8
+        with pytest.raises(ValueError, match="region"):
+            pack(pool[0], Direction.OUTBOUND)
         assert np.all(pool[0].meta["verdict"] == 0)

@@ -23,6 +23,7 @@ import zmq
 
 from pipeline.batch import SLOT_SIZE, Batch
 from pipeline.dispatch import Policy
+from pipeline.region import SharedRegion, complete
 from pipeline.sadist import SaSubscriber, decode_record
 from pipeline.satable import Direction as SaDirection
 from pipeline.satable import Protocol as IpsecProtocol
@@ -58,6 +59,9 @@ class WorkerSpec:
     # Where to PUSH this worker's counters once a second (the controller's metrics).
     reports: str | None = None
     report_interval: float = 1.0
+    # The readers' shared memory, by region number (pipeline/region.py): batches of packet
+    # heads name one, and the worker copies the rest of each packet from it.
+    regions: tuple[SharedRegion | None, ...] = ()
 
 
 BATCH_BUCKETS = 12  # batch sizes <= 1, 2, 4, ... 1024, and above (controller/metrics.py)
@@ -145,6 +149,7 @@ def run_worker(spec: WorkerSpec) -> None:
         updates.sync()  # a restarted worker resyncs here (DESIGN §2)
     pool = BatchPool(spec.pool, spec.pool_buffers, spec.capacity, spec.slot_size,
                      create=False)
+    regions = [r.map() if r is not None else None for r in spec.regions]
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, worker_identity(spec.index))
     sock.connect(spec.batches)
@@ -168,14 +173,19 @@ def run_worker(spec: WorkerSpec) -> None:
             if not sock.poll(100):
                 continue
             try:
-                batch, direction, flags = unpack(sock.recv(), pool)
-            except TransportError:
-                continue
+                batch, direction = unpack(sock.recv(), pool)
+                region = regions[batch.region] if batch.region >= 0 else None
+                if batch.region >= 0 and region is None:
+                    raise TransportError(f"no region {batch.region} here")
+            except (TransportError, IndexError):
+                continue  # never answered: the I/O process's ledger finds it hung
             if updates is not None and batch.sa_version > updates.version:
                 updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
+            if region is not None:
+                complete(batch, region)  # the rest of each packet, from the reader's memory
             process(codec, batch, direction)
             stats.add(batch, direction)
-            sock.send(pack(batch, direction, flags))
+            sock.send(pack(batch, direction))
     finally:
         if updates is not None:
             updates.close()
