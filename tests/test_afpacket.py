@@ -43,6 +43,7 @@ from pipeline.afpacket import (
     suppress_esp_unreachable,
 )
 from pipeline.batch import HEADROOM, Batch, Verdict
+from pipeline.region import HEAD, SharedRegion, complete
 
 # --- a classic BPF interpreter (linux/filter.h semantics) -----------------------------------
 
@@ -629,6 +630,50 @@ def test_rx_ring_resumes_partial_blocks_and_wraps(lab: Lab) -> None:
                     got.extend(batch.packet(i) for i in range(n))
         assert got == sent
         assert ring.stats()["kernel_drops"] == 0
+    finally:
+        sender.close()
+        ring.close()
+
+
+def test_rx_ring_heads_keep_their_blocks_until_released(lab: Lab) -> None:
+    """Heads-only reads (pipeline/region.py): the slots get each packet's first bytes, and
+    a second mapping of the ring (what a worker makes from the socket's descriptor) holds
+    the rest, intact for as long as the batch is out, while more traffic than the ring
+    holds arrives: the kernel stops at the held block (and counts its drops) rather than
+    write over it. On release the block goes back and traffic flows again."""
+    with lab.enter(lab.b):
+        # A long block timeout: the three packets land in one block, read as one batch.
+        ring = RxRing("b0", bpf=bpf.esp_filter(), block_size=1 << 14, block_count=4,
+                      retire_blk_tov_ms=50)
+    region = ring.shared_region()
+    assert region is not None
+    worker_view = SharedRegion(os.dup(region.fd), region.size).map()  # a worker's mapping
+    sender = frame_sender(lab)
+    try:
+        first = [ipv4(50, esp(seq=i, body=bytes([i]) * 1000)) for i in range(3)]
+        for pkt in first:
+            sender.send(eth(pkt, ETHERTYPE_IPV4))
+        held = Batch(capacity=8)
+        held.buffer = 5
+        assert ring.wait(2.0)
+        assert ring.read_heads(held, 8, 0, held.buffer) == 3 and held.region == 0
+        assert [held.packet(i)[:HEAD] for i in range(3)] == [p[:HEAD] for p in first]
+        assert ring.held_blocks() == 1
+        # 100 KB more through a 64 KB ring, read (whole) as it comes.
+        later: list[bytes] = []
+        for round_ in range(10):
+            for i in range(10):
+                pkt = ipv4(50, esp(seq=100 + 10 * round_ + i, body=bytes([i, 7]) * 500))
+                sender.send(eth(pkt, ETHERTYPE_IPV4))
+            later += drain(ring, 10, timeout=0.2)
+        assert 0 < len(later) < 100 and ring.stats()["kernel_drops"] > 0
+        assert complete(held, worker_view) == 3
+        assert [held.packet(i) for i in range(3)] == first  # intact all along
+        ring.release(held.buffer)
+        assert ring.held_blocks() == 0
+        late = ipv4(50, esp(seq=999, body=bytes(700)))
+        sender.send(eth(late, ETHERTYPE_IPV4))
+        assert drain(ring, 1, timeout=2.0)[-1:] == [late]
     finally:
         sender.close()
         ring.close()
