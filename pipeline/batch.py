@@ -22,6 +22,7 @@ import numpy.typing as npt
 __all__ = [
     "HEADROOM",
     "META_DTYPE",
+    "MSS_CLAMPED",
     "SLOT_SIZE",
     "TAILROOM",
     "Batch",
@@ -45,11 +46,13 @@ META_DTYPE = np.dtype(
         ("length", "<u4"),  # packet length in bytes
         ("sa", "<u4"),  # SA index in the data plane's SA table
         ("verdict", "u1"),  # Verdict
-        ("flags", "u1"),
+        ("flags", "u1"),  # MSS_CLAMPED; readers clear it
         ("inner_length", "<u2"),  # outbound: the length as read, before encapsulation
         ("seq", "<u8"),  # 64-bit sequence number (outbound: reserved; inbound: inferred)
     ]
 )
+# META_DTYPE flags: a worker lowered this SYN's MSS (the I/O process counts them).
+MSS_CLAMPED = 0x01
 # One META_DTYPE row as a struct: Batch.row / Batch.set_row.
 META_ROW = struct.Struct("<IIIBBHQ")
 assert META_ROW.size == META_DTYPE.itemsize and META_DTYPE.names == (

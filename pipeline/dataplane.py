@@ -25,7 +25,7 @@ import numpy.typing as npt
 import zmq
 
 from pipeline import mtu, onepacket
-from pipeline.batch import SLOT_SIZE, Batch, Verdict
+from pipeline.batch import MSS_CLAMPED, SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy, Spd, ranked
 from pipeline.region import SharedRegion, complete
 from pipeline.reorder import Reassembler
@@ -273,7 +273,8 @@ class DataPlane:
                        pool_buffers=len(self.pool), sas=tuple(self.records.items()),
                        capacity=settings.max_packets, slot_size=settings.slot_size,
                        sa_updates=sa_updates, reports=reports,
-                       regions=tuple(self._regions) if any(self._regions) else ())
+                       regions=tuple(self._regions) if any(self._regions) else (),
+                       outside_mtu=settings.outside_mtu, mss_clamp=settings.mss_clamp)
             for i in range(settings.workers)])
         # The ledger of who holds what: per worker, its batches out (id -> (buffer, when
         # sent)); and the workers that said they are ready and have not vanished since.
@@ -313,15 +314,10 @@ class DataPlane:
         sa = self.sas[i]
         if rec is None or sa is None or sa.esp is None:
             return
-        m = mtu.inner_mtu(self.settings.outside_mtu, sa.esp, rec.ipv6, rec.encap is not None,
-                          rec.mode.name == "TUNNEL")
-        self._inner_mtu[i] = m
+        self._inner_mtu[i], self._mss4[i], self._mss6[i] = mtu.sa_limits(
+            self.settings.outside_mtu, self.settings.mss_clamp, sa.esp, rec.ipv6,
+            rec.encap is not None, rec.mode.name == "TUNNEL")
         self._outer6[i] = rec.ipv6
-        clamp = self.settings.mss_clamp
-        if clamp == "auto":
-            self._mss4[i], self._mss6[i] = mtu.mss_limit(m, False), mtu.mss_limit(m, True)
-        elif isinstance(clamp, int):
-            self._mss4[i] = self._mss6[i] = clamp
         self._src[rec.local_addr.version] = rec.local_addr
 
     # -- the controller's SA table (pipeline/sadist.py SaSink) ------------------------------
@@ -359,13 +355,19 @@ class DataPlane:
         if callable(update) and (added or gone):
             update(added, gone)
 
-    def _outbound_mtu(self, batch: Batch) -> None:
-        """MSS clamping on SYNs, and packets that do not fit the tunnel: ICMP back to the
-        sender for DF/IPv6, outer fragmentation later for the rest (RFC 4301 §8)."""
+    def _clamp(self, batch: Batch) -> None:
+        if self.settings.mss_clamp is not None:
+            sa = batch.meta["sa"][: batch.count].astype(np.int64)
+            self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
+
+    def _outbound_mtu(self, batch: Batch, clamp: bool) -> None:
+        """MSS clamping on SYNs (unless ``clamp`` is False: the worker that takes the batch
+        clamps, workers.main.MssLimits), and packets that do not fit the tunnel: ICMP back
+        to the sender for DF/IPv6, outer fragmentation later for the rest (RFC 4301 §8)."""
         n = batch.count
         sa = batch.meta["sa"][:n].astype(np.int64)
-        if self.settings.mss_clamp is not None:
-            self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
+        if clamp:
+            self._clamp(batch)
         limit = self._inner_mtu[sa]
         over = mtu.too_big(batch, limit)
         if over.any():
@@ -588,7 +590,11 @@ class DataPlane:
             self.dispatcher.outbound(batch)
             if self.dispatcher.trapped:
                 self._acquire(now)
-            self._outbound_mtu(batch)
+            # A batch for a worker is clamped there, after the worker has the whole of
+            # each packet (pipeline/region.py): a look at every packet's TCP flags costs
+            # the I/O process ~80 µs a full batch on the 16-core machine.
+            self._outbound_mtu(batch, clamp=batch.count < self._handoff_min
+                               or not self._ready)
         else:
             self.dispatcher.inbound(batch)
             self._retry_unknown_spis(batch)
@@ -602,6 +608,8 @@ class DataPlane:
                                                                  now):
             return
         self._complete(batch)
+        if direction is Direction.OUTBOUND and batch.count >= self._handoff_min:
+            self._clamp(batch)  # meant for a worker, none took it (clamping is idempotent)
         # A batch short of handoff_min (by default: one that is not full) is done here. A
         # read that found fewer packets than a batch holds means this process keeps up with
         # its input, and the two ZeroMQ hops to a worker and back (up to six wake-ups: each
@@ -734,6 +742,8 @@ class DataPlane:
             # (Before the prefragmented are marked sent: their fragments, a batch of their
             # own, are what the SA carried, counted with that batch.)
             self._count_outbound(batch)
+            self.stats.mss_clamped += int(np.count_nonzero(
+                batch.meta["flags"][: batch.count] & MSS_CLAMPED))  # by a worker
             prefragmented = self._prefragmented.pop(batch.batch_id, None)
             if prefragmented is not None:
                 batch.meta["verdict"][prefragmented] = Verdict.PASS  # left, as fragments

@@ -37,6 +37,7 @@ __all__ = [
     "icmp_too_big",
     "inner_mtu",
     "mss_limit",
+    "sa_limits",
     "too_big",
 ]
 
@@ -184,6 +185,19 @@ def inner_mtu(outer_mtu: int, transform: EspTransform, ipv6_outer: bool, udp_enc
     return largest
 
 
+def sa_limits(outer_mtu: int, clamp: int | str | None, transform: EspTransform,
+              ipv6_outer: bool, udp_encap: bool, tunnel: bool) -> tuple[int, int, int]:
+    """An SA's (inner MTU, IPv4 MSS limit, IPv6 MSS limit) under the data plane's settings:
+    ``clamp`` "auto" (from the tunnel's overhead), a fixed MSS, or None (no clamping:
+    limits of 2^16)."""
+    m = inner_mtu(outer_mtu, transform, ipv6_outer, udp_encap, tunnel)
+    if clamp == "auto":
+        return m, mss_limit(m, False), mss_limit(m, True)
+    if isinstance(clamp, int):
+        return m, clamp, clamp
+    return m, 1 << 16, 1 << 16
+
+
 def mss_limit(inner_mtu: int, ipv6: bool) -> int:
     """The TCP MSS that makes a full segment fit ``inner_mtu`` (RFC 9293 §3.7.1: the MSS
     counts data only, without IP or TCP headers or options)."""
@@ -296,10 +310,10 @@ def _swap16(v: I64) -> I64:
 
 
 # ============================================================================ MSS clamping
-def clamp_mss(batch: Batch, mss_v4: PerPacket, mss_v6: PerPacket) -> int:
+def clamp_mss(batch: Batch, mss_v4: PerPacket, mss_v6: PerPacket, mark: int = 0) -> int:
     """Lower the MSS option of passing TCP SYNs (SYN and SYN-ACK) to the limit for their
     IP version, fixing the TCP checksum incrementally (RFC 1624 eqn. 3); returns how many
-    were lowered.
+    were lowered, and sets ``mark`` in their metadata flags.
 
     Limits are an int or one value per packet (packets of different SAs see different
     overheads). The common layout (IPv4 with or without options, IPv6 without extension
@@ -390,6 +404,8 @@ def clamp_mss(batch: Batch, mss_v4: PerPacket, mss_v6: PerPacket) -> int:
     data[value_at + 1] = new & 0xFF
     data[csum_at] = csum >> 8
     data[csum_at + 1] = csum & 0xFF
+    if mark:
+        meta["flags"][pkt_index[lower]] |= mark
     return int(lower.sum())
 
 

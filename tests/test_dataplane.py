@@ -568,3 +568,36 @@ def test_a_worker_killed_with_packet_heads_gives_their_memory_back() -> None:
         assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
         wait_for(lambda: not inside.held and len(plane._free) == len(plane.pool))
         assert inside.releases == inside.heads_reads
+
+
+@pytest.mark.parametrize("reader", [QueueIO, RingIO], ids=["whole", "heads"])
+def test_workers_clamp_the_mss_of_the_syns_they_take(reader: type[QueueIO]) -> None:
+    """A batch handed to a worker is clamped by it (the I/O process leaves it: only the
+    worker has the whole packet when the reader shares heads). The MSS is the SA's limit,
+    the TCP checksum still verifies (scapy recomputes it), and the I/O process counts
+    each clamp once."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import raw
+
+    def syn(i: int, mss: int, flags: str = "S") -> bytes:
+        return raw(IP(src="10.1.0.1", dst="10.2.0.1", id=i) / TCP(
+            sport=40000 + i, dport=443, flags=flags, options=[("NOP", None), ("MSS", mss)]))
+
+    with running(io=(reader(), QueueIO())) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        limit = int(plane._mss4[0])
+        assert 1200 < limit < 1460
+        burst = [syn(0, 1460), inner(1), syn(2, 1000), syn(3, 8960, "SA"), inner(4, 1400)]
+        inside.put(burst)
+        wait_for(lambda: len(outside.outbox) == len(burst))
+        plain, _ = peer_decap(outside.outbox)
+        assert sum(plane.stats.worker_batches.values()) == 1
+        assert plane.stats.mss_clamped == 2  # 1460 and 8960; 1000 is below the limit
+        for pkt, want in zip((plain[0], plain[2], plain[3]), (limit, 1000, limit),
+                             strict=True):
+            p = IP(pkt)
+            assert dict(p[TCP].options)["MSS"] == want
+            got = p[TCP].chksum
+            del p[TCP].chksum
+            assert IP(raw(p))[TCP].chksum == got
+        assert plain[1] == burst[1] and plain[4] == burst[4]

@@ -19,15 +19,17 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
-from pipeline.batch import SLOT_SIZE, Batch
+from pipeline import mtu
+from pipeline.batch import MSS_CLAMPED, SLOT_SIZE, Batch
 from pipeline.dispatch import Policy
 from pipeline.region import SharedRegion, complete
 from pipeline.sadist import SaSubscriber, decode_record
 from pipeline.satable import Direction as SaDirection
+from pipeline.satable import Mode, SaRecord
 from pipeline.satable import Protocol as IpsecProtocol
-from pipeline.satable import SaRecord
 from pipeline.shmpool import BatchPool
 from pipeline.transport import (
     HELLO,
@@ -41,7 +43,7 @@ from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.sa import SaTable
 
-__all__ = ["TableSink", "WorkerSpec", "run_worker"]
+__all__ = ["MssLimits", "TableSink", "WorkerSpec", "run_worker"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class WorkerSpec:
     # The readers' shared memory, by region number (pipeline/region.py): batches of packet
     # heads name one, and the worker copies the rest of each packet from it.
     regions: tuple[SharedRegion | None, ...] = ()
+    # The data plane's MTU settings: a worker clamps the TCP MSS of the outbound batches
+    # it takes (MssLimits).
+    outside_mtu: int = 1500
+    mss_clamp: int | str | None = "auto"
 
 
 BATCH_BUCKETS = 12  # batch sizes <= 1, 2, 4, ... 1024, and above (controller/metrics.py)
@@ -90,6 +96,48 @@ class WorkerStats:
         return {"worker": self.index, "pid": os.getpid(), "in": self.inbound.passed,
                 "out": self.outbound.passed, "drops": drops, "batch_buckets": self.buckets,
                 "batch_sum": self.packets}
+
+
+class MssLimits:
+    """The TCP MSS limits of each outbound SA (pipeline/mtu.py ``sa_limits``, as the I/O
+    process computes them), for the SYNs of the batches this worker takes: the I/O process
+    leaves the clamp of those batches to their worker, which alone reads the whole of each
+    packet (pipeline/region.py)."""
+
+    def __init__(self, outside_mtu: int, clamp: int | str | None) -> None:
+        self.outside_mtu = outside_mtu
+        self.clamp = clamp
+        self._memo: dict[int, tuple[object, int, int]] = {}  # index -> (its SA, mss4, mss6)
+
+    def __call__(self, sas: SaTable, batch: Batch) -> int:
+        """Clamp ``batch``'s SYNs, marking them MSS_CLAMPED; returns how many."""
+        n = batch.count
+        if self.clamp is None or not n:
+            return 0
+        col = batch.meta["sa"][:n]
+        first = int(col[0])
+        if not np.count_nonzero(col != first):  # one SA: the usual batch
+            mss4, mss6 = self._of(sas, first)
+            return mtu.clamp_mss(batch, mss4, mss6, mark=MSS_CLAMPED)
+        index = col.astype(np.int64)
+        lim4 = np.full(int(index.max()) + 1, 1 << 16, dtype=np.int64)
+        lim6 = lim4.copy()
+        for i in np.unique(index).tolist():
+            lim4[i], lim6[i] = self._of(sas, i)
+        return mtu.clamp_mss(batch, lim4[index], lim6[index], mark=MSS_CLAMPED)
+
+    def _of(self, sas: SaTable, index: int) -> tuple[int, int]:
+        sa = sas[index]
+        memo = self._memo.get(index)
+        if memo is not None and memo[0] is sa:
+            return memo[1], memo[2]
+        mss4 = mss6 = 1 << 16
+        if sa is not None and sa.esp is not None:
+            rec = sa.record
+            _, mss4, mss6 = mtu.sa_limits(self.outside_mtu, self.clamp, sa.esp, rec.ipv6,
+                                          rec.encap is not None, rec.mode is Mode.TUNNEL)
+        self._memo[index] = (sa, mss4, mss6)
+        return mss4, mss6
 
 
 class TableSink:
@@ -150,6 +198,7 @@ def run_worker(spec: WorkerSpec) -> None:
     pool = BatchPool(spec.pool, spec.pool_buffers, spec.capacity, spec.slot_size,
                      create=False)
     regions = [r.map() if r is not None else None for r in spec.regions]
+    clamp = MssLimits(spec.outside_mtu, spec.mss_clamp)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, worker_identity(spec.index))
     sock.connect(spec.batches)
@@ -183,6 +232,8 @@ def run_worker(spec: WorkerSpec) -> None:
                 updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
             if region is not None:
                 complete(batch, region)  # the rest of each packet, from the reader's memory
+            if direction is Direction.OUTBOUND:
+                clamp(codec.sas, batch)
             process(codec, batch, direction)
             stats.add(batch, direction)
             sock.send(pack(batch, direction))
