@@ -12,6 +12,7 @@ round robin (more workers than cores share).
     python -m bench.scaling                 # table: each count with each reader
     python -m bench.scaling --json          # one JSON object per line
     python -m bench.scaling --reader heads  # only the heads-only reader
+    python -m bench.scaling --counts 1,8 --repeat 3   # medians of 3 interleaved rounds
     python -m bench.scaling --profile io.prof   # the I/O loop at the most workers, profiled
 """
 
@@ -26,6 +27,7 @@ import mmap
 import os
 import pstats
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -224,36 +226,62 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy: the I/O process copies each packet into its batch; heads: "
                          "only its first bytes, the worker the rest (pipeline/region.py); "
                          "both (default): each worker count with each, side by side")
+    ap.add_argument("--counts", type=lambda v: [int(c) for c in v.split(",")],
+                    help="worker counts, e.g. 1,8 (default: 1, 2, 4, ... up to --max-workers)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over every (count, reader), interleaved; the table gives "
+                         "each one's median and range, the ratio is of medians (default 1)")
     args = ap.parse_args(argv)
     readers = READERS if args.reader == "both" else (args.reader,)
     io, worker_cpus = placement(args.io_cpus)
     args.max_workers = args.max_workers or len(worker_cpus)
-    counts, w = [], 1
-    while w <= args.max_workers:
-        counts.append(w)
-        w *= 2
-    if counts[-1] != args.max_workers:
-        counts.append(args.max_workers)
-    base: dict[str, float] = {}
+    counts = args.counts
+    if not counts:
+        counts, w = [], 1
+        while w <= args.max_workers:
+            counts.append(w)
+            w *= 2
+        if counts[-1] != args.max_workers:
+            counts.append(args.max_workers)
     if not args.json:
         print(f"cores: {len(os.sched_getaffinity(0))}, one SA (aes128gcm16), "
               f"{args.size}-byte packets, batch {args.batch}; I/O process on CPUs "
-              f"{list(io)}, workers on {list(worker_cpus)} in that order")
-        print(f"{'workers':>7}" + "".join(
-            f" {r + ' pps':>11} {'ratio':>6} {'lost':>5}" for r in readers))
+              f"{list(io)}, workers on {list(worker_cpus)} in that order; "
+              f"{args.repeat} round(s)")
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    last = (counts[-1], readers[-1])
+    for round_ in range(args.repeat):
+        for w in counts:
+            for reader in readers:
+                profile = args.profile if (w, reader) == last and round_ == 0 else None
+                row = measure(w, args.seconds, args.size, args.batch, args.per_worker,
+                              (io, worker_cpus), profile, reader)
+                row["round"] = round_
+                runs.setdefault((w, reader), []).append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    median = {key: statistics.median(r["pps"] for r in rows) for key, rows in runs.items()}
+    if args.json:
+        for (w, reader), rows in runs.items():
+            base = median[(counts[0], reader)]
+            print(json.dumps({"summary": True, "reader": reader, "workers": w,
+                              "pps_median": median[(w, reader)],
+                              "pps_runs": [r["pps"] for r in rows],
+                              "ratio": median[(w, reader)] / base if base else None}))
+        return 0
+    print(f"{'workers':>7}" + "".join(f" {r + ' pps':>11} {'range':>19} {'ratio':>6}"
+                                      for r in readers))
     for w in counts:
         line = f"{w:7d}"
         for reader in readers:
-            profile = args.profile if w == counts[-1] and reader == readers[-1] else None
-            row = measure(w, args.seconds, args.size, args.batch, args.per_worker,
-                          (io, worker_cpus), profile, reader)
-            base.setdefault(reader, row["pps"])
-            row["ratio"] = row["pps"] / base[reader] if base[reader] else float(np.nan)
-            if args.json:
-                print(json.dumps(row), flush=True)
-            line += f" {row['pps']:11.0f} {row['ratio']:6.2f} {int(row['lost_batches']):5d}"
-        if not args.json:
-            print(line, flush=True)
+            pps = [r["pps"] for r in runs[(w, reader)]]
+            base = median[(counts[0], reader)]
+            line += (f" {median[(w, reader)]:11.0f} {f'{min(pps):.0f}-{max(pps):.0f}':>19}"
+                     f" {median[(w, reader)] / base if base else float('nan'):6.2f}")
+        print(line, flush=True)
+    lost = sum(int(r["lost_batches"]) for rows in runs.values() for r in rows)
+    print(f"ratio: median packets/s over the median of {counts[0]} worker(s), same reader; "
+          f"batches lost: {lost}")
     return 0
 
 

@@ -47,3 +47,25 @@ def test_cli_bench_passes_arguments_through(capsys: pytest.CaptureFixture[str]) 
 def test_cli_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "bench" in capsys.readouterr().out
+
+
+def test_scaling_bench_runs_both_readers_through_workers(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/scaling.py: each reader moves packets through a worker (the heads reader as
+    packet heads, pipeline/region.py), and the summary's ratio is of medians."""
+    from bench import scaling
+
+    rc = scaling.main(["--json", "--seconds", "0.3", "--batch", "64", "--counts", "1",
+                       "--max-workers", "1", "--repeat", "2"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runs = [r for r in rows if not r.get("summary")]
+    assert sorted((r["reader"], r["round"]) for r in runs) == [
+        ("copy", 0), ("copy", 1), ("heads", 0), ("heads", 1)]
+    for r in runs:
+        assert r["pps"] > 0 and r["lost_batches"] == 0
+        assert (r["heads_batches"] > 0) == (r["reader"] == "heads")
+    summary = {r["reader"]: r for r in rows if r.get("summary")}
+    assert summary.keys() == {"copy", "heads"}
+    for s in summary.values():
+        assert s["ratio"] == 1.0 and len(s["pps_runs"]) == 2
