@@ -93,8 +93,9 @@ class Source:
 
 class HeadsSource(Source):
     """:class:`Source` as a :class:`pipeline.dataplane.HeadsReader`: for batches that go to
-    workers it copies only each packet's first bytes, and the workers copy the rest from
-    the shared memory (pipeline/region.py), as the data plane does with a TPACKET_V3 ring.
+    workers it copies nothing of the packets (outbound, the SPD lookup reads their
+    addresses where they lie), and the workers copy them from the shared memory
+    (pipeline/region.py), as the data plane does with a TPACKET_V3 ring.
     The ring's own per-frame work (the frame-list walk, the per-frame checks) is not
     modelled."""
 
@@ -105,10 +106,10 @@ class HeadsSource(Source):
     def shared_region(self) -> SharedRegion:
         return SharedRegion(self._fd, self._ring.size, self._ring)
 
-    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+    def read_heads(self, batch: Batch, max_packets: int, region: int, head: int) -> int:
         n = self.template.count
         batch.meta[:n] = self.template.meta[:n]
-        copy_heads(batch, 0, self._ring, self._offsets, self._lengths)
+        copy_heads(batch, 0, self._ring, self._offsets, self._lengths, head)
         batch.count, batch.region = n, region
         return n
 

@@ -107,9 +107,9 @@ class AfPacketIO:
     def shared_region(self) -> SharedRegion | None:
         return self.rx.shared_region()
 
-    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+    def read_heads(self, batch: Batch, max_packets: int, region: int, head: int) -> int:
         batch.count = 0
-        return self.rx.read_heads(batch, max_packets, region, batch.buffer)
+        return self.rx.read_heads(batch, max_packets, region, batch.buffer, head=head)
 
     def release(self, token: int) -> None:
         self.rx.release(token)

@@ -66,7 +66,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
-from pipeline.region import SharedRegion, copy_heads
+from pipeline.region import HEAD, SharedRegion, copy_heads
 
 __all__ = [
     "BLOCK_DESC_DTYPE",
@@ -350,6 +350,7 @@ class RxRing:
         self._holds = [0] * block_count
         self._kept = [False] * block_count
         self._held_by: dict[int, list[int]] = {}  # token -> blocks its batch holds
+        self._head = HEAD  # bytes of each packet a heads-only read copies
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
@@ -422,16 +423,19 @@ class RxRing:
                             self._ring)
 
     def read_heads(self, batch: Batch, max_packets: int | None, region: int, token: int,
-                   ethertypes: npt.NDArray[np.uint16] | None = None) -> int:
-        """:meth:`read_into`, but the slots get each packet's first ``HEAD`` bytes and
-        ``batch.src`` its offset in the ring (pipeline/region.py); ``batch.region`` is set
-        to ``region`` if any packet was read so. The blocks those packets lie in stay out
-        of the kernel's hands until :meth:`release` with ``token``. A lone frame is copied
-        whole (``src`` -1), as are all frames of a TPACKET_V2 ring."""
+                   ethertypes: npt.NDArray[np.uint16] | None = None, *,
+                   head: int = HEAD) -> int:
+        """:meth:`read_into`, but the slots get each packet's first ``head`` bytes (HEAD,
+        or 0: none) and ``batch.src`` its offset in the ring (pipeline/region.py);
+        ``batch.region`` is set to ``region`` if any packet was read so. The blocks those
+        packets lie in stay out of the kernel's hands until :meth:`release` with
+        ``token``. A lone frame is copied whole (``src`` -1), as are all frames of a
+        TPACKET_V2 ring."""
         if self.version != 3:
             batch.src[batch.count : batch.capacity] = -1
             return self.read_into(batch, max_packets, ethertypes)
         start = batch.count
+        self._head = head
         n = self._read(batch, max_packets, ethertypes, token)
         if n and int(batch.src[start : start + n].max()) >= 0:
             batch.region = region
@@ -637,7 +641,7 @@ class RxRing:
             for j in np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY).tolist():
                 if complete_l4_checksum(self._ring, int(l3[j]), int(length[j])):
                     counters["csum_completed"] += 1
-            copy_heads(batch, first, self._ring, l3, length)
+            copy_heads(batch, first, self._ring, l3, length, self._head)
             sl = slice(first, first + k)
             meta["sa"][sl] = 0
             meta["verdict"][sl] = 0

@@ -91,8 +91,8 @@ class Batch:
     ``count`` says how many slots are in use.
     """
 
-    __slots__ = ("batch_id", "buffer", "capacity", "count", "data", "meta", "region",
-                 "sa_version", "slot_size", "src", "_views")
+    __slots__ = ("batch_id", "buffer", "capacity", "count", "data", "head", "meta",
+                 "region", "sa_version", "slot_size", "src", "_views")
 
     def __init__(self, capacity: int = 256, slot_size: int = SLOT_SIZE, *,
                  meta: npt.NDArray[np.void] | None = None,
@@ -123,9 +123,11 @@ class Batch:
         self.meta: npt.NDArray[np.void] = meta
         self.data: npt.NDArray[np.uint8] = data
         # Heads only (pipeline/region.py): ``region`` >= 0 says each slot holds just the
-        # first HEAD bytes of its packet, whose whole lies at ``src[i]`` in that shared
-        # region (the reader's memory, e.g. an AF_PACKET ring); -1: every packet is whole.
+        # first ``head`` bytes of its packet (0: nothing), whose whole lies at ``src[i]``
+        # in that shared region (the reader's memory, e.g. an AF_PACKET ring); -1: every
+        # packet is whole in its slot.
         self.region = -1
+        self.head = 0
         self.src: npt.NDArray[np.int64] = src
         self.buffer = buffer  # its index in the shared pool; -1: a private batch
         # Per-slot memoryview caches owned by the codecs (see workers/views.py). They are

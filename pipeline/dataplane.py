@@ -27,7 +27,7 @@ import zmq
 from pipeline import mtu, onepacket
 from pipeline.batch import MSS_CLAMPED, SLOT_SIZE, Batch, Verdict
 from pipeline.dispatch import Dispatcher, Policy, Spd, ranked
-from pipeline.region import SharedRegion, complete
+from pipeline.region import HEAD, SharedRegion, complete
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
@@ -59,11 +59,12 @@ class PacketIO(TypingProtocol):
 
 class HeadsReader(PacketIO, TypingProtocol):
     """A reader whose memory the workers can map (pipeline/region.py): it may fill a batch
-    with packet heads only, setting ``batch.region`` to ``region``, and keeps the memory
-    those packets lie in until :meth:`release` with the batch's buffer index."""
+    with packet heads only (their first ``head`` bytes: HEAD, or 0 for none), setting
+    ``batch.region`` to ``region`` and ``batch.src``, and keeps the memory those packets
+    lie in until :meth:`release` with the batch's buffer index."""
 
     def shared_region(self) -> SharedRegion | None: ...
-    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int: ...
+    def read_heads(self, batch: Batch, max_packets: int, region: int, head: int) -> int: ...
     def release(self, token: int) -> None: ...
 
 
@@ -559,7 +560,11 @@ class DataPlane:
         if reader is None:
             io.read_batch(batch, self.settings.max_packets)
         else:
-            reader.read_heads(batch, self.settings.max_packets, region)
+            # Outbound, the I/O process reads only the addresses (the SPD lookup reads
+            # them in place, pipeline/dispatch.py): nothing is copied; inbound, the outer
+            # headers up to the ESP sequence number, copied with the first HEAD bytes.
+            reader.read_heads(batch, self.settings.max_packets, region,
+                              0 if direction is Direction.OUTBOUND else HEAD)
             if batch.region >= 0 and (batch.count < max(2, self._handoff_min)
                                       or not self._ready):
                 self._complete(batch)  # it stays here: whole now, and the memory goes back
@@ -587,7 +592,9 @@ class DataPlane:
             # Kept for the per-SA byte counters: RFC 4301 byte lifetimes count what the SA
             # protects, as the inbound side (the reassembler) does.
             batch.meta["inner_length"][: batch.count] = batch.meta["length"][: batch.count]
-            self.dispatcher.outbound(batch)
+            region = self._regions[batch.region] if batch.region >= 0 and not batch.head \
+                else None
+            self.dispatcher.outbound(batch, None if region is None else region.data)
             if self.dispatcher.trapped:
                 self._acquire(now)
             # A batch for a worker is clamped there, after the worker has the whole of

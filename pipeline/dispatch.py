@@ -76,6 +76,27 @@ def _by_offset(batch: Batch, width: int) -> list[tuple[int, slice | npt.NDArray[
     return groups
 
 
+def _records(batch: Batch, region: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+    """Each packet's ``_ADDRS`` record, read where the packet lies: at ``batch.src`` in
+    ``region`` (one gather), or in its slot for a packet read whole (``src`` -1). A packet
+    that ends the region within a record's width is read up to the region's end (the
+    fields past a packet's end are never used: the length checks say so)."""
+    n, width = batch.count, _ADDRS.itemsize
+    src = batch.src[:n]
+    last = region.shape[0] - width
+    raw = vec.peek(region, np.clip(src, 0, last), width)
+    for j in np.flatnonzero((src < 0) | (src > last)).tolist():
+        raw[j] = 0
+        s = int(src[j])
+        if s < 0:
+            off = int(batch.meta["offset"][j])
+            piece = batch.data[off : off + width]
+        else:
+            piece = region[s:]
+        raw[j, : piece.shape[0]] = piece
+    return raw.view(_ADDRS).reshape(n)
+
+
 class Action(Enum):
     PROTECT = "protect"
     BYPASS = "bypass"
@@ -455,14 +476,16 @@ class Dispatcher:
     def policy(self, rank: int) -> Policy:
         return self._spd[rank].policy
 
-    def outbound(self, batch: Batch) -> None:
+    def outbound(self, batch: Batch, region: npt.NDArray[np.uint8] | None = None) -> None:
         """SPD lookup and sequence-number blocks for packets read from the inside; packets
-        that hit a TRAP policy are dropped (POLICY) and the policy noted in ``trapped``."""
+        that hit a TRAP policy are dropped (POLICY) and the policy noted in ``trapped``.
+        ``region``: the packets lie there (at ``batch.src``), not in their slots
+        (pipeline/region.py)."""
         n = batch.count
         if n == 0:
             return
         meta = batch.meta
-        rank = self._lookup(batch)
+        rank = self._lookup(batch, region)
         column = np.searchsorted(self._ranks, rank)  # every rank found is there
         verdict = meta["verdict"][:n]
         if self._any_trap:
@@ -500,47 +523,58 @@ class Dispatcher:
         entry = self._spd.get(rank)
         return entry.sa if entry is not None else -1
 
-    def _lookup(self, batch: Batch) -> npt.NDArray[np.int64]:
-        """The rank of each packet's first matching policy (``_NO_MATCH``: none)."""
+    def _lookup(self, batch: Batch,
+                region: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.int64]:
+        """The rank of each packet's first matching policy (``_NO_MATCH``: none).
+        ``region``: the batch's packets lie there, at ``batch.src`` (pipeline/region.py),
+        their slots empty."""
         n = batch.count
-        meta, data = batch.meta, batch.data
         policy = np.full(n, _NO_MATCH, dtype=np.int64)  # no match, until one does
-        groups = _by_offset(batch, _ADDRS.itemsize) if self._shapes4 or self._rows6 else []
-        for c, sel in groups:
-            hdr = rows(data, _ADDRS, batch.slot_size, c)[sel]
-            length = meta["length"][sel]
-            version = hdr["b0"] >> 4
+        if not (self._shapes4 or self._rows6):
+            return policy
+        length = batch.meta["length"]
+        if region is not None:
+            self._match(_records(batch, region), length[:n], policy)
+            return policy
+        for c, sel in _by_offset(batch, _ADDRS.itemsize):
             got = policy[sel]  # a view when sel is a slice: written in place
-            # (IPv4 and IPv6 rows never match the same packet.)
-            if self._shapes4:
-                v4 = (version == 4) & (length >= 20)
-                if np.count_nonzero(v4):
-                    addrs = hdr["addrs4"].astype(np.uint64)
-                    for mask, keys, first in self._shapes4.values():
-                        masked = addrs & mask
-                        pos = np.searchsorted(keys, masked)
-                        np.minimum(pos, keys.size - 1, out=pos)
-                        hit = v4 & (keys[pos] == masked)
-                        np.minimum(got, np.where(hit, first[pos], got), out=got)
-            if self._rows6:
-                v6 = (version == 6) & (length >= 40)
-                if np.count_nonzero(v6):
-                    words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]
-                    packed = np.stack(words, axis=1)
-                    for masks6, hashes, nets6, first6 in self._shapes6.values():
-                        masked = packed & masks6
-                        pos = np.searchsorted(hashes, _hash6(masked))
-                        np.minimum(pos, hashes.size - 1, out=pos)
-                        hit = v6 & (nets6[pos] == masked).all(axis=1)
-                        np.minimum(got, np.where(hit, first6[pos], got), out=got)
-                    for nets, masks, i in self._loop6:  # shapes whose rows collide
-                        hit = v6 & (got > i)
-                        for word, net, mask in zip(words, nets, masks, strict=True):
-                            hit = hit & ((word & mask) == net)
-                        np.copyto(got, i, where=hit)
+            self._match(rows(batch.data, _ADDRS, batch.slot_size, c)[sel], length[sel], got)
             if not isinstance(sel, slice):
                 policy[sel] = got
         return policy
+
+    def _match(self, hdr: npt.NDArray[np.void], length: npt.NDArray[np.uint32],
+               got: npt.NDArray[np.int64]) -> None:
+        """Lower ``got`` to the rank of each packet's first matching policy, from its
+        address fields ``hdr`` (``_ADDRS`` records) and its ``length``."""
+        version = hdr["b0"] >> 4
+        # (IPv4 and IPv6 rows never match the same packet.)
+        if self._shapes4:
+            v4 = (version == 4) & (length >= 20)
+            if np.count_nonzero(v4):
+                addrs = hdr["addrs4"].astype(np.uint64)
+                for mask, keys, first in self._shapes4.values():
+                    masked = addrs & mask
+                    pos = np.searchsorted(keys, masked)
+                    np.minimum(pos, keys.size - 1, out=pos)
+                    hit = v4 & (keys[pos] == masked)
+                    np.minimum(got, np.where(hit, first[pos], got), out=got)
+        if self._rows6:
+            v6 = (version == 6) & (length >= 40)
+            if np.count_nonzero(v6):
+                words = [hdr[f].astype(np.uint64) for f in _ADDR6_WORDS]
+                packed = np.stack(words, axis=1)
+                for masks6, hashes, nets6, first6 in self._shapes6.values():
+                    masked = packed & masks6
+                    pos = np.searchsorted(hashes, _hash6(masked))
+                    np.minimum(pos, hashes.size - 1, out=pos)
+                    hit = v6 & (nets6[pos] == masked).all(axis=1)
+                    np.minimum(got, np.where(hit, first6[pos], got), out=got)
+                for nets, masks, i in self._loop6:  # shapes whose rows collide
+                    hit = v6 & (got > i)
+                    for word, net, mask in zip(words, nets, masks, strict=True):
+                        hit = hit & ((word & mask) == net)
+                    np.copyto(got, i, where=hit)
 
     # ------------------------------------------------------------------ inbound
     def inbound(self, batch: Batch) -> None:

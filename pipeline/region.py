@@ -111,10 +111,15 @@ def copy_segments(dst: npt.NDArray[np.uint8], at: npt.NDArray[np.int64],
 
 
 def copy_heads(batch: Batch, first: int, region: npt.NDArray[np.uint8],
-               src: npt.NDArray[np.int64], length: npt.NDArray[np.int64]) -> None:
+               src: npt.NDArray[np.int64], length: npt.NDArray[np.int64],
+               head: int = HEAD) -> None:
     """Slots ``first``, ``first + 1``, ...: the packets at ``src`` in ``region`` (``length``
-    bytes each), heads only. Sets their ``offset``, ``length`` and ``src``; the caller sets
+    bytes each), their first ``head`` bytes only (HEAD, or 0: nothing). Sets their
+    ``offset``, ``length`` and ``src``, and ``batch.head``; the caller sets
     ``batch.region`` and the rest of the metadata."""
+    if head not in (0, HEAD):
+        raise ValueError(f"a head is {HEAD} bytes or none, got {head}")
+    batch.head = head
     k = len(src)
     if not k:
         return
@@ -123,7 +128,8 @@ def copy_heads(batch: Batch, first: int, region: npt.NDArray[np.uint8],
     if int(src.min()) < 0 or int((src + length).max()) > region.shape[0]:
         raise ValueError("packets outside the region")
     offset = np.arange(first, first + k, dtype=np.int64) * batch.slot_size + HEADROOM
-    copy_segments(batch.data, offset, region, src, np.minimum(length, HEAD))
+    if head:
+        copy_segments(batch.data, offset, region, src, np.minimum(length, head))
     sl = slice(first, first + k)
     batch.meta["offset"][sl] = offset
     batch.meta["length"][sl] = length
@@ -135,13 +141,13 @@ def complete(batch: Batch, region: npt.NDArray[np.uint8]) -> int:
     others are dropped: nothing reads them again; a ``src`` of -1 is a packet read whole)
     and mark the batch whole. Returns the packets completed. The packets' slots and lengths
     are as :func:`copy_heads` left them: nothing before this moves them."""
-    n = batch.count
+    n, head = batch.count, batch.head
     meta = batch.meta[:n]
     length = meta["length"].astype(np.int64)
     src = batch.src[:n]
-    todo = np.flatnonzero((length > HEAD) & (meta["verdict"] == Verdict.PASS) & (src >= 0))
+    todo = np.flatnonzero((length > head) & (meta["verdict"] == Verdict.PASS) & (src >= 0))
     batch.region = -1
     if todo.size:
-        copy_segments(batch.data, meta["offset"][todo].astype(np.int64) + HEAD, region,
-                      src[todo] + HEAD, length[todo] - HEAD)
+        copy_segments(batch.data, meta["offset"][todo].astype(np.int64) + head, region,
+                      src[todo] + head, length[todo] - head)
     return int(todo.size)

@@ -6,7 +6,7 @@ flags, packet count, the buffer's index in the pool, and the SA table version th
 classified with: a worker that has not yet applied that version of the controller's table
 (pipeline/sadist.py) waits for it. Flags: bit 0 set says the slots hold packet heads only,
 the packets being whole in the shared region numbered by bits 1-3 (``Batch.region``,
-pipeline/region.py).
+pipeline/region.py); bit 4, that the slots hold nothing of them (``Batch.head`` 0).
 
 The I/O process talks to its workers over one ROUTER socket, each worker over a DEALER whose
 identity is its index (:func:`worker_identity`), so the I/O process knows which worker holds
@@ -20,6 +20,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipeline.batch import Batch
+from pipeline.region import HEAD
 
 if TYPE_CHECKING:
     from pipeline.shmpool import BatchPool
@@ -48,6 +49,7 @@ def worker_identity(index: int) -> bytes:
 
 
 HEADS = 0x01  # flags: heads only, the region's number above this bit
+EMPTY = 0x10  # with HEADS: not even the heads (Batch.head 0)
 MAX_REGIONS = 8
 
 
@@ -57,7 +59,8 @@ def pack(batch: Batch, direction: Direction) -> bytes:
         raise ValueError("only a batch of the shared pool can be handed over")
     if not -1 <= batch.region < MAX_REGIONS:
         raise ValueError(f"region {batch.region} out of range")
-    flags = HEADS | batch.region << 1 if batch.region >= 0 else 0
+    flags = HEADS | batch.region << 1 | (0 if batch.head else EMPTY) \
+        if batch.region >= 0 else 0
     return HEADER.pack(batch.batch_id, direction, flags, batch.count, batch.buffer,
                        batch.sa_version)
 
@@ -78,9 +81,10 @@ def unpack(frame: bytes, pool: BatchPool) -> Handoff:
                              f"of {len(pool)} x {pool.capacity}")
     if direction not in (Direction.OUTBOUND, Direction.INBOUND):
         raise TransportError(f"unknown direction {direction}")
-    if flags & ~(HEADS | (MAX_REGIONS - 1) << 1):
+    if flags & ~(HEADS | EMPTY | (MAX_REGIONS - 1) << 1) or flags & (HEADS | EMPTY) == EMPTY:
         raise TransportError(f"unknown flags {flags:#x}")
     batch = pool[buffer]
     batch.count, batch.batch_id, batch.sa_version = n, batch_id, sa_version
-    batch.region = flags >> 1 if flags & HEADS else -1
+    batch.region = (flags >> 1) % MAX_REGIONS if flags & HEADS else -1
+    batch.head = 0 if flags & EMPTY else HEAD
     return Handoff(batch, Direction(direction))

@@ -635,7 +635,8 @@ def test_rx_ring_resumes_partial_blocks_and_wraps(lab: Lab) -> None:
         ring.close()
 
 
-def test_rx_ring_heads_keep_their_blocks_until_released(lab: Lab) -> None:
+@pytest.mark.parametrize("head", [HEAD, 0], ids=["heads", "nothing"])
+def test_rx_ring_heads_keep_their_blocks_until_released(lab: Lab, head: int) -> None:
     """Heads-only reads (pipeline/region.py): the slots get each packet's first bytes, and
     a second mapping of the ring (what a worker makes from the socket's descriptor) holds
     the rest, intact for as long as the batch is out, while more traffic than the ring
@@ -656,8 +657,11 @@ def test_rx_ring_heads_keep_their_blocks_until_released(lab: Lab) -> None:
         held = Batch(capacity=8)
         held.buffer = 5
         assert ring.wait(2.0)
-        assert ring.read_heads(held, 8, 0, held.buffer) == 3 and held.region == 0
-        assert [held.packet(i)[:HEAD] for i in range(3)] == [p[:HEAD] for p in first]
+        held.data[:] = 0xEE
+        assert ring.read_heads(held, 8, 0, held.buffer, head=head) == 3
+        assert (held.region, held.head) == (0, head)
+        assert [held.packet(i)[:head] for i in range(3)] == [p[:head] for p in first]
+        assert held.packet(0)[head:] == b"\xee" * (len(first[0]) - head)  # no more
         assert ring.held_blocks() == 1
         # 100 KB more through a 64 KB ring, read (whole) as it comes.
         later: list[bytes] = []

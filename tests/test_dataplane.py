@@ -26,7 +26,7 @@ import pytest
 
 from pipeline.batch import HEADROOM, Batch
 from pipeline.dataplane import DataPlane, Settings
-from pipeline.region import SharedRegion, copy_heads
+from pipeline.region import HEAD, SharedRegion, copy_heads
 from pipeline.dispatch import Action, Policy
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from workers.esp import EspCodec
@@ -101,11 +101,12 @@ class RingIO(QueueIO):
         self.held: dict[int, int] = {}  # token -> area
         self.heads_reads = 0
         self.releases = 0
+        self.heads: set[int] = set()  # head lengths asked for
 
     def shared_region(self) -> SharedRegion:
         return SharedRegion(self._fd, self.ring.size, self.ring)
 
-    def read_heads(self, batch: Batch, max_packets: int, region: int) -> int:
+    def read_heads(self, batch: Batch, max_packets: int, region: int, head: int) -> int:
         assert batch.buffer not in self.held, "a buffer read again before its release"
         take = self._take(max_packets)
         if not take:
@@ -121,7 +122,8 @@ class RingIO(QueueIO):
         assert at <= (area + 1) * self.AREA
         batch.count = 0
         copy_heads(batch, 0, self.ring, np.array(src, dtype=np.int64),
-                   np.array([len(p) for p in take], dtype=np.int64))
+                   np.array([len(p) for p in take], dtype=np.int64), head)
+        self.heads.add(head)
         batch.meta["sa"][: len(take)] = 0
         batch.meta["verdict"][: len(take)] = 0
         batch.count, batch.region = len(take), region
@@ -541,6 +543,9 @@ def test_batches_of_packet_heads_are_completed_by_the_workers_both_ways() -> Non
         assert len(sizes) == 66 and plane.stats.heads_batches == 10
         assert plane.stats.single_packets == 2
         assert inside.heads_reads == outside.heads_reads == 6
+        # Outbound nothing is copied (the SPD lookup reads the addresses in place);
+        # inbound the heads, for the SPI and sequence number.
+        assert (inside.heads, outside.heads) == ({0}, {HEAD})
         wait_for(lambda: not inside.held and not outside.held)
     assert inside.releases == inside.heads_reads and outside.releases == outside.heads_reads
 

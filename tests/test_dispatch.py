@@ -6,6 +6,7 @@ mixed actions."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from pipeline import dispatch
 from pipeline.batch import Batch, Verdict
 from pipeline.dispatch import Action, Dispatcher, Policy
+from pipeline.region import copy_heads
 from pipeline.satable import Direction, SaRecord
 from workers.sa import SaTable
 
@@ -175,6 +177,40 @@ def check(dispatcher: Dispatcher, policies: list[Policy],
     rank = ranks or list(range(len(policies)))
     assert dispatcher.trapped == {rank[i] for i in trapped
                                   if i >= 0 and policies[i].action is Action.TRAP}
+    # The same packets where a reader left them (pipeline/region.py): the lookup reads
+    # their addresses in place, and answers as it does for whole packets.
+    dispatcher.trapped.clear()
+    in_place, region = in_region([packet(s, d, v) for s, d, v in pairs])
+    dispatcher.outbound(in_place, region)
+    n = batch.count
+    assert in_place.meta["verdict"][:n].tolist() == batch.meta["verdict"][:n].tolist()
+    assert in_place.meta["sa"][:n].tolist() == batch.meta["sa"][:n].tolist()
+    assert dispatcher.trapped == {rank[i] for i in trapped
+                                  if i >= 0 and policies[i].action is Action.TRAP}
+
+
+def in_region(packets: list[bytes]) -> tuple[Batch, np.ndarray]:
+    """A batch of ``packets`` that lie in a region as frames lie in a ring (odd offsets,
+    back to back), their slots empty (``head`` 0), the last one ending the region; but
+    packet 1 was read whole into its slot (``src`` -1)."""
+    starts, at = [], 14
+    for p in packets:
+        starts.append(at)
+        at += -(-(len(p) + 30) // 16) * 16
+    starts[-1] = at  # right at the end: an address record would run past it
+    region = np.frombuffer(bytearray(os.urandom(at + len(packets[-1]))), dtype=np.uint8)
+    for p, s in zip(packets, starts, strict=True):
+        region[s : s + len(p)] = np.frombuffer(p, dtype=np.uint8)
+    batch = Batch(len(packets))
+    batch.data[:] = 0xEE  # whatever a reused buffer holds
+    copy_heads(batch, 0, region, np.array(starts, dtype=np.int64),
+               np.array([len(p) for p in packets], dtype=np.int64), head=0)
+    batch.count, batch.region = len(packets), 0
+    if len(packets) > 2:
+        off = int(batch.meta["offset"][1])
+        batch.data[off : off + len(packets[1])] = np.frombuffer(packets[1], dtype=np.uint8)
+        batch.src[1] = -1
+    return batch, region
 
 
 def test_thousands_of_sites_cost_one_search_per_shape() -> None:

@@ -144,6 +144,25 @@ def test_a_region_reaches_a_spawned_worker_as_the_same_memory() -> None:
         os.close(fd)
 
 
+def test_a_batch_read_without_heads_is_completed_whole() -> None:
+    """``head`` 0: the slots get nothing (the I/O process reads the packets in place), and
+    completion copies each packet whole, the short ones too."""
+    packets = [os.urandom(n) for n in (20, 1400, 300)]
+    starts = [30, 100, 1600]
+    region = _region_with(packets, starts, 2000)
+    batch = Batch(4)
+    batch.data[:] = 0xEE
+    copy_heads(batch, 0, region, np.array(starts, dtype=np.int64),
+               np.array([len(p) for p in packets], dtype=np.int64), head=0)
+    batch.count, batch.region = 3, 0
+    assert batch.head == 0 and (batch.data == 0xEE).all()  # nothing written
+    assert complete(batch, region) == 3
+    assert [batch.packet(i) for i in range(3)] == packets
+    with pytest.raises(ValueError, match="head"):
+        copy_heads(batch, 0, region, np.array([0], dtype=np.int64),
+                   np.array([10], dtype=np.int64), head=64)
+
+
 def test_slots_keep_their_place_for_heads() -> None:
     batch = Batch(4)
     region = np.frombuffer(os.urandom(4096), dtype=np.uint8)

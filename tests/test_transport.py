@@ -112,10 +112,24 @@ def test_malformed_messages_are_refused(tmp_path: Path) -> None:
         with pytest.raises(TransportError, match="direction"):
             unpack(HEADER.pack(1, 9, 0, 1, 0, 0), pool)
         with pytest.raises(TransportError, match="flags"):
-            unpack(HEADER.pack(1, 0, 0x10, 1, 0, 0), pool)  # region 8 of 8
+            unpack(HEADER.pack(1, 0, 0x20, 1, 0, 0), pool)  # an unknown bit
+        with pytest.raises(TransportError, match="flags"):
+            unpack(HEADER.pack(1, 0, 0x10, 1, 0, 0), pool)  # "not even heads" of no region
         with pytest.raises(ValueError, match="pool"):
             pack(Batch(4), Direction.OUTBOUND)  # a private batch cannot be handed over
         pool[0].region = 8
         with pytest.raises(ValueError, match="region"):
             pack(pool[0], Direction.OUTBOUND)
         assert np.all(pool[0].meta["verdict"] == 0)
+
+
+def test_a_batch_names_its_region_and_how_much_its_slots_hold(tmp_path: Path) -> None:
+    with BatchPool(str(tmp_path / "pool"), 2, 4, 1024, create=True) as pool:
+        batch = pool[1]
+        batch.count = 2
+        for region, head in ((0, 128), (7, 0), (-1, 0)):
+            batch.region, batch.head = region, head
+            frame = pack(batch, Direction.OUTBOUND)
+            batch.region, batch.head = 3, 99  # overwritten by unpack
+            back, _ = unpack(frame, pool)
+            assert (back.region, back.head if region >= 0 else 0) == (region, head)
