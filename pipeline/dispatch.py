@@ -84,8 +84,11 @@ def _records(batch: Batch, region: npt.NDArray[np.uint8]) -> npt.NDArray[np.void
     n, width = batch.count, _ADDRS.itemsize
     src = batch.src[:n]
     last = region.shape[0] - width
-    raw = vec.peek(region, np.clip(src, 0, last), width)
-    for j in np.flatnonzero((src < 0) | (src > last)).tolist():
+    odd = (src < 0) | (src > last)
+    if not np.count_nonzero(odd):  # the usual batch: every record in the region
+        return vec.peek(region, src, width).view(_ADDRS).reshape(n)
+    raw = vec.peek(region, np.where(odd, 0, src), width)
+    for j in np.flatnonzero(odd).tolist():
         raw[j] = 0
         s = int(src[j])
         if s < 0:

@@ -127,7 +127,7 @@ def copy_heads(batch: Batch, first: int, region: npt.NDArray[np.uint8],
         raise ValueError("packets do not fit the batch")
     if int(src.min()) < 0 or int((src + length).max()) > region.shape[0]:
         raise ValueError("packets outside the region")
-    offset = np.arange(first, first + k, dtype=np.int64) * batch.slot_size + HEADROOM
+    offset = batch.slot_starts()[first : first + k] + HEADROOM
     if head:
         copy_segments(batch.data, offset, region, src, np.minimum(length, head))
     sl = slice(first, first + k)
