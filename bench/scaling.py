@@ -4,10 +4,10 @@ The whole pipeline runs as in production (dispatcher with sequence-number blocks
 batches, pinned worker processes, in-order reassembly); only the packet I/O is synthetic: the
 inside always has a full batch of 1400-byte packets ready in shared memory, and the outside
 counts what leaves. Two readers, side by side: "copy" copies every packet into its batch
-slot in the I/O process (a TUN read, or a TPACKET_V2 ring); "heads" copies each packet's
-first bytes only and the worker the rest (pipeline/region.py, what a TPACKET_V3 ring does
-for batches that go to workers). The I/O process takes one core; workers get the others,
-round robin (more workers than cores share).
+slot in the I/O process (a TUN read, or a TPACKET_V2 ring); "heads" copies nothing, the SPD
+lookup reads the addresses in place and the worker copies the packets (pipeline/region.py,
+what a TPACKET_V3 ring does for outbound batches that go to workers). The I/O process takes
+one core; workers get the others, round robin (more workers than cores share).
 
     python -m bench.scaling                 # table: each count with each reader
     python -m bench.scaling --json          # one JSON object per line

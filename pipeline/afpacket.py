@@ -41,7 +41,9 @@ where ctypes' ``sendmmsg`` is not available (non-LP64).
 
 RX: :meth:`RxRing.read_into` takes about 2.5 µs a packet (about 400 000 packets/s of
 1400 bytes on the same machine), of which the per-packet slice copy and the frame-list walk
-are the only Python-level loops.
+are the only Python-level loops. :meth:`RxRing.read_heads` copies at most each packet's
+first bytes and keeps the ring block until :meth:`RxRing.release`: the workers copy the
+packets from their own mapping of the ring (pipeline/region.py).
 """
 
 from __future__ import annotations

@@ -6,17 +6,23 @@ largest single cost was copying every packet from where it was read into its bat
 300 of about 650 µs per 1024-packet batch under eight workers, which capped one SA at about
 1.7 M packets/s whatever the number of workers.
 
-So a reader whose memory can be mapped by other processes (an AF_PACKET RX ring: its socket
-descriptor, passed to each worker, maps the same pages) copies only each packet's first
-:data:`HEAD` bytes into its slot, which is all the I/O process reads or writes (SPD lookup,
-SPI and sequence number, the MSS clamp on SYNs, the MTU checks), and records in ``Batch.src``
-where the whole packet lies. The worker that takes such a batch copies the rest
-(:func:`complete`) before it encrypts or decrypts, in parallel with the other workers. The
-reader keeps that memory (for a ring: does not hand the block back to the kernel) until the
-batch comes back or is lost with its worker.
+So a reader whose memory other processes can map (an AF_PACKET V3 RX ring: its socket
+descriptor, passed to each worker at spawn, maps the same pages) does not copy the packets
+of a batch that goes to a worker. It records in ``Batch.src`` where each packet lies and
+copies into its slot only the first ``head`` bytes the I/O process needs there:
 
-A batch the I/O process keeps (short of ``handoff_min``, a lone packet, no worker ready) is
-completed by it at once, and everything downstream sees whole packets as before.
+* outbound, none (``head`` 0): the SPD lookup reads the addresses where the packet lies
+  (pipeline/dispatch.py), and the MSS clamp is the worker's (workers/main.py MssLimits);
+* inbound, :data:`HEAD` bytes: the outer IP and UDP headers, the SPI and sequence number,
+  read by the dispatcher's SA lookup and replay pre-check.
+
+The worker that takes such a batch copies the rest (:func:`complete`) before it encrypts or
+decrypts, in parallel with the other workers. The reader keeps that memory (a ring does not
+hand the block back to the kernel) until the batch comes back or is lost with its worker.
+
+A batch the I/O process keeps (short of ``handoff_min``, a lone packet, no worker ready) it
+completes at once, and everything downstream sees whole packets as before; so does one with
+a packet too big for its SA (the ICMP error quotes it, fragmentation copies it).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from pipeline.batch import HEADROOM, Batch, Verdict
 
 __all__ = ["HEAD", "SharedRegion", "complete", "copy_heads", "copy_segments"]
 
-# Bytes of each packet the I/O process copies: the largest header it reads or writes is an
-# IPv6 header (40) and a TCP header with options (60) for the MSS clamp: 100.
+# Bytes of an inbound packet the I/O process copies: the largest outer header stack it reads
+# is IPv4 with options (60) + UDP (8) + ESP's SPI and sequence number (8): 76.
 HEAD = 128
+
 
 class SharedRegion:
     """Memory a reader fills and workers read: a file descriptor to map, and its size.
