@@ -68,7 +68,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
-from pipeline.region import HEAD, SharedRegion, copy_heads
+from pipeline.region import HEAD, SharedRegion, copy_heads, copy_segments
 
 __all__ = [
     "BLOCK_DESC_DTYPE",
@@ -606,10 +606,7 @@ class RxRing:
         ``first + 1``, ... (``heads``: their first bytes, pipeline/region.py); frames that
         are not ours are counted by reason and skipped. Returns how many slots were
         filled."""
-        slot = batch.slot_size
         max_len = batch.max_packet
-        dst = batch.data.data
-        src = self._bytes
         meta = batch.meta
         counters = self._counters
         l3 = offs + hdr["tp_net"]
@@ -637,39 +634,26 @@ class RxRing:
             l3, length, etype = l3[good], length[good], etype[good]
             hdr = hdr[good]
         k = len(length)
-        if k and heads:
-            # Partial checksums are completed in the ring, before the heads are taken: the
-            # worker copies the rest of the packet from there.
+        if k:
+            # Partial checksums (only from local senders: veth, tap) are completed in the
+            # ring, before anything is copied out of it: a worker may copy from there.
             for j in np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY).tolist():
                 if complete_l4_checksum(self._ring, int(l3[j]), int(length[j])):
                     counters["csum_completed"] += 1
-            copy_heads(batch, first, self._ring, l3, length, self._head)
             sl = slice(first, first + k)
+            if heads:
+                copy_heads(batch, first, self._ring, l3, length, self._head)
+            else:
+                offset = batch.slot_starts()[sl] + HEADROOM
+                copy_segments(batch.data, offset, self._ring, l3, length)
+                meta["offset"][sl] = offset
+                meta["length"][sl] = length
             meta["sa"][sl] = 0
             meta["verdict"][sl] = 0
             meta["flags"][sl] = 0
             meta["seq"][sl] = 0
             if ethertypes is not None:
                 ethertypes[sl] = etype
-        elif k:
-            base = first * slot + HEADROOM
-            d = base
-            for s, n in zip(l3.tolist(), length.tolist(), strict=True):
-                dst[d : d + n] = src[s : s + n]
-                d += slot
-            sl = slice(first, first + k)
-            meta["offset"][sl] = np.arange(base, base + k * slot, slot, dtype=np.uint32)
-            meta["length"][sl] = length
-            meta["sa"][sl] = 0
-            meta["verdict"][sl] = 0
-            meta["flags"][sl] = 0
-            meta["seq"][sl] = 0
-            if ethertypes is not None:
-                ethertypes[sl] = etype
-            partial = np.flatnonzero(hdr["tp_status"] & TP_STATUS_CSUMNOTREADY)
-            for j in partial.tolist():  # only from local senders (veth, tap)
-                if complete_l4_checksum(batch.data, base + j * slot, int(length[j])):
-                    counters["csum_completed"] += 1
         return k
 
     def stats(self) -> dict[str, int]:

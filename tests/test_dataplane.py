@@ -57,7 +57,7 @@ class QueueIO:
     def fileno_list(self) -> list[int]:
         return [self._r.fileno()]
 
-    def read_batch(self, batch: Batch, max_packets: int) -> int:
+    def _take(self, max_packets: int) -> list[bytes]:
         try:
             while self._r.recv(4096):
                 pass
@@ -67,6 +67,10 @@ class QueueIO:
             take = [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
             if self._inbox:
                 self._w.send(b"x")  # more to read: stay readable
+        return take
+
+    def read_batch(self, batch: Batch, max_packets: int) -> int:
+        take = self._take(max_packets)
         for i, pkt in enumerate(take):
             base = i * batch.slot_size + HEADROOM
             batch.data[base : base + len(pkt)] = list(pkt)
@@ -136,18 +140,6 @@ class RingIO(QueueIO):
         self.ring[area * self.AREA : (area + 1) * self.AREA] = 0xAA  # scribbled over
         self.free.append(area)
         self.releases += 1
-
-    def _take(self, max_packets: int) -> list[bytes]:
-        try:
-            while self._r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._lock:
-            take = [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
-            if self._inbox:
-                self._w.send(b"x")
-        return take
 
 
 def inner(i: int, size: int = 100) -> bytes:
