@@ -33,7 +33,15 @@ from pipeline.sadist import SaSubscriber
 from pipeline.satable import SaRecord
 from pipeline.shmpool import BatchPool
 from pipeline.supervisor import Supervisor
-from pipeline.transport import HELLO, Direction, TransportError, pack, unpack, worker_identity
+from pipeline.transport import (
+    HELLO,
+    Direction,
+    TransportError,
+    names,
+    pack,
+    unpack,
+    worker_identity,
+)
 from workers.counters import Counters
 from workers.esp import EspCodec
 from workers.main import WorkerSpec, install_all
@@ -445,7 +453,7 @@ class DataPlane:
         if not self._free:
             return None
         batch = self.pool[self._free.pop()]
-        batch.count = 0
+        batch.count, batch.region = 0, -1
         return batch
 
     def _give_back(self, batch: Batch) -> None:
@@ -703,13 +711,16 @@ class DataPlane:
                     self._ready.add(ident)
                 continue
             try:
+                batch_id, buffer = names(frame)
+                held = self._out.get(ident, {})
+                out = held.get(batch_id)
+                if out is None or out[0] != buffer:
+                    # Not out at that worker (any more: a late answer of one declared dead,
+                    # its buffer maybe in use again): not its to name, nor to write.
+                    continue
                 batch, direction = unpack(frame, self.pool)
             except TransportError:
                 continue
-            held = self._out.get(ident, {})
-            out = held.get(batch.batch_id)
-            if out is None or out[0] != batch.buffer:
-                continue  # not out at that worker (any more): the buffer is not its to name
             del held[batch.batch_id]
             self._unhold(batch.buffer)
             batch.region = -1  # the worker made it whole

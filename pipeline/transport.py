@@ -25,8 +25,8 @@ from pipeline.region import HEAD
 if TYPE_CHECKING:
     from pipeline.shmpool import BatchPool
 
-__all__ = ["HEADER", "HELLO", "MAX_REGIONS", "Direction", "Handoff", "TransportError", "pack",
-           "unpack", "worker_identity"]
+__all__ = ["HEADER", "HELLO", "MAX_REGIONS", "Direction", "Handoff", "TransportError", "names",
+           "pack", "unpack", "worker_identity"]
 
 HEADER = struct.Struct("<QBBHII")
 HELLO = b"ready"  # a worker's first message: it has its SA table and takes batches
@@ -68,6 +68,16 @@ def pack(batch: Batch, direction: Direction) -> bytes:
 class Handoff(NamedTuple):
     batch: Batch
     direction: Direction
+
+
+def names(frame: bytes) -> tuple[int, int]:
+    """(batch id, buffer) of a message, nothing changed: whether the buffer is the
+    sender's to name is the receiver's ledger's to say before :func:`unpack` writes the
+    header into that buffer's batch."""
+    if len(frame) != HEADER.size:
+        raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
+    batch_id, _, _, _, buffer, _ = HEADER.unpack(frame)
+    return batch_id, buffer
 
 
 def unpack(frame: bytes, pool: BatchPool) -> Handoff:

@@ -19,6 +19,7 @@ from pipeline.transport import (
     HELLO,
     Direction,
     TransportError,
+    names,
     pack,
     unpack,
     worker_identity,
@@ -133,3 +134,17 @@ def test_a_batch_names_its_region_and_how_much_its_slots_hold(tmp_path: Path) ->
             batch.region, batch.head = 3, 99  # overwritten by unpack
             back, _ = unpack(frame, pool)
             assert (back.region, back.head if region >= 0 else 0) == (region, head)
+
+
+def test_a_message_is_read_for_its_names_before_it_writes_a_batch(tmp_path: Path) -> None:
+    """The I/O process checks its ledger (is this buffer out at the sender?) with
+    ``names``, which writes nothing: a late answer naming a buffer in use again must not
+    change that batch's count, id or region."""
+    with BatchPool(str(tmp_path / "pool"), 2, 4, 1024, create=True) as pool:
+        live = pool[1]
+        live.count, live.batch_id, live.region = 3, 77, -1
+        frame = HEADER.pack(5, 0, 0x15, 1, 1, 0)  # batch 5 in buffer 1, heads of region 2
+        assert names(frame) == (5, 1)
+        assert (live.count, live.batch_id, live.region) == (3, 77, -1)
+        with pytest.raises(TransportError, match="header"):
+            names(frame[:-1])
