@@ -6,7 +6,8 @@ inside always has a full batch of 1400-byte packets ready in shared memory, and 
 counts what leaves. Two readers, side by side: "copy" copies every packet into its batch
 slot in the I/O process (a TUN read, or a TPACKET_V2 ring); "heads" copies nothing, the SPD
 lookup reads the addresses in place and the worker copies the packets (pipeline/region.py,
-what a TPACKET_V3 ring does for outbound batches that go to workers). The I/O process takes
+what a TPACKET_V3 ring does for outbound batches that go to workers; with one worker the
+data plane copies as "copy" does, see pipeline/dataplane.py). The I/O process takes
 one core; workers get the others, round robin (more workers than cores share).
 
     python -m bench.scaling                 # table: each count with each reader

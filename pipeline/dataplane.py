@@ -264,12 +264,15 @@ class DataPlane:
                               settings.slot_size, create=True)
         self._free: list[int] = list(range(len(self.pool) - 1, -1, -1))
         # Readers whose memory the workers map: region 0 the inside's, 1 the outside's
-        # (pipeline/region.py). Only worth it when there are workers to copy in parallel.
+        # (pipeline/region.py). Only with two workers or more: one worker is the slower
+        # stage of a two-stage pipeline, and the copy is better left to the I/O process,
+        # which has time to spare (bench/scaling.py, 16 cores, one SA: one worker 527 000
+        # packets/s with the copy in the I/O process, 440 000 with it in the worker).
         self._readers: list[HeadsReader | None] = []
         self._regions: list[SharedRegion | None] = []
         for io in (inside, outside):
             region = None
-            if settings.workers and settings.heads and callable(
+            if settings.workers >= 2 and settings.heads and callable(
                     getattr(io, "shared_region", None)):
                 region = io.shared_region()  # type: ignore[attr-defined]
             self._readers.append(io if region is not None else None)  # type: ignore[arg-type]

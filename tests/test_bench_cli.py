@@ -55,8 +55,8 @@ def test_scaling_bench_runs_both_readers_through_workers(
     packet heads, pipeline/region.py), and the summary's ratio is of medians."""
     from bench import scaling
 
-    rc = scaling.main(["--json", "--seconds", "0.3", "--batch", "64", "--counts", "1",
-                       "--max-workers", "1", "--repeat", "2"])
+    rc = scaling.main(["--json", "--seconds", "0.3", "--batch", "64", "--counts", "2",
+                       "--repeat", "2"])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     runs = [r for r in rows if not r.get("summary")]
