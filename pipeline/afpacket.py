@@ -352,7 +352,6 @@ class RxRing:
         self._holds = [0] * block_count
         self._kept = [False] * block_count
         self._held_by: dict[int, list[int]] = {}  # token -> blocks its batch holds
-        self._head = HEAD  # bytes of each packet a heads-only read copies
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
@@ -434,11 +433,9 @@ class RxRing:
         ``token``. A lone frame is copied whole (``src`` -1), as are all frames of a
         TPACKET_V2 ring."""
         if self.version != 3:
-            batch.src[batch.count : batch.capacity] = -1
             return self.read_into(batch, max_packets, ethertypes)
         start = batch.count
-        self._head = head
-        n = self._read(batch, max_packets, ethertypes, token)
+        n = self._read(batch, max_packets, ethertypes, (token, head))
         if n and int(batch.src[start : start + n].max()) >= 0:
             batch.region = region
         return n
@@ -485,8 +482,9 @@ class RxRing:
         return self._read(batch, max_packets, ethertypes, None)
 
     def _read(self, batch: Batch, max_packets: int | None,
-              ethertypes: npt.NDArray[np.uint16] | None, token: int | None) -> int:
-        """TPACKET_V3: ``read_into``, or with a ``token`` ``read_heads``."""
+              ethertypes: npt.NDArray[np.uint16] | None,
+              heads: tuple[int, int] | None) -> int:
+        """TPACKET_V3: ``read_into``, or with ``heads`` (token, head) ``read_heads``."""
         start = batch.count
         room = batch.capacity - start
         if max_packets is not None:
@@ -502,8 +500,7 @@ class RxRing:
                 self._pos = pos + u32[pos >> 2]
                 slot = start + filled
                 filled += self._deliver_one(batch, slot, pos, ethertypes)
-                if token is not None and slot < batch.capacity:
-                    batch.src[slot] = -1  # whole in its slot
+                batch.src[slot] = -1  # whole in its slot
                 self._left -= 1
                 if not self._left:
                     self._release_block()
@@ -516,9 +513,9 @@ class RxRing:
             offs = np.array(offsets, dtype=np.int64)
             hdr = self._units[(offs >> 3)[:, None] + self._hdr_units].reshape(-1)
             got = self._deliver(batch, start + filled, offs, hdr.view(FRAME_HDR_DTYPE),
-                                ethertypes, heads=token is not None)
-            if got and token is not None:
-                blocks = self._held_by.setdefault(token, [])
+                                ethertypes, None if heads is None else heads[1])
+            if got and heads is not None:
+                blocks = self._held_by.setdefault(heads[0], [])
                 if self._block not in blocks:
                     blocks.append(self._block)
                     self._holds[self._block] += 1
@@ -601,11 +598,11 @@ class RxRing:
 
     def _deliver(self, batch: Batch, first: int, offs: npt.NDArray[np.int64],
                  hdr: npt.NDArray[np.void], ethertypes: npt.NDArray[np.uint16] | None,
-                 heads: bool = False) -> int:
+                 head: int | None = None) -> int:
         """Copy the frames at ring offsets ``offs`` (headers ``hdr``) into slots ``first``,
-        ``first + 1``, ... (``heads``: their first bytes, pipeline/region.py); frames that
-        are not ours are counted by reason and skipped. Returns how many slots were
-        filled."""
+        ``first + 1``, ... (``head``: only their first ``head`` bytes, pipeline/region.py);
+        frames that are not ours are counted by reason and skipped. Returns how many slots
+        were filled."""
         max_len = batch.max_packet
         meta = batch.meta
         counters = self._counters
@@ -641,8 +638,8 @@ class RxRing:
                 if complete_l4_checksum(self._ring, int(l3[j]), int(length[j])):
                     counters["csum_completed"] += 1
             sl = slice(first, first + k)
-            if heads:
-                copy_heads(batch, first, self._ring, l3, length, self._head)
+            if head is not None:
+                copy_heads(batch, first, self._ring, l3, length, head)
             else:
                 offset = batch.slot_starts()[sl] + HEADROOM
                 copy_segments(batch.data, offset, self._ring, l3, length)

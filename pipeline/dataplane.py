@@ -268,15 +268,14 @@ class DataPlane:
         # stage of a two-stage pipeline, and the copy is better left to the I/O process,
         # which has time to spare (bench/scaling.py, 16 cores, one SA: one worker 527 000
         # packets/s with the copy in the I/O process, 440 000 with it in the worker).
-        self._readers: list[HeadsReader | None] = []
-        self._regions: list[SharedRegion | None] = []
+        self._shared: list[tuple[HeadsReader, SharedRegion] | None] = []
         for io in (inside, outside):
             region = None
             if settings.workers >= 2 and settings.heads and callable(
                     getattr(io, "shared_region", None)):
                 region = io.shared_region()  # type: ignore[attr-defined]
-            self._readers.append(io if region is not None else None)  # type: ignore[arg-type]
-            self._regions.append(region)
+            self._shared.append(None if region is None else (io, region))  # type: ignore[arg-type]
+        regions = tuple(s[1] if s is not None else None for s in self._shared)
         self._holding: dict[int, int] = {}  # buffer out at a worker -> the region it holds
         cpus = settings.cpus
         self.supervisor = Supervisor([
@@ -285,7 +284,7 @@ class DataPlane:
                        pool_buffers=len(self.pool), sas=tuple(self.records.items()),
                        capacity=settings.max_packets, slot_size=settings.slot_size,
                        sa_updates=sa_updates, reports=reports,
-                       regions=tuple(self._regions) if any(self._regions) else (),
+                       regions=regions if any(regions) else (),
                        outside_mtu=settings.outside_mtu, mss_clamp=settings.mss_clamp)
             for i in range(settings.workers)])
         # The ledger of who holds what: per worker, its batches out (id -> (buffer, when
@@ -367,9 +366,11 @@ class DataPlane:
         if callable(update) and (added or gone):
             update(added, gone)
 
-    def _clamp(self, batch: Batch) -> None:
+    def _clamp(self, batch: Batch, sa: npt.NDArray[np.int64] | None = None) -> None:
+        """``sa``: the packets' SA indices, when the caller has them."""
         if self.settings.mss_clamp is not None:
-            sa = batch.meta["sa"][: batch.count].astype(np.int64)
+            if sa is None:
+                sa = batch.meta["sa"][: batch.count].astype(np.int64)
             self.stats.mss_clamped += mtu.clamp_mss(batch, self._mss4[sa], self._mss6[sa])
 
     def _outbound_mtu(self, batch: Batch, clamp: bool) -> None:
@@ -379,7 +380,7 @@ class DataPlane:
         n = batch.count
         sa = batch.meta["sa"][:n].astype(np.int64)
         if clamp:
-            self._clamp(batch)
+            self._clamp(batch, sa)
         limit = self._inner_mtu[sa]
         over = mtu.too_big(batch, limit)
         if over.any():
@@ -434,11 +435,8 @@ class DataPlane:
     def _complete(self, batch: Batch) -> None:
         """A batch of packet heads kept here: its packets whole, its reader's memory back."""
         if batch.region >= 0:
-            region = self._regions[batch.region]
-            assert region is not None and region.data is not None
-            reader = self._readers[batch.region]
-            assert reader is not None
-            complete(batch, region.data)
+            reader, region = self._reader(batch.region)
+            complete(batch, region)
             reader.release(batch.buffer)
 
     def _unhold(self, buffer: int) -> None:
@@ -446,9 +444,13 @@ class DataPlane:
         memory goes back."""
         region = self._holding.pop(buffer, None)
         if region is not None:
-            reader = self._readers[region]
-            assert reader is not None
-            reader.release(buffer)
+            self._reader(region)[0].release(buffer)
+
+    def _reader(self, region: int) -> tuple[HeadsReader, npt.NDArray[np.uint8]]:
+        """The reader of a region a batch names, and the region as this process maps it."""
+        shared = self._shared[region]
+        assert shared is not None and shared[1].data is not None  # only ours are named
+        return shared[0], shared[1].data
 
     def _take(self) -> Batch | None:
         """A free buffer of the pool; None when every one is in use (the loop stops
@@ -567,10 +569,10 @@ class DataPlane:
         if batch is None:
             return
         region = 0 if direction is Direction.OUTBOUND else 1
-        reader = self._readers[region]
-        if reader is None:
+        if self._shared[region] is None:
             io.read_batch(batch, self.settings.max_packets)
         else:
+            reader = self._reader(region)[0]
             # Outbound, the I/O process reads only the addresses (the SPD lookup reads
             # them in place, pipeline/dispatch.py): nothing is copied; inbound, the outer
             # headers up to the ESP sequence number, copied with the first HEAD bytes.
@@ -603,9 +605,8 @@ class DataPlane:
             # Kept for the per-SA byte counters: RFC 4301 byte lifetimes count what the SA
             # protects, as the inbound side (the reassembler) does.
             batch.meta["inner_length"][: batch.count] = batch.meta["length"][: batch.count]
-            region = self._regions[batch.region] if batch.region >= 0 and not batch.head \
-                else None
-            self.dispatcher.outbound(batch, None if region is None else region.data)
+            self.dispatcher.outbound(batch, self._reader(batch.region)[1]
+                                     if batch.region >= 0 and not batch.head else None)
             if self.dispatcher.trapped:
                 self._acquire(now)
             # A batch for a worker is clamped there, after the worker has the whole of

@@ -70,22 +70,24 @@ class Handoff(NamedTuple):
     direction: Direction
 
 
+def _header(frame: bytes) -> tuple[int, int, int, int, int, int]:
+    if len(frame) != HEADER.size:
+        raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
+    return HEADER.unpack(frame)
+
+
 def names(frame: bytes) -> tuple[int, int]:
     """(batch id, buffer) of a message, nothing changed: whether the buffer is the
     sender's to name is the receiver's ledger's to say before :func:`unpack` writes the
     header into that buffer's batch."""
-    if len(frame) != HEADER.size:
-        raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
-    batch_id, _, _, _, buffer, _ = HEADER.unpack(frame)
+    batch_id, _, _, _, buffer, _ = _header(frame)
     return batch_id, buffer
 
 
 def unpack(frame: bytes, pool: BatchPool) -> Handoff:
     """The batch a message names, with its count, id, SA version and region set from the
     header."""
-    if len(frame) != HEADER.size:
-        raise TransportError(f"batch header of {len(frame)} bytes, want {HEADER.size}")
-    batch_id, direction, flags, n, buffer, sa_version = HEADER.unpack(frame)
+    batch_id, direction, flags, n, buffer, sa_version = _header(frame)
     if buffer >= len(pool) or n > pool.capacity:
         raise TransportError(f"batch of {n} packets in buffer {buffer} does not fit the pool "
                              f"of {len(pool)} x {pool.capacity}")
@@ -95,6 +97,6 @@ def unpack(frame: bytes, pool: BatchPool) -> Handoff:
         raise TransportError(f"unknown flags {flags:#x}")
     batch = pool[buffer]
     batch.count, batch.batch_id, batch.sa_version = n, batch_id, sa_version
-    batch.region = (flags >> 1) % MAX_REGIONS if flags & HEADS else -1
+    batch.region = (flags >> 1) & (MAX_REGIONS - 1) if flags & HEADS else -1
     batch.head = 0 if flags & EMPTY else HEAD
     return Handoff(batch, Direction(direction))

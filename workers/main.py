@@ -119,12 +119,9 @@ class MssLimits:
         if not np.count_nonzero(col != first):  # one SA: the usual batch
             mss4, mss6 = self._of(sas, first)
             return mtu.clamp_mss(batch, mss4, mss6, mark=MSS_CLAMPED)
-        index = col.astype(np.int64)
-        lim4 = np.full(int(index.max()) + 1, 1 << 16, dtype=np.int64)
-        lim6 = lim4.copy()
-        for i in np.unique(index).tolist():
-            lim4[i], lim6[i] = self._of(sas, i)
-        return mtu.clamp_mss(batch, lim4[index], lim6[index], mark=MSS_CLAMPED)
+        present, which = np.unique(col, return_inverse=True)
+        limits = np.array([self._of(sas, i) for i in present.tolist()], dtype=np.int64)
+        return mtu.clamp_mss(batch, limits[which, 0], limits[which, 1], mark=MSS_CLAMPED)
 
     def _of(self, sas: SaTable, index: int) -> tuple[int, int]:
         sa = sas[index]
@@ -223,11 +220,11 @@ def run_worker(spec: WorkerSpec) -> None:
                 continue
             try:
                 batch, direction = unpack(sock.recv(), pool)
-                region = regions[batch.region] if batch.region >= 0 else None
-                if batch.region >= 0 and region is None:
-                    raise TransportError(f"no region {batch.region} here")
-            except (TransportError, IndexError):
-                continue  # never answered: the I/O process's ledger finds it hung
+            except TransportError:
+                continue
+            region = regions[batch.region] if 0 <= batch.region < len(regions) else None
+            if batch.region >= 0 and region is None:
+                continue  # a region not given to this worker: never answered, found hung
             if updates is not None and batch.sa_version > updates.version:
                 updates.wait_for(batch.sa_version)  # classified with SAs not seen here yet
             if region is not None:
