@@ -71,6 +71,9 @@ from bench.lab import (
 )
 
 SETUPS = ("espline", "strongswan", "plain")
+# Also selectable with --setups, never by default: espline with its TUN offloads off
+# (pipeline/offload.py), to measure what they bring side by side.
+EXTRA_SETUPS = ("espline-no-offload",)
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
 CHARON_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey "
@@ -170,6 +173,7 @@ class Plain(Setup):
 
 class Espline(Setup):
     name = "espline"
+    offload = True
 
     def outside(self, side: Side) -> str:
         if self.args.outside == "socket":
@@ -181,7 +185,7 @@ class Espline(Setup):
         return textwrap.dedent(f"""\
             dataplane:
               workers: {self.args.workers}
-              inside: {{mode: tun, name: espl0}}
+              inside: {{mode: tun, name: espl0, offload: {str(self.offload).lower()}}}
               outside: {self.outside(side)}
               endpoints: {{runtime_dir: {rundir}}}
             static_sas:
@@ -422,8 +426,13 @@ class StrongSwan(Setup):
         return out
 
 
+class EsplineNoOffload(Espline):
+    name = "espline-no-offload"
+    offload = False
+
+
 SETUP_CLASSES: dict[str, type[Setup]] = {"espline": Espline, "strongswan": StrongSwan,
-                                         "plain": Plain}
+                                         "plain": Plain, "espline-no-offload": EsplineNoOffload}
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -588,7 +597,8 @@ def fmt(v: float | None, spec: str) -> str:
 
 def print_table(results: list[Result], breakdown: list[tuple[str, str, str, str]],
                 notes: list[str]) -> None:
-    head = (f"{'setup':<11}{'test':<14}{'Mbit/s':>9}{'loss%':>8}{'rtt p50':>9}{'rtt p99':>9}"
+    w = max(11, *(len(r.setup) + 1 for r in results))
+    head = (f"{'setup':<{w}}{'test':<14}{'Mbit/s':>9}{'loss%':>8}{'rtt p50':>9}{'rtt p99':>9}"
             f"{'cpu L%':>8}{'cpu R%':>8}{'host%':>7}{'other%':>8}  extra")
     print(head)
     print("-" * len(head))
@@ -606,7 +616,7 @@ def print_table(results: list[Result], breakdown: list[tuple[str, str, str, str]
             extra = f"{r.extra['pings']} pings"
         if "round" in r.extra:
             extra = f"round {r.extra['round']}, {extra}"
-        print(f"{r.setup:<11}{r.test:<14}{fmt(r.mbps, '.1f'):>9}{fmt(r.loss_pct, '.2f'):>8}"
+        print(f"{r.setup:<{w}}{r.test:<14}{fmt(r.mbps, '.1f'):>9}{fmt(r.loss_pct, '.2f'):>8}"
               f"{fmt(r.rtt_p50_ms, '.3f'):>9}{fmt(r.rtt_p99_ms, '.3f'):>9}"
               f"{fmt(r.cpu_left_pct, '.0f'):>8}{fmt(r.cpu_right_pct, '.0f'):>8}"
               f"{fmt(r.host_busy_pct, '.0f'):>7}{fmt(r.other_cpu_pct, '.0f'):>8}  {extra}")
@@ -618,7 +628,7 @@ def print_table(results: list[Result], breakdown: list[tuple[str, str, str, str]
         for setup, test, side, text in breakdown:
             if text == "-":
                 continue
-            print(f"  {setup:<11}{test:<12}{side:<6}{text}")
+            print(f"  {setup:<{w}}{test:<12}{side:<6}{text}")
     for n in notes:
         print(n)
 
@@ -641,7 +651,8 @@ def show_profiles(directory: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.tunnel", description=__doc__.split("\n")[0])
     p.add_argument("--setups", default=",".join(SETUPS),
-                   help="comma-separated, from: espline,strongswan,plain (default: all)")
+                   help="comma-separated, from: espline,strongswan,plain (default: all), "
+                        "espline-no-offload (espline, TUN offloads off)")
     p.add_argument("--time", type=float, default=5.0, help="iperf3 TCP seconds (default 5)")
     p.add_argument("--udp-time", type=float, default=None,
                    help="seconds per UDP rate (default: --time)")
@@ -670,9 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args(argv)
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    bad = [s for s in args.setups if s not in SETUPS]
+    bad = [s for s in args.setups if s not in SETUPS + EXTRA_SETUPS]
     if bad or not args.setups:
-        p.error(f"unknown setup(s) {bad}; choose from {','.join(SETUPS)}")
+        p.error(f"unknown setup(s) {bad}; choose from {','.join(SETUPS + EXTRA_SETUPS)}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     args.udp_rates = [r.strip() for r in args.udp_rates.split(",") if r.strip()]

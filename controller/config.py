@@ -342,6 +342,8 @@ class InsideConfig:
 
     mode: InsideMode = "tun"
     interface: str = DEFAULT_TUN_NAME
+    # tun: virtio-net headers, checksum and TCP segmentation offloads (pipeline/offload.py)
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -495,12 +497,14 @@ def _only_for(s: _Section, name: str, mode: str, note: str) -> None:
 
 
 def _parse_inside(value: object, keys: _Keys) -> InsideConfig:
-    s = _Section(value, keys, ("mode", "name", "interface"))
+    s = _Section(value, keys, ("mode", "name", "interface", "offload"))
     mode = cast(InsideMode, s.get_choice("mode", "tun", ("tun", "af_packet")))
     if mode == "tun":
         _only_for(s, "interface", "af_packet", " (a TUN device takes name)")
-        return InsideConfig(mode, _ifname(s.get("name", DEFAULT_TUN_NAME), s.at("name")))
+        return InsideConfig(mode, _ifname(s.get("name", DEFAULT_TUN_NAME), s.at("name")),
+                            s.get_bool("offload", True))
     _only_for(s, "name", "tun", " (af_packet takes interface)")
+    _only_for(s, "offload", "tun", " (offloads are a TUN device's)")
     return InsideConfig(mode, _ifname(s.get("interface"), s.at("interface")))
 
 

@@ -44,6 +44,9 @@ class TunIO:
     def write_batch(self, batch: Batch) -> int:
         return self.device.write_batch(batch)
 
+    def pending(self) -> bool:
+        return self.device.pending()
+
     def fileno_list(self) -> list[int]:
         return [self.device.fileno()]
 
@@ -82,7 +85,9 @@ class TunIO:
     def io_stats(self) -> dict[str, int]:
         q = self.device.queues[0]
         return {"rx_packets": q.rx_packets, "rx_too_big": q.rx_too_big,
-                "tx_packets": q.tx_packets, "tx_errors": q.tx_errors}
+                "rx_gso": q.rx_gso, "rx_gso_errors": q.rx_gso_errors,
+                "tx_packets": q.tx_packets, "tx_errors": q.tx_errors,
+                "tx_coalesced": q.tx_coalesced}
 
 
 class AfPacketIO:
@@ -210,7 +215,8 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
     """
     inside: PacketIO
     if dp.inside.mode == "tun":
-        device = TunDevice(dp.inside.interface, mtu=tun_mtu, routes=sorted(routes))
+        device = TunDevice(dp.inside.interface, mtu=tun_mtu, routes=sorted(routes),
+                           offload=dp.inside.offload)
         stack.callback(device.close)
         inside = TunIO(device, frozenset(device.routes))
     else:

@@ -500,6 +500,9 @@ class DataPlane:
         # spend most of its CPU on wake-ups (bench/ike_rate.py); a turn comes at least
         # every IDLE_POLL_MS.
         poller, backlogged = zmq.Poller(), zmq.Poller()
+        # A TUN reader may hold segments of a packet read already (pipeline/tun.py): they
+        # are read on without waiting for the fd.
+        inside_pending: Callable[[], bool] = getattr(self.inside, "pending", lambda: False)
         inside_fds = set(self.inside.fileno_list())
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
@@ -512,8 +515,9 @@ class DataPlane:
                 # Idle (nothing in flight), the loop wakes only for its housekeeping: on
                 # a VM each wake-up of a sleeping process costs tens of microseconds of
                 # CPU, 100 a second of them a percent of a core.
-                timeout = BUSY_POLL_MS if self._refeed or not self.reassembler.idle() \
-                    else IDLE_POLL_MS
+                held = inside_pending()
+                timeout = 0 if held else BUSY_POLL_MS \
+                    if self._refeed or not self.reassembler.idle() else IDLE_POLL_MS
                 events = dict((poller if self._can_read() else backlogged).poll(timeout))
                 now = time.monotonic()
                 if updates is not None and updates.pending():
@@ -522,7 +526,7 @@ class DataPlane:
                 if workers in events:
                     self._collect(workers, now)
                 if self._can_read():
-                    if any(fd in events for fd in inside_fds):
+                    if held or any(fd in events for fd in inside_fds):
                         self._ingest(self.inside, Direction.OUTBOUND, workers, now)
                     if any(fd in events for fd in outside_fds):
                         self._ingest(self.outside, Direction.INBOUND, workers, now)

@@ -29,7 +29,9 @@ import numpy.typing as npt
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pipeline import offload
 from pipeline.batch import HEADROOM, Batch, Verdict
+from pipeline.offload import F_NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, OffloadError, Superpacket
 from pipeline.rtnl import RouteSocket
 
 __all__ = [
@@ -49,6 +51,12 @@ TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000  # no 4-byte packet-information prefix: reads and writes are bare IP packets
 IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000  # every read and write starts with a struct virtio_net_hdr
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01  # the kernel may hand over packets with partial checksums
+TUN_F_TSO4 = 0x02  # ... and TCP packets of up to 64 KiB, to cut into segments here
+TUN_F_TSO6 = 0x04
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 IFNAMSIZ = 16
 # struct ifreq: char ifr_name[IFNAMSIZ]; then a union whose largest member (struct ifmap)
 # makes the whole struct 40 bytes on 64-bit Linux; ifr_flags is a short at its start.
@@ -71,11 +79,12 @@ class TunError(OSError):
     """Opening or configuring the TUN device failed; the message says what is needed."""
 
 
-def _open_queue_fd(name: str, multi_queue: bool) -> tuple[int, str]:
+def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False) -> tuple[int, str]:
     """Open /dev/net/tun and attach it to (or create) the TUN device ``name``.
 
     Returns the non-blocking fd and the device's name as the kernel settled it (a ``%d``
-    pattern in ``name`` is filled in by the kernel).
+    pattern in ``name`` is filled in by the kernel). ``offload``: with virtio-net headers,
+    partial checksums and TSO (pipeline/offload.py); every queue of a device must agree.
     """
     encoded = name.encode()
     if not encoded or len(encoded) >= IFNAMSIZ:
@@ -86,9 +95,12 @@ def _open_queue_fd(name: str, multi_queue: bool) -> tuple[int, str]:
         raise TunError(errno.ENOENT, _MISSING_HINT) from exc
     except PermissionError as exc:
         raise TunError(exc.errno, f"cannot open {TUN_PATH}: {_CAP_HINT}") from exc
-    flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+    flags = (IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+             | (IFF_VNET_HDR if offload else 0))
     try:
         ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(encoded, flags))
+        if offload:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EPERM:
@@ -105,7 +117,8 @@ def _open_queue_fd(name: str, multi_queue: bool) -> tuple[int, str]:
                 f"TUNSETIFF {name!r}: rejected; the device may exist without IFF_MULTI_QUEUE, "
                 "or the kernel's queue limit is reached",
             ) from exc
-        raise TunError(exc.errno, f"TUNSETIFF {name!r} failed: {exc.strerror}") from exc
+        raise TunError(exc.errno, f"TUNSETIFF/TUNSETOFFLOAD {name!r} failed: {exc.strerror}"
+                       ) from exc
     raw_name, _ = _IFREQ.unpack(ifr)
     return fd, raw_name.rstrip(b"\0").decode()
 
@@ -115,23 +128,35 @@ class TunQueue:
 
     The fd is non-blocking; wait for it with select/poll or ``loop.add_reader(queue, ...)``.
     Counters are plain ints, read by the metrics exporter.
+
+    With ``offload`` (the device was opened with ``IFF_VNET_HDR`` and TSO, see
+    pipeline/offload.py), reads cut the kernel's 64 KiB TCP packets into segments and
+    complete partial checksums, and writes coalesce consecutive TCP segments of one
+    connection. A packet cut into more segments than the batch has room for leaves the rest
+    :meth:`pending`, for the next read (the fd may not be readable again meanwhile).
     """
 
-    __slots__ = ("_fd", "name", "rx_packets", "rx_too_big", "tx_packets", "tx_errors")
+    __slots__ = ("_fd", "_pending", "name", "offload", "rx_gso", "rx_gso_errors",
+                 "rx_packets", "rx_too_big", "tx_coalesced", "tx_errors", "tx_packets")
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, offload: bool = False) -> None:
         self._fd = fd
         self.name = name
+        self.offload = offload
+        self._pending: Superpacket | None = None  # segments left to emit
         self.rx_packets = 0
         self.rx_too_big = 0  # longer than a slot's payload area: truncated, marked TOO_BIG
+        self.rx_gso = 0  # TCP packets read whole and cut into segments here
+        self.rx_gso_errors = 0  # ... that could not be cut (dropped)
         self.tx_packets = 0
         self.tx_errors = 0  # writes the kernel refused (e.g. not an IPv4/IPv6 packet)
+        self.tx_coalesced = 0  # packets written as part of a coalesced run
 
     @classmethod
-    def attach(cls, name: str) -> TunQueue:
+    def attach(cls, name: str, offload: bool = False) -> TunQueue:
         """Attach a new queue to the existing multi-queue device ``name`` (e.g. in a worker)."""
-        fd, settled = _open_queue_fd(name, multi_queue=True)
-        return cls(fd, settled)
+        fd, settled = _open_queue_fd(name, multi_queue=True, offload=offload)
+        return cls(fd, settled, offload)
 
     @property
     def fd(self) -> int:
@@ -151,6 +176,10 @@ class TunQueue:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
+    def pending(self) -> bool:
+        """Segments of a packet already read are waiting for the next :meth:`read_batch`."""
+        return self._pending is not None
+
     def read_batch(self, batch: Batch, max_packets: int | None = None) -> int:
         """Read packets into ``batch`` from slot 0 on, until EAGAIN or ``max_packets``.
 
@@ -160,8 +189,10 @@ class TunQueue:
         verdict TOO_BIG, so that it is counted as a drop downstream. Sets and returns
         ``batch.count``.
         """
-        fd = self.fd
         limit = batch.capacity if max_packets is None else min(max_packets, batch.capacity)
+        if self.offload:
+            return self._read_offload(batch, limit)
+        fd = self.fd
         views, offsets = _rx_views(batch)
         room = batch.max_packet
         readv = os.readv
@@ -177,6 +208,63 @@ class TunQueue:
             # the batch before it propagates.
             self._commit(batch, lengths, offsets, room)
         return batch.count
+
+    def _read_offload(self, batch: Batch, limit: int) -> int:
+        fd = self.fd
+        views, offsets, heads = _rx_vnet_views(batch)
+        room = batch.max_packet
+        readv = os.readv
+        lengths: list[int] = []
+        partial: list[int] = []  # slots whose checksum the sender left partial
+        i = 0
+        if self._pending is not None:
+            i = self._emit(batch, 0, limit, lengths)
+        try:
+            while i < limit and self._pending is None:
+                n = readv(fd, views[i]) - VNET_HDR_LEN
+                h = i * VNET_HDR_LEN
+                if heads[h + 1]:  # gso_type: a TCP packet to cut
+                    i = self._cut(batch, i, n, limit, lengths, heads)
+                    continue
+                if heads[h] & F_NEEDS_CSUM and n <= room:
+                    partial.append(i)
+                lengths.append(n)
+                i += 1
+        except BlockingIOError:
+            pass
+        finally:
+            self._commit(batch, lengths, offsets, room)
+            if partial:
+                _complete(batch, partial, heads)
+        return batch.count
+
+    def _cut(self, batch: Batch, i: int, n: int, limit: int, lengths: list[int],
+             heads: bytearray) -> int:
+        """The GSO packet just read into slot ``i`` (its tail in the spill buffer): its
+        segments from slot ``i`` on. Returns the next free slot."""
+        room = batch.max_packet
+        at = i * batch.slot_size + HEADROOM
+        packet = np.empty(n, dtype=np.uint8)
+        packet[: min(n, room)] = batch.data[at : at + min(n, room)]
+        if n > room:
+            packet[room:] = _spill(batch)[: n - room]
+        _, gso_type, _, gso_size, _, _ = VNET_HDR.unpack_from(heads, i * VNET_HDR_LEN)
+        try:
+            self._pending = Superpacket.parse(packet, gso_type, gso_size, room)
+        except OffloadError:
+            self.rx_gso_errors += 1
+            return i  # dropped: the slot takes the next packet
+        self.rx_gso += 1
+        return self._emit(batch, i, limit, lengths)
+
+    def _emit(self, batch: Batch, i: int, limit: int, lengths: list[int]) -> int:
+        sp = self._pending
+        assert sp is not None
+        got = sp.emit(batch.data, i * batch.slot_size + HEADROOM, batch.slot_size, limit - i)
+        lengths.extend(got)
+        if not sp.remaining:
+            self._pending = None
+        return i + len(got)
 
     def _commit(
         self, batch: Batch, lengths: list[int], offsets: npt.NDArray[np.uint32], room: int
@@ -218,20 +306,82 @@ class TunQueue:
         else:
             meta = batch.meta[:n]
             passing = meta["verdict"] == Verdict.PASS
+            if self.offload:
+                return self._write_offload(batch, meta["offset"][passing].astype(np.int64),
+                                           meta["length"][passing].astype(np.int64))
             offsets = meta["offset"][passing].tolist()
             lengths = meta["length"][passing].tolist()
         data = batch.memory()[0]
-        write = os.write
         sent = 0
         errors = 0
-        for off, length in zip(offsets, lengths, strict=True):
-            try:
-                write(fd, data[off : off + length])
-                sent += 1
-            except OSError:
-                errors += 1
+        if self.offload:
+            writev = os.writev
+            plain = offload.NO_OFFLOAD
+            for off, length in zip(offsets, lengths, strict=True):
+                try:
+                    writev(fd, (plain, data[off : off + length]))
+                    sent += 1
+                except OSError:
+                    errors += 1
+        else:
+            write = os.write
+            for off, length in zip(offsets, lengths, strict=True):
+                try:
+                    write(fd, data[off : off + length])
+                    sent += 1
+                except OSError:
+                    errors += 1
         self.tx_packets += sent
         self.tx_errors += errors
+        return sent
+
+    def _write_offload(self, batch: Batch, offsets: npt.NDArray[np.int64],
+                       lengths: npt.NDArray[np.int64]) -> int:
+        """Write with virtio-net headers: coalesced runs as one packet, the rest alone."""
+        fd = self.fd
+        data = batch.memory()[0]
+        runs = offload.coalesce(batch.data, offsets, lengths, batch.slot_size)
+        offs = offsets.tolist()
+        lens = lengths.tolist()
+        writev = os.writev
+        plain = offload.NO_OFFLOAD
+        sent = errors = coalesced = 0
+        i = 0
+        n = len(offs)
+        for run in [*runs, None]:
+            stop = n if run is None else run.first
+            while i < stop:
+                off = offs[i]
+                try:
+                    writev(fd, (plain, data[off : off + lens[i]]))
+                    sent += 1
+                except OSError:
+                    errors += 1
+                i += 1
+            if run is None:
+                break
+            first, last = run.first, run.last
+            off = offs[first]
+            l4 = offload.IPV6_LEN if data[off] >> 4 == 6 else (data[off] & 0xF) * 4
+            header = l4 + (data[off + l4 + offload.TCP_DOFF] >> 4) * 4
+            parts = [data[o + header : o + m] for o, m in
+                     zip(offs[first : last + 1], lens[first : last + 1], strict=True)]
+            payload = sum(lens[first : last + 1]) - header * (last - first + 1)
+            end = offs[last]
+            vnet, head = offload.run_header(data, off, header, l4, payload, lens[first] - header,
+                                            bool(data[end + l4 + offload.TCP_FLAGS]
+                                                 & offload.PSH))
+            count = last - first + 1
+            try:
+                writev(fd, [vnet, head, *parts])
+                sent += count
+                coalesced += count
+            except OSError:
+                errors += count
+            i = last + 1
+        self.tx_packets += sent
+        self.tx_errors += errors
+        self.tx_coalesced += coalesced
         return sent
 
 
@@ -255,6 +405,61 @@ def _rx_views(batch: Batch) -> tuple[list[list[memoryview]], npt.NDArray[np.uint
     return cached  # type: ignore[return-value]
 
 
+_VNET_VIEWS_KEY = "pipeline.tun.rx.vnet"
+_SPILL = 1 << 16  # a GSO packet's bytes beyond its slot: at most 64 KiB in all
+
+
+def _rx_vnet_views(batch: Batch) -> tuple[list[list[memoryview]], npt.NDArray[np.uint32],
+                                           bytearray]:
+    """``_rx_views`` with a virtio-net header before each slot (all of them in one
+    bytearray, header i at ``i * VNET_HDR_LEN``) and a 64 KiB spill buffer after it, where
+    the rest of a GSO packet lands. Cached on the batch."""
+    cached = batch._views.get(_VNET_VIEWS_KEY)
+    if cached is None:
+        data = memoryview(batch.data)  # type: ignore[arg-type]
+        room = batch.max_packet
+        heads = bytearray(batch.capacity * VNET_HDR_LEN)
+        hv = memoryview(heads)
+        spill = np.zeros(_SPILL, dtype=np.uint8)
+        sv = memoryview(spill)  # type: ignore[arg-type]
+        offsets = np.arange(batch.capacity, dtype=np.uint32) * batch.slot_size + HEADROOM
+        views = [[hv[i * VNET_HDR_LEN : (i + 1) * VNET_HDR_LEN], data[off : off + room], sv]
+                 for i, off in enumerate(offsets.tolist())]
+        cached = (views, offsets, heads, spill)
+        batch._views[_VNET_VIEWS_KEY] = cached
+    views, offsets, heads, _ = cached  # type: ignore[misc]
+    return views, offsets, heads
+
+
+def _spill(batch: Batch) -> npt.NDArray[np.uint8]:
+    spill: npt.NDArray[np.uint8] = batch._views[_VNET_VIEWS_KEY][3]  # type: ignore[index]
+    return spill
+
+
+def _complete(batch: Batch, slots: list[int], heads: bytearray) -> None:
+    """Complete the partial checksums of the packets in ``slots`` (pipeline/offload.py)."""
+    unpack = VNET_HDR.unpack_from
+    meta = batch.meta
+    if len(slots) <= 2:  # sparse traffic: plain Python
+        mv = memoryview(batch.data)  # type: ignore[arg-type]
+        for i in slots:
+            _, _, _, _, start, field = unpack(heads, i * VNET_HDR_LEN)
+            offload.complete_one(mv, int(meta["offset"][i]), int(meta["length"][i]), start,
+                                 field)
+        return
+    fields = np.array([unpack(heads, i * VNET_HDR_LEN)[4:] for i in slots], dtype=np.int64)
+    idx = np.array(slots)
+    done = offload.complete_checksums(batch.data, meta["offset"][idx].astype(np.int64),
+                                      meta["length"][idx].astype(np.int64), fields[:, 0],
+                                      fields[:, 1], batch.slot_size)
+    if not done.all():  # a checksum start not 4-byte aligned (odd IPv6 extension headers)
+        mv = memoryview(batch.data)  # type: ignore[arg-type]
+        for k in np.flatnonzero(~done).tolist():
+            i = slots[k]
+            offload.complete_one(mv, int(meta["offset"][i]), int(meta["length"][i]),
+                                 int(fields[k, 0]), int(fields[k, 1]))
+
+
 def _prefix(route: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(route, strict=True)
 
@@ -264,7 +469,9 @@ class TunDevice:
 
     ``TunDevice(name, mtu=..., address="10.99.0.1/24", routes=["10.98.0.0/24"])`` creates the
     device (``IFF_TUN | IFF_NO_PI``; ``queues > 1`` adds ``IFF_MULTI_QUEUE`` and one fd per
-    queue), sets the MTU, brings it up, adds the address and routes the remote subnets into it.
+    queue; ``offload`` adds ``IFF_VNET_HDR`` with checksum and TCP segmentation offloads,
+    see :class:`TunQueue`), sets the MTU, brings it up, adds the address and routes the
+    remote subnets into it.
     ``close()`` (idempotent; also on leaving a ``with`` block) removes the routes it added and
     closes the fds, which removes the device.
 
@@ -280,6 +487,7 @@ class TunDevice:
         routes: Iterable[str] = (),
         queues: int = 1,
         multi_queue: bool | None = None,
+        offload: bool = False,
     ) -> None:
         if queues < 1:
             raise ValueError(f"queues must be >= 1, got {queues}")
@@ -293,13 +501,13 @@ class TunDevice:
         self._netlink: RouteSocket | None = None
         self.queues: tuple[TunQueue, ...] = ()
         self.ifindex = 0
-        fd, self.name = _open_queue_fd(name, mq)
-        opened = [TunQueue(fd, self.name)]
+        fd, self.name = _open_queue_fd(name, mq, offload)
+        opened = [TunQueue(fd, self.name, offload)]
         self.queues = tuple(opened)
         try:
             for _ in range(queues - 1):
-                fd, _same = _open_queue_fd(self.name, True)
-                opened.append(TunQueue(fd, self.name))
+                fd, _same = _open_queue_fd(self.name, True, offload)
+                opened.append(TunQueue(fd, self.name, offload))
                 self.queues = tuple(opened)
             self._configure(mtu, address, routes)
         except BaseException:
@@ -391,6 +599,10 @@ class TunDevice:
     def write_batch(self, batch: Batch) -> int:
         self._require_open()
         return self.queues[0].write_batch(batch)
+
+    def pending(self) -> bool:
+        """Queue 0 holds segments of a packet read already (:meth:`TunQueue.pending`)."""
+        return bool(self.queues) and self.queues[0].pending()
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -45,3 +45,15 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([float(i) for i in range(1, 51)], 99) == 50.0
+
+
+def test_setups_by_name_and_the_no_offload_variant() -> None:
+    from bench.tunnel import SETUP_CLASSES, Espline, EsplineNoOffload
+
+    assert parse_args([]).setups == ["espline", "strongswan", "plain"]  # the default: no extra
+    assert parse_args(["--setups", "espline,espline-no-offload"]).setups == [
+        "espline", "espline-no-offload"]
+    with pytest.raises(SystemExit):
+        parse_args(["--setups", "espline,bogus"])
+    assert SETUP_CLASSES["espline-no-offload"] is EsplineNoOffload
+    assert Espline.offload and not EsplineNoOffload.offload
