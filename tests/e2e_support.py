@@ -101,10 +101,16 @@ SIDE_B = Side("192.0.2.2", "10.2.0.0/24", "10.2.0.1", "10.2.0.254", 0x2001, KEY_
 
 
 def config(local: Side, remote: Side, rundir: Path, *, encap: bool, workers: int = 2,
-           inside: str = "tun", outside: str = "socket", handoff_min: int | None = None) -> str:
+           inside: str = "tun", outside: str = "socket", handoff_min: int | None = None,
+           max_packets: int | None = None) -> str:
     """The YAML of one gateway: one static SA pair between ``local`` and ``remote``.
     ``handoff_min``: the smallest batch the I/O process hands to a worker (default: a full
-    one); 1 sends the workers every batch, for tests of the worker path."""
+    one); 1 sends the workers every batch, for tests of the worker path. ``max_packets``:
+    the batch size (default 256)."""
+    batch = {k: v for k, v in (("handoff_min", handoff_min), ("max_packets", max_packets))
+             if v is not None}
+    batch_cfg = ("batch: {" + ", ".join(f"{k}: {v}" for k, v in batch.items()) + "}"
+                 if batch else "")
     inside_cfg = (f"{{mode: tun, name: {TUN_NAME}}}" if inside == "tun"
                   else f"{{mode: af_packet, interface: {LAN}}}")
     outside_cfg = ("{mode: socket}" if outside == "socket"
@@ -115,7 +121,7 @@ def config(local: Side, remote: Side, rundir: Path, *, encap: bool, workers: int
           inside: {inside_cfg}
           outside: {outside_cfg}
           endpoints: {{runtime_dir: {rundir}}}
-          {"" if handoff_min is None else f"batch: {{handoff_min: {handoff_min}}}"}
+          {batch_cfg}
         static_sas:
           - name: {local.outer}-to-{remote.outer}
             local_addr: {local.outer}
@@ -248,7 +254,8 @@ class Tunnel:
 
 def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2,
                inside: str = "tun", outside: str = "socket",
-               topo: Topology | None = None, handoff_min: int | None = None) -> Tunnel:
+               topo: Topology | None = None, handoff_min: int | None = None,
+               max_packets: int | None = None) -> Tunnel:
     """Both gateways up and the tunnel carrying a ping from hostA to hostB.
 
     Each gateway's namespace holds only lab processes: the lab kills them by PID at teardown
@@ -260,7 +267,7 @@ def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2
                                     (topo.gw_b, SIDE_B, SIDE_A, "b")):
         rundir = tmp / f"run-{name}"
         cfg = config(local, remote, rundir, encap=encap, workers=workers, inside=inside,
-                     outside=outside, handoff_min=handoff_min)
+                     outside=outside, handoff_min=handoff_min, max_packets=max_packets)
         gws.append(start_gateway(ns, cfg, tmp, name, rundir))
     tunnel = Tunnel(topo, gws[0], gws[1], encap)
     # Both data planes up (their sockets and rings open) before the first packet: a raw ESP

@@ -251,6 +251,35 @@ def test_batches_the_io_process_keeps_up_with_stay_there() -> None:
         assert (plane.stats.inline_batches, plane.stats.single_packets) == (6, 1)
 
 
+class HoldingIO(QueueIO):
+    """An inside like a TUN queue holding the rest of a packet it cut (pipeline/tun.py):
+    its fd signals once, what a read leaves is :meth:`pending`, and the fd stays quiet."""
+
+    def _take(self, max_packets: int) -> list[bytes]:
+        try:
+            while self._r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            return [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._inbox)
+
+
+def test_an_inside_holding_packets_is_read_on_without_its_fd() -> None:
+    with running((HoldingIO(), QueueIO())) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        sent = [inner(i) for i in range(100)]  # batches of 32: one signal, four reads
+        inside.put(sent)
+        wait_for(lambda: len(outside.outbox) == len(sent), timeout=5)
+        plain, seqs = peer_decap(outside.outbox)
+        assert plain == sent
+        assert seqs == list(range(1, len(sent) + 1))
+
+
 def test_a_killed_worker_is_replaced_and_no_sequence_number_is_reused(
         gateway: tuple[DataPlane, QueueIO, QueueIO]) -> None:
     plane, inside, outside = gateway
