@@ -3,7 +3,9 @@
 Remote subnets are routed into a TUN device; the I/O process reads the plaintext packets the
 kernel routes there into the slots of a :class:`~pipeline.batch.Batch` and writes decapsulated
 packets back, one syscall per packet (TUN offers no batched read), with no per-packet Python
-object beyond the ``int`` that ``os.readv`` returns.
+object beyond the ``int`` that ``os.readv`` returns. With offloads (``IFF_VNET_HDR`` and
+TSO, pipeline/offload.py) one read may bring a TCP packet of up to 64 KiB, cut here into
+segments over many slots, and one write may carry many segments of one connection.
 
 Everything here happens in the network namespace of the calling process: the device, its
 address and its routes (set with pyroute2). ``IFF_MULTI_QUEUE`` gives one fd per reader;
