@@ -109,49 +109,41 @@ def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     return s or 0xFFFF
 
 
-def _fold_le(sums: npt.NDArray[np.uint64]) -> I64:
-    """Fold sums of little-endian 32-bit words to 16 bits, then to big-endian order."""
-    s = sums.astype(np.int64) if sums.dtype != np.int64 else sums
-    s = (s & 0xFFFFFFFF) + (s >> 32)
-    s = (s & 0xFFFFFFFF) + (s >> 32)
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return ((s & 0xFF) << 8) | (s >> 8)  # RFC 1071 §2(B): swap back to network order
+_PAD = np.arange(3)
 
 
 def row_sums(data: Buf, starts: I64, widths: I64, stride: int) -> I64:
-    """One's-complement sums (big-endian, folded to 16 bits, not complemented) of
-    ``data[starts[i] : starts[i] + widths[i]]``.
+    """One's-complement sums of ``data[starts[i] : starts[i] + widths[i]]`` (big-endian
+    words), modulo 0xFFFF: in [0, 0xFFFE], 0 standing for a sum of all ones.
 
-    Rows are read as 32-bit words: each row must start 4-byte aligned and lie, with three
-    more bytes, within one ``stride``-long slot of ``data`` (a batch's slots: the tailroom
-    holds them); those three bytes after each row are zeroed. Rows of equal width at equal
-    slot offsets are summed with one numpy call.
+    Rows are read as 32-bit little-endian words: each row must start 4-byte aligned and lie,
+    with three more bytes, within one ``stride``-long slot of ``data`` (a batch's slots: the
+    tailroom holds them); those three bytes after each row are zeroed. A word counts as its
+    two halves (2^16 ≡ 1 modulo 0xFFFF) and a little-endian sum times 256 is the big-endian
+    one (RFC 1071 §2(B)). Rows of equal width at equal slot offsets are summed with one numpy
+    call.
     """
     n = len(starts)
-    out = np.zeros(n, dtype=np.int64)
     if not n:
-        return out
-    if (starts % 4).any():
+        return np.zeros(0, dtype=np.int64)
+    if (starts & 3).any():
         raise ValueError("rows must start 4-byte aligned")
-    ends = starts + widths
-    for k in range(3):
-        data[ends + k] = 0
+    data[(starts + widths)[:, None] + _PAD] = 0
     words = np.ndarray((data.shape[0] // stride, stride // 4), dtype="<u4", buffer=data,
                        strides=(stride, 4))
-    slot = starts // stride
-    col = (starts % stride) // 4
-    nwords = (widths + 3) // 4
-    key = col * 65536 + nwords
+    slot, col = np.divmod(starts, stride)
+    key = (col >> 2) * 65536 + ((widths + 3) >> 2)
     first = int(key[0])
     if (key == first).all():
-        c, w = int(col[0]), int(nwords[0])
-        return _fold_le(words[slot, c:c + w].sum(axis=1, dtype=np.uint64))
-    for k in np.unique(key).tolist():
-        sel = key == k
-        c, w = k // 65536, k % 65536
-        out[sel] = _fold_le(words[slot[sel], c:c + w].sum(axis=1, dtype=np.uint64))
+        c, w = first >> 16, first & 0xFFFF
+        sums = words[slot, c:c + w].sum(axis=1, dtype=np.uint64)
+    else:
+        sums = np.zeros(n, dtype=np.uint64)
+        for k in np.unique(key).tolist():
+            sel = key == k
+            c, w = k >> 16, k & 0xFFFF
+            sums[sel] = words[slot[sel], c:c + w].sum(axis=1, dtype=np.uint64)
+    out: I64 = (sums % 0xFFFF).astype(np.int64) * 256 % 0xFFFF
     return out
 
 
@@ -166,17 +158,20 @@ def complete_checksums(data: Buf, offsets: I64, lengths: I64, csum_start: I64,
     not 4-byte aligned in its slot) are left as they were.
     """
     field = csum_start + csum_offset
-    ok = (field + 2 <= lengths) & (csum_start % 4 == 0) & ((offsets % 4) == 0)
-    if not ok.any():
-        return ok  # type: ignore[no-any-return]
-    off, ln, start, at = offsets[ok], lengths[ok], csum_start[ok], offsets[ok] + field[ok]
-    sums = row_sums(data, off + start, ln - start, stride)
-    csum = 0xFFFF - sums  # ~sum; a zero sum of nothing gives 0xFFFF as wanted
-    csum[csum == 0] = 0xFFFF
+    starts = offsets + csum_start
+    ok: npt.NDArray[np.bool_] = (field + 2 <= lengths) & ((starts & 3) == 0)
+    if ok.all():
+        at, sums = offsets + field, row_sums(data, starts, lengths - csum_start, stride)
+    elif ok.any():
+        at = offsets[ok] + field[ok]
+        sums = row_sums(data, starts[ok], lengths[ok] - csum_start[ok], stride)
+    else:
+        return ok
+    # ~sum, never 0: a sum of all ones gives 0xFFFF, as UDP wants (RFC 768: 0 is "none").
+    csum = 0xFFFF - sums
     data[at] = csum >> 8
     data[at + 1] = csum & 0xFF
-    done: npt.NDArray[np.bool_] = ok
-    return done
+    return ok
 
 
 # --- segmentation (reads) ---------------------------------------------------------------------

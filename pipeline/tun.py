@@ -237,7 +237,7 @@ class TunQueue:
         finally:
             self._commit(batch, lengths, offsets, room)
             if partial:
-                _complete(batch, partial, heads)
+                _complete(batch, partial, lengths, heads)
         return batch.count
 
     def _cut(self, batch: Batch, i: int, n: int, limit: int, lengths: list[int],
@@ -438,28 +438,30 @@ def _spill(batch: Batch) -> npt.NDArray[np.uint8]:
     return spill
 
 
-def _complete(batch: Batch, slots: list[int], heads: bytearray) -> None:
-    """Complete the partial checksums of the packets in ``slots`` (pipeline/offload.py)."""
+_PLAIN_MAX = 10  # below this many partial checksums, plain Python beats numpy's fixed cost
+
+
+def _complete(batch: Batch, slots: list[int], lengths: list[int], heads: bytearray) -> None:
+    """Complete the partial checksums of the packets in ``slots`` (pipeline/offload.py);
+    ``lengths``: every slot's packet length, from slot 0."""
     unpack = VNET_HDR.unpack_from
-    meta = batch.meta
-    if len(slots) <= 2:  # sparse traffic: plain Python
-        mv = memoryview(batch.data)  # type: ignore[arg-type]
+    stride = batch.slot_size
+    mv = memoryview(batch.data)  # type: ignore[arg-type]
+    if len(slots) < _PLAIN_MAX:  # sparse traffic: plain Python
         for i in slots:
             _, _, _, _, start, field = unpack(heads, i * VNET_HDR_LEN)
-            offload.complete_one(mv, int(meta["offset"][i]), int(meta["length"][i]), start,
-                                 field)
+            offload.complete_one(mv, i * stride + HEADROOM, lengths[i], start, field)
         return
     fields = np.array([unpack(heads, i * VNET_HDR_LEN)[4:] for i in slots], dtype=np.int64)
-    idx = np.array(slots)
-    done = offload.complete_checksums(batch.data, meta["offset"][idx].astype(np.int64),
-                                      meta["length"][idx].astype(np.int64), fields[:, 0],
-                                      fields[:, 1], batch.slot_size)
+    idx = np.array(slots, dtype=np.int64)
+    offsets = idx * stride + HEADROOM
+    sizes = np.array(lengths, dtype=np.int64)[idx]
+    done = offload.complete_checksums(batch.data, offsets, sizes, fields[:, 0], fields[:, 1],
+                                      stride)
     if not done.all():  # a checksum start not 4-byte aligned (odd IPv6 extension headers)
-        mv = memoryview(batch.data)  # type: ignore[arg-type]
         for k in np.flatnonzero(~done).tolist():
-            i = slots[k]
-            offload.complete_one(mv, int(meta["offset"][i]), int(meta["length"][i]),
-                                 int(fields[k, 0]), int(fields[k, 1]))
+            offload.complete_one(mv, int(offsets[k]), int(sizes[k]), int(fields[k, 0]),
+                                 int(fields[k, 1]))
 
 
 def _prefix(route: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
