@@ -515,10 +515,13 @@ class DataPlane:
                 # Idle (nothing in flight), the loop wakes only for its housekeeping: on
                 # a VM each wake-up of a sleeping process costs tens of microseconds of
                 # CPU, 100 a second of them a percent of a core.
-                held = inside_pending()
+                # Segments the inside holds are read without waiting, when a batch can be
+                # taken (else the loop would spin until a buffer comes back).
+                can_read = self._can_read()
+                held = can_read and inside_pending()
                 timeout = 0 if held else BUSY_POLL_MS \
                     if self._refeed or not self.reassembler.idle() else IDLE_POLL_MS
-                events = dict((poller if self._can_read() else backlogged).poll(timeout))
+                events = dict((poller if can_read else backlogged).poll(timeout))
                 now = time.monotonic()
                 if updates is not None and updates.pending():
                     updates.drain()
