@@ -342,7 +342,9 @@ class InsideConfig:
 
     mode: InsideMode = "tun"
     interface: str = DEFAULT_TUN_NAME
-    # tun: virtio-net headers, checksum and TCP segmentation offloads (pipeline/offload.py)
+    # Packets the kernel coalesced (TSO, GSO, GRO) are cut into segments here
+    # (pipeline/offload.py): tun with virtio-net headers and TSO, writes coalesced too;
+    # af_packet with the ring's virtio-net headers (PACKET_VNET_HDR).
     offload: bool = True
 
 
@@ -504,8 +506,8 @@ def _parse_inside(value: object, keys: _Keys) -> InsideConfig:
         return InsideConfig(mode, _ifname(s.get("name", DEFAULT_TUN_NAME), s.at("name")),
                             s.get_bool("offload", True))
     _only_for(s, "name", "tun", " (af_packet takes interface)")
-    _only_for(s, "offload", "tun", " (offloads are a TUN device's)")
-    return InsideConfig(mode, _ifname(s.get("interface"), s.at("interface")))
+    return InsideConfig(mode, _ifname(s.get("interface"), s.at("interface")),
+                        s.get_bool("offload", True))
 
 
 def _parse_outside(value: object, keys: _Keys) -> OutsideConfig:

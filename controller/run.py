@@ -94,13 +94,13 @@ class AfPacketIO:
     """An AF_PACKET RX ring and TX path on one interface."""
 
     def __init__(self, interface: str, *, esp_only: bool, fanout: bool,
-                 ring_version: int = 3) -> None:
+                 ring_version: int = 3, vnet_hdr: bool = False) -> None:
         from pipeline import afpacket, bpf
 
         self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
         self.rx = afpacket.RxRing(interface, bpf=bpf.esp_filter() if esp_only else None,
                                   fanout_group=afpacket.default_fanout_group() if fanout
-                                  else None, version=ring_version)
+                                  else None, version=ring_version, vnet_hdr=vnet_hdr)
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
@@ -118,6 +118,9 @@ class AfPacketIO:
 
     def release(self, token: int) -> None:
         self.rx.release(token)
+
+    def pending(self) -> bool:
+        return self.rx.pending()
 
     def write_batch(self, batch: Batch) -> int:
         return self.tx.send(batch)
@@ -221,7 +224,8 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
         inside = TunIO(device, frozenset(device.routes))
     else:
         assert dp.inside.interface is not None
-        port = AfPacketIO(dp.inside.interface, esp_only=False, fanout=False)
+        port = AfPacketIO(dp.inside.interface, esp_only=False, fanout=False,
+                          vnet_hdr=dp.inside.offload)
         stack.callback(port.close)
         inside = port
     outside: PacketIO

@@ -68,6 +68,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
+from pipeline.offload import VNET_HDR, VNET_HDR_LEN, OffloadError, Superpacket
 from pipeline.region import HEAD, SharedRegion, copy_heads, copy_segments
 
 __all__ = [
@@ -97,6 +98,7 @@ PACKET_LOSS = 14
 PACKET_FANOUT = 18
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
+PACKET_VNET_HDR = 15  # a struct virtio_net_hdr before each frame's MAC header
 TPACKET_V2 = 1
 TPACKET_V3 = 2
 
@@ -251,6 +253,11 @@ class RxRing:
     * ``frame_size`` 2048: V3 frames are variable-size; the value only sets the ring's
       nominal ``frame_nr`` (the kernel requires block_size / frame_size * block_count).
 
+    ``vnet_hdr`` (TPACKET_V3 only; the inside ring): each frame carries a virtio-net
+    header (PACKET_VNET_HDR), and a GSO frame (a sender's TSO packet passed on by a veth,
+    or the interface's GRO; up to 64 KiB) is cut into segments (pipeline/offload.py),
+    copied whole into the slots, over as many reads as it takes (:meth:`pending`).
+
     ``bpf`` is a classic BPF program (:func:`pipeline.bpf.esp_filter` for the outside
     ring); ``None`` captures everything. Outgoing packets (this host's own transmissions)
     are never read: PACKET_IGNORE_OUTGOING, plus a per-frame ``sll_pkttype`` check.
@@ -269,11 +276,15 @@ class RxRing:
         fanout_mode: int = PACKET_FANOUT_HASH,
         fanout_flags: int = 0,
         version: int = 3,
+        vnet_hdr: bool = False,
     ) -> None:
         page = mmap.PAGESIZE
         if version not in (2, 3):
             raise ValueError(f"TPACKET version 2 or 3, got {version}")
+        if vnet_hdr and version != 3:
+            raise ValueError("vnet_hdr needs TPACKET_V3 (a GSO frame does not fit a V2 frame)")
         self.version = version
+        self.vnet_hdr = vnet_hdr
         if block_size % page or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two multiple of {page}")
         if frame_size % TPACKET_ALIGNMENT or not 0 < frame_size <= block_size:
@@ -291,6 +302,8 @@ class RxRing:
             "truncated": 0,  # captured shorter than on the wire
             "too_big": 0,  # larger than the batch's slot payload area
             "csum_completed": 0,  # partial TCP/UDP checksums filled in (see read_into)
+            "gso": 0,  # GSO/GRO frames cut into segments (vnet_hdr)
+            "gso_errors": 0,  # ... that could not be cut (dropped)
             "kernel_packets": 0,  # tp_packets: passed the filter (drops included)
             "kernel_drops": 0,  # tp_drops: ring full
             "kernel_freeze_q_cnt": 0,  # times the ring froze for lack of a free block
@@ -302,6 +315,8 @@ class RxRing:
                             TPACKET_V3 if version == 3 else TPACKET_V2)
             with contextlib.suppress(OSError):  # Linux >= 4.20; the pkttype check stays
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            if vnet_hdr:
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)  # before the ring
             if bpf is not None:
                 _bpf.attach(sock, bpf)  # before bind: no unfiltered packet slips in
             if version == 3:
@@ -355,6 +370,8 @@ class RxRing:
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
+        self._pending: Superpacket | None = None  # segments of a GSO frame left to emit
+        self._pending_etype = 0
         self._closed = False
 
     @staticmethod
@@ -373,8 +390,14 @@ class RxRing:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def pending(self) -> bool:
+        """Segments of a GSO frame already read wait for the next read (``vnet_hdr``)."""
+        return self._pending is not None
+
     def readable(self) -> bool:
         """True if :meth:`read_into` has something to read now."""
+        if self._pending is not None:
+            return True
         if self.version == 2:
             return bool(int(self._frames["tp_status"][self._frame]) & TP_STATUS_USER)
         if self._left:
@@ -492,10 +515,22 @@ class RxRing:
         u32 = self._u32
         filled = 0
         while filled < room:
+            if self._pending is not None:
+                filled += self._emit(batch, start + filled, room - filled, ethertypes)
+                continue
             if not self._left and not self._open_block():
                 break
             take = min(self._left, room - filled)
             pos = self._pos
+            if self.vnet_hdr and self._gso_at(pos):
+                # A GSO frame (the sender's TSO, the interface's GRO): cut into segments,
+                # copied whole into the slots.
+                self._pos = pos + u32[pos >> 2]
+                self._cut(pos, batch.max_packet)
+                self._left -= 1
+                if not self._left:
+                    self._release_block()
+                continue
             if take == 1:  # a lone frame (sparse traffic): no numpy
                 self._pos = pos + u32[pos >> 2]
                 slot = start + filled
@@ -507,6 +542,10 @@ class RxRing:
                 continue
             offsets = [0] * take
             for i in range(take):  # the frame list is linked by tp_next_offset
+                if i and self.vnet_hdr and self._gso_at(pos):
+                    take = i  # up to the GSO frame: cut at the next turn
+                    del offsets[i:]
+                    break
                 offsets[i] = pos
                 pos += u32[pos >> 2]
             self._pos = pos
@@ -526,6 +565,61 @@ class RxRing:
         batch.count = start + filled
         self._counters["packets"] += filled
         return filled
+
+    def _gso_at(self, pos: int) -> bool:
+        """Whether the V3 frame at ring offset ``pos`` is a GSO frame (its virtio-net
+        header, just before the MAC header, names a GSO type)."""
+        mac = self._bytes[pos + 24] | self._bytes[pos + 25] << 8  # tp_mac
+        return bool(self._bytes[pos + mac - VNET_HDR_LEN + 1])
+
+    def _cut(self, pos: int, room: int) -> None:
+        """Take the GSO frame at ring offset ``pos`` as segments to emit (``_pending``), or
+        count it as a drop."""
+        mem = self._bytes
+        snaplen, wire_len, status, mac, net = _V3_HDR.unpack_from(mem, pos + 12)
+        etype, pkttype = _SLL.unpack_from(mem, pos + _V3_SLL)
+        l3 = pos + net
+        if pkttype == PACKET_OUTGOING:
+            reason = "outgoing"
+        elif status & TP_STATUS_VLAN_VALID:
+            reason = "vlan"
+        elif etype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6) or mem[l3] >> 4 != (
+                4 if etype == ETHERTYPE_IPV4 else 6):
+            reason = "not_ip"
+        elif wire_len != snaplen:
+            reason = "truncated"
+        else:
+            _, gso_type, _, gso_size, _, _ = VNET_HDR.unpack_from(mem, pos + mac - VNET_HDR_LEN)
+            packet = self._ring[l3 : l3 + snaplen - (net - mac)].copy()
+            try:
+                self._pending = Superpacket.parse(packet, gso_type, gso_size, room)
+            except OffloadError:
+                reason = "gso_errors"
+            else:
+                self._pending_etype = etype
+                self._counters["gso"] += 1
+                return
+        self._counters[reason] += 1
+
+    def _emit(self, batch: Batch, first: int, room: int,
+              ethertypes: npt.NDArray[np.uint16] | None) -> int:
+        """The next segments of the pending GSO frame into slots ``first``, ... (whole:
+        ``src`` -1); how many."""
+        sp = self._pending
+        assert sp is not None
+        lengths = sp.emit(batch.data, first * batch.slot_size + HEADROOM, batch.slot_size, room)
+        k = len(lengths)
+        if not sp.remaining:
+            self._pending = None
+        sl = slice(first, first + k)
+        meta = batch.meta
+        meta[sl] = 0
+        meta["offset"][sl] = batch.slot_starts()[sl] + HEADROOM
+        meta["length"][sl] = lengths
+        batch.src[sl] = -1
+        if ethertypes is not None:
+            ethertypes[sl] = self._pending_etype
+        return k
 
     def _read_v2(self, batch: Batch, room: int,
                  ethertypes: npt.NDArray[np.uint16] | None) -> int:

@@ -18,9 +18,10 @@ Inside modes (``inside=``):
   and must not route them too. With forwarding off a packet for another host is dropped
   silently (``ip_error`` sends no ICMP when the input device does not forward), where with
   it on the kernel would answer each one with ICMP net unreachable (it has no route to the
-  remote subnet). The host's side has TCP segmentation offload off (see
-  :func:`set_offloads`): a veth passes a TSO super-packet (up to 64 KiB) to its peer as it
-  is, larger than any slot, and the ring would drop it as too big.
+  remote subnet). The hosts keep TCP segmentation offload on: a veth passes a TSO
+  packet (up to 64 KiB) to its peer as it is, and the ring, with virtio-net headers, hands
+  it over as such for espline to cut (pipeline/offload.py; ``set_offloads`` turns TSO off
+  for a test that needs wire-sized packets).
 
 Tools, run inside a namespace as ``python -m tests.e2e_support TOOL ...`` (standard library,
 numpy and espline's own pipeline modules only). Long-running ones touch ``--ready`` once they
@@ -157,12 +158,11 @@ def build_topology(lab: NetnsLab, *, inside: str = "tun") -> Topology:
                  b_addr=f"{side.gw_lan}/24")
     host_a.add_route(SIDE_B.net, via=SIDE_A.gw_lan)
     host_b.add_route(SIDE_A.net, via=SIDE_B.gw_lan)
-    for gw, host in ((gw_a, host_a), (gw_b, host_b)):
+    for gw in (gw_a, gw_b):
         if inside == "tun":
             gw.enable_forwarding()
         else:
             gw.sysctl("net.ipv4.ip_forward", 0)  # espline forwards, the kernel must not
-            set_offloads(host, ETH, tso=False)
     return Topology(gw_a, gw_b, host_a, host_b, inside)
 
 

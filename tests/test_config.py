@@ -330,6 +330,8 @@ def test_dataplane_sections_in_full() -> None:
     c2 = base()
     c2["dataplane"]["inside"] = {"mode": "tun", "name": "espl1", "offload": False}
     assert parse(c2).dataplane.inside == InsideConfig("tun", "espl1", offload=False)
+    c2["dataplane"]["inside"] = {"mode": "af_packet", "interface": "eth1", "offload": False}
+    assert parse(c2).dataplane.inside == InsideConfig("af_packet", "eth1", offload=False)
     assert (dp.batch, dp.mtu) == (BatchConfig(4096, 0, 64), 9000)
     assert settings_for(dp).handoff_min == 64
     assert dp.inside == InsideConfig("af_packet", "eth1")
@@ -1114,12 +1116,6 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         at(("dataplane", "inside"), {"mode": "af_packet", "name": "x"}),
         "dataplane.inside.name",
         "only for mode tun (af_packet takes interface)",
-    ),
-    (
-        "af_packet with offload",
-        at(("dataplane", "inside"), {"mode": "af_packet", "interface": "eth1", "offload": False}),
-        "dataplane.inside.offload",
-        "only for mode tun (offloads are a TUN device's)",
     ),
     (
         "offload not a bool",

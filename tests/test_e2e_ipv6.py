@@ -63,7 +63,6 @@ from tests.e2e_support import (
     Tool,
     Topology,
     Tunnel,
-    set_offloads,
     start_gateway,
     tcp_mss,
     wait_for,
@@ -167,13 +166,12 @@ def build_dual_stack(lab: NetnsLab, *, inside: str = "tun") -> Topology:
     for host, here, there in ((host_a, SITE_A, SITE_B), (host_b, SITE_B, SITE_A)):
         for f in (4, 6):
             host.add_route(there.net[f], via=here.gw_lan[f])
-    for gw, host in ((gw_a, host_a), (gw_b, host_b)):
+    for gw in (gw_a, gw_b):
         if inside == "tun":
             gw.enable_forwarding(ipv6=True)
         else:
             gw.sysctl("net.ipv4.ip_forward", 0)  # espline forwards, the kernels must not
             gw.sysctl("net.ipv6.conf.all.forwarding", 0)
-            set_offloads(host, ETH, tso=False)
     if inside != "tun":
         # Unlike IPv4 (ip_error is silent when the input device does not forward), IPv6
         # answers a packet it has no route for with ICMPv6 no route to destination

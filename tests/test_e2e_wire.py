@@ -366,3 +366,7 @@ def test_af_packet_modes_carry_ping_tcp_udp(lab: NetnsLab, tmp_path: Path, insid
         assert stats["outbound"]["passed"] > 200 and stats["inbound"]["passed"] > 200, stats
         assert stats["lost_packets"] == 0
         assert stats["heads_batches"] > 0 or not both, stats
+    if inside == "af_packet":  # the hosts' TSO packets, cut by the inside ring
+        assert sum(s["inside_io"]["rx_gso"] for s in (a, b)) > 0, (a, b)
+        assert all(s["inside_io"]["rx_gso_errors"] == s["inside_io"]["rx_too_big"] == 0
+                   for s in (a, b)), (a, b)
