@@ -44,6 +44,7 @@ __all__ = [
     "GSO_NONE",
     "GSO_TCPV4",
     "GSO_TCPV6",
+    "GSO_UDP_L4",
     "NO_OFFLOAD",
     "VNET_HDR",
     "VNET_HDR_LEN",
@@ -65,6 +66,7 @@ F_DATA_VALID = 0x02
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_TCPV6 = 4
+GSO_UDP_L4 = 5  # a UDP sender's UDP_SEGMENT (and UDP GRO): datagrams of gso_size
 GSO_ECN = 0x80
 NO_OFFLOAD = bytes(VNET_HDR_LEN)  # a plain packet, checksums whole
 
@@ -76,6 +78,10 @@ TCP_CSUM = 16
 TCP_MIN = 20
 FIN, PSH, ACK, CWR = 0x01, 0x08, 0x10, 0x80
 PROTO_TCP = 6
+PROTO_UDP = 17
+UDP_LEN = 4  # RFC 768: length and checksum offsets in the UDP header
+UDP_CSUM = 6
+UDP_HDR = 8
 IPV4_MIN = 20
 IPV6_LEN = 40
 MAX_IP_PAYLOAD = 0xFFFF  # IPv4 total length / IPv6 payload length field
@@ -176,12 +182,15 @@ def complete_checksums(data: Buf, offsets: I64, lengths: I64, csum_start: I64,
 
 # --- segmentation (reads) ---------------------------------------------------------------------
 @lru_cache(maxsize=16)
-def _fields(l4: int, header: int) -> np.dtype[np.void]:
+def _fields(v6: bool, udp: bool, l4: int, header: int) -> np.dtype[np.void]:
     """The header fields a segment changes, as a record over its first ``header`` bytes."""
-    names = ["seq", "flags", "tcp_sum"]
-    formats: list[str] = [">u4", "u1", ">u2"]
-    offsets = [l4 + TCP_SEQ, l4 + TCP_FLAGS, l4 + TCP_CSUM]
-    if l4 == IPV6_LEN:
+    if udp:
+        names, formats = ["l4_sum", "udp_len"], [">u2", ">u2"]
+        offsets = [l4 + UDP_CSUM, l4 + UDP_LEN]
+    else:
+        names, formats = ["l4_sum", "seq", "flags"], [">u2", ">u4", "u1"]
+        offsets = [l4 + TCP_CSUM, l4 + TCP_SEQ, l4 + TCP_FLAGS]
+    if v6:
         names.append("ip6_len")
         formats.append(">u2")
         offsets.append(4)
@@ -193,24 +202,33 @@ def _fields(l4: int, header: int) -> np.dtype[np.void]:
                      "itemsize": header})
 
 
+_KINDS = {GSO_TCPV4: (False, PROTO_TCP), GSO_TCPV6: (True, PROTO_TCP),
+          GSO_UDP_L4: (None, PROTO_UDP)}
+
+
 @dataclass
 class Superpacket:
-    """A TCP packet larger than the path allows, read with a GSO header, cut on demand.
+    """A TCP or UDP packet larger than the path allows, read with a GSO header, cut on
+    demand.
 
     ``packet`` is its own copy (the slots it is cut into may be where it was read).
-    Segment ``k`` gets payload bytes ``k * mss ..``, sequence number ``seq + k * mss``,
-    IPv4 identification ``id + k``, FIN/PSH only if last, CWR only if first. Checksums are
-    computed whole from sums modulo 0xFFFF: the header's constant part once, then per
-    segment its payload's sum and the fields that change.
+    Segment ``k`` gets payload bytes ``k * mss ..``, and IPv4 identification ``id + k``;
+    TCP: sequence number ``seq + k * mss``, FIN/PSH only if last, CWR only if first
+    (RFC 9293 §3.1, as the kernel's TCP segmentation); UDP (``GSO_UDP_L4``, the sender's
+    UDP_SEGMENT): its own length, a datagram each (RFC 768). Checksums are computed whole
+    from sums modulo 0xFFFF: the header's constant part once, then per segment its
+    payload's sum and the fields that change.
     """
 
     packet: Buf
-    l4: int  # offset of the TCP header
-    header: int  # IP + TCP header length
+    v6: bool
+    udp: bool
+    l4: int  # offset of the TCP or UDP header
+    header: int  # IP + TCP/UDP header length
     mss: int  # payload bytes per segment (gso_size)
     count: int  # segments in all
     template: Buf  # the headers with the fields that change zeroed
-    tcp_base: int  # sum of the template's TCP header and the pseudo-header's addresses
+    l4_base: int  # sum of the template's L4 header and the pseudo-header's addresses
     ip_base: int  # sum of the template's IPv4 header
     seq: int
     ident: int
@@ -222,34 +240,55 @@ class Superpacket:
         """Check a GSO packet and how it is to be cut; ``room``: the longest segment a slot
         takes. Raises :class:`OffloadError`."""
         kind = gso_type & ~GSO_ECN
+        if kind not in _KINDS:
+            raise OffloadError(f"GSO type {gso_type:#x} is neither TCP nor UDP")
+        want_v6, proto = _KINDS[kind]
         length = packet.shape[0]
-        if kind == GSO_TCPV4:
-            if length < IPV4_MIN or packet[0] >> 4 != 4:
-                raise OffloadError("TCPv4 GSO packet is not IPv4")
+        version = int(packet[0]) >> 4 if length else 0
+        name = "UDP" if proto == PROTO_UDP else "TCPv6" if want_v6 else "TCPv4"
+        if want_v6 is not None and version != (6 if want_v6 else 4):
+            raise OffloadError(f"{name} GSO packet is not IPv{6 if want_v6 else 4}")
+        if version == 4 and length >= IPV4_MIN:
             l4 = int(packet[0] & 0xF) * 4
-            if l4 < IPV4_MIN or packet[9] != PROTO_TCP or (packet[6] & 0x3F) or packet[7]:
-                raise OffloadError("TCPv4 GSO packet is not an unfragmented TCP packet")
-        elif kind == GSO_TCPV6:
-            if length < IPV6_LEN or packet[0] >> 4 != 6 or packet[6] != PROTO_TCP:
-                raise OffloadError("TCPv6 GSO packet is not IPv6 + TCP (extension headers?)")
+            if l4 < IPV4_MIN or packet[9] != proto or (packet[6] & 0x3F) or packet[7]:
+                raise OffloadError(f"{name} GSO packet is not an unfragmented {name[:3]} "
+                                   "packet")
+        elif version == 6 and length >= IPV6_LEN:
+            if packet[6] != proto:
+                raise OffloadError(f"{name} GSO packet is not IPv6 + {name[:3]} "
+                                   "(extension headers?)")
             l4 = IPV6_LEN
         else:
-            raise OffloadError(f"GSO type {gso_type:#x} is not TCP")
-        if length < l4 + TCP_MIN:
-            raise OffloadError("GSO packet shorter than its headers")
-        header = l4 + int(packet[l4 + TCP_DOFF] >> 4) * 4
+            raise OffloadError(f"{name} GSO packet is not an IP packet")
+        if proto == PROTO_UDP:
+            if length < l4 + UDP_HDR:
+                raise OffloadError("GSO packet shorter than its headers")
+            header = l4 + UDP_HDR
+        else:
+            if length < l4 + TCP_MIN:
+                raise OffloadError("GSO packet shorter than its headers")
+            header = l4 + int(packet[l4 + TCP_DOFF] >> 4) * 4
+            if header < l4 + TCP_MIN:
+                raise OffloadError("GSO packet with a bad TCP header or segment size")
         payload = length - header
-        if header < l4 + TCP_MIN or payload < 0 or gso_size <= 0:
+        if payload < 0 or gso_size <= 0:
             raise OffloadError("GSO packet with a bad TCP header or segment size")
         if header + gso_size > room:
             raise OffloadError(f"GSO segments of {header + gso_size} bytes exceed a slot")
         count = max(1, -(-payload // gso_size))
         raw = packet[:header].tobytes()
         t = bytearray(raw)
-        t[l4 + TCP_SEQ:l4 + TCP_SEQ + 4] = bytes(4)
-        t[l4 + TCP_FLAGS] = 0
-        t[l4 + TCP_CSUM:l4 + TCP_CSUM + 2] = bytes(2)
-        if l4 == IPV6_LEN:
+        seq = flags = 0
+        if proto == PROTO_UDP:
+            t[l4 + UDP_LEN:l4 + UDP_CSUM + 2] = bytes(4)
+        else:
+            seq = int.from_bytes(raw[l4 + TCP_SEQ:l4 + TCP_SEQ + 4], "big")
+            flags = raw[l4 + TCP_FLAGS]
+            t[l4 + TCP_SEQ:l4 + TCP_SEQ + 4] = bytes(4)
+            t[l4 + TCP_FLAGS] = 0
+            t[l4 + TCP_CSUM:l4 + TCP_CSUM + 2] = bytes(2)
+        v6 = version == 6
+        if v6:
             t[4:6] = bytes(2)
             ident, ip_base = 0, 0
             addrs = t[8:40]
@@ -259,11 +298,10 @@ class Superpacket:
             t[10:12] = bytes(2)
             ip_base = ones_sum(t[:l4])
             addrs = t[12:20]
-        tcp_base = ones_sum(t[l4:], ones_sum(addrs, PROTO_TCP))
-        return cls(packet, l4, header, gso_size, count,
-                   np.frombuffer(bytes(t), dtype=np.uint8), tcp_base, ip_base,
-                   int.from_bytes(raw[l4 + TCP_SEQ:l4 + TCP_SEQ + 4], "big"), ident,
-                   raw[l4 + TCP_FLAGS])
+        l4_base = ones_sum(t[l4:], ones_sum(addrs, proto))
+        return cls(packet, v6, proto == PROTO_UDP, l4, header, gso_size, count,
+                   np.frombuffer(bytes(t), dtype=np.uint8), l4_base, ip_base, seq, ident,
+                   flags)
 
     @property
     def remaining(self) -> int:
@@ -307,23 +345,29 @@ class Superpacket:
         if full < m:
             plen[-1] = tail
         seg = np.arange(s0, s0 + m, dtype=np.int64)
-        seq = (self.seq + seg * mss) & 0xFFFFFFFF
-        flags = np.full(m, self.flags & ~(FIN | PSH | CWR) & 0xFF, dtype=np.int64)
-        if s0 == 0:
-            flags[0] = self.flags & ~(FIN | PSH) & 0xFF
-        if last:
-            flags[-1] = self.flags & ~CWR & 0xFF if m > 1 or s0 else self.flags
+        fields = np.ndarray((m,), dtype=_fields(self.v6, self.udp, l4, hl), buffer=data,
+                            offset=first, strides=(stride,))
+        l4_len = hl - l4 + plen
         # RFC 1071 sums modulo 0xFFFF: 2^16 ≡ 1, so a 32-bit word counts as its two
-        # halves, and a little-endian sum times 256 is the big-endian one.
-        total = (sums % 0xFFFF).astype(np.int64) * 256 + self.tcp_base + seq + flags \
-            + (hl - l4) + plen
-        fields = np.ndarray((m,), dtype=_fields(l4, hl), buffer=data, offset=first,
-                            strides=(stride,))
-        fields["tcp_sum"] = 0xFFFF - total % 0xFFFF
-        fields["seq"] = seq
-        fields["flags"] = flags
-        if l4 == IPV6_LEN:
-            fields["ip6_len"] = hl - l4 + plen
+        # halves, and a little-endian sum times 256 is the big-endian one. The L4 length
+        # counts in the pseudo-header, and for UDP in its own header too.
+        total = (sums % 0xFFFF).astype(np.int64) * 256 + self.l4_base + l4_len
+        if self.udp:
+            fields["udp_len"] = l4_len
+            total += l4_len
+        else:
+            seq = (self.seq + seg * mss) & 0xFFFFFFFF
+            flags = np.full(m, self.flags & ~(FIN | PSH | CWR) & 0xFF, dtype=np.int64)
+            if s0 == 0:
+                flags[0] = self.flags & ~(FIN | PSH) & 0xFF
+            if last:
+                flags[-1] = self.flags & ~CWR & 0xFF if m > 1 or s0 else self.flags
+            fields["seq"] = seq
+            fields["flags"] = flags
+            total += seq + flags
+        fields["l4_sum"] = 0xFFFF - total % 0xFFFF  # never 0: UDP's "no checksum"
+        if self.v6:
+            fields["ip6_len"] = l4_len
         else:
             ident = (self.ident + seg) & 0xFFFF
             fields["ip_len"] = hl + plen

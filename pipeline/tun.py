@@ -58,6 +58,8 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUN_F_CSUM = 0x01  # the kernel may hand over packets with partial checksums
 TUN_F_TSO4 = 0x02  # ... and TCP packets of up to 64 KiB, to cut into segments here
 TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20  # ... and UDP packets a sender's UDP_SEGMENT made (Linux >= 6.2)
+TUN_F_USO6 = 0x40
 OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 IFNAMSIZ = 16
 # struct ifreq: char ifr_name[IFNAMSIZ]; then a union whose largest member (struct ifmap)
@@ -102,7 +104,12 @@ def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False) -> tuple
     try:
         ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(encoded, flags))
         if offload:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+            except OSError as exc:  # an older kernel: no UDP segmentation offload
+                if exc.errno != errno.EINVAL:
+                    raise
+                fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EPERM:

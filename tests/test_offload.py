@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, IPOption
 from scapy.layers.inet6 import IPv6
 
 from pipeline import offload
@@ -18,6 +18,7 @@ from pipeline.offload import (
     GSO_ECN,
     GSO_TCPV4,
     GSO_TCPV6,
+    GSO_UDP_L4,
     OffloadError,
     Run,
     Superpacket,
@@ -165,12 +166,76 @@ def test_superpacket_segments_are_what_the_kernel_would_send(
     assert all(_verifies(p) for p in got)
 
 
+def _udp_verifies(pkt: bytes) -> bool:
+    if pkt[0] >> 4 == 6:
+        l4, pseudo = 40, _fold(pkt[8:40], 17 + len(pkt) - 40)
+    else:
+        l4 = (pkt[0] & 0xF) * 4
+        if _fold(pkt[:l4]) != 0xFFFF:
+            return False
+        pseudo = _fold(pkt[12:20], 17 + len(pkt) - l4)
+    return pkt[l4 + 6:l4 + 8] != b"\0\0" and _fold(pkt[l4:], pseudo) == 0xFFFF
+
+
+@settings(max_examples=30, deadline=None)
+@given(v6=st.booleans(), size=st.integers(0, 6000), mss=st.sampled_from([1, 100, 1200, 1472]),
+       limit=st.integers(1, 9))
+def test_udp_gso_is_cut_into_the_datagrams_sent(v6: bool, size: int, mss: int,
+                                                limit: int) -> None:
+    """A UDP_SEGMENT send (GSO_UDP_L4): one datagram per ``mss`` bytes, each with its own
+    length and a whole checksum, IPv4 identification advancing (what the kernel's UDP
+    segmentation does)."""
+    from scapy.layers.inet import UDP
+
+    payload = bytes((i * 13) & 0xFF for i in range(size))
+    big = bytes(_ip(v6, id=77) / UDP(sport=4433, dport=443) / payload)
+    batch = Batch(16)
+    sp = Superpacket.parse(np.frombuffer(big, dtype=np.uint8).copy(), GSO_UDP_L4, mss,
+                           batch.max_packet)
+    got: list[bytes] = []
+    while sp.remaining:
+        for k, length in enumerate(sp.emit(batch.data, HEADROOM, batch.slot_size, limit)):
+            off = HEADROOM + k * batch.slot_size
+            got.append(bytes(batch.data[off:off + length]))
+    chunks = [payload[i:i + mss] for i in range(0, size, mss)] or [b""]
+    expected = [bytes(_ip(v6, id=(77 + k) & 0xFFFF) / UDP(sport=4433, dport=443) / c)
+                for k, c in enumerate(chunks)]
+    l4 = 40 if v6 else 20
+    strip = [lambda p: p[:l4 + 6] + p[l4 + 8:] if v6 else
+             p[:10] + p[12:l4 + 6] + p[l4 + 8:]][0]
+    assert [strip(p) for p in got] == [strip(p) for p in expected]
+    assert all(_udp_verifies(p) for p in got)
+
+
+def test_tcp_over_ipv4_with_options_is_cut_as_ipv4() -> None:
+    """An IPv4 header of 40 bytes (options) is still IPv4, not taken for IPv6's 40."""
+    payload = bytes(range(256)) * 12
+    pkt = IP(src="10.1.0.1", dst="10.2.0.1", id=9, flags="DF", ttl=63,
+             options=[IPOption(b"\x94\x04\x00\x00") for _ in range(5)]) / \
+        TCP(sport=1, dport=2, seq=5, ack=6, flags="A", window=7) / payload
+    raw = bytes(pkt)
+    assert raw[0] & 0xF == 10
+    batch = Batch(8)
+    sp = Superpacket.parse(np.frombuffer(raw, dtype=np.uint8).copy(), GSO_TCPV4, 1000,
+                           batch.max_packet)
+    lengths = sp.emit(batch.data, HEADROOM, batch.slot_size, 8)
+    assert lengths == [60 + 1000, 60 + 1000, 60 + 1000, 60 + 72]  # 40 IPv4 + 20 TCP
+    for k, length in enumerate(lengths):
+        off = HEADROOM + k * batch.slot_size
+        seg = bytes(batch.data[off:off + length])
+        assert seg[:2] == raw[:2] and int.from_bytes(seg[2:4], "big") == length
+        assert int.from_bytes(seg[4:6], "big") == 9 + k
+        assert _verifies(seg)
+        assert int.from_bytes(seg[44:48], "big") == 5 + 1000 * k  # TCP seq after 40 + 4
+
+
 @pytest.mark.parametrize(("raw", "gso", "why"), [
     (bytes(_ip(False) / TCP() / b"x"), GSO_TCPV6, "not IPv6"),
     (bytes(_ip(True) / TCP() / b"x"), GSO_TCPV4, "not IPv4"),
     (bytes(IP(src="1.2.3.4", dst="5.6.7.8", proto=17) / (b"x" * 30)), GSO_TCPV4, "not an unfrag"),
     (bytes(IP(src="1.2.3.4", dst="5.6.7.8", flags="MF") / TCP() / b"x"), GSO_TCPV4, "unfrag"),
-    (bytes(_ip(False) / TCP()), 3, "not TCP"),
+    (bytes(_ip(False) / TCP()), 3, "neither TCP nor UDP"),
+    (bytes(_ip(False) / TCP() / b"x"), GSO_UDP_L4, "not an unfragmented UDP"),
     (bytes(_ip(False) / TCP(dataofs=3)), GSO_TCPV4, "bad TCP header"),
     (bytes(_ip(False) / TCP())[:30], GSO_TCPV4, "shorter than its headers"),
 ])

@@ -4,7 +4,7 @@ Two TUN devices in two namespaces, one relay process between them (this module, 
 ``python -m tests.test_tun_offload relay ...`` in the first namespace; it opens the second
 device after ``setns`` into the second namespace). The relay reads batches from each device
 and writes them to the other. A TCP connection carries megabytes each way and UDP datagrams
-of many sizes go across; the kernel at each end checks every checksum it is given whole
+of many sizes go across, some of them sent at once with UDP_SEGMENT; the kernel at each end checks every checksum it is given whole
 (``InCsumErrors`` must stay 0), and the bytes must arrive as sent (SHA-256).
 
 With offloads on both devices, the kernel hands the relay TCP packets of up to 64 KiB to cut
@@ -37,6 +37,8 @@ PORT = 5301
 CLONE_NEWNET = 0x40000000
 TCP_BYTES = 6 * 1024 * 1024
 UDP_SIZES = [1, 2, 3, 17, 100, 511, 512, 1000, 1371, 1372]
+UDP_GSO = (1200, 9)  # one UDP_SEGMENT send: 9 datagrams of 1200 bytes (and one of 100)
+SOL_UDP, UDP_SEGMENT = 17, 103
 
 
 def _snmp() -> dict[str, int]:
@@ -85,7 +87,7 @@ def _server() -> dict[str, Any]:
     udp.settimeout(2)
     datagrams = []
     try:
-        while len(datagrams) < len(UDP_SIZES):
+        while len(datagrams) < len(UDP_SIZES) + UDP_GSO[1] + 1:
             datagrams.append(udp.recv(4096))
     except TimeoutError:
         pass
@@ -111,6 +113,9 @@ def _client() -> dict[str, Any]:
         udp.bind((A_ADDR, 0))
         for size in UDP_SIZES:
             udp.sendto(b"u" * size, (B_ADDR, PORT))
+        size, count = UDP_GSO
+        udp.setsockopt(SOL_UDP, UDP_SEGMENT, size)
+        udp.sendto(b"u" * (size * count + 100), (B_ADDR, PORT))
     return {"got": got, "sha": digest.hexdigest()}
 
 
@@ -203,7 +208,7 @@ def test_tcp_and_udp_cross_offloading_tun_devices_intact(
     assert r["client"]["got"] == r["server"]["got"] == TCP_BYTES, r
     assert r["server"]["sha"] == r["expect_up"]
     assert r["client"]["sha"] == r["expect_down"]
-    assert r["server"]["udp_ok"] == sorted(UDP_SIZES), r
+    assert r["server"]["udp_ok"] == sorted([*UDP_SIZES, *[UDP_GSO[0]] * UDP_GSO[1], 100]), r
     # Nothing lost or corrupted on the way: no checksum errors, and no retransmission but
     # the odd tail loss probe (TCP resends a segment when no ACK comes within two round
     # trips: the relay shares two cores with both TCP ends).
