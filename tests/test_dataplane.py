@@ -42,6 +42,8 @@ NET_B = ipaddress.ip_network("10.2.0.0/24")
 class QueueIO:
     """Packets in and out of a DataPlane through Python lists, pollable via a socketpair."""
 
+    signal_more = True  # a read that leaves packets keeps the fd readable
+
     def __init__(self) -> None:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
@@ -65,7 +67,7 @@ class QueueIO:
             pass
         with self._lock:
             take = [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
-            if self._inbox:
+            if self._inbox and self.signal_more:
                 self._w.send(b"x")  # more to read: stay readable
         return take
 
@@ -255,14 +257,7 @@ class HoldingIO(QueueIO):
     """An inside like a TUN queue holding the rest of a packet it cut (pipeline/tun.py):
     its fd signals once, what a read leaves is :meth:`pending`, and the fd stays quiet."""
 
-    def _take(self, max_packets: int) -> list[bytes]:
-        try:
-            while self._r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._lock:
-            return [self._inbox.popleft() for _ in range(min(max_packets, len(self._inbox)))]
+    signal_more = False
 
     def pending(self) -> bool:
         with self._lock:

@@ -61,16 +61,19 @@ def _fold(data: bytes, initial: int = 0) -> int:
     return total
 
 
-def _verifies(pkt: bytes) -> bool:
-    """The IPv4 header and TCP checksums verify (a receiver's check: the sum including the
-    checksum is all ones; 0x0000 and 0xFFFF are both the checksum of a sum of zero)."""
+def _verifies(pkt: bytes, proto: int = 6) -> bool:
+    """The IPv4 header and TCP (or UDP: ``proto`` 17) checksums verify (a receiver's check:
+    the sum including the checksum is all ones; for TCP 0x0000 and 0xFFFF are both the
+    checksum of a sum of zero, UDP never sends 0, "no checksum")."""
     if pkt[0] >> 4 == 6:
-        l4, pseudo = 40, _fold(pkt[8:40], 6 + len(pkt) - 40)
+        l4, pseudo = 40, _fold(pkt[8:40], proto + len(pkt) - 40)
     else:
         l4 = (pkt[0] & 0xF) * 4
         if _fold(pkt[:l4]) != 0xFFFF:
             return False
-        pseudo = _fold(pkt[12:20], 6 + len(pkt) - l4)
+        pseudo = _fold(pkt[12:20], proto + len(pkt) - l4)
+    if proto == 17 and pkt[l4 + 6:l4 + 8] == b"\0\0":
+        return False
     return _fold(pkt[l4:], pseudo) == 0xFFFF
 
 
@@ -166,17 +169,6 @@ def test_superpacket_segments_are_what_the_kernel_would_send(
     assert all(_verifies(p) for p in got)
 
 
-def _udp_verifies(pkt: bytes) -> bool:
-    if pkt[0] >> 4 == 6:
-        l4, pseudo = 40, _fold(pkt[8:40], 17 + len(pkt) - 40)
-    else:
-        l4 = (pkt[0] & 0xF) * 4
-        if _fold(pkt[:l4]) != 0xFFFF:
-            return False
-        pseudo = _fold(pkt[12:20], 17 + len(pkt) - l4)
-    return pkt[l4 + 6:l4 + 8] != b"\0\0" and _fold(pkt[l4:], pseudo) == 0xFFFF
-
-
 @settings(max_examples=30, deadline=None)
 @given(v6=st.booleans(), size=st.integers(0, 6000), mss=st.sampled_from([1, 100, 1200, 1472]),
        limit=st.integers(1, 9))
@@ -204,7 +196,7 @@ def test_udp_gso_is_cut_into_the_datagrams_sent(v6: bool, size: int, mss: int,
     strip = [lambda p: p[:l4 + 6] + p[l4 + 8:] if v6 else
              p[:10] + p[12:l4 + 6] + p[l4 + 8:]][0]
     assert [strip(p) for p in got] == [strip(p) for p in expected]
-    assert all(_udp_verifies(p) for p in got)
+    assert all(_verifies(p, 17) for p in got)
 
 
 def test_tcp_over_ipv4_with_options_is_cut_as_ipv4() -> None:

@@ -60,6 +60,19 @@ def _data(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def _receive(conn: socket.socket) -> tuple[int, str]:
+    """Up to TCP_BYTES from ``conn``: how many, and their SHA-256."""
+    digest = hashlib.sha256()
+    got = 0
+    while got < TCP_BYTES:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            break
+        digest.update(chunk)
+        got += len(chunk)
+    return got, digest.hexdigest()
+
+
 def _server() -> dict[str, Any]:
     """In the second namespace: receive TCP_BYTES, send TCP_BYTES back; count UDP."""
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -72,14 +85,7 @@ def _server() -> dict[str, Any]:
     lst.settimeout(20)
     conn, _ = lst.accept()
     conn.settimeout(20)
-    digest = hashlib.sha256()
-    got = 0
-    while got < TCP_BYTES:
-        chunk = conn.recv(1 << 16)
-        if not chunk:
-            break
-        digest.update(chunk)
-        got += len(chunk)
+    got, sha = _receive(conn)
     conn.sendall(_data(2, TCP_BYTES))
     conn.shutdown(socket.SHUT_WR)
     conn.recv(1)
@@ -91,7 +97,7 @@ def _server() -> dict[str, Any]:
             datagrams.append(udp.recv(4096))
     except TimeoutError:
         pass
-    return {"got": got, "sha": digest.hexdigest(),
+    return {"got": got, "sha": sha,
             "udp_ok": sorted(len(d) for d in datagrams if d == b"u" * len(d)),
             "snmp": _snmp()}
 
@@ -100,14 +106,7 @@ def _client() -> dict[str, Any]:
     """In the first namespace: send TCP_BYTES, receive TCP_BYTES; then the UDP datagrams."""
     conn = socket.create_connection((B_ADDR, PORT), timeout=20, source_address=(A_ADDR, 0))
     conn.sendall(_data(1, TCP_BYTES))
-    digest = hashlib.sha256()
-    got = 0
-    while got < TCP_BYTES:
-        chunk = conn.recv(1 << 16)
-        if not chunk:
-            break
-        digest.update(chunk)
-        got += len(chunk)
+    got, sha = _receive(conn)
     conn.close()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((A_ADDR, 0))
@@ -116,7 +115,7 @@ def _client() -> dict[str, Any]:
         size, count = UDP_GSO
         udp.setsockopt(SOL_UDP, UDP_SEGMENT, size)
         udp.sendto(b"u" * (size * count + 100), (B_ADDR, PORT))
-    return {"got": got, "sha": digest.hexdigest()}
+    return {"got": got, "sha": sha}
 
 
 def _setns(path: str) -> None:
