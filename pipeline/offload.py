@@ -1,6 +1,6 @@
-"""TUN offloads: the virtio-net header, TCP segmentation of what the kernel hands over in one
-piece, and TCP coalescing of what goes back (sans-IO; pipeline/tun.py does the reads and
-writes).
+"""Offloads: the virtio-net header, TCP and UDP segmentation of what the kernel hands over in
+one piece, and TCP coalescing of what goes back (sans-IO; pipeline/tun.py does the reads and
+writes, pipeline/afpacket.py reads GSO frames of an inside ring the same way).
 
 Without offloads, a TUN device takes and gives one IP packet per syscall, and the kernel's
 TCP runs once per packet on both ends of the tunnel: on the 2-core lab VM a TUN write of one
@@ -12,7 +12,8 @@ TCP runs once per packet on both ends of the tunnel: on the 2-core lab VM a TUN 
   cut into MSS-sized segments: :class:`Superpacket` cuts it here, as the kernel's TCP
   segmentation would (RFC 9293 §3.1 header fields: sequence numbers advance by the segment
   size; FIN and PSH only on the last segment, CWR only on the first; IPv4 identification
-  advances by one per segment, RFC 791 §3.1 / RFC 6864), into the slots of a batch;
+  advances by one per segment, RFC 791 §3.1 / RFC 6864), into the slots of a batch; with
+  USO (Linux 6.2+), a UDP sender's ``UDP_SEGMENT`` send likewise becomes its datagrams;
 * a read may also return a packet whose TCP or UDP checksum the sender left partial
   (``VIRTIO_NET_HDR_F_NEEDS_CSUM``: the field holds the pseudo-header sum,
   ``csum_start``/``csum_offset`` say where the sum starts and where it goes), which
@@ -23,9 +24,9 @@ TCP runs once per packet on both ends of the tunnel: on the 2-core lab VM a TUN 
   segment is still dropped by the kernel, alone.
 
 The Internet checksum (RFC 1071) is computed two ways: vectorized over rows of a batch (sums
-of 32-bit little-endian words, folded; RFC 1071 §2(A)/(B): the sum is independent of word
-size and byte order up to a final swap), and for one packet in plain Python, as the packet
-read as one big-endian integer modulo 0xFFFF (2^16 ≡ 1).
+of 32-bit little-endian words modulo 0xFFFF; RFC 1071 §2(A)/(B): the sum is independent of
+word size, and of byte order up to a swap, here a factor of 256), and for one packet in
+plain Python, as the packet read as one big-endian integer modulo 0xFFFF (2^16 ≡ 1).
 """
 
 from __future__ import annotations
