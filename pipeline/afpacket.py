@@ -68,7 +68,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
-from pipeline.offload import VNET_HDR, VNET_HDR_LEN, OffloadError, Superpacket
+from pipeline.offload import VNET_HDR, VNET_HDR_LEN, OffloadError, Superpacket, ones_sum
 from pipeline.region import HEAD, SharedRegion, copy_heads, copy_segments
 
 __all__ = [
@@ -522,20 +522,15 @@ class RxRing:
                 break
             take = min(self._left, room - filled)
             pos = self._pos
-            if self.vnet_hdr and self._gso_at(pos):
-                # A GSO frame (the sender's TSO, the interface's GRO): cut into segments,
-                # copied whole into the slots.
+            gso = self.vnet_hdr and self._gso_at(pos)
+            if gso or take == 1:  # a GSO frame, or a lone frame (sparse traffic): no numpy
                 self._pos = pos + u32[pos >> 2]
-                self._cut(pos, batch.max_packet)
-                self._left -= 1
-                if not self._left:
-                    self._release_block()
-                continue
-            if take == 1:  # a lone frame (sparse traffic): no numpy
-                self._pos = pos + u32[pos >> 2]
-                slot = start + filled
-                filled += self._deliver_one(batch, slot, pos, ethertypes)
-                batch.src[slot] = -1  # whole in its slot
+                if gso:  # the sender's TSO or the interface's GRO: cut into segments,
+                    self._cut(pos, batch.max_packet)  # copied whole into the slots
+                else:
+                    slot = start + filled
+                    filled += self._deliver_one(batch, slot, pos, ethertypes)
+                    batch.src[slot] = -1  # whole in its slot
                 self._left -= 1
                 if not self._left:
                     self._release_block()
@@ -575,24 +570,13 @@ class RxRing:
     def _cut(self, pos: int, room: int) -> None:
         """Take the GSO frame at ring offset ``pos`` as segments to emit (``_pending``), or
         count it as a drop."""
-        mem = self._bytes
-        snaplen, wire_len, status, mac, net = _V3_HDR.unpack_from(mem, pos + 12)
-        etype, pkttype = _SLL.unpack_from(mem, pos + _V3_SLL)
-        l3 = pos + net
-        if pkttype == PACKET_OUTGOING:
-            reason = "outgoing"
-        elif status & TP_STATUS_VLAN_VALID:
-            reason = "vlan"
-        elif etype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6) or mem[l3] >> 4 != (
-                4 if etype == ETHERTYPE_IPV4 else 6):
-            reason = "not_ip"
-        elif wire_len != snaplen:
-            reason = "truncated"
-        else:
-            _, gso_type, _, gso_size, _, _ = VNET_HDR.unpack_from(mem, pos + mac - VNET_HDR_LEN)
-            packet = self._ring[l3 : l3 + snaplen - (net - mac)].copy()
+        reason, l3, cap, _, etype, _, mac = self._check_frame(pos)
+        if reason is None:
+            _, gso_type, _, gso_size, _, _ = VNET_HDR.unpack_from(self._bytes,
+                                                                  pos + mac - VNET_HDR_LEN)
             try:
-                self._pending = Superpacket.parse(packet, gso_type, gso_size, room)
+                self._pending = Superpacket.parse(self._ring[l3 : l3 + cap].copy(), gso_type,
+                                                  gso_size, room)
             except OffloadError:
                 reason = "gso_errors"
             else:
@@ -646,11 +630,10 @@ class RxRing:
         self._counters["packets"] += filled
         return filled
 
-    def _deliver_one(self, batch: Batch, slot: int, off: int,
-                     ethertypes: npt.NDArray[np.uint16] | None) -> int:
-        """``_deliver`` for the one frame at ring offset ``off``, in plain Python: the same
-        checks in the same order, the same counters (tests/test_afpacket.py reads frames
-        both ways)."""
+    def _check_frame(self, off: int) -> tuple[str | None, int, int, int, int, int, int]:
+        """The frame at ring offset ``off``, in plain Python: the first reason it is not
+        ours (as in ``_deliver``, before ``too_big``) or None, its L3 offset, bytes captured
+        from there, IP length (Ethernet padding trimmed), ethertype, tp_status and tp_mac."""
         mem = self._bytes
         if self.version == 2:
             status, wire_len, snaplen, mac, net = _V2_HDR.unpack_from(mem, off)
@@ -666,7 +649,7 @@ class RxRing:
         ip_len = (_U16BE.unpack_from(mem, l3 + 2)[0] if is4
                   else 40 + _U16BE.unpack_from(mem, l3 + 4)[0])
         length = ip_len if 0 < ip_len <= cap else cap
-        # The first reason that applies is the one counted (as in _deliver).
+        reason = None
         if pkttype == PACKET_OUTGOING:
             reason = "outgoing"
         elif status & TP_STATUS_VLAN_VALID:
@@ -675,11 +658,19 @@ class RxRing:
             reason = "not_ip"
         elif wire_len != snaplen:
             reason = "truncated"
-        elif length > batch.max_packet:
+        return reason, l3, cap, length, etype, status, mac
+
+    def _deliver_one(self, batch: Batch, slot: int, off: int,
+                     ethertypes: npt.NDArray[np.uint16] | None) -> int:
+        """``_deliver`` for the one frame at ring offset ``off``, in plain Python: the same
+        checks in the same order, the same counters (tests/test_afpacket.py reads frames
+        both ways)."""
+        reason, l3, _, length, etype, status, _ = self._check_frame(off)
+        if reason is None and length > batch.max_packet:
             reason = "too_big"
-        else:
+        if reason is None:
             base = slot * batch.slot_size + HEADROOM
-            batch.memory()[0][base : base + length] = mem[l3 : l3 + length]
+            batch.memory()[0][base : base + length] = self._bytes[l3 : l3 + length]
             batch.set_row(slot, base, length)
             if ethertypes is not None:
                 ethertypes[slot] = etype
@@ -779,12 +770,6 @@ class RxRing:
         self.close()
 
 
-def _sum16(data: npt.NDArray[np.uint8]) -> int:
-    if len(data) % 2:
-        data = np.append(data, np.uint8(0))
-    return int(data.view(">u2").sum(dtype=np.uint64))
-
-
 def complete_l4_checksum(buf: npt.NDArray[np.uint8], off: int, length: int) -> bool:
     """Compute the TCP or UDP checksum (RFC 9293 §3.1, RFC 768; RFC 8200 §8.1 for IPv6) of
     the packet at ``buf[off : off + length]`` from scratch, in place. The sender left it
@@ -799,10 +784,10 @@ def complete_l4_checksum(buf: npt.NDArray[np.uint8], off: int, length: int) -> b
         if ihl < 20 or length < ihl or (int(pkt[6]) & 0x3F) or int(pkt[7]):
             return False  # a fragment (MF or an offset): its checksum is whole already
         proto, l4 = int(pkt[9]), ihl
-        pseudo = _sum16(pkt[12:20])
+        pseudo = ones_sum(pkt[12:20])
     elif version == 6 and length >= 40:
         proto, l4 = int(pkt[6]), 40
-        pseudo = _sum16(pkt[8:40])
+        pseudo = ones_sum(pkt[8:40])
     else:
         return False
     at = {6: 16, 17: 6}.get(proto)  # the checksum's offset in the TCP / UDP header
@@ -810,10 +795,7 @@ def complete_l4_checksum(buf: npt.NDArray[np.uint8], off: int, length: int) -> b
         return False
     seg = pkt[l4:length]
     seg[at] = seg[at + 1] = 0
-    total = pseudo + proto + len(seg) + _sum16(seg)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    csum = ~total & 0xFFFF
+    csum = 0xFFFF - ones_sum(seg, pseudo + proto + len(seg))
     if proto == 17 and csum == 0:
         csum = 0xFFFF  # RFC 768: zero means "no checksum"
     seg[at], seg[at + 1] = csum >> 8, csum & 0xFF

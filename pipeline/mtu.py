@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.batch import Batch, Verdict
+from pipeline.offload import ones_sum
 from workers import vec
 from workers.algorithms import EspTransform
 
@@ -244,12 +245,7 @@ def _fold(total: I64) -> I64:
 
 def _checksum(data: bytes) -> int:
     """RFC 1071 Internet checksum of ``data`` (odd lengths are zero-padded)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return 0xFFFF - ones_sum(data)
 
 
 def _ipv6_upper(pkt: bytes, *, through_ah: bool = True) -> tuple[int, int, int]:

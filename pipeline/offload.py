@@ -38,6 +38,8 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
+from workers import vec
+
 __all__ = [
     "F_DATA_VALID",
     "F_NEEDS_CSUM",
@@ -56,7 +58,6 @@ __all__ = [
     "complete_checksums",
     "ones_sum",
     "run_header",
-    "vnet_header",
 ]
 
 # struct virtio_net_hdr, in the host's byte order (a TUN device without TUNSETVNETLE/BE).
@@ -95,14 +96,8 @@ class OffloadError(ValueError):
     """A packet the kernel handed over that cannot be segmented (dropped and counted)."""
 
 
-def vnet_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int, int]:
-    """(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) of a virtio-net header."""
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(data)
-    return flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-
-
 # --- the Internet checksum (RFC 1071) ---------------------------------------------------------
-def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+def ones_sum(data: bytes | bytearray | memoryview | Buf, initial: int = 0) -> int:
     """The 16-bit one's-complement sum of ``data`` (big-endian words, an odd last byte padded
     with zero) plus ``initial``, folded; in [0, 0xFFFF], 0xFFFF for any non-zero sum that
     folds to zero."""
@@ -417,17 +412,11 @@ def _compared(l4: int) -> npt.NDArray[np.bool_]:
 
 def _heads(data: Buf, offsets: I64, lengths: I64) -> Buf:
     """The first _GATHER bytes of each packet (what follows a short packet in its slot is
-    read too, never compared: only header bytes are)."""
+    read too, never compared: only header bytes are; past the buffer's end, zeros)."""
     if int(offsets.max()) + _GATHER <= data.shape[0]:
-        records = np.ndarray((data.shape[0] - _GATHER + 1,), dtype=np.dtype((np.void, _GATHER)),
-                             buffer=data, strides=(1,))
-        rows: Buf = records[offsets].view(np.uint8).reshape(-1, _GATHER)
-        return rows
-    cols = np.arange(_GATHER)
-    inside = cols[None, :] < np.minimum(lengths, _GATHER)[:, None]
-    heads = np.zeros((len(offsets), _GATHER), dtype=np.uint8)
-    heads[inside] = data[(offsets[:, None] + cols)[inside]]
-    return heads
+        return vec.peek(data, offsets, _GATHER)
+    rows = vec.gather_masked(data, offsets, np.minimum(lengths, _GATHER))
+    return np.pad(rows, ((0, 0), (0, _GATHER - rows.shape[1])))
 
 
 def _joins(data: Buf, offsets: I64, lengths: I64, heads: Buf, l4: int, stride: int

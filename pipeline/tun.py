@@ -220,7 +220,7 @@ class TunQueue:
 
     def _read_offload(self, batch: Batch, limit: int) -> int:
         fd = self.fd
-        views, offsets, heads = _rx_vnet_views(batch)
+        views, offsets, heads, spill = _rx_vnet_views(batch)
         room = batch.max_packet
         readv = os.readv
         lengths: list[int] = []
@@ -233,7 +233,7 @@ class TunQueue:
                 n = readv(fd, views[i]) - VNET_HDR_LEN
                 h = i * VNET_HDR_LEN
                 if heads[h + 1]:  # gso_type: a TCP packet to cut
-                    i = self._cut(batch, i, n, limit, lengths, heads)
+                    i = self._cut(batch, i, n, limit, lengths, heads, spill)
                     continue
                 if heads[h] & F_NEEDS_CSUM and n <= room:
                     partial.append(i)
@@ -248,7 +248,7 @@ class TunQueue:
         return batch.count
 
     def _cut(self, batch: Batch, i: int, n: int, limit: int, lengths: list[int],
-             heads: bytearray) -> int:
+             heads: bytearray, spill: npt.NDArray[np.uint8]) -> int:
         """The GSO packet just read into slot ``i`` (its tail in the spill buffer): its
         segments from slot ``i`` on. Returns the next free slot."""
         room = batch.max_packet
@@ -256,7 +256,7 @@ class TunQueue:
         packet = np.empty(n, dtype=np.uint8)
         packet[: min(n, room)] = batch.data[at : at + min(n, room)]
         if n > room:
-            packet[room:] = _spill(batch)[: n - room]
+            packet[room:] = spill[: n - room]
         _, gso_type, _, gso_size, _, _ = VNET_HDR.unpack_from(heads, i * VNET_HDR_LEN)
         try:
             self._pending = Superpacket.parse(packet, gso_type, gso_size, room)
@@ -320,29 +320,25 @@ class TunQueue:
                                            meta["length"][passing].astype(np.int64))
             offsets = meta["offset"][passing].tolist()
             lengths = meta["length"][passing].tolist()
-        data = batch.memory()[0]
-        sent = 0
-        errors = 0
-        if self.offload:
-            writev = os.writev
-            plain = offload.NO_OFFLOAD
-            for off, length in zip(offsets, lengths, strict=True):
-                try:
-                    writev(fd, (plain, data[off : off + length]))
-                    sent += 1
-                except OSError:
-                    errors += 1
-        else:
-            write = os.write
-            for off, length in zip(offsets, lengths, strict=True):
-                try:
-                    write(fd, data[off : off + length])
-                    sent += 1
-                except OSError:
-                    errors += 1
+        sent, errors = self._write_each(fd, batch.memory()[0], offsets, lengths)
         self.tx_packets += sent
         self.tx_errors += errors
         return sent
+
+    def _write_each(self, fd: int, data: memoryview, offsets: list[int],
+                    lengths: list[int]) -> tuple[int, int]:
+        """Write each packet alone (with a plain virtio-net header when offloading);
+        (sent, refused)."""
+        head = (offload.NO_OFFLOAD,) if self.offload else ()
+        writev = os.writev
+        sent = errors = 0
+        for off, length in zip(offsets, lengths, strict=True):
+            try:
+                writev(fd, (*head, data[off : off + length]))
+                sent += 1
+            except OSError:
+                errors += 1
+        return sent, errors
 
     def _write_offload(self, batch: Batch, offsets: npt.NDArray[np.int64],
                        lengths: npt.NDArray[np.int64]) -> int:
@@ -352,21 +348,13 @@ class TunQueue:
         runs = offload.coalesce(batch.data, offsets, lengths, batch.slot_size)
         offs = offsets.tolist()
         lens = lengths.tolist()
-        writev = os.writev
-        plain = offload.NO_OFFLOAD
         sent = errors = coalesced = 0
         i = 0
-        n = len(offs)
         for run in [*runs, None]:
-            stop = n if run is None else run.first
-            while i < stop:
-                off = offs[i]
-                try:
-                    writev(fd, (plain, data[off : off + lens[i]]))
-                    sent += 1
-                except OSError:
-                    errors += 1
-                i += 1
+            stop = len(offs) if run is None else run.first
+            ok, refused = self._write_each(fd, data, offs[i:stop], lens[i:stop])
+            sent += ok
+            errors += refused
             if run is None:
                 break
             first, last = run.first, run.last
@@ -382,7 +370,7 @@ class TunQueue:
                                                  & offload.PSH))
             count = last - first + 1
             try:
-                writev(fd, [vnet, head, *parts])
+                os.writev(fd, [vnet, head, *parts])
                 sent += count
                 coalesced += count
             except OSError:
@@ -419,7 +407,7 @@ _SPILL = 1 << 16  # a GSO packet's bytes beyond its slot: at most 64 KiB in all
 
 
 def _rx_vnet_views(batch: Batch) -> tuple[list[list[memoryview]], npt.NDArray[np.uint32],
-                                           bytearray]:
+                                           bytearray, npt.NDArray[np.uint8]]:
     """``_rx_views`` with a virtio-net header before each slot (all of them in one
     bytearray, header i at ``i * VNET_HDR_LEN``) and a 64 KiB spill buffer after it, where
     the rest of a GSO packet lands. Cached on the batch."""
@@ -436,13 +424,7 @@ def _rx_vnet_views(batch: Batch) -> tuple[list[list[memoryview]], npt.NDArray[np
                  for i, off in enumerate(offsets.tolist())]
         cached = (views, offsets, heads, spill)
         batch._views[_VNET_VIEWS_KEY] = cached
-    views, offsets, heads, _ = cached  # type: ignore[misc]
-    return views, offsets, heads
-
-
-def _spill(batch: Batch) -> npt.NDArray[np.uint8]:
-    spill: npt.NDArray[np.uint8] = batch._views[_VNET_VIEWS_KEY][3]  # type: ignore[index]
-    return spill
+    return cached  # type: ignore[return-value]
 
 
 _PLAIN_MAX = 10  # below this many partial checksums, plain Python beats numpy's fixed cost

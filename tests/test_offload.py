@@ -279,7 +279,7 @@ def _write(batch: Batch, runs: list[Run]) -> list[tuple[bytes, bytes]]:
 
 def _complete(pkt: bytes, vnet: bytes) -> bytes:
     """The coalesced packet as the kernel sees it after completing the checksum."""
-    flags, gso, hdr_len, _, start, field = offload.vnet_header(vnet)
+    flags, gso, hdr_len, _, start, field = offload.VNET_HDR.unpack(vnet)
     assert flags == F_NEEDS_CSUM and gso in (GSO_TCPV4, GSO_TCPV6)
     raw = bytearray(pkt)
     csum = 0xFFFF - ones_sum(bytes(raw[start:]))
@@ -296,7 +296,7 @@ def test_a_stream_coalesces_into_what_scapy_builds_whole(v6: bool) -> None:
                     batch.meta["length"][:8].astype(np.int64), batch.slot_size)
     assert runs == [Run(0, 7)]
     [(vnet, pkt)] = _write(batch, runs)
-    _, gso, hdr_len, gso_size, start, field = offload.vnet_header(vnet)
+    _, gso, hdr_len, gso_size, start, field = offload.VNET_HDR.unpack(vnet)
     assert (gso, gso_size, start, field) == ((GSO_TCPV6 if v6 else GSO_TCPV4), 1000,
                                              40 if v6 else 20, 16)
     whole = _segment(v6, 5000, b"".join(bytes([k]) * s for k, s in enumerate(sizes)), ACK,

@@ -146,8 +146,13 @@ class SaState:
         return first
 
 
+def _spi_key(protocol: int, spi: int) -> int:
+    """The SPI index's key of an SA: (protocol << 32) | SPI."""
+    return (int(protocol) << 32) | spi
+
+
 def _key(record: SaRecord) -> int:
-    return (int(record.protocol) << 32) | record.spi
+    return _spi_key(record.protocol, record.spi)
 
 
 class _Deferred(NamedTuple):
@@ -190,7 +195,7 @@ class SaTable:
         few of them: the cipher contexts and windows of the rest are never made. A record
         that cannot be built then is logged and the SA is taken out (its packets find no
         SA)."""
-        key = (int(protocol) << 32) | spi
+        key = _spi_key(protocol, spi)
         self._put(index, _Deferred(key, inbound, record), key, inbound)
 
     def _put(self, index: int, entry: SaState | _Deferred, key: int, inbound: bool) -> None:
@@ -259,7 +264,7 @@ class SaTable:
 
     def lookup_one(self, protocol: int, spi: int) -> tuple[int, bool]:
         """The inbound SA index for one SPI (the whole batch shares it: the common case)."""
-        holders = self._by_key.get((protocol << 32) | spi)
+        holders = self._by_key.get(_spi_key(protocol, spi))
         return (0, False) if holders is None else (holders[-1], True)
 
     def lookup_inbound(
