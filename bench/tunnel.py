@@ -669,8 +669,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outside", choices=("af_packet", "socket"), default="af_packet",
                    help="espline's outside mode (default af_packet: TPACKET_V3 ring, "
                         "sendmmsg; socket: raw/UDP sockets, one syscall per packet)")
-    p.add_argument("--ring", choices=("v3", "v2"), default="v3",
-                   help="the af_packet outside's RX ring (v3: blocks; v2: per frame)")
+    p.add_argument("--ring", choices=("auto", "v3", "v2"), default="auto",
+                   help="the af_packet outside's RX ring (auto: v2 while sparse, v3 while busy; "
+                   "v3: blocks; v2: per frame)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="espline workers (default: cores)")
     p.add_argument("--profile", metavar="DIR",

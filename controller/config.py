@@ -356,9 +356,11 @@ class OutsideConfig:
     mode: OutsideMode = "socket"
     interface: str | None = None
     fanout: bool = True
-    # The RX ring's TPACKET version (af_packet): "v3" hands packets over in blocks, after up
-    # to a block timeout at low rates (~1 ms a crossing); "v2" per frame, as they arrive.
-    ring: Literal["v2", "v3"] = "v3"
+    # The RX ring (af_packet): "v3" hands packets over in blocks, after up to a block
+    # timeout at low rates (~1 ms a crossing); "v2" per frame, as they arrive; "auto" both,
+    # steering packets to V2 while traffic is sparse and to V3 while it is heavy
+    # (pipeline/rxpair.py).
+    ring: Literal["auto", "v2", "v3"] = "auto"
 
 
 def _default_endpoint(runtime_dir: str, name: str) -> str:
@@ -515,7 +517,8 @@ def _parse_outside(value: object, keys: _Keys) -> OutsideConfig:
     mode = cast(OutsideMode, s.get_choice("mode", "socket", ("af_packet", "socket")))
     if mode == "af_packet":
         interface: str | None = _ifname(s.get("interface"), s.at("interface"))
-        ring = cast(Literal["v2", "v3"], s.get_choice("ring", "v3", ("v2", "v3")))
+        ring = cast(Literal["auto", "v2", "v3"],
+                    s.get_choice("ring", "auto", ("auto", "v2", "v3")))
         return OutsideConfig(mode, interface, s.get_bool("fanout", True), ring)
     _only_for(s, "fanout", "af_packet", "")
     _only_for(s, "ring", "af_packet", "")

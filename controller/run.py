@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Literal
 
 from controller.config import Config, ConfigError, DataplaneConfig, StaticSa, load_config
 from pipeline.batch import Batch
@@ -94,13 +95,22 @@ class AfPacketIO:
     """An AF_PACKET RX ring and TX path on one interface."""
 
     def __init__(self, interface: str, *, esp_only: bool, fanout: bool,
-                 ring_version: int = 3, vnet_hdr: bool = False) -> None:
-        from pipeline import afpacket, bpf
+                 ring: Literal["auto", "v2", "v3"] = "v3", vnet_hdr: bool = False,
+                 mtu: int = 1500) -> None:
+        from pipeline import afpacket, bpf, rxpair
 
         self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
-        self.rx = afpacket.RxRing(interface, bpf=bpf.esp_filter() if esp_only else None,
-                                  fanout_group=afpacket.default_fanout_group() if fanout
-                                  else None, version=ring_version, vnet_hdr=vnet_hdr)
+        program = bpf.esp_filter() if esp_only else None
+        self.rx: afpacket.RxRing | rxpair.RxPair
+        if ring == "auto":  # its two rings are a fanout group of their own
+            self.rx = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
+            self._fds = self.rx.filenos()
+        else:
+            self.rx = afpacket.RxRing(
+                interface, bpf=program, version=2 if ring == "v2" else 3, vnet_hdr=vnet_hdr,
+                frame_size=rxpair.v2_frame_size(mtu) if ring == "v2" else 2048,
+                fanout_group=afpacket.default_fanout_group() if fanout else None)
+            self._fds = [self.rx.fileno()]
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
@@ -126,7 +136,7 @@ class AfPacketIO:
         return self.tx.send(batch)
 
     def fileno_list(self) -> list[int]:
-        return [self.rx.fileno()]
+        return self._fds
 
     def io_stats(self) -> dict[str, int]:
         return {**{f"rx_{k}": v for k, v in self.rx.stats().items()},
@@ -243,7 +253,7 @@ def build_io(dp: DataplaneConfig, stack: ExitStack, *, routes: Sequence[str], tu
         for nat_t_sock in claim_nat_t_ports(nat_t):
             stack.callback(nat_t_sock.close)
         port = AfPacketIO(dp.outside.interface, esp_only=True, fanout=dp.outside.fanout,
-                          ring_version=2 if dp.outside.ring == "v2" else 3)
+                          ring=dp.outside.ring, mtu=dp.mtu)
         stack.callback(port.close)
         outside = port
     return inside, outside

@@ -76,10 +76,12 @@ __all__ = [
     "ETHERTYPE_IPV4",
     "ETHERTYPE_IPV6",
     "FRAME_HDR_DTYPE",
+    "PACKET_FANOUT_CBPF",
     "PACKET_FANOUT_CPU",
     "PACKET_FANOUT_HASH",
     "PACKET_FANOUT_LB",
     "PACKET_FANOUT_FLAG_DEFRAG",
+    "PACKET_FANOUT_FLAG_UNIQUEID",
     "EspSink",
     "NeighbourCache",
     "RxRing",
@@ -105,8 +107,11 @@ TPACKET_V3 = 2
 PACKET_FANOUT_HASH = 0
 PACKET_FANOUT_LB = 1
 PACKET_FANOUT_CPU = 2
+PACKET_FANOUT_CBPF = 6  # a classic BPF program picks the member (PACKET_FANOUT_DATA)
+PACKET_FANOUT_DATA = 22
 PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000  # group id 0: the kernel picks an unused one
 
 PACKET_OUTGOING = 4  # sll_pkttype of a packet this host transmitted
 
@@ -285,6 +290,7 @@ class RxRing:
             raise ValueError("vnet_hdr needs TPACKET_V3 (a GSO frame does not fit a V2 frame)")
         self.version = version
         self.vnet_hdr = vnet_hdr
+        self.retire_blk_tov_ms = retire_blk_tov_ms
         if block_size % page or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two multiple of {page}")
         if frame_size % TPACKET_ALIGNMENT or not 0 < frame_size <= block_size:
@@ -370,6 +376,7 @@ class RxRing:
         self._block = 0  # the block being read (or the next one to wait for)
         self._left = 0  # frames of that block not yet read
         self._pos = 0  # absolute ring offset of its next frame
+        self._seq = 0  # seq_num of the last block handed over (the kernel numbers from 1)
         self._pending: Superpacket | None = None  # segments of a GSO frame left to emit
         self._pending_etype = 0
         self._closed = False
@@ -389,6 +396,44 @@ class RxRing:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def fanout_id(self) -> int:
+        """The id of the fanout group this ring joined (the kernel's pick, with
+        PACKET_FANOUT_FLAG_UNIQUEID)."""
+        return self._sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+
+    def set_fanout_program(self, program: Sequence[_bpf.Insn]) -> None:
+        """Replace the steering program of this ring's PACKET_FANOUT_CBPF group (every
+        member's). The kernel returns once no packet is being steered by the old program
+        any more (an RCU grace period, a few ms): every packet it sent to a member is in
+        that member's ring."""
+        _bpf.set_program(self._sock, SOL_PACKET, PACKET_FANOUT_DATA, program)
+
+    def set_filter(self, program: Sequence[_bpf.Insn]) -> None:
+        """Replace the ring's socket filter (:func:`pipeline.bpf.attach`)."""
+        _bpf.attach(self._sock, program)
+
+    def drained(self) -> bool:
+        """Whether nothing is left for :meth:`read_into` to hand over, counting packets the
+        kernel holds in a TPACKET_V3 block it has not retired yet (these become readable
+        within about the block timeout). Meant for a ring that gets no new packets (its
+        fanout group steers elsewhere); a fed ring is never drained for long."""
+        if self._pending is not None:
+            return False
+        if self.version == 2:
+            return not self._u32[self._frame * self.frame_size >> 2] & TP_STATUS_USER
+        if self._left:
+            return False
+        b = self._block
+        if self._kept[b]:
+            return True  # a whole ring of blocks out at workers: the kernel holds nothing
+        blocks = self._blocks
+        if int(blocks["block_status"][b]) & TP_STATUS_USER:
+            return False
+        # The block the kernel fills next, or is filling. One it opened since the last
+        # handover carries the next sequence number; one it has not opened (the ring was
+        # full, or it is still ours from the last round) holds last round's header.
+        return int(blocks["seq_num"][b]) != self._seq + 1 or not int(blocks["num_pkts"][b])
 
     def pending(self) -> bool:
         """Segments of a GSO frame already read wait for the next read (``vnet_hdr``)."""
@@ -419,6 +464,7 @@ class RxRing:
         # A block still kept for a batch out at a worker is not new: the kernel cannot
         # have filled it again, since it is not the kernel's.
         while not self._kept[b] and int(blocks["block_status"][b]) & TP_STATUS_USER:
+            self._seq = int(blocks["seq_num"][b])
             num = int(blocks["num_pkts"][b])
             if num:
                 self._left = num

@@ -58,6 +58,7 @@ __all__ = [
     "assemble",
     "attach",
     "detach",
+    "set_program",
     "esp_filter",
     "nat_t_socket_filter",
     "format_program",
@@ -317,14 +318,21 @@ def attach(sock: socket.socket, program: Sequence[Insn], *, lock: bool = False) 
 
     Attach before ``bind()``: a bound socket without a filter receives everything meanwhile.
     """
+    set_program(sock, socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+    if lock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+
+
+def set_program(sock: socket.socket, level: int, option: int, program: Sequence[Insn]) -> None:
+    """Hand ``program`` to the kernel as a ``struct sock_fprog`` socket option: a socket
+    filter (SO_ATTACH_FILTER), or a fanout group's steering program (PACKET_FANOUT_DATA,
+    pipeline/afpacket.py)."""
     if not 0 < len(program) <= 4096:  # BPF_MAXINSNS
         raise ValueError(f"a classic BPF program has 1..4096 instructions, got {len(program)}")
     insns = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
     fprog = _SockFprog(len(program), insns)
     # setsockopt copies the program before it returns; ``insns`` outlives the call.
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
-    if lock:
-        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+    sock.setsockopt(level, option, bytes(fprog))
 
 
 def detach(sock: socket.socket) -> None:

@@ -44,6 +44,7 @@ from pipeline.afpacket import (
 )
 from pipeline.batch import HEADROOM, Batch, Verdict
 from pipeline.region import HEAD, SharedRegion, complete
+from pipeline.rxpair import BULK, SPARSE, SPARSE_WINDOW_S, RxPair
 
 # --- a classic BPF interpreter (linux/filter.h semantics) -----------------------------------
 
@@ -461,7 +462,8 @@ def frame_sender(lab: Lab) -> socket.socket:
     return s
 
 
-def drain(ring: RxRing, want: int, *, timeout: float = 2.0, settle: float = 0.03) -> list[bytes]:
+def drain(ring: RxRing | RxPair, want: int, *, timeout: float = 2.0,
+          settle: float = 0.03) -> list[bytes]:
     """Read until ``want`` packets arrived, then ``settle`` seconds more for any extra."""
     batch = Batch(capacity=want + 512)
     deadline = time.monotonic() + timeout
@@ -591,6 +593,106 @@ def test_v2_ring_wakes_per_packet_and_wraps(lab: Lab) -> None:
         sender.close()
         ring.close()
         slow.close()
+
+
+def _send_esp(sender: socket.socket, seqs: range | list[int], size: int = 100) -> None:
+    for seq in seqs:
+        sender.send(eth(ipv4(50, esp(seq=seq, body=bytes(size))), ETHERTYPE_IPV4))
+
+
+def _seqs(packets: list[bytes]) -> list[int]:
+    return [struct.unpack("!I", p[24:28])[0] for p in packets]  # IPv4 header, SPI, seq
+
+
+# V3 blocks that wait long for their timeout: a packet read early came through the V2 ring.
+SLOW_BULK = {"block_size": 1 << 16, "block_count": 8, "retire_blk_tov_ms": 200}
+
+
+def test_rx_pair_follows_the_rate_and_keeps_the_order(lab: Lab) -> None:
+    """pipeline/rxpair.py: sparse packets come through the V2 ring at once; a burst moves
+    the traffic to the V3 ring, a quiet spell back, and every packet comes out once, in the
+    order sent."""
+    with lab.enter(lab.b):
+        pair = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK)
+    sender = frame_sender(lab)
+    with pair, contextlib.closing(sender):
+        assert pair.mode == SPARSE
+        _send_esp(sender, [1])
+        t0 = time.monotonic()
+        assert pair.wait(0.15) and time.monotonic() - t0 < 0.1, "no wake-up for one packet"
+        got = drain(pair, 1, settle=0)
+        _send_esp(sender, range(2, 202))  # a burst: more than BULK_PACKETS in a read
+        got += drain(pair, 200)
+        assert pair.mode == BULK
+        _send_esp(sender, range(202, 802))  # steered to the V3 ring now
+        got += drain(pair, 600)
+        # (Its last block comes after its 200 ms timeout: a quiet spell that may move the
+        # traffic back already.)
+        time.sleep(SPARSE_WINDOW_S)
+        _send_esp(sender, [802])  # read at once, or after a block timeout; then back
+        got += drain(pair, 1)
+        assert pair.mode == SPARSE
+        _send_esp(sender, [803])
+        t0 = time.monotonic()
+        assert pair.wait(0.15) and time.monotonic() - t0 < 0.1
+        got += drain(pair, 1)
+        assert _seqs(got) == list(range(1, 804))
+        stats = pair.stats()
+        assert (stats["to_bulk"], stats["to_sparse"], stats["bulk"]) == (1, 1, 0)
+        assert stats["packets"] == 803 and stats["kernel_drops"] == 0
+        assert stats["drain_timeouts"] == 0
+
+
+def test_rx_pair_empties_the_old_ring_first(lab: Lab) -> None:
+    """A move between the rings while the old one still holds packets: they come out before
+    the new ring's, also those in a V3 block the kernel has not handed over yet."""
+    with lab.enter(lab.b):
+        pair = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK, auto=False)
+    sender = frame_sender(lab)
+    with pair, contextlib.closing(sender):
+        _send_esp(sender, range(1, 51))  # into the V2 ring, not read yet
+        time.sleep(0.01)
+        assert pair.steer(BULK)
+        _send_esp(sender, range(51, 101))
+        got = drain(pair, 100)
+        assert _seqs(got) == list(range(1, 101))
+        _send_esp(sender, range(101, 111))  # into the V3 ring's open block
+        time.sleep(0.01)
+        assert pair.steer(SPARSE)
+        assert not pair.steer(BULK)  # not while the V3 ring is still to be emptied
+        _send_esp(sender, range(111, 121))  # V2: readable at once, but read after
+        got = drain(pair, 20)
+        assert _seqs(got) == list(range(101, 121))
+        stats = pair.stats()
+        assert (stats["to_bulk"], stats["to_sparse"], stats["drain_timeouts"]) == (1, 1, 0)
+        # A V3 ring that holds nothing is left at once, without waiting for its timeout.
+        assert pair.steer(BULK)
+        assert drain(pair, 0, settle=0) == []  # the V2 ring, empty: done with
+        assert pair.steer(SPARSE)
+        _send_esp(sender, [121])
+        t0 = time.monotonic()
+        assert _seqs(drain(pair, 1, settle=0)) == [121]
+        assert time.monotonic() - t0 < 0.1
+
+
+def test_v3_ring_drained_sees_a_block_not_opened_again(lab: Lab) -> None:
+    """RxRing.drained: the kernel's open block holding packets is not drained; a block
+    handed back and not opened again since (the ring was full) still shows last round's
+    header and packet count, and is."""
+    with lab.enter(lab.b):
+        ring = RxRing("b0", bpf=bpf.esp_filter(), block_size=1 << 12, block_count=2,
+                      retire_blk_tov_ms=500)
+    sender = frame_sender(lab)
+    with ring, contextlib.closing(sender):
+        assert ring.drained()
+        _send_esp(sender, [1], size=100)
+        time.sleep(0.01)
+        assert not ring.readable() and not ring.drained()  # in the open block
+        _send_esp(sender, range(2, 20), size=1400)  # fills both blocks; the rest dropped
+        time.sleep(0.01)
+        got = drain(ring, 4, settle=0)
+        assert _seqs(got)[0] == 1 and ring.stats()["kernel_drops"] > 0
+        assert ring.drained()
 
 
 def test_rx_ring_ignores_own_transmissions(lab: Lab) -> None:

@@ -327,6 +327,7 @@ def test_dataplane_sections_in_full() -> None:
     )
     dp = parse(c).dataplane
     assert InsideConfig().offload  # TUN offloads by default (pipeline/offload.py)
+    assert OutsideConfig().ring == "auto"  # V2 while sparse, V3 while busy (pipeline/rxpair.py)
     c2 = base()
     c2["dataplane"]["inside"] = {"mode": "tun", "name": "espl1", "offload": False}
     assert parse(c2).dataplane.inside == InsideConfig("tun", "espl1", offload=False)
@@ -1103,7 +1104,7 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         "ring unknown",
         at(("dataplane", "outside"), {"mode": "af_packet", "interface": "eth0", "ring": "v1"}),
         "dataplane.outside.ring",
-        "'v1' is not one of v2, v3",
+        "'v1' is not one of auto, v2, v3",
     ),
     (
         "tun with interface",

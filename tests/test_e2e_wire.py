@@ -366,6 +366,11 @@ def test_af_packet_modes_carry_ping_tcp_udp(lab: NetnsLab, tmp_path: Path, insid
         assert stats["outbound"]["passed"] > 200 and stats["inbound"]["passed"] > 200, stats
         assert stats["lost_packets"] == 0
         assert stats["heads_batches"] > 0 or not both, stats
+    if outside == "af_packet":  # the default ring pair (pipeline/rxpair.py)
+        for stats in (a, b):
+            io = stats["outside_io"]
+            assert io["rx_to_bulk"] >= io["rx_to_sparse"] >= io["rx_to_bulk"] - 1, io
+            assert io["rx_drain_timeouts"] == io["rx_kernel_drops"] == 0, io
     if inside == "af_packet":  # the hosts' TSO packets, cut by the inside ring
         assert sum(s["inside_io"]["rx_gso"] for s in (a, b)) > 0, (a, b)
         assert all(s["inside_io"]["rx_gso_errors"] == s["inside_io"]["rx_too_big"] == 0

@@ -1,0 +1,247 @@
+"""An RX ring pair that is quick when traffic is sparse and cheap when it is heavy.
+
+TPACKET_V3 hands packets over in blocks, each retired when full or after its block timeout
+(``retire_blk_tov_ms``, 1 ms at the least). Heavy traffic fills blocks: one wake-up and one
+status check for hundreds of packets, and packets the workers read in place
+(pipeline/region.py). Sparse traffic waits for the timeout: each ESP packet in up to 1 ms.
+On the 2-core lab a ping through two gateways took 1.9-2.8 ms with V3 against 1.1-1.4 ms
+with TPACKET_V2, which wakes the reader per frame (bench/tunnel.py ``--ring``); at high rates
+that is a wake-up per packet, and every frame is copied.
+
+:class:`RxPair` keeps one of each on the interface, both members of one fanout group of mode
+PACKET_FANOUT_CBPF (an id the kernel picks, PACKET_FANOUT_FLAG_UNIQUEID). The group's classic
+BPF program is one instruction, ``ret #0`` (the V2 ring, the first member) or ``ret #1`` (the
+V3 ring): every packet goes to exactly one of them, and the reader moves the traffic with
+PACKET_FANOUT_DATA.
+
+**When.** From the packets read per window of time:
+
+* sparse -> bulk: ``BULK_PACKETS`` (32) within ``BULK_WINDOW_S`` (10 ms), 3 200 packets/s;
+* bulk -> sparse: fewer than ``SPARSE_PACKETS`` (25) in a ``SPARSE_WINDOW_S`` (50 ms)
+  window, 500 packets/s. After traffic stops, the first packet read (after a block timeout)
+  switches back.
+
+The gap between the two rates keeps a steady flow from flapping; each move costs the reader
+one RCU grace period (the kernel's ``synchronize_net``; 5-10 ms on the lab VM), during which
+the new ring already receives.
+
+**Order.** Packets leave the pair in the order they arrived. PACKET_FANOUT_DATA returns only
+after that grace period, and the kernel's receive path runs under RCU, so by then every
+packet the old program steered is in the old ring. The reader empties the old ring before it
+reads the new one:
+
+* to bulk: the V2 frames are all there;
+* to sparse: the V3 block the kernel was filling comes with its block timeout (often
+  already, after the grace period). The read waits for it on the V3 socket (not spinning on
+  a readable V2 socket) for up to two block timeouts and ``DRAIN_MARGIN_S``, then gives up
+  on it and counts ``drain_timeouts``.
+
+Only for ESP from outside, where a pair of rings on one interface is the whole reader; an
+interface spread over several I/O processes (hash fanout) uses one ring version each.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline import bpf
+from pipeline.afpacket import (
+    PACKET_FANOUT_CBPF,
+    PACKET_FANOUT_FLAG_UNIQUEID,
+    RxRing,
+)
+from pipeline.batch import Batch
+from pipeline.region import HEAD, SharedRegion
+
+__all__ = ["RxPair", "v2_frame_size"]
+
+BULK_PACKETS = 32
+BULK_WINDOW_S = 0.010
+SPARSE_PACKETS = 25
+SPARSE_WINDOW_S = 0.050
+DRAIN_MARGIN_S = 0.020
+SPARSE, BULK = 0, 1  # fanout member indexes: the order the rings join
+_STEER = {m: (bpf.Insn(bpf.BPF_RET | bpf.BPF_K, 0, 0, m),) for m in (SPARSE, BULK)}
+
+Reader = Callable[[RxRing, int | None], int]
+
+
+def v2_frame_size(mtu: int) -> int:
+    """A TPACKET_V2 frame for an IP packet of ``mtu`` bytes: the frame header, the
+    sockaddr_ll, an Ethernet header (and a VLAN tag) fit in 128 bytes; a power of two, so
+    that frames tile the ring's blocks."""
+    size = 2048
+    while size < mtu + 128:
+        size *= 2
+    return size
+
+
+class RxPair:
+    """A TPACKET_V2 ring for sparse traffic and a TPACKET_V3 ring for bulk, on ``ifname``,
+    read as one :class:`~pipeline.afpacket.RxRing`. ``bpf_program`` filters both; ``mtu``
+    sizes the V2 frames; ``bulk`` passes geometry to the V3 ring (``sparse`` to the V2
+    ring). ``auto`` False: the rings change only with :meth:`steer`."""
+
+    def __init__(self, ifname: str, *, bpf_program: Sequence[bpf.Insn] | None,
+                 mtu: int = 1500, bulk: dict[str, Any] | None = None,
+                 sparse: dict[str, Any] | None = None, auto: bool = True) -> None:
+        frame = v2_frame_size(mtu)
+        v2: dict[str, Any] = {"block_size": max(1 << 17, frame), "block_count": 32,
+                              "frame_size": frame}
+        # The V2 ring joins first (member 0, where a group without a program steers).
+        self._sparse = RxRing(ifname, bpf=bpf_program, version=2, fanout_group=0,
+                              fanout_mode=PACKET_FANOUT_CBPF,
+                              fanout_flags=PACKET_FANOUT_FLAG_UNIQUEID, **(sparse or v2))
+        try:
+            # Bound with no filter it would take a copy of every packet until it joins.
+            self._bulk = RxRing(ifname, bpf=bpf.REJECT_ALL, version=3,
+                                fanout_group=self._sparse.fanout_id(),
+                                fanout_mode=PACKET_FANOUT_CBPF, **(bulk or {}))
+            try:
+                self._bulk.set_filter(bpf_program if bpf_program is not None
+                                      else bpf.ACCEPT_ALL)
+                self._sparse.set_fanout_program(_STEER[SPARSE])
+            except BaseException:
+                self._bulk.close()
+                raise
+        except BaseException:
+            self._sparse.close()
+            raise
+        self._rings = (self._sparse, self._bulk)
+        self._drain_wait = 2 * self._bulk.retire_blk_tov_ms / 1000 + DRAIN_MARGIN_S
+        self.mode = SPARSE
+        self._auto = auto
+        self._old: RxRing | None = None  # the ring to empty before the active one is read
+        self._old_until = 0.0
+        self._window_start = time.monotonic()
+        self._window_packets = 0
+        self._counters = {"to_bulk": 0, "to_sparse": 0, "drain_timeouts": 0}
+
+    # -- what RxRing offers ------------------------------------------------------------------
+    def filenos(self) -> list[int]:
+        return [r.fileno() for r in self._rings]
+
+    def shared_region(self) -> SharedRegion | None:
+        return self._bulk.shared_region()
+
+    def read_into(self, batch: Batch, max_packets: int | None = None,
+                  ethertypes: npt.NDArray[np.uint16] | None = None) -> int:
+        return self._read(lambda ring, n: ring.read_into(batch, n, ethertypes), max_packets)
+
+    def read_heads(self, batch: Batch, max_packets: int | None, region: int, token: int,
+                   *, head: int = HEAD) -> int:
+        """:meth:`RxRing.read_heads` of the ring in use: heads from the V3 ring, whole packets
+        from the V2 ring (``batch.region`` stays -1 for those)."""
+        return self._read(lambda ring, n: ring.read_heads(batch, n, region, token, head=head),
+                          max_packets)
+
+    def release(self, token: int) -> None:
+        self._bulk.release(token)
+
+    def pending(self) -> bool:
+        return False  # no virtio-net headers on this pair: nothing is held between reads
+
+    def readable(self) -> bool:
+        return any(r.readable() for r in self._rings)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for either ring; True if one has packets."""
+        if self.readable():
+            return True
+        poller = select.poll()
+        for fd in self.filenos():
+            poller.register(fd, select.POLLIN | select.POLLERR)
+        poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        return self.readable()
+
+    def stats(self) -> dict[str, int]:
+        """Both rings' counters summed, the moves between them, and ``bulk`` (1 while the
+        V3 ring receives)."""
+        out = dict(self._counters, bulk=int(self.mode == BULK))
+        for ring in self._rings:
+            for key, value in ring.stats().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def close(self) -> None:
+        self._bulk.close()
+        self._sparse.close()
+
+    def __enter__(self) -> RxPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steering ----------------------------------------------------------------------------
+    def _read(self, read: Reader, max_packets: int | None) -> int:
+        n = 0
+        if self._old is not None:
+            n = self._drain(read, max_packets)
+            if self._old is not None:
+                return n  # the old ring has more, or its last block is still to come
+            if max_packets is not None:
+                max_packets -= n
+                if max_packets <= 0:
+                    return n
+        got = read(self._rings[self.mode], max_packets)
+        if self._auto:
+            self._account(got)
+        return n + got
+
+    def _drain(self, read: Reader, max_packets: int | None) -> int:
+        old = self._old
+        assert old is not None
+        n = read(old, max_packets)
+        if not n and not old.drained():
+            # Its last V3 block is not handed over yet: wait for it here (the new ring's
+            # socket may be readable meanwhile; the loop would spin on it).
+            left = self._old_until - time.monotonic()
+            if left > 0:
+                poller = select.poll()
+                poller.register(old.fileno(), select.POLLIN)
+                poller.poll(max(1, int(left * 1000 + 0.999)))
+                n = read(old, max_packets)
+        if old.drained():
+            self._old = None
+        elif not n and time.monotonic() >= self._old_until:
+            self._counters["drain_timeouts"] += 1
+            self._old = None
+        return n
+
+    def _account(self, n: int) -> None:
+        now = time.monotonic()
+        self._window_packets += n
+        elapsed = now - self._window_start
+        if self.mode == SPARSE:
+            if self._window_packets >= BULK_PACKETS:
+                if elapsed < BULK_WINDOW_S:
+                    self.steer(BULK)
+                self._window_start, self._window_packets = now, 0
+            elif elapsed >= BULK_WINDOW_S:
+                self._window_start, self._window_packets = now, 0
+        elif elapsed >= SPARSE_WINDOW_S:
+            if self._window_packets < SPARSE_PACKETS:
+                self.steer(SPARSE)
+            self._window_start, self._window_packets = time.monotonic(), 0
+
+    def steer(self, mode: int) -> bool:
+        """Send new packets to the ``SPARSE`` (V2) or ``BULK`` (V3) ring from now on; what
+        the other ring holds is read first. Returns after a grace period (see above). False
+        (nothing done) while the last move's old ring is still being emptied: moving back
+        then would mix that ring's old packets with its new ones."""
+        if self._old is not None:
+            return False
+        if mode != self.mode:
+            self._sparse.set_fanout_program(_STEER[mode])
+            self._old = self._rings[self.mode]
+            self.mode = mode
+            self._old_until = time.monotonic() + self._drain_wait
+            self._counters["to_bulk" if mode == BULK else "to_sparse"] += 1
+        return True
