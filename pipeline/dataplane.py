@@ -95,6 +95,9 @@ class Settings:
     # ones it encrypts or decrypts itself (None: max_packets, a full batch). See _process.
     handoff_min: int | None = None
     one_packet: bool = True  # a lone packet, while nothing is in flight: pipeline/onepacket.py
+    # A poll that waited longer than this (s) before packets came: sparse traffic, and the
+    # read takes one packet (see run). None: reads always take up to max_packets.
+    sparse_wait: float | None = 0.001
     # Readers that can (AF_PACKET V3 rings) copy packet heads only into batches that go to
     # workers, which copy the rest from the shared ring (pipeline/region.py).
     heads: bool = True
@@ -510,6 +513,7 @@ class DataPlane:
         poller.register(workers, zmq.POLLIN)
         backlogged.register(workers, zmq.POLLIN)
         last_check = last_stats = time.monotonic()
+        sparse_wait, max_packets = self.settings.sparse_wait, self.settings.max_packets
         try:
             while not self._stop and not (until is not None and until()):
                 # Idle (nothing in flight), the loop wakes only for its housekeeping: on
@@ -521,18 +525,26 @@ class DataPlane:
                 held = can_read and inside_pending()
                 timeout = 0 if held else BUSY_POLL_MS \
                     if self._refeed or not self.reassembler.idle() else IDLE_POLL_MS
+                before = time.monotonic()
                 events = dict((poller if can_read else backlogged).poll(timeout))
                 now = time.monotonic()
+                # Woken after a wait, not finding packets waiting: sparse traffic. A read
+                # then takes one packet, and does not pay for a read that finds none
+                # (a syscall and an exception, on a cold cache: tens of µs); packets that
+                # came with it keep their fd readable, and the next turn reads them all.
+                limit = 1 if sparse_wait is not None and now - before > sparse_wait \
+                    else max_packets
                 if updates is not None and updates.pending():
                     updates.drain()
                     self.sa_version = updates.version
                 if workers in events:
                     self._collect(workers, now)
-                if self._can_read():
-                    if held or any(fd in events for fd in inside_fds):
-                        self._ingest(self.inside, Direction.OUTBOUND, workers, now)
-                    if any(fd in events for fd in outside_fds):
-                        self._ingest(self.outside, Direction.INBOUND, workers, now)
+                    can_read = self._can_read()  # (else as before the poll)
+                if can_read:
+                    if held or not inside_fds.isdisjoint(events):
+                        self._ingest(self.inside, Direction.OUTBOUND, workers, now, limit)
+                    if not outside_fds.isdisjoint(events):
+                        self._ingest(self.outside, Direction.INBOUND, workers, now, limit)
                 self.reassembler.pop(now, self._release)
                 if now - last_check > CHECK_S:
                     self._check_workers(workers, now)
@@ -567,23 +579,32 @@ class DataPlane:
         ready at all: then the I/O process does the batch itself)."""
         if not self._free or self.reassembler.outstanding() >= self.settings.max_in_flight:
             return False
-        return not self._ready or any(len(self._out[w]) < self._per_worker
-                                      for w in self._ready)
+        if not self._ready:
+            return True
+        out, share = self._out, self._per_worker
+        for w in self._ready:  # noqa: SIM110 (no genexpr: this runs at every turn)
+            if len(out[w]) < share:
+                return True
+        return False
 
     def _ingest(self, io: PacketIO, direction: Direction, workers: zmq.Socket[bytes],
-                now: float) -> None:
+                now: float, limit: int | None = None) -> None:
+        """Read a batch of at most ``limit`` packets (default ``max_packets``) from ``io``
+        and send it on its way."""
         batch = self._take()
         if batch is None:
             return
+        if limit is None:
+            limit = self.settings.max_packets
         region = 0 if direction is Direction.OUTBOUND else 1
         if self._shared[region] is None:
-            io.read_batch(batch, self.settings.max_packets)
+            io.read_batch(batch, limit)
         else:
             reader = self._reader(region)[0]
             # Outbound, the I/O process reads only the addresses (the SPD lookup reads
             # them in place, pipeline/dispatch.py): nothing is copied; inbound, the outer
             # headers up to the ESP sequence number, copied with the first HEAD bytes.
-            reader.read_heads(batch, self.settings.max_packets, region,
+            reader.read_heads(batch, limit, region,
                               0 if direction is Direction.OUTBOUND else HEAD)
             if batch.region >= 0 and (batch.count < max(2, self._handoff_min)
                                       or not self._ready):

@@ -177,6 +177,7 @@ def running(io: tuple[QueueIO, QueueIO] | None = None,
     of two packets or more goes to one (by default only full batches do: see
     test_batches_the_io_process_keeps_up_with_stay_there)."""
     settings.setdefault("handoff_min", 2)
+    settings.setdefault("sparse_wait", None)  # batches as big as what waits (see below)
     inside, outside = io or (QueueIO(), QueueIO())
     with tempfile.TemporaryDirectory() as rundir:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -251,6 +252,28 @@ def test_batches_the_io_process_keeps_up_with_stay_there() -> None:
         # 5, the 100's last 4, the 7, the 1 (alone), the 31, the 90's last 26, the 3.
         assert sum(plane.stats.worker_batches.values()) == 8, plane.stats.worker_batches
         assert (plane.stats.inline_batches, plane.stats.single_packets) == (6, 1)
+
+
+def test_after_a_wait_a_read_takes_one_packet() -> None:
+    """Settings.sparse_wait: a loop that waited for packets reads one (done without numpy,
+    pipeline/onepacket.py); the rest of a burst that came with it is read at the next turn,
+    in batches as usual. Every packet leaves once, in order."""
+    with running(handoff_min=None, sparse_wait=0.001) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        sent: list[bytes] = []
+        for k in range(3):
+            time.sleep(0.02)  # the loop waits in its poll
+            burst = [inner(100 * k + i) for i in range(40)]
+            sent += burst
+            inside.put(burst)
+            wait_for(lambda n=len(sent): len(outside.outbox) == n)
+        plain, seqs = peer_decap(outside.outbox)
+        assert plain == sent
+        assert seqs == list(range(1, len(sent) + 1))
+        # Each burst: its first packet alone, then a full batch (a worker's) and 7 (here).
+        assert plane.stats.single_packets == 3
+        assert sum(plane.stats.worker_batches.values()) == 3, plane.stats.worker_batches
+        assert plane.stats.inline_batches == 3
 
 
 class HoldingIO(QueueIO):

@@ -30,7 +30,7 @@ BoolArray = npt.NDArray[np.bool_]
 class ReplayWindow:
     """The receive side of one SA: highest sequence number seen, and the window bitmap."""
 
-    __slots__ = ("size", "esn", "top", "_ring", "_mask")
+    __slots__ = ("size", "esn", "top", "_ring", "_mask", "_bits")
 
     def __init__(self, size: int = 64, esn: bool = False) -> None:
         if size < 0:
@@ -41,6 +41,9 @@ class ReplayWindow:
         ring = 1 << max(size - 1, 1).bit_length()
         self._ring: BoolArray = np.zeros(ring, dtype=np.bool_)
         self._mask = ring - 1
+        # The same bits for one at a time (a lone packet's commit): item assignment on a
+        # memoryview is a C store, numpy's is a trip through its indexing machinery.
+        self._bits = memoryview(self._ring)  # type: ignore[arg-type]
 
     # -- RFC 4303 Appendix A2.2: infer the high 32 bits of an ESN sequence number -----------
     def infer(self, seq_lo: npt.NDArray[np.uint32]) -> U64Array:
@@ -147,6 +150,9 @@ class ReplayWindow:
         is a ring or longer; nothing when it is empty)."""
         count = hi - lo + 1
         if count <= 0:
+            return
+        if count == 1:
+            self._bits[lo & self._mask] = value
             return
         ring = self._ring.shape[0]
         if count >= ring:
