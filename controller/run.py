@@ -102,8 +102,9 @@ class AfPacketIO:
         self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
         program = bpf.esp_filter() if esp_only else None
         self.rx: afpacket.RxRing | rxpair.RxPair
+        self._pair: rxpair.RxPair | None
         if ring == "auto":  # its two rings are a fanout group of their own
-            self.rx = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
+            self.rx = self._pair = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
             self._fds = self.rx.filenos()
         else:
             self.rx = afpacket.RxRing(
@@ -111,6 +112,7 @@ class AfPacketIO:
                 frame_size=rxpair.v2_frame_size(mtu) if ring == "v2" else 2048,
                 fanout_group=afpacket.default_fanout_group() if fanout else None)
             self._fds = [self.rx.fileno()]
+            self._pair = None
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
@@ -134,6 +136,15 @@ class AfPacketIO:
 
     def write_batch(self, batch: Batch) -> int:
         return self.tx.send(batch)
+
+    def idle(self) -> None:
+        """Nothing came for a poll timeout (pipeline.dataplane): the ring pair may move."""
+        if self._pair is not None:
+            self._pair.idle()
+
+    def idle_timeout_ms(self) -> int | None:
+        """The poll timeout the ring pair wants while nothing comes (None: no wish)."""
+        return self._pair.idle_timeout_ms() if self._pair is not None else None
 
     def fileno_list(self) -> list[int]:
         return self._fds

@@ -506,6 +506,11 @@ class DataPlane:
         # A TUN reader may hold segments of a packet read already (pipeline/tun.py): they
         # are read on without waiting for the fd.
         inside_pending: Callable[[], bool] = getattr(self.inside, "pending", lambda: False)
+        # An outside that wants to hear of a poll that timed out, maybe sooner than
+        # IDLE_POLL_MS (pipeline/rxpair.py).
+        outside_idle: Callable[[], None] | None = getattr(self.outside, "idle", None)
+        idle_timeout: Callable[[], int | None] = getattr(self.outside, "idle_timeout_ms",
+                                                         lambda: None)
         inside_fds = set(self.inside.fileno_list())
         outside_fds = set(self.outside.fileno_list())
         for fd in inside_fds | outside_fds:
@@ -524,7 +529,8 @@ class DataPlane:
                 can_read = self._can_read()
                 held = can_read and inside_pending()
                 timeout = 0 if held else BUSY_POLL_MS \
-                    if self._refeed or not self.reassembler.idle() else IDLE_POLL_MS
+                    if self._refeed or not self.reassembler.idle() \
+                    else (idle_timeout() or IDLE_POLL_MS)
                 before = time.monotonic()
                 events = dict((poller if can_read else backlogged).poll(timeout))
                 now = time.monotonic()
@@ -540,6 +546,8 @@ class DataPlane:
                 if workers in events:
                     self._collect(workers, now)
                     can_read = self._can_read()  # (else as before the poll)
+                if not events and outside_idle is not None:
+                    outside_idle()
                 if can_read:
                     if held or not inside_fds.isdisjoint(events):
                         self._ingest(self.inside, Direction.OUTBOUND, workers, now, limit)

@@ -16,10 +16,12 @@ PACKET_FANOUT_DATA.
 
 **When.** From the packets read per window of time:
 
-* sparse -> bulk: ``BULK_PACKETS`` (32) within ``BULK_WINDOW_S`` (10 ms), 3 200 packets/s;
+* sparse -> bulk: ``BULK_PACKETS`` (32) within ``BULK_WINDOW_S`` (10 ms), 3 200 packets/s,
+  or as many in one read (a backlog);
 * bulk -> sparse: fewer than ``SPARSE_PACKETS`` (25) in a ``SPARSE_WINDOW_S`` (50 ms)
-  window, 500 packets/s. After traffic stops, the first packet read (after a block timeout)
-  switches back.
+  window, 500 packets/s; or when the reader's poll times out ``SPARSE_WINDOW_S`` after the
+  last packet (:meth:`RxPair.idle`), so that traffic that stops moves back before the next
+  packet comes.
 
 The gap between the two rates keeps a steady flow from flapping; each move costs the reader
 one RCU grace period (the kernel's ``synchronize_net``; 5-10 ms on the lab VM), during which
@@ -119,7 +121,7 @@ class RxPair:
         self._auto = auto
         self._old: RxRing | None = None  # the ring to empty before the active one is read
         self._old_until = 0.0
-        self._window_start = time.monotonic()
+        self._window_start = self._last_packet = time.monotonic()
         self._window_packets = 0
         self._counters = {"to_bulk": 0, "to_sparse": 0, "drain_timeouts": 0}
 
@@ -215,16 +217,31 @@ class RxPair:
             self._old = None
         return n
 
+    def idle_timeout_ms(self) -> int | None:
+        """How soon the reader should call :meth:`idle` when nothing comes: while the V3
+        ring receives, within half a SPARSE_WINDOW_S; else no wish (None)."""
+        return int(SPARSE_WINDOW_S * 500) if self.mode == BULK and self._auto else None
+
+    def idle(self) -> None:
+        """The reader found nothing for a while (its poll timed out): back to the V2 ring
+        once ``SPARSE_WINDOW_S`` passed without a packet, so that the next packet, maybe
+        the first of sparse traffic, does not wait for a V3 block and then for the move."""
+        if (self._auto and self.mode == BULK and self._old is None
+                and time.monotonic() - self._last_packet >= SPARSE_WINDOW_S):
+            self.steer(SPARSE)
+            self._window_start, self._window_packets = time.monotonic(), 0
+
     def _account(self, n: int) -> None:
         now = time.monotonic()
+        if n:
+            self._last_packet = now
         self._window_packets += n
         elapsed = now - self._window_start
         if self.mode == SPARSE:
-            if self._window_packets >= BULK_PACKETS:
-                if elapsed < BULK_WINDOW_S:
-                    self.steer(BULK)
-                self._window_start, self._window_packets = now, 0
-            elif elapsed >= BULK_WINDOW_S:
+            if elapsed >= BULK_WINDOW_S:  # a new window, starting with this read's packets
+                self._window_start, self._window_packets = now, n
+            if self._window_packets >= BULK_PACKETS:  # (in one read: a backlog)
+                self.steer(BULK)
                 self._window_start, self._window_packets = now, 0
         elif elapsed >= SPARSE_WINDOW_S:
             if self._window_packets < SPARSE_PACKETS:

@@ -675,6 +675,33 @@ def test_rx_pair_empties_the_old_ring_first(lab: Lab) -> None:
         assert time.monotonic() - t0 < 0.1
 
 
+def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
+    """RxPair.idle (the reader's poll timed out): back to the V2 ring once SPARSE_WINDOW_S
+    passed since the last packet, before the next one comes; not before, and never with
+    ``auto`` off."""
+    with lab.enter(lab.b):
+        pair = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK)
+        manual = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK, auto=False)
+    sender = frame_sender(lab)
+    with pair, manual, contextlib.closing(sender):
+        _send_esp(sender, range(1, 101))  # a burst: to bulk
+        got = drain(pair, 100)
+        assert pair.mode == BULK and manual.steer(BULK)
+        pair.idle()
+        manual.idle()
+        assert pair.mode == manual.mode == BULK  # the last packet was just now
+        time.sleep(SPARSE_WINDOW_S)
+        pair.idle()
+        manual.idle()
+        assert pair.mode == SPARSE and manual.mode == BULK
+        _send_esp(sender, [101])
+        t0 = time.monotonic()
+        got += drain(pair, 1, settle=0)
+        assert time.monotonic() - t0 < 0.1  # the V2 ring's: no block timeout
+        assert _seqs(got) == list(range(1, 102))
+        assert (pair.stats()["to_bulk"], pair.stats()["to_sparse"]) == (1, 1)
+
+
 def test_v3_ring_drained_sees_a_block_not_opened_again(lab: Lab) -> None:
     """RxRing.drained: the kernel's open block holding packets is not drained; a block
     handed back and not opened again since (the ring was full) still shows last round's
