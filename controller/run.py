@@ -8,6 +8,7 @@ removes the TUN device and the routes it created.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -103,16 +104,24 @@ class AfPacketIO:
         program = bpf.esp_filter() if esp_only else None
         self.rx: afpacket.RxRing | rxpair.RxPair
         self._pair: rxpair.RxPair | None
+        self._pair = None
         if ring == "auto":  # its two rings are a fanout group of their own
-            self.rx = self._pair = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
-            self._fds = self.rx.filenos()
+            try:
+                self.rx = self._pair = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
+            except OSError as exc:  # a kernel without PACKET_FANOUT_CBPF (Linux < 4.2)
+                if exc.errno not in (errno.EINVAL, errno.ENOPROTOOPT):
+                    raise
+                log.warning("outside ring pair unavailable on %s (%s): one TPACKET_V3 ring",
+                            interface, exc)
+                ring = "v3"
+        if self._pair is not None:
+            self._fds = self._pair.filenos()
         else:
             self.rx = afpacket.RxRing(
                 interface, bpf=program, version=2 if ring == "v2" else 3, vnet_hdr=vnet_hdr,
                 frame_size=rxpair.v2_frame_size(mtu) if ring == "v2" else 2048,
                 fanout_group=afpacket.default_fanout_group() if fanout else None)
             self._fds = [self.rx.fileno()]
-            self._pair = None
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:

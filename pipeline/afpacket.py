@@ -574,9 +574,7 @@ class RxRing:
                 if gso:  # the sender's TSO or the interface's GRO: cut into segments,
                     self._cut(pos, batch.max_packet)  # copied whole into the slots
                 else:
-                    slot = start + filled
-                    filled += self._deliver_one(batch, slot, pos, ethertypes)
-                    batch.src[slot] = -1  # whole in its slot
+                    filled += self._deliver_one(batch, start + filled, pos, ethertypes)
                 self._left -= 1
                 if not self._left:
                     self._release_block()
@@ -718,6 +716,7 @@ class RxRing:
             base = slot * batch.slot_size + HEADROOM
             batch.memory()[0][base : base + length] = self._bytes[l3 : l3 + length]
             batch.set_row(slot, base, length)
+            batch.src[slot] = -1  # whole in its slot (a batch may also hold packet heads)
             if ethertypes is not None:
                 ethertypes[slot] = etype
             if status & TP_STATUS_CSUMNOTREADY and complete_l4_checksum(batch.data, base,
@@ -776,6 +775,7 @@ class RxRing:
                 copy_segments(batch.data, offset, self._ring, l3, length)
                 meta["offset"][sl] = offset
                 meta["length"][sl] = length
+                batch.src[sl] = -1  # whole in their slots (the batch may hold heads too)
             meta["sa"][sl] = 0
             meta["verdict"][sl] = 0
             meta["flags"][sl] = 0

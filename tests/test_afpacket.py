@@ -675,6 +675,43 @@ def test_rx_pair_empties_the_old_ring_first(lab: Lab) -> None:
         assert time.monotonic() - t0 < 0.1
 
 
+@pytest.mark.parametrize("to", [BULK, SPARSE], ids=["to-bulk", "to-sparse"])
+def test_rx_pair_batch_of_heads_and_whole_packets(lab: Lab, to: int) -> None:
+    """A read across a move fills one batch from both rings: packet heads from the V3 ring
+    (the rest left in the ring, ``src`` its offset, pipeline/region.py) and whole packets
+    from the V2 ring, which must say so (``src`` -1) whatever the buffer held before: else
+    completing the batch copies ring bytes over them (bench/tunnel.py saw integrity drops)."""
+    with lab.enter(lab.b):
+        pair = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK, auto=False)
+    sender = frame_sender(lab)
+    with pair, contextlib.closing(sender):
+        if to == SPARSE:
+            assert pair.steer(BULK) and drain(pair, 0, settle=0) == []
+        sent = [ipv4(50, esp(seq=i, body=bytes([i]) * 300)) for i in range(1, 41)]
+        for pkt in sent[:20]:
+            sender.send(eth(pkt, ETHERTYPE_IPV4))  # to the ring in use
+        time.sleep(0.01)
+        assert pair.steer(to)
+        for pkt in sent[20:]:
+            sender.send(eth(pkt, ETHERTYPE_IPV4))  # to the other one
+        time.sleep(0.01)
+        batch = Batch(capacity=64)
+        batch.src[:] = 4096  # what a buffer used before may hold
+        deadline = time.monotonic() + 2
+        while batch.count < 40 and time.monotonic() < deadline:
+            if pair.wait(0.1):
+                pair.read_heads(batch, None, region=1, token=7)
+        assert batch.count == 40 and batch.region == 1
+        src = batch.src[:40]
+        assert (src[:20] >= 0).all() if to == SPARSE else (src[:20] == -1).all()
+        assert (src[20:] == -1).all() if to == SPARSE else (src[20:] >= 0).all()
+        ring = pair.shared_region()
+        assert ring is not None and ring.data is not None
+        complete(batch, ring.data)
+        pair.release(7)
+        assert [batch.packet(i) for i in range(40)] == sent
+
+
 def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
     """RxPair.idle (the reader's poll timed out): back to the V2 ring once SPARSE_WINDOW_S
     passed since the last packet, before the next one comes; not before, and never with
@@ -700,6 +737,36 @@ def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
         assert time.monotonic() - t0 < 0.1  # the V2 ring's: no block timeout
         assert _seqs(got) == list(range(1, 102))
         assert (pair.stats()["to_bulk"], pair.stats()["to_sparse"]) == (1, 1)
+
+
+def test_outside_io_takes_the_pair_or_one_v3_ring(lab: Lab, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """controller/run.py AfPacketIO, ``ring: auto``: the pair (two fds to poll); where the
+    kernel refuses it (PACKET_FANOUT_CBPF is Linux 4.2: a refusal simulated here, since this
+    kernel has it) one TPACKET_V3 ring, and a warning."""
+    import errno
+
+    from controller.run import AfPacketIO
+    from pipeline import rxpair
+
+    with lab.enter(lab.b):
+        port = AfPacketIO("b0", esp_only=True, fanout=False, ring="auto")
+        try:
+            assert len(port.fileno_list()) == 2 and port.idle_timeout_ms() is None
+        finally:
+            port.close()
+
+        def refused(*args: object, **kwargs: object) -> RxPair:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(rxpair, "RxPair", refused)
+        port = AfPacketIO("b0", esp_only=True, fanout=False, ring="auto")
+        try:
+            assert len(port.fileno_list()) == 1 and isinstance(port.rx, RxRing)
+            assert port.rx.version == 3 and port.idle_timeout_ms() is None
+        finally:
+            port.close()
+    assert "ring pair unavailable on b0" in caplog.text
 
 
 def test_v3_ring_drained_sees_a_block_not_opened_again(lab: Lab) -> None:
