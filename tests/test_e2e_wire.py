@@ -365,6 +365,7 @@ def test_af_packet_modes_carry_ping_tcp_udp(lab: NetnsLab, tmp_path: Path, insid
     for stats in (a, b):
         assert stats["outbound"]["passed"] > 200 and stats["inbound"]["passed"] > 200, stats
         assert stats["lost_packets"] == 0
+        assert stats["inbound"]["drops"] == {}, stats  # (no integrity failure, no replay)
         assert stats["heads_batches"] > 0 or not both, stats
     if outside == "af_packet":  # the default ring pair (pipeline/rxpair.py)
         for stats in (a, b):
