@@ -232,6 +232,21 @@ def test_outbound_sequence_numbers_increase_across_workers(
     assert set(plane.stats.worker_batches) == {0, 1}
 
 
+def send_bursts(inside: QueueIO, outside: QueueIO, bursts: list[list[bytes]],
+                pause: float = 0.0) -> None:
+    """Put each burst in after the one before has left (``pause`` seconds later), then check
+    that every packet left once, in order, with sequence numbers 1, 2, ..."""
+    sent: list[bytes] = []
+    for burst in bursts:
+        time.sleep(pause)
+        sent += burst
+        inside.put(burst)
+        wait_for(lambda n=len(sent): len(outside.outbox) == n)
+    plain, seqs = peer_decap(outside.outbox)
+    assert plain == sent
+    assert seqs == list(range(1, len(sent) + 1))
+
+
 def test_batches_the_io_process_keeps_up_with_stay_there() -> None:
     """The default hand-off: a batch that is not full (the read found fewer packets than a
     batch holds) is done by the I/O process, a full one (input waiting) by a worker; the
@@ -239,15 +254,9 @@ def test_batches_the_io_process_keeps_up_with_stay_there() -> None:
     that increase across both kinds of batch."""
     with running(handoff_min=None) as (plane, inside, outside):
         wait_for(lambda: plane.ready == [0, 1])
-        sent: list[bytes] = []
-        for k, size in enumerate([5, 100, 7, 64, 1, 31, 32, 90, 3]):
-            burst = [inner(1000 * k + i) for i in range(size)]
-            sent += burst
-            inside.put(burst)  # read as full batches of 32, then what is left
-            wait_for(lambda n=len(sent): len(outside.outbox) == n)
-        plain, seqs = peer_decap(outside.outbox)
-        assert plain == sent
-        assert seqs == list(range(1, len(sent) + 1))
+        # Each read as full batches of 32, then what is left.
+        send_bursts(inside, outside, [[inner(1000 * k + i) for i in range(size)] for k, size
+                                      in enumerate([5, 100, 7, 64, 1, 31, 32, 90, 3])])
         # Full batches: 3 of the 100, 2 of the 64, 1 of the 32, 2 of the 90. The rest: the
         # 5, the 100's last 4, the 7, the 1 (alone), the 31, the 90's last 26, the 3.
         assert sum(plane.stats.worker_batches.values()) == 8, plane.stats.worker_batches
@@ -260,16 +269,9 @@ def test_after_a_wait_a_read_takes_one_packet() -> None:
     in batches as usual. Every packet leaves once, in order."""
     with running(handoff_min=None, sparse_wait=0.001) as (plane, inside, outside):
         wait_for(lambda: plane.ready == [0, 1])
-        sent: list[bytes] = []
-        for k in range(3):
-            time.sleep(0.02)  # the loop waits in its poll
-            burst = [inner(100 * k + i) for i in range(40)]
-            sent += burst
-            inside.put(burst)
-            wait_for(lambda n=len(sent): len(outside.outbox) == n)
-        plain, seqs = peer_decap(outside.outbox)
-        assert plain == sent
-        assert seqs == list(range(1, len(sent) + 1))
+        # (Each burst after the loop waited in its poll.)
+        send_bursts(inside, outside, [[inner(100 * k + i) for i in range(40)]
+                                      for k in range(3)], pause=0.02)
         # Each burst: its first packet alone, then a full batch (a worker's) and 7 (here).
         assert plane.stats.single_packets == 3
         assert sum(plane.stats.worker_batches.values()) == 3, plane.stats.worker_batches
@@ -565,15 +567,9 @@ def test_batches_of_packet_heads_are_completed_by_the_workers_both_ways() -> Non
         # I/O process, which completes it itself).
         sizes = [1400] * 20 + [rng.randrange(40, 1400) for _ in range(39)] + [100] * 3 \
             + [129, 128, 127, 60]
-        sent: list[bytes] = []
-        for k in range(0, len(sizes), 13):
-            burst = [inner(1000 + i, size) for i, size in enumerate(sizes[k : k + 13], k)]
-            sent += burst
-            inside.put(burst)
-            wait_for(lambda n=len(sent): len(outside.outbox) == n)
-        plain, seqs = peer_decap(outside.outbox)
-        assert plain == sent
-        assert seqs == list(range(1, len(sent) + 1))
+        send_bursts(inside, outside, [[inner(1000 + i, size) for i, size in
+                                       enumerate(sizes[k : k + 13], k)]
+                                      for k in range(0, len(sizes), 13)])
         wire = peer_wire(sizes)
         for k in range(0, len(wire), 13):
             outside.put(wire[k : k + 13])
