@@ -264,6 +264,13 @@ class Espline(Setup):
                            f"lost batches {st['lost_batches']}, lost packets "
                            f"{st['lost_packets']}, restarts {st['worker_restarts']}, mss "
                            f"clamped {st['mss_clamped']}, icmp too-big {st['icmp_too_big']}")
+                # Nothing on the lab's wire is forged or replayed: an inbound drop (integrity,
+                # replay, ...) or a lost packet is a bug, whatever the throughput says.
+                if st["inbound"]["drops"] or st["lost_packets"]:
+                    warning = (f"WARNING: espline {tag} dropped inbound packets "
+                               f"{st['inbound']['drops']} / lost {st['lost_packets']}: a bug")
+                    print(f"[{self.name}] {warning}", file=sys.stderr)
+                    out.append(warning)
         return out
 
 

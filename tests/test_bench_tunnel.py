@@ -3,6 +3,8 @@ namespaces and iperf3: the benchmark is run by hand, not by the suite)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.tunnel import Result, parse_args, percentile, summarize
@@ -57,3 +59,29 @@ def test_setups_by_name_and_the_no_offload_variant() -> None:
         parse_args(["--setups", "espline,bogus"])
     assert SETUP_CLASSES["espline-no-offload"] is EsplineNoOffload
     assert Espline.offload and not EsplineNoOffload.offload
+
+
+def test_espline_notes_flag_inbound_drops(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing on the lab's wire is forged: an inbound drop at a gateway is a bug, and the
+    benchmark says so (a throughput figure alone would hide it)."""
+    import json
+
+    from bench.tunnel import Espline
+
+    def stats(drops: dict[str, int], lost: int = 0) -> str:
+        return json.dumps({
+            "outbound": {"batches": 9, "passed": 900, "drops": {"policy": 3}},
+            "inbound": {"batches": 9, "passed": 900, "drops": drops},
+            "lost_batches": 0, "lost_packets": lost, "worker_restarts": 0,
+            "mss_clamped": 0, "icmp_too_big": 0})
+
+    for tag, text in (("l", stats({})), ("r", stats({"integrity": 7}))):
+        (tmp_path / f"espline-{tag}").mkdir()
+        (tmp_path / f"espline-{tag}" / "stats.json").write_text(text)
+    notes = Espline(None, tmp_path, parse_args([])).notes()  # type: ignore[arg-type]
+    assert len(notes) == 3 and "integrity" in notes[2] and "WARNING" in notes[2]
+    assert "espline r dropped inbound packets {'integrity': 7}" in capsys.readouterr().err
+    (tmp_path / "espline-r" / "stats.json").write_text(stats({}))
+    assert not any("WARNING" in n for n in Espline(None, tmp_path,  # type: ignore[arg-type]
+                                                   parse_args([])).notes())
