@@ -96,8 +96,9 @@ class Settings:
     handoff_min: int | None = None
     one_packet: bool = True  # a lone packet, while nothing is in flight: pipeline/onepacket.py
     # A poll that waited longer than this (s) before packets came: sparse traffic, and the
-    # read takes one packet (see run). None: reads always take up to max_packets.
-    sparse_wait: float | None = 0.001
+    # read takes one packet (see run). None: reads always take up to max_packets. Longer
+    # than a V3 ring's block timeout (1-2 ms): a flow read block by block is not sparse.
+    sparse_wait: float | None = 0.005
     # Readers that can (AF_PACKET V3 rings) copy packet heads only into batches that go to
     # workers, which copy the rest from the shared ring (pipeline/region.py).
     heads: bool = True
