@@ -115,7 +115,7 @@ class AfPacketIO:
                             interface, exc)
                 ring = "v3"
         if self._pair is not None:
-            self._fds = self._pair.filenos()
+            self._fds = [self._pair.fileno()]
         else:
             self.rx = afpacket.RxRing(
                 interface, bpf=program, version=2 if ring == "v2" else 3, vnet_hdr=vnet_hdr,

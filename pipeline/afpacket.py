@@ -406,8 +406,8 @@ class RxRing:
         """Replace the steering program of this ring's PACKET_FANOUT_CBPF group (every
         member's). The kernel returns once no packet is being steered by the old program
         any more (an RCU grace period, a few ms): every packet it sent to a member is in
-        that member's ring."""
-        _bpf.set_program(self._sock, SOL_PACKET, PACKET_FANOUT_DATA, program)
+        that member's ring. Other threads run meanwhile (the GIL is released)."""
+        _bpf.set_program(self._sock, SOL_PACKET, PACKET_FANOUT_DATA, program, release_gil=True)
 
     def set_filter(self, program: Sequence[_bpf.Insn]) -> None:
         """Replace the ring's socket filter (:func:`pipeline.bpf.attach`)."""

@@ -46,6 +46,7 @@ and the ethertype comes from the ``SKF_AD_PROTOCOL`` ancillary load. 802.1Q-in-t
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
@@ -323,16 +324,31 @@ def attach(sock: socket.socket, program: Sequence[Insn], *, lock: bool = False) 
         sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
 
 
-def set_program(sock: socket.socket, level: int, option: int, program: Sequence[Insn]) -> None:
+def set_program(sock: socket.socket, level: int, option: int, program: Sequence[Insn], *,
+                release_gil: bool = False) -> None:
     """Hand ``program`` to the kernel as a ``struct sock_fprog`` socket option: a socket
     filter (SO_ATTACH_FILTER), or a fanout group's steering program (PACKET_FANOUT_DATA,
-    pipeline/afpacket.py)."""
+    pipeline/afpacket.py). ``release_gil``: call libc's setsockopt through ctypes, which lets
+    other threads run meanwhile (``socket.setsockopt`` holds the GIL, and replacing a fanout
+    program waits out an RCU grace period in the kernel)."""
     if not 0 < len(program) <= 4096:  # BPF_MAXINSNS
         raise ValueError(f"a classic BPF program has 1..4096 instructions, got {len(program)}")
     insns = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
     fprog = _SockFprog(len(program), insns)
     # setsockopt copies the program before it returns; ``insns`` outlives the call.
-    sock.setsockopt(level, option, bytes(fprog))
+    if not release_gil:
+        sock.setsockopt(level, option, bytes(fprog))
+        return
+    if _libc.setsockopt(sock.fileno(), level, option, ctypes.byref(fprog),
+                        ctypes.sizeof(fprog)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)  # CDLL calls release the GIL
+_libc.setsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_uint32)
+_libc.setsockopt.restype = ctypes.c_int
 
 
 def detach(sock: socket.socket) -> None:

@@ -23,20 +23,25 @@ PACKET_FANOUT_DATA.
   last packet (:meth:`RxPair.idle`), so that traffic that stops moves back before the next
   packet comes.
 
-The gap between the two rates keeps a steady flow from flapping; each move costs the reader
-one RCU grace period (the kernel's ``synchronize_net``; 5-10 ms on the lab VM), during which
-the new ring already receives.
+The gap between the two rates keeps a steady flow from flapping.
 
 **Order.** Packets leave the pair in the order they arrived. PACKET_FANOUT_DATA returns only
-after that grace period, and the kernel's receive path runs under RCU, so by then every
-packet the old program steered is in the old ring. The reader empties the old ring before it
-reads the new one:
+after an RCU grace period (the kernel's ``synchronize_net``: the old program is freed; 6-13
+ms on the lab VM), and the kernel's receive path runs under RCU, so by then every packet the
+old program steered is in the old ring. A helper thread makes that call (through ctypes, so
+that the GIL is free meanwhile): the reader's loop goes on, inside traffic included, reading
+only the old ring. Then it empties the old ring before it reads the new one:
 
 * to bulk: the V2 frames are all there;
 * to sparse: the V3 block the kernel was filling comes with its block timeout (often
-  already, after the grace period). The read waits for it on the V3 socket (not spinning on
-  a readable V2 socket) for up to two block timeouts and ``DRAIN_MARGIN_S``, then gives up
-  on it and counts ``drain_timeouts``.
+  already, after the grace period). If nothing comes within two block timeouts and
+  ``DRAIN_MARGIN_S``, the pair gives up on it and counts ``drain_timeouts``.
+
+**One fd.** The reader polls :meth:`RxPair.fileno`, an epoll set that holds the ring it may
+read now (the old one, during a move and until it is empty; else the one in use) and an
+eventfd that the move thread writes when the swap is done (and a timer at the drain
+deadline). A readable ring the pair must not read yet is not in the set, so the loop neither
+spins on it nor blocks.
 
 Only for ESP from outside, where a pair of rings on one interface is the whole reader; an
 interface spread over several I/O processes (hash fanout) uses one ring version each.
@@ -44,7 +49,10 @@ interface spread over several I/O processes (hash fanout) uses one ring version 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,13 +129,26 @@ class RxPair:
         self._auto = auto
         self._old: RxRing | None = None  # the ring to empty before the active one is read
         self._old_until = 0.0
+        # A move under way: the target and the thread swapping the program (its grace
+        # period would otherwise block the reader's loop, inside traffic included).
+        self._move: tuple[int, threading.Thread] | None = None
+        self._move_error: OSError | None = None
+        self._deadline: threading.Timer | None = None
+        # The reader polls one fd: an epoll set of the rings it may read now, and an
+        # eventfd the move thread (or the drain deadline) writes.
+        self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._watched: set[int] = set()
+        self._watch(self._sparse)
         self._window_start = self._last_packet = time.monotonic()
         self._window_packets = 0
         self._counters = {"to_bulk": 0, "to_sparse": 0, "drain_timeouts": 0}
 
     # -- what RxRing offers ------------------------------------------------------------------
-    def filenos(self) -> list[int]:
-        return [r.fileno() for r in self._rings]
+    def fileno(self) -> int:
+        """The fd to poll: readable when a ring the pair reads now has packets, or a move
+        or a drain deadline wants the reader."""
+        return self._epoll.fileno()
 
     def shared_region(self) -> SharedRegion | None:
         return self._bulk.shared_region()
@@ -153,14 +174,8 @@ class RxPair:
         return any(r.readable() for r in self._rings)
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` seconds for either ring; True if one has packets."""
-        if self.readable():
-            return True
-        poller = select.poll()
-        for fd in self.filenos():
-            poller.register(fd, select.POLLIN | select.POLLERR)
-        poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-        return self.readable()
+        """Wait up to ``timeout`` seconds for :meth:`fileno` to be readable."""
+        return bool(self._epoll.poll(-1 if timeout is None else max(0.0, timeout)))
 
     def stats(self) -> dict[str, int]:
         """Both rings' counters summed, the moves between them, and ``bulk`` (1 while the
@@ -172,6 +187,12 @@ class RxPair:
         return out
 
     def close(self) -> None:
+        if self._move is not None:
+            self._move[1].join()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._epoll.close()
+        os.close(self._event)
         self._bulk.close()
         self._sparse.close()
 
@@ -183,6 +204,12 @@ class RxPair:
 
     # -- steering ----------------------------------------------------------------------------
     def _read(self, read: Reader, max_packets: int | None) -> int:
+        self._settle()
+        if self._move is not None:  # until the swap is done, only the ring in use is read
+            got = read(self._rings[self.mode], max_packets)
+            if self._auto:
+                self._account(got)
+            return got
         n = 0
         if self._old is not None:
             n = self._drain(read, max_packets)
@@ -198,24 +225,71 @@ class RxPair:
         return n + got
 
     def _drain(self, read: Reader, max_packets: int | None) -> int:
+        """Read the old ring; done with it once it is drained, or at the deadline if
+        nothing came (a V3 block that never came: only after the ring was full). Until
+        then the new ring is not watched: the reader's loop waits for the old one."""
         old = self._old
         assert old is not None
         n = read(old, max_packets)
-        if not n and not old.drained():
-            # Its last V3 block is not handed over yet: wait for it here (the new ring's
-            # socket may be readable meanwhile; the loop would spin on it).
-            left = self._old_until - time.monotonic()
-            if left > 0:
-                poller = select.poll()
-                poller.register(old.fileno(), select.POLLIN)
-                poller.poll(max(1, int(left * 1000 + 0.999)))
-                n = read(old, max_packets)
         if old.drained():
-            self._old = None
+            self._drained()
         elif not n and time.monotonic() >= self._old_until:
             self._counters["drain_timeouts"] += 1
-            self._old = None
+            self._drained()
         return n
+
+    def _drained(self) -> None:
+        self._old = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._watch(self._rings[self.mode])
+
+    def _settle(self) -> None:
+        """Take note of a move whose swap is done: the ring it left is emptied first."""
+        if self._move is None:
+            return
+        target, thread = self._move
+        if thread.is_alive():
+            return
+        thread.join()
+        self._move = None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._event)
+        if self._move_error is not None:  # the program did not change
+            self._counters["move_errors"] = self._counters.get("move_errors", 0) + 1
+            self._move_error = None
+            return
+        old = self._rings[self.mode]
+        self.mode = target
+        if old.drained():  # nothing left there: no wake-up would come for it
+            self._watch(self._rings[target])
+            return
+        self._old = old
+        self._old_until = time.monotonic() + self._drain_wait
+        self._deadline = threading.Timer(self._drain_wait, os.eventfd_write, (self._event, 1))
+        self._deadline.daemon = True
+        self._deadline.start()
+        self._watch(old)
+
+    def _watch(self, ring: RxRing) -> None:
+        """Let the reader's poll see ``ring`` (and the eventfd), and no other ring."""
+        want = {ring.fileno(), self._event}
+        for fd in self._watched - want:
+            self._epoll.unregister(fd)
+        for fd in want - self._watched:
+            self._epoll.register(fd, select.EPOLLIN)
+        self._watched = want
+
+    def _swap(self, mode: int) -> None:
+        """The move thread: swap the steering program (the grace period passes here), then
+        wake the reader."""
+        try:
+            self._sparse.set_fanout_program(_STEER[mode])
+        except OSError as exc:
+            self._move_error = exc
+        finally:
+            os.eventfd_write(self._event, 1)
 
     def idle_timeout_ms(self) -> int | None:
         """How soon the reader should call :meth:`idle` when nothing comes: while the V3
@@ -226,6 +300,7 @@ class RxPair:
         """The reader found nothing for a while (its poll timed out): back to the V2 ring
         once ``SPARSE_WINDOW_S`` passed without a packet, so that the next packet, maybe
         the first of sparse traffic, does not wait for a V3 block and then for the move."""
+        self._settle()
         if (self._auto and self.mode == BULK and self._old is None
                 and time.monotonic() - self._last_packet >= SPARSE_WINDOW_S):
             self.steer(SPARSE)
@@ -248,17 +323,22 @@ class RxPair:
                 self.steer(SPARSE)
             self._window_start, self._window_packets = time.monotonic(), 0
 
-    def steer(self, mode: int) -> bool:
-        """Send new packets to the ``SPARSE`` (V2) or ``BULK`` (V3) ring from now on; what
-        the other ring holds is read first. Returns after a grace period (see above). False
-        (nothing done) while the last move's old ring is still being emptied: moving back
-        then would mix that ring's old packets with its new ones."""
-        if self._old is not None:
+    def steer(self, mode: int, *, wait: bool = False) -> bool:
+        """Send new packets to the ``SPARSE`` (V2) or ``BULK`` (V3) ring, from when a helper
+        thread has swapped the program (after a grace period, see above); what the ring in
+        use holds is read first. ``wait``: return once the swap is done (tests). False
+        (nothing done) while a move is under way or its old ring is still being emptied:
+        moving back then would mix that ring's old packets with its new ones."""
+        self._settle()
+        if self._old is not None or self._move is not None:
             return False
         if mode != self.mode:
-            self._sparse.set_fanout_program(_STEER[mode])
-            self._old = self._rings[self.mode]
-            self.mode = mode
-            self._old_until = time.monotonic() + self._drain_wait
+            thread = threading.Thread(target=self._swap, args=(mode,), daemon=True,
+                                      name="espline-rx-steer")
+            self._move = (mode, thread)
             self._counters["to_bulk" if mode == BULK else "to_sparse"] += 1
+            thread.start()
+            if wait:
+                thread.join()
+                self._settle()
         return True

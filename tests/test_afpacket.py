@@ -652,13 +652,13 @@ def test_rx_pair_empties_the_old_ring_first(lab: Lab) -> None:
     with pair, contextlib.closing(sender):
         _send_esp(sender, range(1, 51))  # into the V2 ring, not read yet
         time.sleep(0.01)
-        assert pair.steer(BULK)
+        assert pair.steer(BULK, wait=True)
         _send_esp(sender, range(51, 101))
         got = drain(pair, 100)
         assert _seqs(got) == list(range(1, 101))
         _send_esp(sender, range(101, 111))  # into the V3 ring's open block
         time.sleep(0.01)
-        assert pair.steer(SPARSE)
+        assert pair.steer(SPARSE, wait=True)
         assert not pair.steer(BULK)  # not while the V3 ring is still to be emptied
         _send_esp(sender, range(111, 121))  # V2: readable at once, but read after
         got = drain(pair, 20)
@@ -666,13 +666,36 @@ def test_rx_pair_empties_the_old_ring_first(lab: Lab) -> None:
         stats = pair.stats()
         assert (stats["to_bulk"], stats["to_sparse"], stats["drain_timeouts"]) == (1, 1, 0)
         # A V3 ring that holds nothing is left at once, without waiting for its timeout.
-        assert pair.steer(BULK)
+        assert pair.steer(BULK, wait=True)
         assert drain(pair, 0, settle=0) == []  # the V2 ring, empty: done with
-        assert pair.steer(SPARSE)
+        assert pair.steer(SPARSE, wait=True)
         _send_esp(sender, [121])
         t0 = time.monotonic()
         assert _seqs(drain(pair, 1, settle=0)) == [121]
         assert time.monotonic() - t0 < 0.1
+
+
+def test_rx_pair_reads_during_a_move_keep_the_order(lab: Lab) -> None:
+    """The swap runs on a helper thread (its grace period would block the reader): packets
+    keep coming meanwhile, to the V3 ring before the swap and to the V2 ring after it, and
+    the reader reads on all the while. The V2 packets, visible at once, wait until the V3
+    block before them is handed over."""
+    with lab.enter(lab.b):
+        pair = RxPair("b0", bpf_program=bpf.esp_filter(), bulk=SLOW_BULK, auto=False)
+    sender = frame_sender(lab)
+    with pair, contextlib.closing(sender):
+        assert pair.steer(BULK, wait=True)
+        _send_esp(sender, range(1, 11))  # the V3 ring's open block
+        time.sleep(0.01)
+        assert pair.steer(SPARSE)  # returns at once
+        batch = Batch(capacity=64)
+        for seq in range(11, 41):  # over ~30 ms: during the swap and after it
+            _send_esp(sender, [seq])
+            pair.read_into(batch)
+            time.sleep(0.001)
+        got = [batch.packet(i) for i in range(batch.count)] + drain(pair, 40 - batch.count)
+        assert _seqs(got) == list(range(1, 41))
+        assert pair.mode == SPARSE and pair.stats()["drain_timeouts"] == 0
 
 
 @pytest.mark.parametrize("to", [BULK, SPARSE], ids=["to-bulk", "to-sparse"])
@@ -686,12 +709,12 @@ def test_rx_pair_batch_of_heads_and_whole_packets(lab: Lab, to: int) -> None:
     sender = frame_sender(lab)
     with pair, contextlib.closing(sender):
         if to == SPARSE:
-            assert pair.steer(BULK) and drain(pair, 0, settle=0) == []
+            assert pair.steer(BULK, wait=True) and drain(pair, 0, settle=0) == []
         sent = [ipv4(50, esp(seq=i, body=bytes([i]) * 300)) for i in range(1, 41)]
         for pkt in sent[:20]:
             sender.send(eth(pkt, ETHERTYPE_IPV4))  # to the ring in use
         time.sleep(0.01)
-        assert pair.steer(to)
+        assert pair.steer(to, wait=True)
         for pkt in sent[20:]:
             sender.send(eth(pkt, ETHERTYPE_IPV4))  # to the other one
         time.sleep(0.01)
@@ -722,14 +745,15 @@ def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
     sender = frame_sender(lab)
     with pair, manual, contextlib.closing(sender):
         _send_esp(sender, range(1, 101))  # a burst: to bulk
-        got = drain(pair, 100)
-        assert pair.mode == BULK and manual.steer(BULK)
+        got = drain(pair, 100)  # (its last read, 30 ms on, settles the move)
+        assert pair.mode == BULK and manual.steer(BULK, wait=True)
         pair.idle()
         manual.idle()
         assert pair.mode == manual.mode == BULK  # the last packet was just now
         time.sleep(SPARSE_WINDOW_S)
         pair.idle()
         manual.idle()
+        assert drain(pair, 0, settle=0.05) == []  # the move settles, the V3 ring is empty
         assert pair.mode == SPARSE and manual.mode == BULK
         _send_esp(sender, [101])
         t0 = time.monotonic()
@@ -741,7 +765,7 @@ def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
 
 def test_outside_io_takes_the_pair_or_one_v3_ring(lab: Lab, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """controller/run.py AfPacketIO, ``ring: auto``: the pair (two fds to poll); where the
+    """controller/run.py AfPacketIO, ``ring: auto``: the pair (one fd to poll); where the
     kernel refuses it (PACKET_FANOUT_CBPF is Linux 4.2: a refusal simulated here, since this
     kernel has it) one TPACKET_V3 ring, and a warning."""
     import errno
@@ -752,7 +776,8 @@ def test_outside_io_takes_the_pair_or_one_v3_ring(lab: Lab, monkeypatch: pytest.
     with lab.enter(lab.b):
         port = AfPacketIO("b0", esp_only=True, fanout=False, ring="auto")
         try:
-            assert len(port.fileno_list()) == 2 and port.idle_timeout_ms() is None
+            assert isinstance(port.rx, RxPair) and port.fileno_list() == [port.rx.fileno()]
+            assert port.idle_timeout_ms() is None
         finally:
             port.close()
 
