@@ -19,9 +19,9 @@ PACKET_FANOUT_DATA.
 * sparse -> bulk: ``BULK_PACKETS`` (32) within ``BULK_WINDOW_S`` (10 ms), 3 200 packets/s,
   or as many in one read (a backlog);
 * bulk -> sparse: fewer than ``SPARSE_PACKETS`` (25) in a ``SPARSE_WINDOW_S`` (50 ms)
-  window, 500 packets/s; or when the reader's poll times out ``SPARSE_WINDOW_S`` after the
-  last packet (:meth:`RxPair.idle`), so that traffic that stops moves back before the next
-  packet comes.
+  window, 500 packets/s; or when the reader's poll times out ``IDLE_MOVE_S`` (20 ms) after
+  the last packet (:meth:`RxPair.idle`), so that traffic that stops moves back before the
+  next packet comes.
 
 The gap between the two rates keeps a steady flow from flapping.
 
@@ -75,6 +75,7 @@ BULK_PACKETS = 32
 BULK_WINDOW_S = 0.010
 SPARSE_PACKETS = 25
 SPARSE_WINDOW_S = 0.050
+IDLE_MOVE_S = 0.020  # no packet for this long, and the reader idle: back to V2 (idle())
 DRAIN_MARGIN_S = 0.020
 SPARSE, BULK = 0, 1  # fanout member indexes: the order the rings join
 _STEER = {m: (bpf.Insn(bpf.BPF_RET | bpf.BPF_K, 0, 0, m),) for m in (SPARSE, BULK)}
@@ -293,16 +294,17 @@ class RxPair:
 
     def idle_timeout_ms(self) -> int | None:
         """How soon the reader should call :meth:`idle` when nothing comes: while the V3
-        ring receives, within half a SPARSE_WINDOW_S; else no wish (None)."""
-        return int(SPARSE_WINDOW_S * 500) if self.mode == BULK and self._auto else None
+        ring receives, within half an IDLE_MOVE_S; else no wish (None)."""
+        return int(IDLE_MOVE_S * 500) if self.mode == BULK and self._auto else None
 
     def idle(self) -> None:
         """The reader found nothing for a while (its poll timed out): back to the V2 ring
-        once ``SPARSE_WINDOW_S`` passed without a packet, so that the next packet, maybe
-        the first of sparse traffic, does not wait for a V3 block and then for the move."""
+        once ``IDLE_MOVE_S`` passed without a packet, soon enough that the next packet,
+        maybe the first of sparse traffic, finds the move done rather than waiting for it
+        (a packet that comes during a move waits for it to end)."""
         self._settle()
-        if (self._auto and self.mode == BULK and self._old is None
-                and time.monotonic() - self._last_packet >= SPARSE_WINDOW_S):
+        if (self._auto and self.mode == BULK and self._old is None and self._move is None
+                and time.monotonic() - self._last_packet >= IDLE_MOVE_S):
             self.steer(SPARSE)
             self._window_start, self._window_packets = time.monotonic(), 0
 

@@ -44,7 +44,7 @@ from pipeline.afpacket import (
 )
 from pipeline.batch import HEADROOM, Batch, Verdict
 from pipeline.region import HEAD, SharedRegion, complete
-from pipeline.rxpair import BULK, SPARSE, SPARSE_WINDOW_S, RxPair
+from pipeline.rxpair import BULK, IDLE_MOVE_S, SPARSE, SPARSE_WINDOW_S, RxPair
 
 # --- a classic BPF interpreter (linux/filter.h semantics) -----------------------------------
 
@@ -736,7 +736,7 @@ def test_rx_pair_batch_of_heads_and_whole_packets(lab: Lab, to: int) -> None:
 
 
 def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
-    """RxPair.idle (the reader's poll timed out): back to the V2 ring once SPARSE_WINDOW_S
+    """RxPair.idle (the reader's poll timed out): back to the V2 ring once IDLE_MOVE_S
     passed since the last packet, before the next one comes; not before, and never with
     ``auto`` off."""
     with lab.enter(lab.b):
@@ -747,12 +747,14 @@ def test_rx_pair_moves_back_when_idle(lab: Lab) -> None:
         _send_esp(sender, range(1, 101))  # a burst: to bulk
         got = drain(pair, 100)  # (its last read, 30 ms on, settles the move)
         assert pair.mode == BULK and manual.steer(BULK, wait=True)
+        pair._last_packet = time.monotonic()  # as if a packet came just now
         pair.idle()
         manual.idle()
-        assert pair.mode == manual.mode == BULK  # the last packet was just now
-        time.sleep(SPARSE_WINDOW_S)
+        assert pair.stats()["to_sparse"] == manual.stats()["to_sparse"] == 0  # no move begun
+        time.sleep(IDLE_MOVE_S)
         pair.idle()
         manual.idle()
+        assert (pair.stats()["to_sparse"], manual.stats()["to_sparse"]) == (1, 0)
         assert drain(pair, 0, settle=0.05) == []  # the move settles, the V3 ring is empty
         assert pair.mode == SPARSE and manual.mode == BULK
         _send_esp(sender, [101])
