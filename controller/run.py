@@ -103,8 +103,7 @@ class AfPacketIO:
         self.addresses = interface_addresses(interface)  # ICMP errors to inside hosts
         program = bpf.esp_filter() if esp_only else None
         self.rx: afpacket.RxRing | rxpair.RxPair
-        self._pair: rxpair.RxPair | None
-        self._pair = None
+        self._pair: rxpair.RxPair | None = None
         if ring == "auto":  # its two rings are a fanout group of their own
             try:
                 self.rx = self._pair = rxpair.RxPair(interface, bpf_program=program, mtu=mtu)
@@ -114,14 +113,11 @@ class AfPacketIO:
                 log.warning("outside ring pair unavailable on %s (%s): one TPACKET_V3 ring",
                             interface, exc)
                 ring = "v3"
-        if self._pair is not None:
-            self._fds = [self._pair.fileno()]
-        else:
+        if self._pair is None:
             self.rx = afpacket.RxRing(
                 interface, bpf=program, version=2 if ring == "v2" else 3, vnet_hdr=vnet_hdr,
                 frame_size=rxpair.v2_frame_size(mtu) if ring == "v2" else 2048,
                 fanout_group=afpacket.default_fanout_group() if fanout else None)
-            self._fds = [self.rx.fileno()]
         self.tx = afpacket.TxPath(interface)
 
     def read_batch(self, batch: Batch, max_packets: int) -> int:
@@ -156,7 +152,7 @@ class AfPacketIO:
         return self._pair.idle_timeout_ms() if self._pair is not None else None
 
     def fileno_list(self) -> list[int]:
-        return self._fds
+        return [self.rx.fileno()]  # the ring pair's: one epoll fd for both rings
 
     def io_stats(self) -> dict[str, int]:
         return {**{f"rx_{k}": v for k, v in self.rx.stats().items()},

@@ -139,11 +139,12 @@ class RxPair:
         # eventfd the move thread (or the drain deadline) writes.
         self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
-        self._watched: set[int] = set()
-        self._watch(self._sparse)
+        self._epoll.register(self._event, select.EPOLLIN)
+        self._watched = self._sparse.fileno()
+        self._epoll.register(self._watched, select.EPOLLIN)
         self._window_start = self._last_packet = time.monotonic()
         self._window_packets = 0
-        self._counters = {"to_bulk": 0, "to_sparse": 0, "drain_timeouts": 0}
+        self._counters = {"to_bulk": 0, "to_sparse": 0, "drain_timeouts": 0, "move_errors": 0}
 
     # -- what RxRing offers ------------------------------------------------------------------
     def fileno(self) -> int:
@@ -170,9 +171,6 @@ class RxPair:
 
     def pending(self) -> bool:
         return False  # no virtio-net headers on this pair: nothing is held between reads
-
-    def readable(self) -> bool:
-        return any(r.readable() for r in self._rings)
 
     def wait(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`fileno` to be readable."""
@@ -205,12 +203,9 @@ class RxPair:
 
     # -- steering ----------------------------------------------------------------------------
     def _read(self, read: Reader, max_packets: int | None) -> int:
+        # During a move (no old ring then: see steer) ``mode`` is still the ring in use,
+        # and only it is read until the swap is done.
         self._settle()
-        if self._move is not None:  # until the swap is done, only the ring in use is read
-            got = read(self._rings[self.mode], max_packets)
-            if self._auto:
-                self._account(got)
-            return got
         n = 0
         if self._old is not None:
             n = self._drain(read, max_packets)
@@ -258,7 +253,7 @@ class RxPair:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._event)
         if self._move_error is not None:  # the program did not change
-            self._counters["move_errors"] = self._counters.get("move_errors", 0) + 1
+            self._counters["move_errors"] += 1
             self._move_error = None
             return
         old = self._rings[self.mode]
@@ -274,13 +269,11 @@ class RxPair:
         self._watch(old)
 
     def _watch(self, ring: RxRing) -> None:
-        """Let the reader's poll see ``ring`` (and the eventfd), and no other ring."""
-        want = {ring.fileno(), self._event}
-        for fd in self._watched - want:
-            self._epoll.unregister(fd)
-        for fd in want - self._watched:
-            self._epoll.register(fd, select.EPOLLIN)
-        self._watched = want
+        """Let the reader's poll see ``ring`` (besides the eventfd), and no other ring."""
+        if ring.fileno() != self._watched:
+            self._epoll.unregister(self._watched)
+            self._watched = ring.fileno()
+            self._epoll.register(self._watched, select.EPOLLIN)
 
     def _swap(self, mode: int) -> None:
         """The move thread: swap the steering program (the grace period passes here), then
