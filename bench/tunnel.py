@@ -72,8 +72,9 @@ from bench.lab import (
 
 SETUPS = ("espline", "strongswan", "plain")
 # Also selectable with --setups, never by default: espline with its TUN offloads off
-# (pipeline/offload.py), to measure what they bring side by side.
-EXTRA_SETUPS = ("espline-no-offload",)
+# (pipeline/offload.py) or its data plane heap off huge pages (pipeline/heap.py), to measure
+# what they bring side by side.
+EXTRA_SETUPS = ("espline-no-offload", "espline-no-hugepages")
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
 CHARON_PLUGINS = ("random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey "
@@ -174,6 +175,7 @@ class Plain(Setup):
 class Espline(Setup):
     name = "espline"
     offload = True
+    hugepages = True
 
     def outside(self, side: Side) -> str:
         if self.args.outside == "socket":
@@ -188,6 +190,7 @@ class Espline(Setup):
               inside: {{mode: tun, name: espl0, offload: {str(self.offload).lower()}}}
               outside: {self.outside(side)}
               endpoints: {{runtime_dir: {rundir}}}
+              hugepages: {str(self.hugepages).lower()}
             static_sas:
               - name: {side.outer}-to-{side.peer_outer}
                 local_addr: {side.outer}
@@ -438,8 +441,14 @@ class EsplineNoOffload(Espline):
     offload = False
 
 
+class EsplineNoHugepages(Espline):
+    name = "espline-no-hugepages"
+    hugepages = False
+
+
 SETUP_CLASSES: dict[str, type[Setup]] = {"espline": Espline, "strongswan": StrongSwan,
-                                         "plain": Plain, "espline-no-offload": EsplineNoOffload}
+                                         "plain": Plain, "espline-no-offload": EsplineNoOffload,
+                                         "espline-no-hugepages": EsplineNoHugepages}
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -659,7 +668,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.tunnel", description=__doc__.split("\n")[0])
     p.add_argument("--setups", default=",".join(SETUPS),
                    help="comma-separated, from: espline,strongswan,plain (default: all), "
-                        "espline-no-offload (espline, TUN offloads off)")
+                        "espline-no-offload (espline, TUN offloads off), espline-no-hugepages "
+                        "(espline, data plane heap not on huge pages: pipeline/heap.py)")
     p.add_argument("--time", type=float, default=5.0, help="iperf3 TCP seconds (default 5)")
     p.add_argument("--udp-time", type=float, default=None,
                    help="seconds per UDP rate (default: --time)")

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", required=True, help="espline YAML configuration")
     sub.add_parser("demo", help="two sites in network namespaces, an IKEv2 tunnel, traffic "
                    "and a summary (needs root; see espline demo --help)", add_help=False)
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         from bench import demo
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from controller.run import main as run_main
 
-        return run_main(args.config)
+        # Called as the program (not with an argv from a caller in the same process), it
+        # may execute itself again (pipeline/heap.py).
+        return run_main(args.config, reexec=argv_given is None)
     parser.print_help()
     return 2
 

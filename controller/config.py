@@ -406,6 +406,8 @@ class DataplaneConfig:
     inside: InsideConfig = InsideConfig()
     outside: OutsideConfig = OutsideConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
+    # The data plane processes' Python heap on transparent huge pages (pipeline/heap.py).
+    hugepages: bool = True
 
 
 _DATAPLANE_KEYS = (
@@ -418,6 +420,7 @@ _DATAPLANE_KEYS = (
     "inside",
     "outside",
     "endpoints",
+    "hugepages",
 )
 _REPLAY_NOTE = " (0 disables anti-replay)"
 
@@ -611,6 +614,7 @@ def _parse_dataplane(value: object, allowed_cpus: frozenset[int]) -> DataplaneCo
         inside=inside,
         outside=outside,
         endpoints=_parse_endpoints(s.get("endpoints", None), s.at("endpoints")),
+        hugepages=s.get_bool("hugepages", True),
     )
 
 

@@ -57,6 +57,7 @@ from controller.ike.payloads import TrafficSelector
 from controller.ike.state import LocalStateError
 from controller.keylog import KeyLog
 from controller.logs import IkeSaLogger, sa_logger
+from pipeline import heap
 from pipeline.dispatch import Action, Policy
 from pipeline.sadist import SaPublisher
 from pipeline.sadist import address as _ip_address
@@ -254,6 +255,7 @@ def run_dataplane(job: DataplaneJob) -> None:
 
     _die_with_parent()
     setup_logging(job.log_format, job.log_level)
+    heap.log_state()
     with ExitStack() as stack:
         inside, outside = build_io(job.dataplane, stack, routes=job.routes,
                                    tun_mtu=job.tun_mtu, nat_t=())
@@ -373,7 +375,8 @@ class Gateway:
                                self.cfg.controller.log_level)
             proc = multiprocessing.get_context("spawn").Process(
                 target=run_dataplane, args=(job,), name="espline-io")  # it has children
-            proc.start()
+            with heap.spawning(self.cfg.dataplane.hugepages):
+                proc.start()
             self._dataplane = proc
         await self.daemon.start()
         self._timers = asyncio.create_task(self.daemon.run_timers(self._stop))

@@ -351,7 +351,10 @@ def _serve(cfg: Config, config_path: str) -> int:
         return 1
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, *, reexec: bool = False) -> int:
+    """``espline run -c FILE``. ``reexec``: this is the program itself (not a caller in
+    the same process), which may execute itself again for the data plane's heap
+    (pipeline/heap.py)."""
     from controller.logs import setup_logging
 
     setup_logging("text")  # until the file names its format
@@ -369,6 +372,12 @@ def main(config_path: str) -> int:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.controller.log_format, cfg.controller.log_level)
+    if cfg.static_sas and not cfg.conns:
+        from pipeline import heap
+
+        if reexec:  # the data plane in this very process: its heap from the start
+            heap.reexec(cfg.dataplane.hugepages)
+        heap.log_state()
     if cfg.conns or not cfg.static_sas:
         # The controller: connections from the file, or later over VICI (swanctl).
         if cfg.dataplane.outside.mode == "socket":

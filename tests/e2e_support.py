@@ -103,7 +103,7 @@ SIDE_B = Side("192.0.2.2", "10.2.0.0/24", "10.2.0.1", "10.2.0.254", 0x2001, KEY_
 
 def config(local: Side, remote: Side, rundir: Path, *, encap: bool, workers: int = 2,
            inside: str = "tun", outside: str = "socket", handoff_min: int | None = None,
-           max_packets: int | None = None) -> str:
+           max_packets: int | None = None, hugepages: bool = True) -> str:
     """The YAML of one gateway: one static SA pair between ``local`` and ``remote``.
     ``handoff_min``: the smallest batch the I/O process hands to a worker (default: a full
     one); 1 sends the workers every batch, for tests of the worker path. ``max_packets``:
@@ -122,6 +122,7 @@ def config(local: Side, remote: Side, rundir: Path, *, encap: bool, workers: int
           inside: {inside_cfg}
           outside: {outside_cfg}
           endpoints: {{runtime_dir: {rundir}}}
+          hugepages: {str(hugepages).lower()}
           {batch_cfg}
         static_sas:
           - name: {local.outer}-to-{remote.outer}
@@ -255,7 +256,8 @@ class Tunnel:
 def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2,
                inside: str = "tun", outside: str = "socket",
                topo: Topology | None = None, handoff_min: int | None = None,
-               max_packets: int | None = None) -> Tunnel:
+               max_packets: int | None = None,
+               hugepages: tuple[bool, bool] = (True, True)) -> Tunnel:
     """Both gateways up and the tunnel carrying a ping from hostA to hostB.
 
     Each gateway's namespace holds only lab processes: the lab kills them by PID at teardown
@@ -263,11 +265,12 @@ def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2
     """
     topo = topo or build_topology(lab, inside=inside)
     gws = []
-    for ns, local, remote, name in ((topo.gw_a, SIDE_A, SIDE_B, "a"),
-                                    (topo.gw_b, SIDE_B, SIDE_A, "b")):
+    for ns, local, remote, name, huge in ((topo.gw_a, SIDE_A, SIDE_B, "a", hugepages[0]),
+                                          (topo.gw_b, SIDE_B, SIDE_A, "b", hugepages[1])):
         rundir = tmp / f"run-{name}"
         cfg = config(local, remote, rundir, encap=encap, workers=workers, inside=inside,
-                     outside=outside, handoff_min=handoff_min, max_packets=max_packets)
+                     outside=outside, handoff_min=handoff_min, max_packets=max_packets,
+                     hugepages=huge)
         gws.append(start_gateway(ns, cfg, tmp, name, rundir))
     tunnel = Tunnel(topo, gws[0], gws[1], encap)
     # Both data planes up (their sockets and rings open) before the first packet: a raw ESP
@@ -280,6 +283,24 @@ def start_pair(lab: NetnsLab, tmp: Path, *, encap: bool = True, workers: int = 2
             raise AssertionError(f"gateway {gw.name} exited early\n{tunnel.logs()}")
     assert topo.host_a.ping(SIDE_B.host, timeout=15), f"no ping through the tunnel\n{tunnel.logs()}"
     return tunnel
+
+
+def heap_state(pid: int) -> tuple[bool, int]:
+    """Whether process ``pid`` was started with pipeline/heap.py's environment, and the
+    KiB of anonymous memory it has on transparent huge pages."""
+    from pipeline import heap
+
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    huge = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+    return f"{heap.MARKER}=hugepages".encode() in env, huge
+
+
+def parent(pid: int) -> int:
+    """The PID of process ``pid``'s parent (proc(5): the field after the state)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str,

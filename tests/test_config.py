@@ -123,6 +123,7 @@ def test_example_file_loads_with_the_right_values(tmp_path: Path) -> None:
     )
     assert dp.inside == InsideConfig("tun", "espl0")
     assert dp.outside == OutsideConfig("af_packet", "veth-a", fanout=True)
+    assert dp.hugepages  # pipeline/heap.py, on by default
     assert dp.endpoints == EndpointsConfig.under("/run/espline")
     assert cfg.controller == ControllerConfig("/run/espline/vici.sock", None, None, "text")
     assert (dict(cfg.connections), dict(cfg.secrets), dict(cfg.pools)) == ({}, {}, {})
@@ -324,8 +325,10 @@ def test_dataplane_sections_in_full() -> None:
         inside={"mode": "af_packet", "interface": "eth1"},
         outside={"mode": "af_packet", "interface": "eth0", "fanout": False, "ring": "v2"},
         endpoints={"runtime_dir": "/tmp/e/", "batches": "tcp://10.0.0.5:5555"},
+        hugepages=False,
     )
     dp = parse(c).dataplane
+    assert not dp.hugepages
     assert InsideConfig().offload  # TUN offloads by default (pipeline/offload.py)
     assert OutsideConfig().ring == "auto"  # V2 while sparse, V3 while busy (pipeline/rxpair.py)
     c2 = base()
@@ -544,6 +547,12 @@ ERROR_CASES: list[tuple[str, Mutation, str, str]] = [
         "fanout string",
         at(("dataplane", "outside", "fanout"), "yes"),
         "dataplane.outside.fanout",
+        "expected true or false, got a string",
+    ),
+    (
+        "hugepages string",
+        at(("dataplane", "hugepages"), "off"),
+        "dataplane.hugepages",
         "expected true or false, got a string",
     ),
     (

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import heap
 from tests.e2e_support import (
     SIDE_A,
     SIDE_B,
@@ -32,7 +33,9 @@ from tests.e2e_support import (
     Tunnel,
     build_topology,
     echo_roundtrips,
+    heap_state,
     ike_gateway_config,
+    parent,
     start_gateway,
     wait_for,
     wait_link,
@@ -89,6 +92,12 @@ def test_two_gateways_negotiate_with_ikev2_and_carry_traffic(
                                     what="two SAs that carried traffic")
         assert {sa["direction"] for sa in stats["sas"]} == {"in", "out"}
         assert "IKE SA established" in tunnel.a.log() and "IKE SA established" in tunnel.b.log()
+        # pipeline/heap.py: the I/O process (the workers' parent) has its heap on huge
+        # pages, the controller keeps pymalloc.
+        io = parent(stats["worker_pids"][0])
+        assert parent(io) == tunnel.a.proc.pid
+        assert heap_state(io)[0] == (heap.supported() is None)
+        assert not heap_state(tunnel.a.proc.pid)[0]
         if esp == "aes128gcm16":
             operate_over_vici(tunnel, tmp_path)
     finally:

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import SIDE_A, TUN_NAME, echo_roundtrips, start_pair, wait_link
+from pipeline import heap
+from tests.e2e_support import (
+    SIDE_A,
+    TUN_NAME,
+    Tunnel,
+    echo_roundtrips,
+    heap_state,
+    start_pair,
+    wait_link,
+)
 from tests.netns import (
     NetnsLab,
     netns_lab_fixture,  # noqa: F401  (provides the netns_lab fixture)
@@ -30,10 +39,11 @@ def test_two_gateways_carry_ping_tcp_udp(netns_lab: NetnsLab, encap: bool,
     batches (pipeline/tun.py ``pending``)."""
     require_root_netns()
     tunnel = start_pair(netns_lab, tmp_path, encap=encap,  # hostA's ping reached hostB
-                        max_packets=None if encap else 4)
+                        max_packets=None if encap else 4, hugepages=(True, False))
     try:
         assert tunnel.topo.host_b.ping(SIDE_A.host, timeout=5)
         echo_roundtrips(tunnel)
+        check_heaps(tunnel)
     finally:
         codes = tunnel.stop()
     assert codes == [0, 0], tunnel.logs()
@@ -44,3 +54,19 @@ def test_two_gateways_carry_ping_tcp_udp(netns_lab: NetnsLab, encap: bool,
     # SIGTERM removed the TUN devices (and with them their routes).
     wait_link(tunnel.topo.gw_a, TUN_NAME, False)
     wait_link(tunnel.topo.gw_b, TUN_NAME, False)
+
+
+def check_heaps(tunnel: Tunnel) -> None:
+    """pipeline/heap.py: gwA (``hugepages`` by default) executed itself again with the heap
+    on huge pages, and its workers inherited that; gwB (``hugepages: false``) did not. Where
+    this kernel or libc cannot do it, neither changed anything."""
+    stats = tunnel.a.wait_stats(lambda s: len(s["worker_pids"]) == 2, what="two workers")
+    on, huge = heap_state(tunnel.a.proc.pid)
+    workers = [heap_state(pid)[0] for pid in stats["worker_pids"]]
+    if heap.supported() is None:
+        assert on and all(workers), (on, workers)
+        assert huge > 0, "the heap holds no huge page"
+        assert "data plane heap: transparent huge pages" in tunnel.a.log()
+    else:
+        assert not on and not any(workers)
+    assert not heap_state(tunnel.b.proc.pid)[0]

@@ -1,0 +1,135 @@
+"""The data plane processes' Python heap on transparent huge pages.
+
+Why. After each idle gap the I/O process runs its one-packet path (pipeline/onepacket.py)
+on cold caches and TLBs: on the 2-core lab VMs a lone packet costs the I/O process 150-550 us
+against about 20 us hot, and every part of the path is slow alike (taking a buffer: 24 us;
+the TUN read: 86 us; the AEAD call: 40 us), which is what page walks look like. CPython's
+objects live in pymalloc's 1 MiB arenas, mmap'ed one by one and never on huge pages; with
+``PYTHONMALLOC=malloc`` they come from glibc's malloc instead, and glibc's tunable
+``glibc.malloc.hugetlb=1`` (glibc 2.35) makes malloc ``madvise(MADV_HUGEPAGE)`` its heap,
+so that the interpreter's working set sits on a few 2 MiB pages. bench/tunnel.py, same
+build, runs one after the other (2 rounds each): idle ping RTT 1.31 and 1.38 ms without,
+1.14 and 1.18 ms with; TCP 590 and 541 Mbit/s without, 708 and 627 with. Either variable
+alone did not help (malloc without huge pages was slower than pymalloc).
+
+Both are read when the interpreter starts, so they reach a process through its
+environment: the I/O process is spawned with them (:func:`spawning`) and its workers inherit
+them; ``espline run`` with static SAs, the data plane in its own process, executes itself
+again once with them (:func:`reexec`).
+
+The controller keeps pymalloc: IKE allocates many small objects for a short time, which
+pymalloc does faster (bench/ike_rate.py, espline responder: 0.82-1.02 ms CPU per setup
+with pymalloc, 1.34-1.42 ms with malloc on huge pages).
+
+Where transparent huge pages are off (``/sys/kernel/mm/transparent_hugepage/enabled``:
+``[never]``) or glibc is older or absent, nothing is changed: malloc without huge pages is
+the slower choice. An operator's own ``PYTHONMALLOC`` or ``glibc.malloc.hugetlb`` is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+
+__all__ = ["MARKER", "applied", "environ", "log_state", "reexec", "spawning", "supported"]
+
+log = logging.getLogger("espline.heap")
+
+TUNABLE = "glibc.malloc.hugetlb"
+MARKER = "ESPLINE_HEAP"  # set in the environment this module made: no second re-exec
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb
+
+
+def supported(thp_path: str = THP_ENABLED, libc: str | None = None) -> str | None:
+    """None if huge pages for the heap can work here, else why not (for the log)."""
+    if libc is None:
+        try:
+            libc = os.confstr("CS_GNU_LIBC_VERSION")
+        except (ValueError, OSError):
+            libc = ""
+    name, _, ver = (libc or "").partition(" ")
+    try:
+        version = tuple(int(x) for x in ver.split(".")[:2])
+    except ValueError:
+        version = ()
+    if name != "glibc" or version < MIN_GLIBC:
+        return f"needs glibc {'.'.join(map(str, MIN_GLIBC))} or later (found {libc or 'none'})"
+    try:
+        with open(thp_path, encoding="ascii") as f:
+            mode = f.read()
+    except OSError:
+        return f"no transparent huge pages ({thp_path} unreadable)"
+    if "[always]" not in mode and "[madvise]" not in mode:
+        return f"transparent huge pages are off ({thp_path}: {mode.strip()})"
+    return None
+
+
+def environ(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with the heap on huge pages (variables the operator set are kept)."""
+    env = dict(base)
+    env.setdefault("PYTHONMALLOC", "malloc")
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.partition("=")[0] == TUNABLE for t in tunables):
+        tunables.append(f"{TUNABLE}=1")
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+    env[MARKER] = "hugepages"
+    return env
+
+
+def applied(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process (or ``env``) was started by this module's environment."""
+    return (os.environ if env is None else env).get(MARKER) == "hugepages"
+
+
+@contextlib.contextmanager
+def spawning(enabled: bool) -> Iterator[None]:
+    """While in the block, processes started (multiprocessing's ``spawn``, which passes this
+    process's environment on) get the heap on huge pages; this process's own environment is
+    as before afterwards."""
+    why = None if enabled else "dataplane.hugepages is false"
+    if why is None:
+        why = supported()
+    if why is not None:
+        log.info("data plane heap: default allocator (%s)", why)
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(environ(saved))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def log_state() -> None:
+    """Say in the log whether this process's heap is on huge pages."""
+    if applied():
+        log.info("data plane heap: transparent huge pages (PYTHONMALLOC=%s, GLIBC_TUNABLES=%s)",
+                 os.environ.get("PYTHONMALLOC"), os.environ.get("GLIBC_TUNABLES"))
+
+
+def reexec(enabled: bool) -> None:
+    """Execute this program again with the heap on huge pages, unless it runs so already,
+    ``enabled`` is false or they cannot work here. Returns only when it does not re-execute
+    (an exec that fails is logged, and the process goes on as it is)."""
+    if not enabled or applied():
+        return
+    why = supported()
+    if why is not None:
+        log.info("data plane heap: default allocator (%s)", why)
+        return
+    argv = list(getattr(sys, "orig_argv", ()))
+    if not argv or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, environ(os.environ))
+    except OSError as exc:
+        log.warning("data plane heap: cannot re-execute %s (%s): default allocator",
+                    sys.executable, exc)
