@@ -207,7 +207,8 @@ def batch_size_histogram(sizes: Iterable[int]) -> Histogram:
 
 # -- the families espline exposes ---------------------------------------------------------
 
-DROP_REASONS: tuple[str, ...] = tuple(v.label for v in Verdict if v is not Verdict.PASS)
+DROP_REASONS: tuple[str, ...] = tuple(v.label for v in Verdict
+                                      if v not in (Verdict.PASS, Verdict.PARKED))
 IKE_EXCHANGES: tuple[str, ...] = ("IKE_SA_INIT", "IKE_AUTH", "CREATE_CHILD_SA", "INFORMATIONAL")
 # IKE SA states always exposed (at 0 when none); the controller may report others too.
 IKE_SA_STATES: tuple[str, ...] = ("connecting", "established", "rekeying", "deleting")

@@ -60,7 +60,7 @@ assert META_ROW.size == META_DTYPE.itemsize and META_DTYPE.names == (
 
 
 class Verdict(IntEnum):
-    """Per-packet outcome. Every non-PASS value is a counted drop reason."""
+    """Per-packet outcome. Every value but PASS and PARKED is a counted drop reason."""
 
     PASS = 0
     RUNT = 1  # shorter than its headers or than its length fields claim
@@ -78,6 +78,9 @@ class Verdict(IntEnum):
     UNSUPPORTED = 13  # a header layout this data plane does not process (e.g. IPv6 ext. hdrs)
     POLICY = 14  # outbound: no SPD entry protects it, or one says discard (RFC 4301 §5.1)
     LOST = 15  # its batch was lost with a worker and skipped by the reassembler
+    # Not a drop: inbound ESP for an SPI not known yet, held while an install may be on its
+    # way from the controller and looked up again (pipeline/dataplane.py ``_park``).
+    PARKED = 16
 
     @property
     def label(self) -> str:

@@ -54,6 +54,12 @@ __all__ = ["DataPlane", "HeadsReader", "PacketIO", "Settings"]
 BUSY_POLL_MS = 10
 IDLE_POLL_MS = 100
 CHECK_S = 0.05  # how often worker processes are checked for death and hangs, at most
+# Inbound ESP for an SPI not known yet, while the controller distributes SAs: held this long
+# (s), at most this many packets, in case its install is still on its way (``_park``); the
+# loop polls every PARK_POLL_MS meanwhile.
+PARK_S = 0.05
+PARK_MAX = 256
+PARK_POLL_MS = 1
 # Pool buffers beyond max_in_flight: the batch being read, those done and held for order
 # behind a late one, those being written out.
 POOL_SPARE = 16
@@ -300,6 +306,8 @@ class DataPlane:
         self._next_id = 0
         self._stop = False
         self._refeed: list[bytes] = []  # inner fragments waiting for their batch
+        self._parked: list[bytes] = []  # inbound ESP for SPIs not known yet (_park)
+        self._park_until = 0.0
         self._scratch = bytearray(settings.slot_size)  # onepacket.decap_one's
         self._prefragmented: dict[int, npt.NDArray[np.int64]] = {}  # batch id -> packets
 
@@ -529,7 +537,7 @@ class DataPlane:
                 # taken (else the loop would spin until a buffer comes back).
                 can_read = self._can_read()
                 held = can_read and inside_pending()
-                timeout = 0 if held else BUSY_POLL_MS \
+                timeout = 0 if held else PARK_POLL_MS if self._parked else BUSY_POLL_MS \
                     if self._refeed or not self.reassembler.idle() \
                     else (idle_timeout() or IDLE_POLL_MS)
                 before = time.monotonic()
@@ -541,9 +549,12 @@ class DataPlane:
                 # came with it keep their fd readable, and the next turn reads them all.
                 limit = 1 if sparse_wait is not None and now - before > sparse_wait \
                     else max_packets
-                if updates is not None and updates.pending():
-                    updates.drain()
+                if updates is not None and updates.pending() and updates.drain():
                     self.sa_version = updates.version
+                    if self._parked:
+                        self._unpark(workers, now)
+                if self._parked and now >= self._park_until:
+                    self._unpark(workers, now)
                 if workers in events:
                     self._collect(workers, now)
                     can_read = self._can_read()  # (else as before the poll)
@@ -824,10 +835,73 @@ class DataPlane:
             return
         verdict = batch.meta["verdict"][: batch.count]
         unknown = verdict == Verdict.NO_SA
-        if unknown.any() and self._updates.drain():
+        if not unknown.any():
+            return
+        if self._updates.drain():
             self.sa_version = self._updates.version
             verdict[unknown] = Verdict.PASS
             self.dispatcher.inbound(batch)
+            unknown = verdict == Verdict.NO_SA
+            if not unknown.any():
+                return
+        self._park(batch, np.flatnonzero(unknown))
+
+    def _park(self, batch: Batch, unknown: npt.NDArray[np.intp]) -> None:
+        """Hold copies of the batch's packets ``unknown`` (NO_SA after every waiting delta
+        was applied) for a later look, marked PARKED in the batch, as many as PARK_MAX
+        allows; the rest stay NO_SA drops.
+
+        The controller publishes an install before the IKE message that lets the peer use
+        the SA (make-before-break, DESIGN §5), but the delta crosses two ZeroMQ I/O threads
+        on its way here, which on a loaded machine can take longer than the peer takes to
+        answer: its first packets on the new SA would be lost (tests/test_interop_lifecycle.py
+        saw one in 3000 under a rekey). Held up to PARK_S from the first one held, they are
+        looked up again as soon as a delta comes (``_unpark``), else dropped as no_sa. ESP
+        for an SPI that never comes costs at most PARK_MAX copies and that delay."""
+        now = time.monotonic()
+        if not self._parked:
+            self._park_until = now + PARK_S
+        elif now >= self._park_until:
+            return
+        room = PARK_MAX - len(self._parked)
+        if room <= 0:
+            return
+        take = unknown[:room]
+        meta = batch.meta
+        head = batch.head if batch.region >= 0 else 0
+        region = self._reader(batch.region)[1] if head else None
+        for i in take.tolist():
+            off, length = int(meta["offset"][i]), int(meta["length"][i])
+            src = int(batch.src[i])
+            if region is not None and src >= 0 and length > head:
+                # A packet head (pipeline/region.py): the rest is in the reader's memory.
+                pkt = (batch.data[off : off + head].tobytes()
+                       + region[src + head : src + length].tobytes())
+            else:
+                pkt = batch.data[off : off + length].tobytes()
+            self._parked.append(pkt)
+        meta["verdict"][take] = Verdict.PARKED
+
+    def _unpark(self, workers: zmq.Socket[bytes], now: float) -> None:
+        """Look the held packets up again (a delta came), or drop them as no_sa (their
+        time is up)."""
+        if now >= self._park_until:
+            self.stats.inbound.by_verdict[Verdict.NO_SA] += len(self._parked)
+            self._parked.clear()
+            return
+        # Those still unknown are held again, until the same deadline.
+        pending, self._parked, until = self._parked, [], self._park_until
+        try:
+            while pending:
+                batch = self._take()
+                if batch is None:  # no buffer free: at the next turn
+                    self._parked[:0] = pending
+                    return
+                batch.load(pending[: batch.capacity])
+                del pending[: batch.capacity]
+                self._process(batch, Direction.INBOUND, workers, now)
+        finally:
+            self._park_until = until
 
     def _acquire(self, now: float) -> None:
         """Tell the controller which TRAP policies traffic hit (RFC 4301's ACQUIRE), at most

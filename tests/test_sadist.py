@@ -3,6 +3,7 @@ running data plane (real worker processes) that follows the controller's table l
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -18,7 +20,7 @@ import pytest
 import zmq
 
 from pipeline.batch import Batch
-from pipeline.dataplane import DataPlane, Settings
+from pipeline.dataplane import PARK_MAX, PARK_S, DataPlane, Settings
 from pipeline.dispatch import Policy
 from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
 from pipeline.satable import Direction, SaRecord, UdpEncap
@@ -362,6 +364,62 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
         finally:
             plane._updates = None
             updates.close()
+
+
+@contextlib.contextmanager
+def following(pub: PublisherThread, workers: int = 1
+              ) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
+    """A data plane running in a thread, following ``pub``'s table."""
+    inside, outside = QueueIO(), QueueIO()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=workers, runtime_dir=rundir), [], [], inside,
+                          outside, sa_updates=pub.endpoints)
+        thread = threading.Thread(target=plane.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: plane.sa_version >= 0 and plane._updates is not None)
+            yield plane, inside, outside
+        finally:
+            plane.stop()
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def test_esp_for_an_sa_whose_install_is_still_on_its_way_is_held_until_it_comes(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """The install left the controller before the peer could use the SA, but reaches the
+    I/O process after the peer's first packets (two ZeroMQ I/O threads on the way): those
+    packets are held (PARKED, not a drop) and go through once the install is applied."""
+    _, pub = publisher
+    with following(pub) as (plane, inside, outside):
+        outside.put(peer_encap(0x2008, KEY, 3))
+        wait_for(lambda: plane.stats.inbound.parked == 3)  # read, held, nothing dropped
+        assert inside.outbox == [] and plane.stats.inbound.drops() == {}
+        pub.call(lambda p: p.install(8, record(0x2008, Direction.IN)))
+        wait_for(lambda: len(inside.outbox) == 3)
+        assert inside.outbox == [inner(i) for i in range(3)]  # in order
+        assert plane.stats.inbound.drops() == {}
+        snapshot = plane.stats.inbound.snapshot()
+        assert snapshot["parked"] == 3 and snapshot["drops"] == {}
+
+
+def test_esp_for_an_spi_that_never_comes_is_dropped_after_the_hold(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """At most PARK_MAX packets are held, for PARK_S; the rest, and then those, are no_sa
+    drops. An install for another SPI meanwhile does not let them through."""
+    _, pub = publisher
+    with following(pub) as (plane, inside, outside):
+        started = time.monotonic()
+        wire = peer_encap(0x2009, KEY, PARK_MAX + 10)
+        outside.put(wire[:PARK_MAX])
+        outside.put(wire[PARK_MAX:])
+        wait_for(lambda: plane.stats.inbound.parked >= PARK_MAX)
+        pub.call(lambda p: p.install(9, record(0x200A, Direction.IN)))  # not theirs
+        wait_for(lambda: plane.stats.inbound.drops().get("no_sa", 0) == PARK_MAX + 10)
+        assert time.monotonic() - started >= PARK_S
+        assert inside.outbox == []
+        # Held once each, and again after the unrelated install (if it came in time).
+        assert plane.stats.inbound.parked in (PARK_MAX, 2 * PARK_MAX)
 
 
 class SpdSink(TableSink):

@@ -40,10 +40,19 @@ class Counters:
     def passed(self) -> int:
         return int(self.by_verdict[Verdict.PASS]) + self._passed_alone
 
+    @property
+    def parked(self) -> int:
+        """Packets held for a later look (Verdict.PARKED; each time one was held)."""
+        return int(self.by_verdict[Verdict.PARKED])
+
     def drops(self) -> dict[str, int]:
         """Non-zero drop counts by reason."""
-        return {Verdict(v).label: int(c)
-                for v, c in enumerate(self.by_verdict) if v != Verdict.PASS and c}
+        return {Verdict(v).label: int(c) for v, c in enumerate(self.by_verdict)
+                if v != Verdict.PASS and v != Verdict.PARKED and c}
 
     def snapshot(self) -> dict[str, object]:
-        return {"batches": self.batches, "passed": self.passed, "drops": self.drops()}
+        out: dict[str, object] = {"batches": self.batches, "passed": self.passed,
+                                  "drops": self.drops()}
+        if self.parked:
+            out["parked"] = self.parked
+        return out
