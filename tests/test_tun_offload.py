@@ -36,6 +36,7 @@ A_ADDR, B_ADDR = "10.97.0.1", "10.98.0.5"
 PORT = 5301
 CLONE_NEWNET = 0x40000000
 TCP_BYTES = 6 * 1024 * 1024
+TXQUEUELEN = 8192  # packets: more than TCP_BYTES in MSS-sized segments
 UDP_SIZES = [1, 2, 3, 17, 100, 511, 512, 1000, 1371, 1372]
 UDP_GSO = (1200, 9)  # one UDP_SEGMENT send: 9 datagrams of 1200 bytes (and one of 100)
 SOL_UDP, UDP_SEGMENT = 17, 103
@@ -128,6 +129,14 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
+def _tx_dropped(name: str, ns: str | None = None) -> int:
+    """What the kernel dropped on its way into TUN device ``name`` (its queue was full)."""
+    argv = ["ip", "-j", "-s", "link", "show", name]
+    out = subprocess.run(argv if ns is None else ["ip", "-n", ns, *argv[1:]], check=True,
+                         capture_output=True, text=True).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["dropped"])
+
+
 def _relay(peer_ns: str, offload_a: bool, offload_b: bool, capacity: int) -> dict[str, Any]:
     """In the first namespace: device A here, device B in ``peer_ns``; relay in batches of
     ``capacity`` until the client is done, then a little longer for the UDP datagrams."""
@@ -143,6 +152,12 @@ def _relay(peer_ns: str, offload_a: bool, offload_b: bool, capacity: int) -> dic
         libc = ctypes.CDLL(None, use_errno=True)
         libc.setns(own_fd, CLONE_NEWNET)
         os.close(own_fd)
+    # Room in each device's queue for the whole transfer: the relay shares two cores with
+    # both TCP ends, and a queue that overflows while it waits for a core (500 packets by
+    # default) makes TCP retransmit, which the test counts as a fault of the relay.
+    subprocess.run(["ip", "link", "set", a.name, "txqueuelen", str(TXQUEUELEN)], check=True)
+    subprocess.run(["ip", "-n", peer_ns, "link", "set", b.name, "txqueuelen", str(TXQUEUELEN)],
+                   check=True)
     server = subprocess.Popen(["ip", "netns", "exec", peer_ns, sys.executable, "-m",
                                "tests.test_tun_offload", "server"],
                               stdout=subprocess.PIPE, text=True)
@@ -177,7 +192,10 @@ def _relay(peer_ns: str, offload_a: bool, offload_b: bool, capacity: int) -> dic
                                                        "rx_too_big", "tx_packets", "tx_errors",
                                                        "tx_coalesced")}
                     for name, q in (("a", qa), ("b", qb))}
+        dropped = {"a": _tx_dropped(a.name),
+                   "b": _tx_dropped(b.name, peer_ns)}  # kernel: queue full
         return {"client": client_out, "server": server_out, "counters": counters,
+                "tx_dropped": dropped,
                 "snmp_a": _snmp(),
                 "expect_up": hashlib.sha256(_data(1, TCP_BYTES)).hexdigest(),
                 "expect_down": hashlib.sha256(_data(2, TCP_BYTES)).hexdigest()}
@@ -211,6 +229,7 @@ def test_tcp_and_udp_cross_offloading_tun_devices_intact(
     # Nothing lost or corrupted on the way: no checksum errors, and no retransmission but
     # the odd tail loss probe (TCP resends a segment when no ACK comes within two round
     # trips: the relay shares two cores with both TCP ends).
+    assert r["tx_dropped"] == {"a": 0, "b": 0}, r
     for snmp in (r["server"]["snmp"], r["snmp_a"]):
         assert (snmp["Tcp"], snmp["Udp"]) == (0, 0), r
         assert snmp["TcpRetransSegs"] <= 3, r
