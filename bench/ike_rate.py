@@ -61,6 +61,7 @@ import os
 import resource
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -620,10 +621,32 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+# The figures a median row takes from its rounds (the rest: the first round's).
+MEDIAN_FIELDS = ("seconds", "setups_per_s", "cpu_ms_per_setup",
+                 "cpu_ms_per_setup_idle_corrected", "initiator_cpu_ms_per_setup",
+                 "idle_cpu_pct", "setup_ms_p50", "setup_ms_p99")
+
+
+def median_result(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One responder's rounds as one result: each figure's median, ``round`` "median",
+    the setups and failures summed, and ``cpu_ms_per_setup_rounds`` (every round's)."""
+    out = dict(rounds[0])
+    for key in MEDIAN_FIELDS:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["setups"] = sum(r["setups"] for r in rounds)
+    out["failed"] = sum(r["failed"] for r in rounds)
+    out["count"] = sum(r["count"] for r in rounds)
+    out["round"] = "median"
+    out["cpu_ms_per_setup_rounds"] = [r["cpu_ms_per_setup"] for r in rounds]
+    return out
+
+
 def table(results: Sequence[dict[str, Any]]) -> str:
     head = ("responder", "setups", "failed", "seconds", "setups/s", "resp CPU ms/setup",
             "init CPU ms/setup")
-    rows = [head] + [(r["responder"], str(r["setups"]), str(r["failed"]),
+    rows = [head] + [(r["responder"] + (f" #{r['round']}" if "round" in r else ""),
+                      str(r["setups"]), str(r["failed"]),
                       _fmt(r["seconds"], ".2f"), _fmt(r["setups_per_s"], ".1f"),
                       _fmt(r["cpu_ms_per_setup"], ".3f"),
                       _fmt(r["initiator_cpu_ms_per_setup"], ".3f")) for r in results]
@@ -661,6 +684,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="seconds after the last setup still counted (default 0.5)")
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="give up on one responder's load after this long")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, the responders interleaved (espline, strongswan, espline, "
+                        "...); the table and the JSON then end with each responder's median "
+                        "(default 1; figures on a shared VM drift by 20%% from run to run)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output (default %(default)s)")
     p.add_argument("--profile", metavar="DIR",
                    help="run espline's controller under cProfile, writing DIR/*.prof")
@@ -669,8 +696,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for r in args.responders:
         if r not in RESPONDERS:
             p.error(f"unknown responder {r!r} (choose from {', '.join(RESPONDERS)})")
-    if args.count < 1 or args.concurrency < 1 or args.workers < 1:
-        p.error("--count, --concurrency and --workers must be at least 1")
+    if args.count < 1 or args.concurrency < 1 or args.workers < 1 or args.repeat < 1:
+        p.error("--count, --concurrency, --workers and --repeat must be at least 1")
     return args
 
 
@@ -687,28 +714,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     notes: list[str] = []
+    responders = list(args.responders)
+    if "strongswan" in responders and (why := missing()) is not None:
+        notes.append(f"strongswan skipped: {why}")
+        print(f"[strongswan] skipped: {why}", file=sys.stderr)
+        responders.remove("strongswan")
     with tempfile.TemporaryDirectory(prefix="espline-ike-rate-") as tmp:
-        for name in args.responders:
-            if name == "strongswan":
-                why = missing()
-                if why is not None:
-                    notes.append(f"strongswan skipped: {why}")
-                    print(f"[strongswan] skipped: {why}", file=sys.stderr)
-                    continue
-            print(f"[{name}] {args.count} setups, {args.concurrency} in flight ...",
-                  file=sys.stderr, flush=True)
-            work = Path(tmp) / name
-            work.mkdir()
-            res = measure(name, args, work)
-            results.append(res)
-            print(f"[{name}] {res['setups']} up, {res['failed']} failed in "
-                  f"{res['seconds']:.2f} s; CPU by process: {res['cpu_s_by_process']}",
-                  file=sys.stderr, flush=True)
+        for rnd in range(1, args.repeat + 1):
+            for name in responders:
+                of = f" (round {rnd} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"[{name}] {args.count} setups, {args.concurrency} in flight{of} ...",
+                      file=sys.stderr, flush=True)
+                work = Path(tmp) / f"{name}-{rnd}"
+                work.mkdir()
+                res = measure(name, args, work)
+                if args.repeat > 1:
+                    res["round"] = rnd
+                results.append(res)
+                print(f"[{name}] {res['setups']} up, {res['failed']} failed in "
+                      f"{res['seconds']:.2f} s; CPU by process: {res['cpu_s_by_process']}",
+                      file=sys.stderr, flush=True)
+    rounds = list(results)
+    if args.repeat > 1:
+        results += [median_result([r for r in rounds if r["responder"] == name])
+                    for name in responders]
     print(f"IKE setup rate: IKE {IKE_PROPOSAL}, ESP {ESP_PROPOSAL}, PSK, {args.count} "
           f"setups per responder, {args.concurrency} in flight; CPU = responder namespace, "
           f"from go to {args.settle:g} s after the last setup")
     print(table(results))
-    for r in results:
+    for r in results[len(rounds):] if args.repeat > 1 else rounds:  # the medians' notes
         print(f"  {r['note']}; idle {r['idle_cpu_pct']:.1f}% of a core, "
               f"{_fmt(r['cpu_ms_per_setup_idle_corrected'], '.3f')} ms/setup net of idle; "
               f"setup p50 {_fmt(r['setup_ms_p50'], '.1f')} ms, p99 "
@@ -718,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {note}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if results and all(r["setups"] == args.count for r in results) else 1
+    return 0 if rounds and all(r["setups"] == args.count for r in rounds) else 1
 
 
 if __name__ == "__main__":

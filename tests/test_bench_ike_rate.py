@@ -55,6 +55,23 @@ def test_the_table_has_one_row_per_responder() -> None:
     assert lines[2].split() == ["espline", "3", "0", "0.50", "6.0", "1.250", "-"]
 
 
+def test_rounds_end_with_each_responders_median() -> None:
+    rounds = [{"responder": name, "round": i, "setups": 3, "failed": 0, "count": 3,
+               "seconds": 0.5 * i, "setups_per_s": 6.0 / i, "cpu_ms_per_setup": cpu,
+               "cpu_ms_per_setup_idle_corrected": cpu, "initiator_cpu_ms_per_setup": None,
+               "idle_cpu_pct": 0.0, "setup_ms_p50": 1.0, "setup_ms_p99": 2.0}
+              for i, (name, cpu) in enumerate([("espline", 1.2), ("espline", 0.9),
+                                               ("espline", 1.0)], 1)]
+    med = ike_rate.median_result(rounds)
+    assert med["round"] == "median" and med["cpu_ms_per_setup"] == 1.0
+    assert med["cpu_ms_per_setup_rounds"] == [1.2, 0.9, 1.0]
+    assert (med["setups"], med["count"], med["seconds"]) == (9, 9, 1.0)
+    assert med["initiator_cpu_ms_per_setup"] is None
+    lines = ike_rate.table([*rounds, med]).splitlines()
+    assert lines[2].split()[:2] == ["espline", "#1"]
+    assert lines[-1].split()[:3] == ["espline", "#median", "9"]
+
+
 @pytest.mark.parametrize(("responder", "selectors"),
                          [("espline", "shared"), ("strongswan", "shared"),
                           ("espline", "distinct")])
