@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import heapq
 import ipaddress
 import json
@@ -935,6 +936,12 @@ async def serve(cfg: Config, config_path: str | None = None) -> int:
                  len(gateway.conns), gateway.local, cfg.controller.ike_port,
                  cfg.controller.natt_port, cfg.controller.vici_socket,
                  f", metrics on {cfg.controller.metrics_listen}" if metrics else "")
+        # What start-up made (modules, configuration, the loop) lives as long as the
+        # process: out of the cyclic collector's generations, which then walk only what
+        # IKE SAs make (gc.freeze; bench/ike_rate.py, 500 setups, rounds interleaved:
+        # controller CPU 0.38, 0.34, 0.34 s against 0.38, 0.37, 0.39 s without).
+        gc.collect()
+        gc.freeze()
         await done.wait()
     finally:
         logging.getLogger("espline").removeHandler(vici_log)
