@@ -25,7 +25,8 @@ from pipeline.dispatch import Policy
 from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from pipeline.transport import Direction as BatchDirection
-from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, inner, wait_for
+from pipeline.region import HEAD
+from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, RingIO, inner, wait_for
 from workers.esp import EspCodec
 from workers.main import TableSink
 from workers.sa import SaTable
@@ -367,13 +368,14 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
 
 
 @contextlib.contextmanager
-def following(pub: PublisherThread, workers: int = 1
-              ) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
+def following(pub: PublisherThread, workers: int = 1, outside: QueueIO | None = None,
+              **settings: Any) -> Iterator[tuple[DataPlane, QueueIO, QueueIO]]:
     """A data plane running in a thread, following ``pub``'s table."""
-    inside, outside = QueueIO(), QueueIO()
+    inside = QueueIO()
+    outside = outside if outside is not None else QueueIO()
     with tempfile.TemporaryDirectory() as rundir:
-        plane = DataPlane(Settings(workers=workers, runtime_dir=rundir), [], [], inside,
-                          outside, sa_updates=pub.endpoints)
+        plane = DataPlane(Settings(workers=workers, runtime_dir=rundir, **settings), [], [],
+                          inside, outside, sa_updates=pub.endpoints)
         thread = threading.Thread(target=plane.run, daemon=True)
         thread.start()
         try:
@@ -401,6 +403,33 @@ def test_esp_for_an_sa_whose_install_is_still_on_its_way_is_held_until_it_comes(
         assert plane.stats.inbound.drops() == {}
         snapshot = plane.stats.inbound.snapshot()
         assert snapshot["parked"] == 3 and snapshot["drops"] == {}
+
+
+def test_held_packet_heads_are_held_whole(publisher: tuple[Any, PublisherThread]) -> None:
+    """A batch of packet heads (pipeline/region.py: the rest in the reader's memory, which
+    goes back to the reader once the batch is done): what is held is each packet whole."""
+    _, pub = publisher
+    ring = RingIO()
+    with following(pub, workers=2, outside=ring, handoff_min=2) as (plane, inside, _):
+        wait_for(lambda: plane.ready == [0, 1])
+        sizes = [1400, 60, 700, HEAD - 40, HEAD + 1]
+        table = SaTable()
+        table.install(SaRecord(spi=0x200B, direction=Direction.OUT, alg="aes128gcm16",
+                               local_addr=B, remote_addr=A, enc_key=KEY, encap=UdpEncap()), 0)
+        batch = Batch.for_packets([inner(i, size) for i, size in enumerate(sizes)])
+        batch.meta["sa"][: batch.count] = 0
+        table.assign_sequence(batch)
+        EspCodec(table).encap(batch)
+        ring.put(batch.packets())
+        wait_for(lambda: plane.stats.inbound.parked == len(sizes))
+        # One read, or (a read after a wait takes one packet: pipeline/dataplane.py) two;
+        # either way a batch of several heads.
+        assert ring.heads_reads in (1, 2)
+        wait_for(lambda: not ring.held)  # the reader's memory went back: scribbled over
+        pub.call(lambda p: p.install(11, record(0x200B, Direction.IN)))
+        wait_for(lambda: len(inside.outbox) == len(sizes))
+        assert inside.outbox == [inner(i, size) for i, size in enumerate(sizes)]
+        assert plane.stats.inbound.drops() == {}
 
 
 def test_esp_for_an_spi_that_never_comes_is_dropped_after_the_hold(
