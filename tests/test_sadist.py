@@ -22,10 +22,10 @@ import zmq
 from pipeline.batch import Batch
 from pipeline.dataplane import PARK_MAX, PARK_S, DataPlane, Settings
 from pipeline.dispatch import Policy
+from pipeline.region import HEAD
 from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from pipeline.transport import Direction as BatchDirection
-from pipeline.region import HEAD
 from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, RingIO, inner, wait_for
 from workers.esp import EspCodec
 from workers.main import TableSink
