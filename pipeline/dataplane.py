@@ -308,6 +308,7 @@ class DataPlane:
         self._refeed: list[bytes] = []  # inner fragments waiting for their batch
         self._parked: list[bytes] = []  # inbound ESP for SPIs not known yet (_park)
         self._park_until = 0.0
+        self._unpark_due = False  # deltas came since they were held: look again
         self._scratch = bytearray(settings.slot_size)  # onepacket.decap_one's
         self._prefragmented: dict[int, npt.NDArray[np.int64]] = {}  # batch id -> packets
 
@@ -551,10 +552,8 @@ class DataPlane:
                     else max_packets
                 if updates is not None and updates.pending() and updates.drain():
                     self.sa_version = updates.version
-                    if self._parked:
-                        self._unpark(workers, now)
-                if self._parked and now >= self._park_until:
-                    self._unpark(workers, now)
+                    self._unpark_due = True
+                self._look_again(workers, now)
                 if workers in events:
                     self._collect(workers, now)
                     can_read = self._can_read()  # (else as before the poll)
@@ -839,6 +838,7 @@ class DataPlane:
             return
         if self._updates.drain():
             self.sa_version = self._updates.version
+            self._unpark_due = True  # what is held is looked at again at the next turn
             verdict[unknown] = Verdict.PASS
             self.dispatcher.inbound(batch)
             unknown = verdict == Verdict.NO_SA
@@ -856,11 +856,14 @@ class DataPlane:
         on its way here, which on a loaded machine can take longer than the peer takes to
         answer: its first packets on the new SA would be lost (tests/test_interop_lifecycle.py
         saw one in 3000 under a rekey). Held up to PARK_S from the first one held, they are
-        looked up again as soon as a delta comes (``_unpark``), else dropped as no_sa. ESP
-        for an SPI that never comes costs at most PARK_MAX copies and that delay."""
+        looked up again at the loop's next turn after a delta came (``_unpark``; packets
+        that came after them and found the SA installed meanwhile go first), else dropped
+        as no_sa. ESP for an SPI that never comes costs at most PARK_MAX copies and that
+        delay."""
         now = time.monotonic()
         if not self._parked:
             self._park_until = now + PARK_S
+            self._unpark_due = False  # the deltas so far were applied before this look
         elif now >= self._park_until:
             return
         room = PARK_MAX - len(self._parked)
@@ -882,9 +885,16 @@ class DataPlane:
             self._parked.append(pkt)
         meta["verdict"][take] = Verdict.PARKED
 
+    def _look_again(self, workers: zmq.Socket[bytes], now: float) -> None:
+        """At the top of a loop turn: what is held goes on if deltas came since (or its
+        time is up)."""
+        if self._parked and (self._unpark_due or now >= self._park_until):
+            self._unpark(workers, now)
+
     def _unpark(self, workers: zmq.Socket[bytes], now: float) -> None:
         """Look the held packets up again (a delta came), or drop them as no_sa (their
         time is up)."""
+        self._unpark_due = False
         if now >= self._park_until:
             self.stats.inbound.by_verdict[Verdict.NO_SA] += len(self._parked)
             self._parked.clear()
@@ -896,6 +906,7 @@ class DataPlane:
                 batch = self._take()
                 if batch is None:  # no buffer free: at the next turn
                     self._parked[:0] = pending
+                    self._unpark_due = True
                     return
                 batch.load(pending[: batch.capacity])
                 del pending[: batch.capacity]

@@ -432,6 +432,38 @@ def test_held_packet_heads_are_held_whole(publisher: tuple[Any, PublisherThread]
         assert plane.stats.inbound.drops() == {}
 
 
+def test_held_packets_go_on_when_a_later_batch_applied_their_install(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """The install may be applied while a later packet of the same SA is looked up (the
+    drain in ``_retry_unknown_spis``), not at the top of a turn: what is held goes on at the
+    next turn all the same, instead of waiting for its deadline and being dropped."""
+    ctx, pub = publisher
+    inside, outside = QueueIO(), QueueIO()
+    with tempfile.TemporaryDirectory() as rundir:
+        plane = DataPlane(Settings(workers=1, runtime_dir=rundir), [], [], inside, outside)
+        updates = SaSubscriber(ctx, *pub.endpoints, sink=plane)
+        try:
+            updates.sync()
+            plane._updates = updates
+            outside.put(peer_encap(0x200C, KEY, 3))  # sequence numbers 1-3
+            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+            plane.reassembler.pop(0.0, plane._release)
+            assert plane.stats.inbound.parked == 3 and inside.outbox == []
+            pub.call(lambda p: p.install(12, record(0x200C, Direction.IN)))
+            assert updates.sub.poll(5000)  # queued, not applied
+            outside.put(peer_encap(0x200C, KEY, 1))  # sequence number 4: applies it
+            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+            plane.reassembler.pop(0.0, plane._release)
+            assert inside.outbox == [inner(0)]
+            plane._look_again(None, time.monotonic())  # type: ignore[arg-type]
+            plane.reassembler.pop(0.0, plane._release)
+            assert inside.outbox == [inner(0), inner(0), inner(1), inner(2)]
+            assert plane.stats.inbound.drops() == {} and not plane._parked
+        finally:
+            plane._updates = None
+            updates.close()
+
+
 def test_esp_for_an_spi_that_never_comes_is_dropped_after_the_hold(
         publisher: tuple[Any, PublisherThread]) -> None:
     """At most PARK_MAX packets are held, for PARK_S; the rest, and then those, are no_sa
