@@ -46,6 +46,8 @@ MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb
 
 def supported(thp_path: str = THP_ENABLED, libc: str | None = None) -> str | None:
     """None if huge pages for the heap can work here, else why not (for the log)."""
+    if sys.flags.ignore_environment:  # -E or -I: PYTHONMALLOC would be ignored
+        return "the interpreter ignores PYTHON* variables (-E or -I)"
     if libc is None:
         try:
             libc = os.confstr("CS_GNU_LIBC_VERSION")

@@ -51,6 +51,17 @@ def test_supported_needs_thp_and_glibc_2_35(tmp_path: Path, mode: str | None, li
         assert why  # a reason for the log
 
 
+def test_supported_needs_the_environment_read(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Under -E or -I, CPython ignores PYTHONMALLOC: nothing to gain from the tunable alone."""
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert heap.supported(str(path), "glibc 2.36") is None
+    flags = type("Flags", (), {"ignore_environment": 1})()
+    monkeypatch.setattr(heap.sys, "flags", flags)
+    assert "-E" in (heap.supported(str(path), "glibc 2.36") or "")
+
+
 def _report(queue: multiprocessing.Queue[tuple[str | None, str | None, str | None]]) -> None:
     queue.put((os.environ.get("PYTHONMALLOC"), os.environ.get("GLIBC_TUNABLES"),
                os.environ.get(heap.MARKER)))
