@@ -36,6 +36,7 @@ __all__ = [
     "CHILD_SA_PACKETS",
     "CONTENT_TYPE",
     "DATAPLANE_DROPS",
+    "DATAPLANE_PARKED",
     "DROP_REASONS",
     "FAMILIES",
     "IKE_EXCHANGES",
@@ -244,6 +245,12 @@ DATAPLANE_DROPS = FamilySpec(
     "process: dispatcher and reassembler) and reason (xfrm_stat / VPP vocabulary).",
     ("worker", "reason"),
 )
+DATAPLANE_PARKED = FamilySpec(
+    "espline_dataplane_parked_total", MetricType.COUNTER,
+    "Inbound ESP packets held for a moment because their SPI was not known yet (an SA "
+    "install on its way from the controller), each time one was held; not drops.",
+    ("worker",),
+)
 WORKER_PACKETS = FamilySpec(
     "espline_worker_packets_total", MetricType.COUNTER,
     "Packets processed successfully, by worker and direction (in: decapsulated, "
@@ -277,8 +284,8 @@ LOST_BATCHES = FamilySpec(
 )
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    CHILD_SA_BYTES, CHILD_SA_PACKETS, IKE_SAS, DATAPLANE_DROPS, WORKER_PACKETS,
-    WORKER_BATCH_SIZE, IKE_MESSAGES, ALERTS, WORKER_RESTARTS, LOST_BATCHES,
+    CHILD_SA_BYTES, CHILD_SA_PACKETS, IKE_SAS, DATAPLANE_DROPS, DATAPLANE_PARKED,
+    WORKER_PACKETS, WORKER_BATCH_SIZE, IKE_MESSAGES, ALERTS, WORKER_RESTARTS, LOST_BATCHES,
 )
 
 
@@ -396,6 +403,7 @@ class WorkerCounters:
     packets_out: int = 0
     drops: Mapping[str, int] = field(default_factory=dict)
     batch_sizes: Histogram | None = None
+    parked: int = 0  # inbound packets held for an SA install on its way (not drops)
 
 
 @dataclass(frozen=True)
@@ -445,6 +453,8 @@ def render(snapshot: MetricsSnapshot) -> str:
         worker = str(w.worker)
         for reason in (*DROP_REASONS, *(r for r in w.drops if r not in DROP_REASONS)):
             reg.add(DATAPLANE_DROPS, w.drops.get(reason, 0), {"worker": worker, "reason": reason})
+        if w.parked or worker == "io":  # only the I/O process holds packets
+            reg.add(DATAPLANE_PARKED, w.parked, {"worker": worker})
         reg.add(WORKER_PACKETS, w.packets_in, {"worker": worker, "direction": "in"})
         reg.add(WORKER_PACKETS, w.packets_out, {"worker": worker, "direction": "out"})
         if w.batch_sizes is not None:
@@ -534,6 +544,7 @@ class WorkerCountersMerger:
         }
         for reason, n in counters.drops.items():
             flat["drop", reason] = n
+        flat["parked", None] = counters.parked
         if counters.batch_sizes is not None:
             self._bounds[counters.worker] = counters.batch_sizes.bounds
             for i, n in enumerate(counters.batch_sizes.counts):
@@ -555,7 +566,8 @@ class WorkerCountersMerger:
             counts = tuple(int(totals.get(("bucket", i), 0)) for i in range(len(bounds) + 1))
             batch_sizes = Histogram(bounds, counts, totals.get(("sum", None), 0))
         return WorkerCounters(worker, int(totals.get(("in", None), 0)),
-                              int(totals.get(("out", None), 0)), drops, batch_sizes)
+                              int(totals.get(("out", None), 0)), drops, batch_sizes,
+                              int(totals.get(("parked", None), 0)))
 
 
 # -- the data plane's stats.json ----------------------------------------------------------
@@ -595,7 +607,8 @@ def from_dataplane_stats(stats: Mapping[str, Any],
         if isinstance(by_reason, Mapping):
             for reason, n in by_reason.items():
                 drops[str(reason)] = drops.get(str(reason), 0) + num(n)
-    io = WorkerCounters("io", num(inbound.get("passed")), num(outbound.get("passed")), drops)
+    io = WorkerCounters("io", num(inbound.get("passed")), num(outbound.get("passed")), drops,
+                        parked=num(inbound.get("parked")))
     sas: list[ChildSaCounters] = []
     raw_sas = stats.get("sas")
     for sa in raw_sas if isinstance(raw_sas, list) else []:

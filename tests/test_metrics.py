@@ -279,6 +279,15 @@ def test_restarted_worker_never_makes_totals_go_down() -> None:
     assert samples(last, "espline_worker_batch_size_sum") == {L(worker="0"): 19}
 
 
+def test_held_packets_survive_an_io_process_restart_in_the_totals() -> None:
+    merger = WorkerCountersMerger()
+    for parked in (3, 7, 2):  # the I/O process restarted after 7: it counts from zero
+        merged = merger.update(WorkerCounters("io", 0, 0, {}, parked=parked))
+    assert merged.parked == 9
+    text = render(MetricsSnapshot(workers=[merged]))
+    assert samples(text, "espline_dataplane_parked_total") == {L(worker="io"): 9}
+
+
 def test_epoch_change_is_a_restart_even_when_counters_grew() -> None:
     m = CounterMerger()
     assert m.update(1, {"p": 10}, epoch=100) == {"p": 10}
@@ -346,7 +355,7 @@ def test_from_dataplane_stats_reads_the_stats_snapshot_shape() -> None:
     inbound, outbound = Counters(), Counters()
     batch = Batch.for_packets([b"x" * 40] * 5)
     batch.meta["verdict"][:5] = [Verdict.PASS, Verdict.INTEGRITY, Verdict.REPLAY,
-                                 Verdict.INTEGRITY, Verdict.PASS]
+                                 Verdict.INTEGRITY, Verdict.PARKED]
     inbound.add(batch)
     batch.meta["verdict"][:5] = Verdict.PASS
     batch.meta["verdict"][0] = Verdict.NO_SA
@@ -364,8 +373,9 @@ def test_from_dataplane_stats_reads_the_stats_snapshot_shape() -> None:
     }
     dp = from_dataplane_stats(stats, {0x0A0B0C0D: ("site-b", "lan")})
     [io] = dp.workers
-    assert io.worker == "io" and io.packets_in == 2 and io.packets_out == 4
-    assert dict(io.drops) == {"integrity": 2, "replay": 1, "no_sa": 1}
+    assert io.worker == "io" and io.packets_in == 1 and io.packets_out == 4
+    assert dict(io.drops) == {"integrity": 2, "replay": 1, "no_sa": 1}  # held: not a drop
+    assert io.parked == 1
     assert dp.child_sas == (
         ChildSaCounters("site-b", "lan", "out", 0x0A0B0C0D, 160, 4),
         ChildSaCounters("static", "static", "in", 0x01020304, 80, 2),
@@ -375,6 +385,7 @@ def test_from_dataplane_stats_reads_the_stats_snapshot_shape() -> None:
                                   worker_restarts=dp.worker_restarts,
                                   lost_batches=dp.lost_batches))
     assert samples(text, "espline_dataplane_drops_total")[L(worker="io", reason="no_sa")] == 1
+    assert samples(text, "espline_dataplane_parked_total") == {L(worker="io"): 1}
 
 
 def test_from_dataplane_stats_tolerates_missing_and_odd_fields() -> None:
