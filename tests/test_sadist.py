@@ -346,6 +346,22 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
     reach the I/O process before the loop applied the queued install: the dispatcher drains
     waiting deltas and looks those SPIs up again instead of dropping them as no_sa."""
     ctx, pub = publisher
+    with by_hand(ctx, pub) as (plane, updates, inside, outside):
+        pub.call(lambda p: p.install(7, record(0x2007, Direction.IN)))
+        assert updates.sub.poll(5000)  # queued, not applied
+        assert plane.sas[7] is None
+        outside.put(peer_encap(0x2007, KEY, 3))
+        plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+        plane.reassembler.pop(0.0, plane._release)
+        assert plane.sas[7] is not None
+        assert inside.outbox == [inner(i) for i in range(3)]
+        assert plane.stats.inbound.drops() == {}
+
+
+@contextlib.contextmanager
+def by_hand(ctx: zmq.Context[zmq.Socket[bytes]], pub: PublisherThread
+            ) -> Iterator[tuple[DataPlane, SaSubscriber, QueueIO, QueueIO]]:
+    """A data plane whose loop the test turns by hand, following ``pub``'s table."""
     inside, outside = QueueIO(), QueueIO()
     with tempfile.TemporaryDirectory() as rundir:
         plane = DataPlane(Settings(workers=1, runtime_dir=rundir), [], [], inside, outside)
@@ -353,15 +369,7 @@ def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
         try:
             updates.sync()
             plane._updates = updates
-            pub.call(lambda p: p.install(7, record(0x2007, Direction.IN)))
-            assert updates.sub.poll(5000)  # queued, not applied
-            assert plane.sas[7] is None
-            outside.put(peer_encap(0x2007, KEY, 3))
-            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
-            plane.reassembler.pop(0.0, plane._release)
-            assert plane.sas[7] is not None
-            assert inside.outbox == [inner(i) for i in range(3)]
-            assert plane.stats.inbound.drops() == {}
+            yield plane, updates, inside, outside
         finally:
             plane._updates = None
             updates.close()
@@ -438,30 +446,21 @@ def test_held_packets_go_on_when_a_later_batch_applied_their_install(
     drain in ``_retry_unknown_spis``), not at the top of a turn: what is held goes on at the
     next turn all the same, instead of waiting for its deadline and being dropped."""
     ctx, pub = publisher
-    inside, outside = QueueIO(), QueueIO()
-    with tempfile.TemporaryDirectory() as rundir:
-        plane = DataPlane(Settings(workers=1, runtime_dir=rundir), [], [], inside, outside)
-        updates = SaSubscriber(ctx, *pub.endpoints, sink=plane)
-        try:
-            updates.sync()
-            plane._updates = updates
-            outside.put(peer_encap(0x200C, KEY, 3))  # sequence numbers 1-3
-            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
-            plane.reassembler.pop(0.0, plane._release)
-            assert plane.stats.inbound.parked == 3 and inside.outbox == []
-            pub.call(lambda p: p.install(12, record(0x200C, Direction.IN)))
-            assert updates.sub.poll(5000)  # queued, not applied
-            outside.put(peer_encap(0x200C, KEY, 1))  # sequence number 4: applies it
-            plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
-            plane.reassembler.pop(0.0, plane._release)
-            assert inside.outbox == [inner(0)]
-            plane._look_again(None, time.monotonic())  # type: ignore[arg-type]
-            plane.reassembler.pop(0.0, plane._release)
-            assert inside.outbox == [inner(0), inner(0), inner(1), inner(2)]
-            assert plane.stats.inbound.drops() == {} and not plane._parked
-        finally:
-            plane._updates = None
-            updates.close()
+    with by_hand(ctx, pub) as (plane, updates, inside, outside):
+        outside.put(peer_encap(0x200C, KEY, 3))  # sequence numbers 1-3
+        plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+        plane.reassembler.pop(0.0, plane._release)
+        assert plane.stats.inbound.parked == 3 and inside.outbox == []
+        pub.call(lambda p: p.install(12, record(0x200C, Direction.IN)))
+        assert updates.sub.poll(5000)  # queued, not applied
+        outside.put(peer_encap(0x200C, KEY, 1))  # sequence number 4: applies it
+        plane._ingest(outside, BatchDirection.INBOUND, None, 0.0)  # type: ignore[arg-type]
+        plane.reassembler.pop(0.0, plane._release)
+        assert inside.outbox == [inner(0)]
+        plane._look_again(None, time.monotonic())  # type: ignore[arg-type]
+        plane.reassembler.pop(0.0, plane._release)
+        assert inside.outbox == [inner(0), inner(0), inner(1), inner(2)]
+        assert plane.stats.inbound.drops() == {} and not plane._parked
 
 
 def test_esp_for_an_spi_that_never_comes_is_dropped_after_the_hold(
