@@ -372,12 +372,6 @@ def main(config_path: str, *, reexec: bool = False) -> int:
         print(f"espline: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.controller.log_format, cfg.controller.log_level)
-    if cfg.static_sas and not cfg.conns:
-        from pipeline import heap
-
-        if reexec:  # the data plane in this very process: its heap from the start
-            heap.reexec(cfg.dataplane.hugepages)
-        heap.log_state()
     if cfg.conns or not cfg.static_sas:
         # The controller: connections from the file, or later over VICI (swanctl).
         if cfg.dataplane.outside.mode == "socket":
@@ -386,6 +380,11 @@ def main(config_path: str, *, reexec: bool = False) -> int:
                   file=sys.stderr)
             return 2
         return _serve(cfg, config_path)
+    from pipeline import heap
+
+    if reexec:  # the data plane in this very process: its heap from the start
+        heap.reexec(cfg.dataplane.hugepages)
+    heap.log_state()
     with ExitStack() as stack:
         try:
             plane = build(cfg, stack)

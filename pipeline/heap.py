@@ -87,25 +87,33 @@ def applied(env: Mapping[str, str] | None = None) -> bool:
     return (os.environ if env is None else env).get(MARKER) == "hugepages"
 
 
+def _possible(enabled: bool) -> bool:
+    """Whether to put the heap on huge pages; if not, the log says why."""
+    why = supported() if enabled else "dataplane.hugepages is false"
+    if why is not None:
+        log.info("data plane heap: default allocator (%s)", why)
+    return why is None
+
+
 @contextlib.contextmanager
 def spawning(enabled: bool) -> Iterator[None]:
     """While in the block, processes started (multiprocessing's ``spawn``, which passes this
     process's environment on) get the heap on huge pages; this process's own environment is
     as before afterwards."""
-    why = None if enabled else "dataplane.hugepages is false"
-    if why is None:
-        why = supported()
-    if why is not None:
-        log.info("data plane heap: default allocator (%s)", why)
+    if not _possible(enabled):
         yield
         return
-    saved = dict(os.environ)
-    os.environ.update(environ(saved))
+    wanted = environ(os.environ)
+    saved = {k: os.environ.get(k) for k, v in wanted.items() if os.environ.get(k) != v}
+    os.environ.update({k: wanted[k] for k in saved})
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for k, v in saved.items():  # only what this changed, put back
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def log_state() -> None:
@@ -119,11 +127,7 @@ def reexec(enabled: bool) -> None:
     """Execute this program again with the heap on huge pages, unless it runs so already,
     ``enabled`` is false or they cannot work here. Returns only when it does not re-execute
     (an exec that fails is logged, and the process goes on as it is)."""
-    if not enabled or applied():
-        return
-    why = supported()
-    if why is not None:
-        log.info("data plane heap: default allocator (%s)", why)
+    if applied() or not _possible(enabled):
         return
     argv = list(getattr(sys, "orig_argv", ()))
     if not argv or not sys.executable:
