@@ -307,7 +307,7 @@ class DataPlane:
         self._stop = False
         self._refeed: list[bytes] = []  # inner fragments waiting for their batch
         self._parked: list[bytes] = []  # inbound ESP for SPIs not known yet (_park)
-        self._park_until = 0.0
+        self._park_until = 0.0  # the hold's deadline (0: nothing held)
         self._unpark_due = False  # deltas came since they were held: look again
         self._scratch = bytearray(settings.slot_size)  # onepacket.decap_one's
         self._prefragmented: dict[int, npt.NDArray[np.int64]] = {}  # batch id -> packets
@@ -861,7 +861,7 @@ class DataPlane:
         as no_sa. ESP for an SPI that never comes costs at most PARK_MAX copies and that
         delay."""
         now = time.monotonic()
-        if not self._parked:
+        if not self._park_until:  # a new hold
             self._park_until = now + PARK_S
             self._unpark_due = False  # the deltas so far were applied before this look
         elif now >= self._park_until:
@@ -898,21 +898,21 @@ class DataPlane:
         if now >= self._park_until:
             self.stats.inbound.by_verdict[Verdict.NO_SA] += len(self._parked)
             self._parked.clear()
+            self._park_until = 0.0
             return
-        # Those still unknown are held again, until the same deadline.
-        pending, self._parked, until = self._parked, [], self._park_until
-        try:
-            while pending:
-                batch = self._take()
-                if batch is None:  # no buffer free: at the next turn
-                    self._parked[:0] = pending
-                    self._unpark_due = True
-                    return
-                batch.load(pending[: batch.capacity])
-                del pending[: batch.capacity]
-                self._process(batch, Direction.INBOUND, workers, now)
-        finally:
-            self._park_until = until
+        # Those still unknown are held again (_park), until the same deadline.
+        pending, self._parked = self._parked, []
+        while pending:
+            batch = self._take()
+            if batch is None:  # no buffer free: at the next turn
+                self._parked[:0] = pending
+                self._unpark_due = True
+                return
+            batch.load(pending[: batch.capacity])
+            del pending[: batch.capacity]
+            self._process(batch, Direction.INBOUND, workers, now)
+        if not self._parked:
+            self._park_until = 0.0
 
     def _acquire(self, now: float) -> None:
         """Tell the controller which TRAP policies traffic hit (RFC 4301's ACQUIRE), at most
