@@ -57,17 +57,15 @@ import os
 import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from pipeline import bpf as _bpf
 from pipeline.batch import HEADROOM, Batch
+from pipeline.neighbours import NeighbourCache
 from pipeline.offload import VNET_HDR, VNET_HDR_LEN, OffloadError, Superpacket, ones_sum
 from pipeline.region import HEAD, SharedRegion, copy_heads, copy_segments
 
@@ -846,114 +844,6 @@ def complete_l4_checksum(buf: npt.NDArray[np.uint8], off: int, length: int) -> b
         csum = 0xFFFF  # RFC 768: zero means "no checksum"
     seg[at], seg[at + 1] = csum >> 8, csum & 0xFF
     return True
-
-
-# --- neighbours -----------------------------------------------------------------------------
-_NUD_STALE = 0x04
-_NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERM
-_NTF_USE = 0x01
-_RTN_UNICAST = 1
-
-
-class NeighbourCache:
-    """Next-hop MAC addresses from the kernel's tables, cached for ``ttl`` seconds.
-
-    For a destination: ``ip route get <dst>`` must leave through ``ifname`` (else the packet
-    is dropped as ``no_route``) and gives the gateway (or none: the destination is on-link);
-    the neighbour table gives that next hop's lladdr. When there is no usable entry,
-    resolution is triggered the way ``ip neigh replace ... use`` does it
-    (RTM_NEWNEIGH with NTF_USE: the kernel sends the ARP request / neighbour solicitation)
-    and the packet is dropped; the miss is remembered for ``retry`` seconds so that one
-    batch does not trigger a netlink round trip per packet. A STALE entry is still used, and
-    resolution is triggered too: this data plane's traffic bypasses the kernel, so the kernel
-    never confirms the neighbour by itself.
-
-    IPv6 caveat: for a few seconds after a link comes up its link-local address is
-    tentative (DAD); meanwhile the kernel sends no solicitation for an NTF_USE request, the
-    entry fails after its probes (about 3 s) and the next miss starts over. A gateway's
-    outside link is up long before traffic, so this only shows in freshly built test labs.
-    """
-
-    def __init__(
-        self,
-        ifname: str,
-        *,
-        ttl: float = 1.0,
-        retry: float = 0.05,
-        iproute: Any = None,
-        clock: Any = time.monotonic,
-    ) -> None:
-        self._ipr: Any = iproute if iproute is not None else IPRoute()
-        self._own_ipr = iproute is None
-        found = self._ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise OSError(errno.ENODEV, f"no interface {ifname!r}")
-        self.ifname = ifname
-        self.ifindex = int(found[0])
-        link = self._ipr.link("get", index=self.ifindex)[0]
-        self.mac = bytes.fromhex(str(link.get("IFLA_ADDRESS")).replace(":", ""))
-        self.mtu = int(link.get("IFLA_MTU"))
-        self.ttl = ttl
-        self.retry = retry
-        self._clock = clock
-        # (family, address) -> (expiry, next-hop MAC or None, reason when None)
-        self._cache: dict[tuple[int, bytes], tuple[float, bytes | None, str]] = {}
-
-    def lookup(self, family: int, addr: bytes) -> tuple[bytes | None, str]:
-        """(next-hop MAC, "") or (None, reason): reason is ``no_route`` or ``no_neighbour``."""
-        key = (family, addr)
-        now = self._clock()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
-        mac, reason = self._resolve(family, addr)
-        self._cache[key] = (now + (self.ttl if mac is not None else self.retry), mac, reason)
-        return mac, reason
-
-    def _resolve(self, family: int, addr: bytes) -> tuple[bytes | None, str]:
-        dst = socket.inet_ntop(family, addr)
-        try:
-            # Not "oif": with an output interface forced, the kernel treats a destination
-            # without a route as on-link and would ARP for it.
-            routes = self._ipr.route("get", dst=dst)
-        except NetlinkError:
-            return None, "no_route"
-        if (
-            not routes
-            or routes[0]["type"] != _RTN_UNICAST
-            or routes[0].get("RTA_OIF") != self.ifindex
-        ):
-            return None, "no_route"  # unreachable, local, or out of another interface
-        hop = routes[0].get("RTA_GATEWAY") or dst
-        # Dump and filter rather than RTM_GETNEIGH doit: older kernels lack the latter.
-        for entry in self._ipr.neigh("dump", ifindex=self.ifindex, family=family):
-            if entry.get("NDA_DST") != hop:
-                continue
-            lladdr = entry.get("NDA_LLADDR")
-            state = int(entry["state"])
-            if lladdr and state & _NUD_VALID:
-                if state & _NUD_STALE:
-                    self._solicit(family, hop)
-                return bytes.fromhex(str(lladdr).replace(":", "")), ""
-            break
-        self._solicit(family, hop)
-        return None, "no_neighbour"
-
-    def _solicit(self, family: int, hop: str) -> None:
-        try:
-            self._ipr.neigh("replace", dst=hop, ifindex=self.ifindex, family=family, flags=_NTF_USE)
-        except NetlinkError:
-            # No CAP_NET_ADMIN: a datagram sent through the kernel stack resolves too.
-            with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
-                s.sendto(b"", (hop, 9))  # discard port
-
-    def flush(self) -> None:
-        self._cache.clear()
-
-    def close(self) -> None:
-        if self._own_ipr:
-            self._ipr.close()
 
 
 # --- transmit -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from pipeline.afpacket import (
     suppress_esp_unreachable,
 )
 from pipeline.batch import HEADROOM, Batch, Verdict
+from pipeline.neighbours import EVENTS_EVERY, NeighbourCache
 from pipeline.region import HEAD, SharedRegion, complete
 from pipeline.rxpair import BULK, IDLE_MOVE_S, SPARSE, SPARSE_WINDOW_S, RxPair
 
@@ -1072,6 +1073,79 @@ def test_tx_resolves_neighbours_on_demand(lab: Lab) -> None:
     finally:
         tx.close()
         ring.close()
+
+
+def _resolved(cache: NeighbourCache, addr: str, want: bytes, timeout: float = 1.0) -> float:
+    """Seconds until ``addr`` resolves to ``want`` (lookups every 10 ms); fails past
+    ``timeout``."""
+    raw = socket.inet_aton(addr)
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < timeout:
+        if cache.lookup(socket.AF_INET, raw)[0] == want:
+            return elapsed
+        time.sleep(0.01)
+    raise AssertionError(f"{addr} still resolves to {cache.lookup(socket.AF_INET, raw)}")
+
+
+def test_peers_behind_one_gateway_cost_one_neighbour_request_per_ttl(lab: Lab) -> None:
+    """A concentrator's remote-access peers: each destination's route is asked once, and the
+    gateway they share is asked once per ``ttl``, however many peers there are (before,
+    every destination cost a route request and a whole neighbour dump every ``ttl``)."""
+    peers = [socket.inet_aton(f"10.202.0.{i}") for i in range(10, 50)]
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=0.25)
+    try:
+        rounds, start = 0, time.monotonic()
+        while time.monotonic() - start < 1.0:
+            for peer in peers:
+                assert cache.lookup(socket.AF_INET, peer) == (GW_MAC, "")
+            rounds += 1
+            time.sleep(0.02)
+        assert rounds >= 10
+        # 40 routes once each; the gateway every 0.25 s: about 5 times in the second.
+        assert len(peers) + 1 <= cache.requests <= len(peers) + 8, cache.requests
+    finally:
+        cache.close()
+
+
+def test_a_route_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
+    """The kernel announces route changes (rtnetlink multicast): a lookup after one follows
+    it, though the answers before it would live a minute."""
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=60.0)
+    host = f"{REMOTE4}/32"
+    try:
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        _ip("-n", lab.a, "route", "add", host, "via", B4, "dev", "a0")
+        assert _resolved(cache, REMOTE4, B_MAC) < 0.5  # B's entry may need an ARP first
+        _ip("-n", lab.a, "route", "del", host)
+        assert _resolved(cache, REMOTE4, GW_MAC) < 0.5
+        # Another prefix's change leaves the answers it does not cover alone.
+        before = cache.requests
+        _ip("-n", lab.a, "route", "add", "10.203.0.0/24", "via", GW4, "dev", "a0")
+        _ip("-n", lab.a, "route", "del", "10.203.0.0/24")
+        time.sleep(EVENTS_EVERY + 0.05)  # the next lookup reads the announcements
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        assert cache.requests == before
+    finally:
+        subprocess.run(["ip", "-n", lab.a, "route", "del", host], capture_output=True)
+        cache.close()
+
+
+def test_a_neighbour_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
+    """A next hop's new MAC (a router replaced) is used from the kernel's announcement on."""
+    other = bytes.fromhex("02cc000000ff")
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=60.0)
+    try:
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", other.hex(":"), "dev", "a0",
+            "nud", "permanent")
+        assert _resolved(cache, REMOTE4, other) < 0.5
+    finally:
+        _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", GW_MAC.hex(":"), "dev", "a0",
+            "nud", "permanent")
+        cache.close()
 
 
 @pytest.mark.parametrize("lone", [False, True], ids=["batch", "lone"])
