@@ -270,26 +270,31 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     print(json.dumps(row), flush=True)
     median = {key: statistics.median(r["pps"] for r in rows) for key, rows in runs.items()}
+    io_us = {key: statistics.median(r["io_us_per_batch"] or 0.0 for r in rows)
+             for key, rows in runs.items()}
     if args.json:
         for (w, reader), rows in runs.items():
             base = median[(counts[0], reader)]
             print(json.dumps({"summary": True, "reader": reader, "workers": w,
                               "pps_median": median[(w, reader)],
                               "pps_runs": [r["pps"] for r in rows],
+                              "io_us_per_batch_median": io_us[(w, reader)],
                               "ratio": median[(w, reader)] / base if base else None}))
         return 0
     print(f"{'workers':>7}" + "".join(f" {r + ' pps':>11} {'range':>19} {'ratio':>6}"
-                                      for r in readers))
+                                      f" {'io us/b':>7}" for r in readers))
     for w in counts:
         line = f"{w:7d}"
         for reader in readers:
             pps = [r["pps"] for r in runs[(w, reader)]]
             base = median[(counts[0], reader)]
             line += (f" {median[(w, reader)]:11.0f} {f'{min(pps):.0f}-{max(pps):.0f}':>19}"
-                     f" {median[(w, reader)] / base if base else float('nan'):6.2f}")
+                     f" {median[(w, reader)] / base if base else float('nan'):6.2f}"
+                     f" {io_us[(w, reader)]:7.0f}")
         print(line, flush=True)
     lost = sum(int(r["lost_batches"]) for rows in runs.values() for r in rows)
     print(f"ratio: median packets/s over the median of {counts[0]} worker(s), same reader; "
+          f"io us/b: the I/O loop's CPU per batch of {args.batch} (median); "
           f"batches lost: {lost}")
     return 0
 

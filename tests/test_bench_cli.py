@@ -65,7 +65,9 @@ def test_scaling_bench_runs_both_readers_through_workers(
     for r in runs:
         assert r["pps"] > 0 and r["lost_batches"] == 0
         assert (r["heads_batches"] > 0) == (r["reader"] == "heads")
+        assert 0 < r["io_busy_pct"] <= 110 and r["io_us_per_batch"] > 0
     summary = {r["reader"]: r for r in rows if r.get("summary")}
     assert summary.keys() == {"copy", "heads"}
     for s in summary.values():
         assert s["ratio"] == 1.0 and len(s["pps_runs"]) == 2
+        assert s["io_us_per_batch_median"] > 0
