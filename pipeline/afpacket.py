@@ -1169,7 +1169,9 @@ class TxPath:
             self._counters["tx_error"] += 1
 
     def stats(self) -> dict[str, int]:
-        return dict(self._counters)
+        """The counters, and the rtnetlink requests next-hop resolution made (what a
+        resolution costs shows there: pipeline/neighbours.py)."""
+        return dict(self._counters, neighbour_requests=self.neighbours.requests)
 
     def fileno(self) -> int:
         return self._sock.fileno()

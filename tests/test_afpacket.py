@@ -1066,6 +1066,7 @@ def test_tx_resolves_neighbours_on_demand(lab: Lab) -> None:
         batch = Batch.for_packets([pkt])
         assert tx.send(batch) == 0
         assert tx.stats()["no_neighbour"] == 1
+        assert tx.stats()["neighbour_requests"] >= 3  # the route, the entry, NTF_USE
         _wait_resolved(tx, socket.AF_INET, B4)
         batch = Batch.for_packets([pkt])
         assert tx.send(batch) == 1
