@@ -261,11 +261,11 @@ class RtnlEvents:
     namespace, read without blocking. A reader that falls behind loses some (the kernel
     says ENOBUFS): :meth:`read` reports it, and the caller must assume anything changed."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, rcvbuf: int = EVENTS_RCVBUF) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             self._sock.bind((0, groups))
             self._sock.setblocking(False)
         except BaseException:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline import bpf
+from pipeline import bpf, rtnl
 from pipeline.afpacket import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
@@ -1146,6 +1146,29 @@ def test_a_neighbour_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
     finally:
         _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", GW_MAC.hex(":"), "dev", "a0",
             "nud", "permanent")
+        cache.close()
+
+
+def test_announcements_lost_in_a_burst_forget_every_answer(lab: Lab) -> None:
+    """More changes than the notification socket holds (the kernel says ENOBUFS): nothing
+    cached can be trusted, so both caches are emptied and asked again."""
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=60.0)
+        assert cache._events is not None
+        cache._events.close()
+        cache._events = rtnl.RtnlEvents(rtnl.RTMGRP_IPV4_ROUTE, rcvbuf=1)  # the least
+    try:
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        for i in range(64):  # far from REMOTE4: alone, none would touch its answer
+            _ip("-n", lab.a, "route", "add", f"10.204.{i}.0/24", "via", GW4, "dev", "a0")
+        before = cache.requests
+        time.sleep(EVENTS_EVERY + 0.05)
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        assert cache.requests == before + 2  # the route and the neighbour, asked again
+    finally:
+        for i in range(64):
+            subprocess.run(["ip", "-n", lab.a, "route", "del", f"10.204.{i}.0/24"],
+                           capture_output=True)
         cache.close()
 
 
