@@ -23,7 +23,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline workers controller bench
+	$(VENV)/bin/ruff check pipeline workers controller bench tests
 	$(VENV)/bin/mypy
 
 ## The full codec benchmark table (several minutes), also written as JSON.

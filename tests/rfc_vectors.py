@@ -162,7 +162,8 @@ RFC7634_ESP_OUTER_PACKET = bytes.fromhex(
 # ---------------------------------------------------------------------------
 
 _HI_THERE = b"Hi There"  # 4869205468657265
-_JEFE_DATA = b"what do ya want for nothing?"  # 7768617420646f2079612077616e7420 666f72206e6f7468696e673f
+# 7768617420646f2079612077616e7420 666f72206e6f7468696e673f
+_JEFE_DATA = b"what do ya want for nothing?"
 _PRF5_DATA = b"Test Using Larger Than Block-Size Key - Hash Key First"
 _PRF6_DATA = (
     b"This is a test using a larger than block-size key and a "
@@ -187,7 +188,7 @@ def _prf(alg, n, key, data, mac):
         "mac": bytes.fromhex(mac),
         "truncated_len": None,
         "truncated_mac": None,
-        "source": "RFC 4868 §2.7.1 test case PRF-%d" % n,
+        "source": f"RFC 4868 §2.7.1 test case PRF-{n}",
     }
 
 
@@ -200,7 +201,7 @@ def _auth(alg, label, n, key, data, mac, truncated):
         "mac": bytes.fromhex(mac),
         "truncated_len": len(truncated),
         "truncated_mac": truncated,
-        "source": "RFC 4868 §2.7.2 test case %s-%d" % (label, n),
+        "source": f"RFC 4868 §2.7.2 test case {label}-{n}",
     }
 
 
@@ -212,7 +213,7 @@ RFC4868_PRF_VECTORS = [
     _prf("sha256", 2, b"Jefe", _JEFE_DATA,
          "5bdcc146bf60754e6a042426089575c7"
          "5a003f089d2739839dec58b964ec3843"),
-    _prf("sha256", 3, bytes.fromhex("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), bytes.fromhex("dd" * 50),
+    _prf("sha256", 3, bytes.fromhex("aa" * 20), bytes.fromhex("dd" * 50),
          "773ea91e36800e46854db8ebd09181a7"
          "2959098b3ef8c122d9635514ced565fe"),
     _prf("sha256", 4, bytes.fromhex("0102030405060708090a0b0c0d0e0f10111213141516171819"),
@@ -234,7 +235,7 @@ RFC4868_PRF_VECTORS = [
          "af45d2e376484031617f78d2b58a6b1b"
          "9c7ef464f5a01b47e42ec3736322445e"
          "8e2240ca5e69e2c78b3239ecfab21649"),
-    _prf("sha384", 3, bytes.fromhex("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), bytes.fromhex("dd" * 50),
+    _prf("sha384", 3, bytes.fromhex("aa" * 20), bytes.fromhex("dd" * 50),
          "88062608d3e6ad8a0aa2ace014c8a86f"
          "0aa635d947ac9febe83ef4e55966144b"
          "2a5ab39dc13814b94e3ab6e101a34f27"),
@@ -262,7 +263,7 @@ RFC4868_PRF_VECTORS = [
          "87bd64222e831fd610270cd7ea250554"
          "9758bf75c05a994a6d034f65f8f0e6fd"
          "caeab1a34d4a6b4b636e070a38bce737"),
-    _prf("sha512", 3, bytes.fromhex("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), bytes.fromhex("dd" * 50),
+    _prf("sha512", 3, bytes.fromhex("aa" * 20), bytes.fromhex("dd" * 50),
          "fa73b0089d56a284efb0f0756c890be9"
          "b1b5dbdd8ee81a3655f83e33b2279d39"
          "bf3e848279a722c806b485a47e67c807"
@@ -468,7 +469,7 @@ def _gcm(n, key, spi, seq, nonce, plaintext, aad, ctext_tag, packet):
     seq_bytes = bytes.fromhex(seq)
     nonce_b = bytes.fromhex(nonce)
     return {
-        "source": "draft-mcgrew-gcm-test-01 Test Case %d" % n,
+        "source": f"draft-mcgrew-gcm-test-01 Test Case {n}",
         "key": bytes.fromhex(key),
         "salt": nonce_b[:4],
         "spi": int(spi, 16),

@@ -26,8 +26,8 @@ import pytest
 
 from pipeline.batch import HEADROOM, Batch
 from pipeline.dataplane import DataPlane, Settings
-from pipeline.region import HEAD, SharedRegion, copy_heads
 from pipeline.dispatch import Action, Policy
+from pipeline.region import HEAD, SharedRegion, copy_heads
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from workers.esp import EspCodec
 from workers.sa import SaTable
@@ -241,7 +241,7 @@ def send_bursts(inside: QueueIO, outside: QueueIO, bursts: list[list[bytes]],
         time.sleep(pause)
         sent += burst
         inside.put(burst)
-        wait_for(lambda n=len(sent): len(outside.outbox) == n)
+        wait_for(lambda n=len(sent): len(outside.outbox) == n)  # noqa: B008 (bound now)
     plain, seqs = peer_decap(outside.outbox)
     assert plain == sent
     assert seqs == list(range(1, len(sent) + 1))
@@ -469,10 +469,10 @@ def test_a_lone_packet_never_overtakes_a_batch_in_flight(
         sent.extend([*batch, inner(100 * k + 50)])
         time.sleep(0.002 * (k % 3))
         if k % 10 == 9:  # and now and then one when all is quiet: the one-packet path
-            wait_for(lambda n=len(sent): len(outside.outbox) == n)
+            wait_for(lambda: len(outside.outbox) == len(sent))
             inside.put([inner(100 * k + 99)])
             sent.append(inner(100 * k + 99))
-            wait_for(lambda n=len(sent): len(outside.outbox) == n)
+            wait_for(lambda: len(outside.outbox) == len(sent))
     wait_for(lambda: len(outside.outbox) == len(sent))
     plain, seqs = peer_decap(outside.outbox)
     assert plain == sent
@@ -573,7 +573,7 @@ def test_batches_of_packet_heads_are_completed_by_the_workers_both_ways() -> Non
         wire = peer_wire(sizes)
         for k in range(0, len(wire), 13):
             outside.put(wire[k : k + 13])
-            wait_for(lambda n=min(k + 13, len(wire)): len(inside.outbox) == n)
+            wait_for(lambda n=min(k + 13, len(wire)): len(inside.outbox) == n)  # noqa: B008
         assert inside.outbox == [inner(i, size) for i, size in enumerate(sizes)]
         assert len(sizes) == 66 and plane.stats.heads_batches == 10
         assert plane.stats.single_packets == 2

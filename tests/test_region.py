@@ -51,7 +51,7 @@ def segments(draw: st.DrawFn) -> tuple[list[int], list[int], list[int]]:
 def test_copying_segments_by_runs_matches_copying_them_one_by_one(
         seg: tuple[list[int], list[int], list[int]]) -> None:
     at, frm, length = seg
-    src = np.frombuffer(os.urandom(max(f + m for f, m in zip(frm, length)) + 1),
+    src = np.frombuffer(os.urandom(max(f + m for f, m in zip(frm, length, strict=True)) + 1),
                         dtype=np.uint8)
     dst = np.zeros(128 * len(at) + 128, dtype=np.uint8)
     want = _oracle(dst, at, src, frm, length)

@@ -30,7 +30,7 @@ def test_rfc7634_key_material_layout():
     assert rv.RFC7634_ESP_KEYMAT == rv.RFC7634_ESP_KEY + rv.RFC7634_ESP_SALT
     assert len(rv.RFC7634_ESP_IV) == 8
     assert rv.RFC7634_ESP_NONCE == rv.RFC7634_ESP_SALT + rv.RFC7634_ESP_IV
-    assert rv.RFC7634_ESP_AAD == struct.pack("!II", rv.RFC7634_ESP_SPI, rv.RFC7634_ESP_SEQ)
+    assert struct.pack("!II", rv.RFC7634_ESP_SPI, rv.RFC7634_ESP_SEQ) == rv.RFC7634_ESP_AAD
 
 
 def test_rfc7634_plaintext_is_inner_packet_plus_trailer():
@@ -38,13 +38,13 @@ def test_rfc7634_plaintext_is_inner_packet_plus_trailer():
         rv.RFC7634_ESP_PLAINTEXT
         == rv.RFC7634_ESP_INNER_PACKET + rv.RFC7634_ESP_PADDING_TRAILER
     )
-    assert rv.RFC7634_ESP_PADDING_TRAILER == (
+    assert (
         rv.RFC7634_ESP_PADDING
         + bytes([rv.RFC7634_ESP_PAD_LENGTH, rv.RFC7634_ESP_NEXT_HEADER])
-    )
+    ) == rv.RFC7634_ESP_PADDING_TRAILER
     assert len(rv.RFC7634_ESP_PADDING) == rv.RFC7634_ESP_PAD_LENGTH
     # RFC 4303 default padding pattern 1, 2, ...
-    assert rv.RFC7634_ESP_PADDING == bytes(range(1, rv.RFC7634_ESP_PAD_LENGTH + 1))
+    assert bytes(range(1, rv.RFC7634_ESP_PAD_LENGTH + 1)) == rv.RFC7634_ESP_PADDING
     # inner IPv4 total length field matches the inner packet
     assert struct.unpack("!H", rv.RFC7634_ESP_INNER_PACKET[2:4])[0] == len(
         rv.RFC7634_ESP_INNER_PACKET
@@ -116,11 +116,11 @@ def test_rfc4868_vector_counts():
     assert len(rv.RFC4868_AUTH_VECTORS) == 12
     assert rv.RFC4868_HMAC_VECTORS == rv.RFC4868_PRF_VECTORS + rv.RFC4868_AUTH_VECTORS
     sources = [v["source"] for v in rv.RFC4868_HMAC_VECTORS]
-    assert len(set(zip(sources, [v["alg"] for v in rv.RFC4868_HMAC_VECTORS]))) == 30
+    assert len(set(zip(sources, [v["alg"] for v in rv.RFC4868_HMAC_VECTORS], strict=True))) == 30
 
 
 @pytest.mark.parametrize(
-    "vec", rv.RFC4868_HMAC_VECTORS, ids=lambda v: "%s:%s" % (v["alg"], v["source"])
+    "vec", rv.RFC4868_HMAC_VECTORS, ids=lambda v: f"{v['alg']}:{v['source']}"
 )
 def test_rfc4868_hmac(vec):
     assert set(vec) == {"alg", "key", "data", "mac", "truncated_len", "truncated_mac", "source"}
@@ -163,7 +163,7 @@ _GCM_KEYS = {
 
 def test_mcgrew_case_numbers():
     assert [v["source"] for v in rv.MCGREW_GCM_ESP_VECTORS] == [
-        "draft-mcgrew-gcm-test-01 Test Case %d" % n for n in range(1, 15)
+        f"draft-mcgrew-gcm-test-01 Test Case {n}" for n in range(1, 15)
     ]
 
 
@@ -206,7 +206,7 @@ def test_mcgrew_gcm_esp(vec):
 
 
 @pytest.mark.parametrize(
-    "vec", rv.MCGREW_GCM_ESP_UNNUMBERED_VECTORS, ids=lambda v: "%08x" % v["spi"]
+    "vec", rv.MCGREW_GCM_ESP_UNNUMBERED_VECTORS, ids=lambda v: f"{v['spi']:08x}"
 )
 def test_mcgrew_gcm_esp_unnumbered(vec):
     assert vec["esn"]

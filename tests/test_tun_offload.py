@@ -4,8 +4,9 @@ Two TUN devices in two namespaces, one relay process between them (this module, 
 ``python -m tests.test_tun_offload relay ...`` in the first namespace; it opens the second
 device after ``setns`` into the second namespace). The relay reads batches from each device
 and writes them to the other. A TCP connection carries megabytes each way and UDP datagrams
-of many sizes go across, some of them sent at once with UDP_SEGMENT; the kernel at each end checks every checksum it is given whole
-(``InCsumErrors`` must stay 0), and the bytes must arrive as sent (SHA-256).
+of many sizes go across, some of them sent at once with UDP_SEGMENT; the kernel at each end
+checks every checksum it is given whole (``InCsumErrors`` must stay 0), and the bytes must
+arrive as sent (SHA-256).
 
 With offloads on both devices, the kernel hands the relay TCP packets of up to 64 KiB to cut
 (``rx_gso``) and the relay writes runs of segments as one (``tx_coalesced``). With offloads
