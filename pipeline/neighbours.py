@@ -53,6 +53,9 @@ RTN_UNICAST = 1
 # of it (by destination) so that many peers' answers do not expire in the same batch
 ROUTE_TTL = 10.0
 EVENTS_EVERY = 0.1  # s: how often a lookup reads the change notifications, at most
+# Answers kept at the most, per cache: past it the expired ones go, then all (a concentrator
+# meets new peer addresses for as long as it runs)
+CACHE_MAX = 65536
 _EVENT_GROUPS = (rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_IFADDR
                  | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV6_IFADDR
                  | rtnl.RTMGRP_IPV6_ROUTE)
@@ -118,6 +121,7 @@ class NeighbourCache:
             hop, reason = self._route(family, addr)
             life = self._route_ttl * (1.0 - (hash(key) & 0xFF) / 512) if hop is not None \
                 else self.retry
+            _make_room(self._routes, now)
             route = self._routes[key] = (now + life, hop, reason)
         hop = route[1]
         if hop is None:
@@ -125,6 +129,7 @@ class NeighbourCache:
         entry = self._hops.get(hop)
         if entry is None or entry[0] <= now:
             mac = self._neighbour(hop)
+            _make_room(self._hops, now)
             entry = self._hops[hop] = ((now + self.ttl, mac, "") if mac is not None
                                        else (now + self.retry, None, "no_neighbour"))
         return entry[1], entry[2]
@@ -194,6 +199,11 @@ class NeighbourCache:
     def _forget_routes(self, route: rtnl.Route) -> None:
         """Drop the destinations a changed route covers (the answer for them may differ)."""
         bits = 8 * len(route.dst or b"")
+        if route.dst is not None and route.dst_len == bits:
+            # A host route (a concentrator adds one into the TUN per remote-access client):
+            # it covers one destination, found without a walk over every answer.
+            self._routes.pop((route.family, route.dst), None)
+            return
         if route.dst is None or not 0 <= route.dst_len <= bits:
             # The default route (no RTA_DST), or one not read whole: any answer may move.
             self._routes = {k: v for k, v in self._routes.items() if k[0] != route.family}
@@ -212,3 +222,13 @@ class NeighbourCache:
         self._rtnl.close()
         if self._events is not None:
             self._events.close()
+
+
+def _make_room(cache: dict[Key, tuple[float, Any, str]], now: float) -> None:
+    """Keep ``cache`` under CACHE_MAX answers before one more goes in."""
+    if len(cache) < CACHE_MAX:
+        return
+    for key in [k for k, v in cache.items() if v[0] <= now]:
+        del cache[key]
+    if len(cache) >= CACHE_MAX:
+        cache.clear()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline import bpf, rtnl
+from pipeline import bpf, neighbours, rtnl
 from pipeline.afpacket import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
@@ -1146,6 +1146,22 @@ def test_a_neighbour_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
     finally:
         _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", GW_MAC.hex(":"), "dev", "a0",
             "nud", "permanent")
+        cache.close()
+
+
+def test_answers_kept_are_bounded(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every peer address ever met is not kept forever: past CACHE_MAX answers, the expired
+    ones go, then all of them."""
+    monkeypatch.setattr(neighbours, "CACHE_MAX", 8)
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=60.0)
+    try:
+        for i in range(10, 30):
+            peer = socket.inet_aton(f"10.202.0.{i}")
+            assert cache.lookup(socket.AF_INET, peer) == (GW_MAC, "")
+            assert len(cache._routes) <= 8 and len(cache._hops) <= 8
+        assert cache.lookup(socket.AF_INET, socket.inet_aton("10.202.0.29")) == (GW_MAC, "")
+    finally:
         cache.close()
 
 
