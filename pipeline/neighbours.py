@@ -56,9 +56,13 @@ EVENTS_EVERY = 0.1  # s: how often a lookup reads the change notifications, at m
 # Answers kept at the most, per cache: past it the expired ones go, then all (a concentrator
 # meets new peer addresses for as long as it runs)
 CACHE_MAX = 65536
+# Route changes read at once past which every route answer goes rather than those each
+# covers (a routing daemon loading a table: each would walk the answers)
+ROUTE_CHANGES_WALKED = 32
 _EVENT_GROUPS = (rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_IFADDR
                  | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV6_IFADDR
                  | rtnl.RTMGRP_IPV6_ROUTE)
+_ROUTE_CHANGES = frozenset({rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE})
 _EVERYTHING = frozenset({rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK, rtnl.RTM_NEWADDR,
                          rtnl.RTM_DELADDR, rtnl.RTM_NEWRULE, rtnl.RTM_DELRULE})
 
@@ -180,10 +184,11 @@ class NeighbourCache:
         if lost:
             self.flush()
             return
+        walk = sum(kind in _ROUTE_CHANGES for kind, _ in events) <= ROUTE_CHANGES_WALKED
         for kind, payload in events:
-            if kind in _EVERYTHING:
+            if kind in _EVERYTHING or (kind in _ROUTE_CHANGES and not walk):
                 self._routes.clear()  # reachability itself moved: every route answer
-            elif kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+            elif kind in _ROUTE_CHANGES:
                 route = rtnl.parse_route(payload)
                 if route is None:
                     self._routes.clear()

@@ -1149,6 +1149,26 @@ def test_a_neighbour_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
         cache.close()
 
 
+def test_many_route_changes_at_once_forget_every_answer(lab: Lab) -> None:
+    """A routing daemon loading a table: past ROUTE_CHANGES_WALKED changes read at once,
+    every route answer goes (once), instead of a walk over the answers per change."""
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=60.0)
+    nets = [f"10.205.{i}.0/24" for i in range(neighbours.ROUTE_CHANGES_WALKED + 1)]
+    try:
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        for net in nets:  # none covers REMOTE4: walked one by one, its answer would stay
+            _ip("-n", lab.a, "route", "add", net, "via", GW4, "dev", "a0")
+        time.sleep(EVENTS_EVERY + 0.05)
+        before = cache.requests
+        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
+        assert cache.requests == before + 1  # its route asked again (the MAC stays)
+    finally:
+        for net in nets:
+            subprocess.run(["ip", "-n", lab.a, "route", "del", net], capture_output=True)
+        cache.close()
+
+
 def test_answers_kept_are_bounded(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every peer address ever met is not kept forever: past CACHE_MAX answers, the expired
     ones go, then all of them."""
