@@ -395,6 +395,24 @@ def following(pub: PublisherThread, workers: int = 1, outside: QueueIO | None = 
             assert not thread.is_alive()
 
 
+def test_an_installed_sa_is_built_when_a_packet_first_needs_it(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    """The I/O process keeps an installed SA's record and builds its state (cipher
+    contexts, replay window: most of what a Child SA install costs it) when a packet first
+    needs it; the stats report does not build it."""
+    _, pub = publisher
+    with following(pub) as (plane, inside, outside):
+        pub.call(lambda p: p.install(9, record(0x2009, Direction.IN)))
+        wait_for(lambda: 9 in plane.records)
+        assert 9 not in {sa.index for sa in plane.sas.built()}
+        assert plane.stats.snapshot(plane)["sas"] == []
+        assert 9 not in {sa.index for sa in plane.sas.built()}
+        outside.put(peer_encap(0x2009, KEY, 2))
+        wait_for(lambda: len(inside.outbox) == 2)
+        assert 9 in {sa.index for sa in plane.sas.built()}
+        assert [sa["index"] for sa in plane.stats.snapshot(plane)["sas"]] == [9]
+
+
 def test_esp_for_an_sa_whose_install_is_still_on_its_way_is_held_until_it_comes(
         publisher: tuple[Any, PublisherThread]) -> None:
     """The install left the controller before the peer could use the SA, but reaches the

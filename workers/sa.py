@@ -259,6 +259,12 @@ class SaTable:
             if state is not None:
                 yield state
 
+    def built(self) -> Iterator[SaState]:
+        """The SAs built so far, none built for it (those deferred have carried nothing)."""
+        for entry in self._sas:
+            if isinstance(entry, SaState):
+                yield entry
+
     def __len__(self) -> int:
         return len(self._sas)
 
