@@ -208,8 +208,7 @@ def batch_size_histogram(sizes: Iterable[int]) -> Histogram:
 
 # -- the families espline exposes ---------------------------------------------------------
 
-DROP_REASONS: tuple[str, ...] = tuple(v.label for v in Verdict
-                                      if v not in (Verdict.PASS, Verdict.PARKED))
+DROP_REASONS: tuple[str, ...] = tuple(v.label for v in Verdict if v.is_drop)
 IKE_EXCHANGES: tuple[str, ...] = ("IKE_SA_INIT", "IKE_AUTH", "CREATE_CHILD_SA", "INFORMATIONAL")
 # IKE SA states always exposed (at 0 when none); the controller may report others too.
 IKE_SA_STATES: tuple[str, ...] = ("connecting", "established", "rekeying", "deleting")

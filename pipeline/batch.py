@@ -83,6 +83,11 @@ class Verdict(IntEnum):
     PARKED = 16
 
     @property
+    def is_drop(self) -> bool:
+        """Whether a packet with this verdict was dropped (counted by reason)."""
+        return self not in (Verdict.PASS, Verdict.PARKED)
+
+    @property
     def label(self) -> str:
         return self.name.lower()
 

@@ -48,7 +48,7 @@ class Counters:
     def drops(self) -> dict[str, int]:
         """Non-zero drop counts by reason."""
         return {Verdict(v).label: int(c) for v, c in enumerate(self.by_verdict)
-                if v != Verdict.PASS and v != Verdict.PARKED and c}
+                if c and Verdict(v).is_drop}
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {"batches": self.batches, "passed": self.passed,
