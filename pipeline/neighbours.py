@@ -46,9 +46,6 @@ from pipeline import rtnl
 
 __all__ = ["NeighbourCache"]
 
-NUD_STALE = 0x04
-NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERM
-RTN_UNICAST = 1
 # s: a route answer's life while change notifications come (a safety net), less up to half
 # of it (by destination) so that many peers' answers do not expire in the same batch
 ROUTE_TTL = 10.0
@@ -144,7 +141,7 @@ class NeighbourCache:
             route = self._rtnl.get_route(family, addr)
         except (NetlinkError, OSError):
             return None, "no_route"
-        if route.type != RTN_UNICAST or route.oif != self.ifindex:
+        if route.type != rtnl.RTN_UNICAST or route.oif != self.ifindex:
             return None, "no_route"  # unreachable, local, or out of another interface
         return (route.gateway or (family, addr)), ""
 
@@ -155,8 +152,8 @@ class NeighbourCache:
             entry = self._rtnl.get_neighbour(family, addr, self.ifindex)
         except (NetlinkError, OSError):
             entry = None  # ENOENT: none yet
-        if entry is not None and entry.lladdr and entry.state & NUD_VALID:
-            if entry.state & NUD_STALE:
+        if entry is not None and entry.lladdr and entry.state & rtnl.NUD_VALID:
+            if entry.state & rtnl.NUD_STALE:
                 self._solicit(hop)
             return entry.lladdr
         self._solicit(hop)
@@ -184,11 +181,11 @@ class NeighbourCache:
         if lost:
             self.flush()
             return
-        walk = sum(kind in _ROUTE_CHANGES for kind, _ in events) <= ROUTE_CHANGES_WALKED
+        if (sum(kind in _ROUTE_CHANGES for kind, _ in events) > ROUTE_CHANGES_WALKED
+                or any(kind in _EVERYTHING for kind, _ in events)):
+            self._routes.clear()  # reachability itself moved: every route answer
         for kind, payload in events:
-            if kind in _EVERYTHING or (kind in _ROUTE_CHANGES and not walk):
-                self._routes.clear()  # reachability itself moved: every route answer
-            elif kind in _ROUTE_CHANGES:
+            if kind in _ROUTE_CHANGES and self._routes:
                 route = rtnl.parse_route(payload)
                 if route is None:
                     self._routes.clear()

@@ -260,7 +260,7 @@ class SaTable:
                 yield state
 
     def built(self) -> Iterator[SaState]:
-        """The SAs built so far, none built for it (those deferred have carried nothing)."""
+        """The SAs built so far, building none (one deferred has carried nothing yet)."""
         for entry in self._sas:
             if isinstance(entry, SaState):
                 yield entry
