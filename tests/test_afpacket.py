@@ -1076,136 +1076,138 @@ def test_tx_resolves_neighbours_on_demand(lab: Lab) -> None:
         ring.close()
 
 
+@contextlib.contextmanager
+def _neighbour_cache(lab: Lab, ttl: float = 60.0) -> Iterator[NeighbourCache]:
+    """A NeighbourCache of A's a0 (its sockets made in A), closed afterwards."""
+    with lab.enter(lab.a):
+        cache = NeighbourCache("a0", ttl=ttl)
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def _lookup4(cache: NeighbourCache, addr: str) -> tuple[bytes | None, str]:
+    return cache.lookup(socket.AF_INET, socket.inet_aton(addr))
+
+
+def _del_routes(lab: Lab, *nets: str) -> None:
+    """Take A's routes ``nets`` away, those that are there (a test's cleanup)."""
+    for net in nets:
+        subprocess.run(["ip", "-n", lab.a, "route", "del", net], capture_output=True)
+
+
 def _resolved(cache: NeighbourCache, addr: str, want: bytes, timeout: float = 1.0) -> float:
     """Seconds until ``addr`` resolves to ``want`` (lookups every 10 ms); fails past
     ``timeout``."""
-    raw = socket.inet_aton(addr)
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < timeout:
-        if cache.lookup(socket.AF_INET, raw)[0] == want:
+        if _lookup4(cache, addr)[0] == want:
             return elapsed
         time.sleep(0.01)
-    raise AssertionError(f"{addr} still resolves to {cache.lookup(socket.AF_INET, raw)}")
+    raise AssertionError(f"{addr} still resolves to {_lookup4(cache, addr)}")
 
 
 def test_peers_behind_one_gateway_cost_one_neighbour_request_per_ttl(lab: Lab) -> None:
     """A concentrator's remote-access peers: each destination's route is asked once, and the
     gateway they share is asked once per ``ttl``, however many peers there are (before,
     every destination cost a route request and a whole neighbour dump every ``ttl``)."""
-    peers = [socket.inet_aton(f"10.202.0.{i}") for i in range(10, 50)]
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=0.25)
-    try:
+    peers = [f"10.202.0.{i}" for i in range(10, 50)]
+    with _neighbour_cache(lab, ttl=0.25) as cache:
         rounds, start = 0, time.monotonic()
         while time.monotonic() - start < 1.0:
             for peer in peers:
-                assert cache.lookup(socket.AF_INET, peer) == (GW_MAC, "")
+                assert _lookup4(cache, peer) == (GW_MAC, "")
             rounds += 1
             time.sleep(0.02)
         assert rounds >= 10
         # 40 routes once each; the gateway every 0.25 s: about 5 times in the second.
         assert len(peers) + 1 <= cache.requests <= len(peers) + 8, cache.requests
-    finally:
-        cache.close()
 
 
 def test_a_route_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
     """The kernel announces route changes (rtnetlink multicast): a lookup after one follows
     it, though the answers before it would live a minute."""
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=60.0)
     host = f"{REMOTE4}/32"
-    try:
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        _ip("-n", lab.a, "route", "add", host, "via", B4, "dev", "a0")
-        assert _resolved(cache, REMOTE4, B_MAC) < 0.5  # B's entry may need an ARP first
-        _ip("-n", lab.a, "route", "del", host)
-        assert _resolved(cache, REMOTE4, GW_MAC) < 0.5
-        # Another prefix's change leaves the answers it does not cover alone.
-        before = cache.requests
-        _ip("-n", lab.a, "route", "add", "10.203.0.0/24", "via", GW4, "dev", "a0")
-        _ip("-n", lab.a, "route", "del", "10.203.0.0/24")
-        time.sleep(EVENTS_EVERY + 0.05)  # the next lookup reads the announcements
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        assert cache.requests == before
-    finally:
-        subprocess.run(["ip", "-n", lab.a, "route", "del", host], capture_output=True)
-        cache.close()
+    with _neighbour_cache(lab) as cache:
+        assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+        try:
+            _ip("-n", lab.a, "route", "add", host, "via", B4, "dev", "a0")
+            assert _resolved(cache, REMOTE4, B_MAC) < 0.5  # B's entry may need an ARP first
+            _ip("-n", lab.a, "route", "del", host)
+            assert _resolved(cache, REMOTE4, GW_MAC) < 0.5
+            # Another prefix's change leaves the answers it does not cover alone.
+            before = cache.requests
+            _ip("-n", lab.a, "route", "add", "10.203.0.0/24", "via", GW4, "dev", "a0")
+            _ip("-n", lab.a, "route", "del", "10.203.0.0/24")
+            time.sleep(EVENTS_EVERY + 0.05)  # the next lookup reads the announcements
+            assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+            assert cache.requests == before
+        finally:
+            _del_routes(lab, host)
 
 
 def test_a_neighbour_change_is_seen_at_once_not_after_a_ttl(lab: Lab) -> None:
     """A next hop's new MAC (a router replaced) is used from the kernel's announcement on."""
     other = bytes.fromhex("02cc000000ff")
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=60.0)
-    try:
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", other.hex(":"), "dev", "a0",
-            "nud", "permanent")
-        assert _resolved(cache, REMOTE4, other) < 0.5
-    finally:
-        _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", GW_MAC.hex(":"), "dev", "a0",
-            "nud", "permanent")
-        cache.close()
+    with _neighbour_cache(lab) as cache:
+        assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+        try:
+            _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", other.hex(":"), "dev", "a0",
+                "nud", "permanent")
+            assert _resolved(cache, REMOTE4, other) < 0.5
+        finally:
+            _ip("-n", lab.a, "neigh", "replace", GW4, "lladdr", GW_MAC.hex(":"), "dev",
+                "a0", "nud", "permanent")
 
 
 def test_many_route_changes_at_once_forget_every_answer(lab: Lab) -> None:
     """A routing daemon loading a table: past ROUTE_CHANGES_WALKED changes read at once,
     every route answer goes (once), instead of a walk over the answers per change."""
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=60.0)
     nets = [f"10.205.{i}.0/24" for i in range(neighbours.ROUTE_CHANGES_WALKED + 1)]
-    try:
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        for net in nets:  # none covers REMOTE4: walked one by one, its answer would stay
-            _ip("-n", lab.a, "route", "add", net, "via", GW4, "dev", "a0")
-        time.sleep(EVENTS_EVERY + 0.05)
-        before = cache.requests
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        assert cache.requests == before + 1  # its route asked again (the MAC stays)
-    finally:
-        for net in nets:
-            subprocess.run(["ip", "-n", lab.a, "route", "del", net], capture_output=True)
-        cache.close()
+    with _neighbour_cache(lab) as cache:
+        assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+        try:
+            for net in nets:  # none covers REMOTE4: walked one by one, its answer would stay
+                _ip("-n", lab.a, "route", "add", net, "via", GW4, "dev", "a0")
+            time.sleep(EVENTS_EVERY + 0.05)
+            before = cache.requests
+            assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+            assert cache.requests == before + 1  # its route asked again (the MAC stays)
+        finally:
+            _del_routes(lab, *nets)
 
 
 def test_answers_kept_are_bounded(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every peer address ever met is not kept forever: past CACHE_MAX answers, the expired
     ones go, then all of them."""
     monkeypatch.setattr(neighbours, "CACHE_MAX", 8)
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=60.0)
-    try:
+    with _neighbour_cache(lab) as cache:
         for i in range(10, 30):
-            peer = socket.inet_aton(f"10.202.0.{i}")
-            assert cache.lookup(socket.AF_INET, peer) == (GW_MAC, "")
+            assert _lookup4(cache, f"10.202.0.{i}") == (GW_MAC, "")
             assert len(cache._routes) <= 8 and len(cache._hops) <= 8
-        assert cache.lookup(socket.AF_INET, socket.inet_aton("10.202.0.29")) == (GW_MAC, "")
-    finally:
-        cache.close()
+        assert _lookup4(cache, "10.202.0.29") == (GW_MAC, "")
 
 
 def test_announcements_lost_in_a_burst_forget_every_answer(lab: Lab) -> None:
     """More changes than the notification socket holds (the kernel says ENOBUFS): nothing
     cached can be trusted, so both caches are emptied and asked again."""
-    with lab.enter(lab.a):
-        cache = NeighbourCache("a0", ttl=60.0)
+    nets = [f"10.204.{i}.0/24" for i in range(64)]
+    with _neighbour_cache(lab) as cache:
         assert cache._events is not None
         cache._events.close()
-        cache._events = rtnl.RtnlEvents(rtnl.RTMGRP_IPV4_ROUTE, rcvbuf=1)  # the least
-    try:
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        for i in range(64):  # far from REMOTE4: alone, none would touch its answer
-            _ip("-n", lab.a, "route", "add", f"10.204.{i}.0/24", "via", GW4, "dev", "a0")
-        before = cache.requests
-        time.sleep(EVENTS_EVERY + 0.05)
-        assert cache.lookup(socket.AF_INET, socket.inet_aton(REMOTE4)) == (GW_MAC, "")
-        assert cache.requests == before + 2  # the route and the neighbour, asked again
-    finally:
-        for i in range(64):
-            subprocess.run(["ip", "-n", lab.a, "route", "del", f"10.204.{i}.0/24"],
-                           capture_output=True)
-        cache.close()
+        with lab.enter(lab.a):
+            cache._events = rtnl.RtnlEvents(rtnl.RTMGRP_IPV4_ROUTE, rcvbuf=1)  # the least
+        assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+        try:
+            for net in nets:  # far from REMOTE4: alone, none would touch its answer
+                _ip("-n", lab.a, "route", "add", net, "via", GW4, "dev", "a0")
+            before = cache.requests
+            time.sleep(EVENTS_EVERY + 0.05)
+            assert _lookup4(cache, REMOTE4) == (GW_MAC, "")
+            assert cache.requests == before + 2  # the route and the neighbour, asked again
+        finally:
+            _del_routes(lab, *nets)
 
 
 @pytest.mark.parametrize("lone", [False, True], ids=["batch", "lone"])
