@@ -92,6 +92,11 @@ class IkeDaemon:
         # COOKIE challenges from this many half-open SAs on (0: never; strongSwan's
         # charon.cookie_threshold defaults to 10 as well).
         self.cookies = CookieGuard(cookie_threshold, random) if cookie_threshold else None
+        # Handling a request from a peer: whatever it changes, the peer can act on it only
+        # once our answer reaches it (Gateway holds the SA deltas of such events for the
+        # loop turn, and the datagrams with them: hold_sends).
+        self.answering = False
+        self._held: list[tuple[bytes, tuple[str, int], bool]] | None = None
         self.dropped = 0  # datagrams that match no IKE SA and start none
         # (exchange type, "in"/"out", "request"/"response") -> messages; alerts by type
         self.messages: Counter[tuple[int, str, str]] = Counter()
@@ -126,6 +131,7 @@ class IkeDaemon:
         return sock
 
     def close(self) -> None:
+        self._held = None  # closed: nothing more goes out
         for endpoint in (self._ike, self._natt):
             if endpoint is not None and endpoint.transport is not None:
                 endpoint.transport.close()
@@ -219,10 +225,14 @@ class IkeDaemon:
             self._half_open_since[id(sa)] = self.clock()
         # The core learns the peer's address from authenticated messages (RFC 7296 §2.23).
         dropped = sa.dropped
-        sa.receive_datagram(data, addr, self.clock())
-        if sa.dropped != dropped:
-            self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
-        self._flush(sa)
+        self.answering = not flags & FLAG_RESPONSE
+        try:
+            sa.receive_datagram(data, addr, self.clock())
+            if sa.dropped != dropped:
+                self.alerts["message_dropped"] += 1  # unparsable, unauthentic or unexpected
+            self._flush(sa)
+        finally:
+            self.answering = False
 
     def half_open(self) -> int:
         return len(self._half_open)
@@ -279,7 +289,24 @@ class IkeDaemon:
             # a NAT the peer's may be anything), with the non-ESP marker (RFC 3948 §2.2).
             self._send(data, addr, sa.local[1] == self.natt_port)
 
+    def hold_sends(self) -> None:
+        """Keep every datagram from now on until :meth:`release_sends` (in order): the
+        gateway sends the data plane what they depend on first."""
+        if self._held is None:
+            self._held = []
+
+    def release_sends(self) -> None:
+        held, self._held = self._held, None
+        for data, addr, natt in held or ():
+            self._transmit(data, addr, natt)
+
     def _send(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
+        if self._held is not None:
+            self._held.append((data, addr, natt))
+        else:
+            self._transmit(data, addr, natt)
+
+    def _transmit(self, data: bytes, addr: tuple[str, int], natt: bool) -> None:
         natt = natt and self._natt is not None
         endpoint = self._natt if natt else self._ike
         if endpoint is None or endpoint.transport is None:

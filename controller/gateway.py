@@ -325,6 +325,7 @@ class Gateway:
         self._next_child = 1
         self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
         self.publisher: SaPublisher | None = None
+        self._turn_held = False  # SA deltas and IKE datagrams wait for the turn's end
         self.stats: dict[str, Any] = {}  # the data plane's last counter report
         self.worker_stats: dict[int, dict[str, Any]] = {}  # each worker's last report
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
@@ -521,6 +522,7 @@ class Gateway:
             for sock in (self._reports, getattr(self.publisher, "snapshot_socket", None)):
                 if sock is not None:
                     loop.remove_reader(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        self._end_turn()
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
@@ -632,18 +634,46 @@ class Gateway:
 
     def _on_event(self, sa: IkeSa, event: Event) -> None:
         try:
-            if self.publisher is not None:
-                # One message to the data plane per event, sent at once: before the IKE
-                # datagrams it lets go out (make-before-break), and as early as it can
-                # (the ZeroMQ hop is asynchronous; a peer that has our answer, or answered
-                # us, may use the new SA at once). Holding it to the end of the loop turn
-                # lost packets as no_sa under rekeys twice (6395539; this session's CI).
-                with self.publisher.batch():
-                    self._handle(sa, event)
-            else:
+            pub = self.publisher
+            if pub is None:
                 self._handle(sa, event)
+            elif self.daemon.answering:
+                # From a peer's request: the peer can use what it changed only once our
+                # answer reaches it. The deltas wait for the end of the loop turn, and so
+                # do the datagrams from then on: then the data plane gets the turn's deltas
+                # as one message (under load the controller answers several requests per
+                # turn, and each message wakes the I/O process and every worker), and only
+                # then the answers go out (make-before-break).
+                self._hold_turn(pub)
+                self._handle(sa, event)
+            else:
+                # From a peer's answer, a timer or an operator: sent at once, as early as
+                # it can be (the ZeroMQ hop is asynchronous; a peer that answered a rekey
+                # may already send on the new SA). Holding these to the end of the turn
+                # lost packets as no_sa under rekeys (6395539).
+                with pub.batch():
+                    self._handle(sa, event)
+                if self._turn_held:
+                    pub.send_held()  # with what the turn held so far, in order
         finally:
             self._wake_waiters()
+
+    def _hold_turn(self, pub: SaPublisher) -> None:
+        if self._turn_held:
+            return
+        self._turn_held = True
+        pub.hold()
+        self.daemon.hold_sends()
+        asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        """The deltas the turn held, then the datagrams that depend on them."""
+        if not self._turn_held:
+            return
+        self._turn_held = False
+        if self.publisher is not None:
+            self.publisher.release()
+        self.daemon.release_sends()
 
     def _handle(self, sa: IkeSa, event: Event) -> None:
         entry = self._entry(sa)

@@ -213,6 +213,24 @@ class SaPublisher:
             if pending:
                 self.pub.send(json.dumps(pending).encode())
 
+    def hold(self) -> None:
+        """Keep every delta from now on, until :meth:`release`: the deltas of several IKE
+        exchanges go as one message (each message wakes every subscriber's ZeroMQ thread).
+        A :meth:`batch` inside a hold joins it."""
+        if self._pending is None:
+            self._pending = []
+
+    def send_held(self) -> None:
+        """Send what is kept now, as one message, and go on holding."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.pub.send(json.dumps(pending).encode())
+
+    def release(self) -> None:
+        """Send what is kept, as one message, and stop holding."""
+        self.send_held()
+        self._pending = None
+
     def install(self, index: int, record: SaRecord) -> None:
         assert self.table.sas is not None
         self.table.sas[index] = record
