@@ -326,6 +326,9 @@ class Gateway:
         self.runtime_dir = cfg.dataplane.endpoints.runtime_dir
         self.publisher: SaPublisher | None = None
         self._turn_held = False  # SA deltas and IKE datagrams wait for the turn's end
+        # The Child SA of each data plane SA index (its inbound and its outbound SA), while
+        # it is one of its IKE SA's children: the counter reports name SAs by index.
+        self._by_index: dict[int, tuple[IkeEntry, ChildEntry]] = {}
         self.stats: dict[str, Any] = {}  # the data plane's last counter report
         self.worker_stats: dict[int, dict[str, Any]] = {}  # each worker's last report
         # (event, IKE SA, Child SA or None, up): ike-updown, child-updown, ike-rekey, ...
@@ -431,27 +434,30 @@ class Gateway:
             log.warning("%s: cannot initiate on acquire: %s", conn, exc)
 
     def _update_counters(self) -> None:
-        by_index = {sa["index"]: sa for sa in self.stats.get("sas", [])}
-        specs: dict[tuple[str, str], ChildSpec | None] = {}  # every Child SA's, once a report
-        for entry in self.ike.values():
-            for child in entry.children.values():
-                cin, cout = by_index.get(child.index_in), by_index.get(child.index_out)
-                if cin is None and cout is None:
-                    # Carried nothing yet (the report leaves such SAs out): zero counters,
-                    # which no limit reaches (volumes are >= 0: connections._volume). Most
-                    # SAs of a concentrator are idle: they cost a lookup per report.
-                    child.counters = _NO_TRAFFIC
-                    continue
-                cin, cout = cin or {}, cout or {}
-                child.counters = {"bytes-in": cin.get("bytes", 0),
-                                  "packets-in": cin.get("packets", 0),
-                                  "bytes-out": cout.get("bytes", 0),
-                                  "packets-out": cout.get("packets", 0)}
-                if not child.replaced:
-                    key = (entry.conn, child.name)
-                    if key not in specs:
-                        specs[key] = self._child_spec(*key)
-                    self._check_limits(entry, child, int(cout.get("seq_out", 0)), specs[key])
+        """The report's counters into the Child SAs they belong to, and their limits
+        checked. The report lists only SAs that carried traffic: the others keep zero
+        counters (``_NO_TRAFFIC``, which no limit reaches: volumes are >= 0), and a report
+        costs what those few SAs cost, not a visit of every Child SA of a concentrator."""
+        by_index: dict[int, dict[str, Any]] = {}
+        carried: dict[int, tuple[IkeEntry, ChildEntry]] = {}  # by unique id
+        for sa in self.stats.get("sas", []):
+            owner = self._by_index.get(sa["index"])
+            if owner is not None:
+                by_index[sa["index"]] = sa
+                carried[owner[1].uniqueid] = owner
+        specs: dict[tuple[str, str], ChildSpec | None] = {}  # each child's, once a report
+        for entry, child in carried.values():
+            cin = by_index.get(child.index_in, {})
+            cout = by_index.get(child.index_out, {})
+            child.counters = {"bytes-in": cin.get("bytes", 0),
+                              "packets-in": cin.get("packets", 0),
+                              "bytes-out": cout.get("bytes", 0),
+                              "packets-out": cout.get("packets", 0)}
+            if not child.replaced:
+                key = (entry.conn, child.name)
+                if key not in specs:
+                    specs[key] = self._child_spec(*key)
+                self._check_limits(entry, child, int(cout.get("seq_out", 0)), specs[key])
 
     def _child_spec(self, conn_name: str, child_name: str) -> ChildSpec | None:
         """The configuration of a connection's child, if it is still configured."""
@@ -763,8 +769,10 @@ class Gateway:
                 except ValueError as exc:  # an algorithm Wireshark does not know
                     log.warning("key log: %s", exc)
         child = ChildEntry(self._next_child, e.name, e, index_in, index_out, time.time(),
-                           lport, rport, selectors=(selector_networks(e.local_ts),
-                                                    selector_networks(e.remote_ts)))
+                           lport, rport, counters=_NO_TRAFFIC,
+                           selectors=(selector_networks(e.local_ts),
+                                      selector_networks(e.remote_ts)))
+        self._by_index[index_in] = self._by_index[index_out] = (entry, child)
         self._next_child += 1
         self._up[(entry.conn, e.name)] = self._up.get((entry.conn, e.name), 0) + 1
         old = entry.children.get(replaces) if replaces is not None else None
@@ -798,6 +806,8 @@ class Gateway:
         pub = self.publisher
         if entry.children.pop(child.event.spi_in, None) is None:
             return
+        self._by_index.pop(child.index_in, None)
+        self._by_index.pop(child.index_out, None)
         holders = self._protect.get(child.selectors) or Holders()
         holders.discard(child.uniqueid)
         successor = child.successor

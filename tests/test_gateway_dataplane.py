@@ -1,4 +1,5 @@
-"""When the controller's SA deltas reach the data plane (controller/gateway.py ``_on_event``).
+"""The controller's side of the data plane: when its SA deltas leave (controller/gateway.py
+``_on_event``), and where the data plane's counter reports land (``_update_counters``).
 
 A real gateway (no data plane process) on loopback UDP, on uvloop as ``espline run`` has
 it, a real SUB socket on its SA publisher, and initiators on espline's sans-IO core sending
@@ -8,7 +9,8 @@ real datagrams:
   responder) travel to the data plane as one message, and that message is out before any of
   the answers that let a peer use them (make-before-break, DESIGN §5);
 - a Child SA created from a peer's *answer* (we initiated) goes out at once, in the event's
-  own handling: the peer may already send on it.
+  own handling: the peer may already send on it;
+- a counter report reaches the Child SAs whose SAs it names, and only them.
 """
 
 from __future__ import annotations
@@ -190,3 +192,47 @@ def test_a_child_sa_made_from_a_peers_answer_goes_at_once(tmp_path: Path) -> Non
 
     at_once, total = uvloop.run(main())
     assert at_once == [2] and total == 2
+
+
+def test_a_counter_report_reaches_the_child_sas_it_names(tmp_path: Path) -> None:
+    async def main() -> None:
+        gw, watch, (ike, _) = await start(tmp_path)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LO, 0))
+        sock.setblocking(False)
+        try:
+            i_cfg, _ = configs()
+            sas = [IkeSa(i_cfg, initiator=True, local=sock.getsockname(), remote=(LO, ike),
+                         random=os.urandom) for _ in range(3)]
+            for sa in sas:
+                sa.initiate(0.0)
+            await exchange(sock, sas, ike)
+            await exchange(sock, sas, ike)
+            children = [(entry, child) for entry in gw.ike.values()
+                        for child in entry.children.values()]
+            assert len(children) == 3
+            (e0, busy), (e1, gone), (_, idle) = children
+            gw.stats = {"sas": [
+                {"index": busy.index_in, "bytes": 1400, "packets": 1},
+                {"index": busy.index_out, "bytes": 2800, "packets": 2, "seq_out": 2},
+                {"index": 10_000, "bytes": 5, "packets": 5},  # an SA no Child SA has
+            ]}
+            gw._update_counters()
+            assert busy.counters == {"bytes-in": 1400, "packets-in": 1,
+                                     "bytes-out": 2800, "packets-out": 2}
+            zero = {"bytes-in": 0, "packets-in": 0, "bytes-out": 0, "packets-out": 0}
+            assert idle.counters == zero and gone.counters == zero
+            # A Child SA gone: a late report that still names its SAs changes nothing.
+            gw._remove_child(e1, gone)
+            gw.stats = {"sas": [{"index": gone.index_in, "bytes": 9, "packets": 9}]}
+            gw._update_counters()
+            assert gone.counters == zero
+            assert set(gw._by_index) == {busy.index_in, busy.index_out,
+                                         idle.index_in, idle.index_out}
+        finally:
+            sock.close()
+            watch.close()
+            gw.daemon.close()
+            gw.close()
+
+    uvloop.run(main())
