@@ -200,6 +200,44 @@ def test_parse_strongswan_sa_init() -> None:
     assert len(message.find_all(NotifyPayload)) == 4
 
 
+def test_a_peers_sa_payload_is_parsed_once_for_every_exchange_alike(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """controller/ike/message.py ``_pull_memo``: strongSwan's IKE_SA_INIT twice gives the
+    same message; the second time its SA payload comes from the memo (the SA puller is not
+    called again), not from a second parse. A body that fails to parse is never kept."""
+    from controller.ike import message as wire
+
+    monkeypatch.setattr(wire, "_memo", {})
+    calls: list[int] = []
+    pull = wire.BODY_PULLERS[PayloadType.SA]
+
+    def counted(buf: Buffer) -> Payload:
+        calls.append(1)
+        return pull(buf)
+
+    monkeypatch.setitem(wire.BODY_PULLERS, PayloadType.SA, counted)
+    first, second = parse_message(STRONGSWAN_SA_INIT), parse_message(STRONGSWAN_SA_INIT)
+    assert first == second == STRONGSWAN_SA_INIT_MESSAGE and len(calls) == 1
+    # A different SA body (the proposal's number changed) is parsed, and kept beside it.
+    proposal = 28 + 4  # the SA payload comes first, after the IKE header and its own
+    other = bytearray(STRONGSWAN_SA_INIT)
+    other[proposal + 4] ^= 0x02  # the first proposal's Proposal Num
+    assert parse_message(bytes(other)).find(SaPayload) != first.find(SaPayload)
+    assert len(calls) == 2 and len(wire._memo) == 2
+    # An SA body that does not parse: refused each time, never remembered.
+    bad = bytearray(STRONGSWAN_SA_INIT)
+    bad[proposal + 6] = 3  # the first proposal's SPI Size: 3, for IKE (RFC 7296 §3.3.1)
+    for _ in range(2):
+        with pytest.raises(IkeProtocolError):
+            parse_message(bytes(bad))
+    assert len(calls) == 4 and len(wire._memo) == 2
+    # Bounded: past _MEMO_MAX bodies it starts again.
+    monkeypatch.setattr(wire, "_MEMO_MAX", 2)
+    other[proposal + 4] ^= 0x04
+    parse_message(bytes(other))
+    assert len(calls) == 5 and len(wire._memo) == 1
+
+
 def test_serialize_strongswan_sa_init() -> None:
     assert serialize_message(STRONGSWAN_SA_INIT_MESSAGE) == STRONGSWAN_SA_INIT
     # Next Payload and Length are computed, whatever the header says

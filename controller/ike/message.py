@@ -11,7 +11,7 @@ or an ``IkeProtocolError``, nothing else.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -204,6 +204,28 @@ def _pull_other_payload(
     return UnknownPayload(payload_type, body.pull_bytes(body.remaining()))
 
 
+# Payloads a peer sends alike in every exchange of a kind (its IKE SA proposals, its traffic
+# selectors), parsed once: the body's bytes -> the payload (immutable: frozen dataclasses of
+# tuples), so one parse serves every IKE SA. Bounded: emptied when full, so a peer sending
+# a different body each time costs a dict insert, never memory.
+_MEMO_TYPES = frozenset({PayloadType.SA, PayloadType.TSI, PayloadType.TSR})
+_MEMO_MAX = 256
+_memo: dict[tuple[int, bytes], Payload] = {}
+
+
+def _pull_memo(payload_type: int, puller: Callable[[Buffer], Payload], body: Buffer) -> Payload:
+    key = (payload_type, body.data_slice(0, body.capacity))
+    payload = _memo.get(key)
+    if payload is not None:
+        body.seek(body.capacity)  # read to its end, as the puller would have
+        return payload
+    payload = puller(body)
+    if len(_memo) >= _MEMO_MAX:
+        _memo.clear()
+    _memo[key] = payload
+    return payload
+
+
 def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
     """Read payloads from the cursor to ``end``, following the Next Payload chain.
 
@@ -233,7 +255,8 @@ def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
         try:
             if puller is not None:
                 # RFC 7296 §3.2: the critical bit "MUST be ignored" for a recognized type
-                payload = puller(body)
+                payload = (_pull_memo(payload_type, puller, body)
+                           if payload_type in _MEMO_TYPES else puller(body))
             else:
                 critical = bool(flags & CRITICAL_BIT)
                 payload = _pull_other_payload(payload_type, next_payload, critical, body)
