@@ -3,6 +3,7 @@ exceptions as one field, and the filter that keeps key material out."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -166,3 +167,56 @@ def test_setup_replaces_its_own_handler_only(stream: io.StringIO) -> None:
 def test_setup_rejects_bad_arguments(fmt: str, level: str) -> None:
     with pytest.raises(ValueError):
         setup_logging(fmt, level)
+
+
+class Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_the_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    """controller/logs.py TurnStreamHandler: two lines logged in one turn of a running loop
+    wait for its end, then go with one write; outside a loop a line goes at once, after
+    whatever waits; close() writes what waits."""
+    stream = Writes()
+    handler = setup_logging("text", "INFO", stream)
+    log = logging.getLogger("espline.test")
+    try:
+        log.info("outside a loop")
+        assert stream.writes == 1 and stream.getvalue().endswith("outside a loop\n")
+
+        async def turn() -> tuple[int, int]:
+            log.info("first")
+            log.info("second")
+            waiting = stream.writes
+            await asyncio.sleep(0)  # the turn ends
+            return waiting, stream.writes
+
+        waiting, after = asyncio.run(turn())
+        assert (waiting, after) == (1, 2)
+        assert [line.rsplit(": ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "outside a loop", "first", "second"]
+
+        async def left_waiting() -> None:
+            log.info("third")  # the loop ends before its turn does
+
+        asyncio.run(left_waiting())
+        log.info("fourth")  # outside a loop: what waits first, then this, in one write
+        assert stream.getvalue().splitlines()[-2:][0].endswith("third")
+        assert stream.getvalue().endswith("fourth\n")
+
+        async def at_close() -> None:
+            log.info("fifth")
+            handler.close()  # (as setup_logging replacing it, or logging.shutdown)
+
+        asyncio.run(at_close())
+        assert stream.getvalue().endswith("fifth\n")
+    finally:
+        logging.getLogger().removeHandler(handler)
