@@ -10,9 +10,16 @@ subscriber ask for a fresh snapshot, so it can never run on a silently stale tab
 Indices are never reused for a different SA (the controller allocates them upwards), so a
 stale cache keyed by index can never reach the wrong keys.
 
-Wire form: one JSON frame per delta (``{"v": version, "op": ..., ...}``) and one per snapshot.
-Records carry key material, so the endpoints are ``ipc://`` paths created mode 0600 (DESIGN
-§5: keys cross local sockets only). Nothing here logs a record's keys.
+Wire form: one frame per message (a delta ``{"v": version, "op": ..., ...}`` or a list of
+them) and one per snapshot, in Python's ``marshal`` format (:func:`encode_message`): dicts,
+lists, ints, strings and bytes (keys travel raw). Both ends are processes of this one
+program on one interpreter, and it encodes and decodes four times faster than JSON did
+(a Child SA's message: 3.5 against 14.6 us to encode, every subscriber decoding it again;
+bench/ike_rate.py). ``marshal`` is not meant for untrusted input: the endpoints are
+``ipc://`` paths created mode 0600 in the runtime directory, as they must be anyway since
+records carry key material (DESIGN §5: keys cross local sockets only), and a frame that
+does not decode makes the subscriber fetch a fresh snapshot. Nothing here logs a record's
+keys.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
-import json
+import marshal
 import os
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -39,7 +46,9 @@ __all__ = [
     "SaSink",
     "SaSubscriber",
     "SaTableSnapshot",
+    "decode_message",
     "decode_record",
+    "encode_message",
     "encode_record",
 ]
 
@@ -67,11 +76,27 @@ class DeferringSaSink(SaSink, Protocol):
 
 # -- encoding -----------------------------------------------------------------------------------
 
+_MARSHAL_VERSION = 4
+
+
+def encode_message(message: dict[str, Any] | list[Any]) -> bytes:
+    """A frame's bytes: a delta, a list of deltas or a snapshot (plain data only)."""
+    return marshal.dumps(message, _MARSHAL_VERSION)
+
+
+def decode_message(data: bytes) -> Any:
+    """What :func:`encode_message` was given; ``ValueError`` for bytes it did not make."""
+    try:
+        return marshal.loads(data)
+    except (EOFError, TypeError, ValueError) as exc:
+        raise ValueError(f"not an SA distribution frame: {exc}") from None
+
+
 def encode_record(r: SaRecord) -> dict[str, Any]:
     return {
         "spi": r.spi, "dir": int(r.direction), "alg": r.alg,
         "local": str(r.local_addr), "remote": str(r.remote_addr), "proto": int(r.protocol),
-        "mode": int(r.mode), "enc_key": r.enc_key.hex(), "integ_key": r.integ_key.hex(),
+        "mode": int(r.mode), "enc_key": r.enc_key, "integ_key": r.integ_key,
         "esn": r.esn, "replay": r.replay_window, "tfc": r.tfc_pad, "name": r.name,
         "encap": None if r.encap is None else [r.encap.local_port, r.encap.remote_port],
     }
@@ -88,7 +113,7 @@ def decode_record(d: dict[str, Any]) -> SaRecord:
         spi=int(d["spi"]), direction=Direction(d["dir"]), alg=str(d["alg"]),
         local_addr=address(d["local"]), remote_addr=address(d["remote"]),
         protocol=IpsecProtocol(d["proto"]), mode=Mode(d["mode"]),
-        enc_key=bytes.fromhex(d["enc_key"]), integ_key=bytes.fromhex(d["integ_key"]),
+        enc_key=bytes(d["enc_key"]), integ_key=bytes(d["integ_key"]),
         esn=bool(d["esn"]), replay_window=int(d["replay"]), tfc_pad=int(d["tfc"]),
         name=str(d["name"]),
         encap=None if encap is None else UdpEncap(int(encap[0]), int(encap[1])),
@@ -134,15 +159,15 @@ class SaTableSnapshot:
 
     def encode(self) -> bytes:
         assert self.sas is not None and self.policies is not None
-        return json.dumps({
+        return encode_message({
             "v": self.version,
             "sas": [[i, encode_record(r)] for i, r in sorted(self.sas.items())],
             "policies": _encode_spd(self.policies),
-        }).encode()
+        })
 
     @classmethod
     def decode(cls, data: bytes) -> SaTableSnapshot:
-        d = json.loads(data)
+        d = decode_message(data)
         return cls(int(d["v"]), {int(i): decode_record(r) for i, r in d["sas"]},
                    _decode_spd(d["policies"]))
 
@@ -196,7 +221,7 @@ class SaPublisher:
         if self._pending is not None:
             self._pending.append(delta)
         else:
-            self.pub.send(json.dumps(delta).encode())
+            self.pub.send(encode_message(delta))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -211,7 +236,7 @@ class SaPublisher:
         finally:
             pending, self._pending = self._pending, None
             if pending:
-                self.pub.send(json.dumps(pending).encode())
+                self.pub.send(encode_message(pending))
 
     def hold(self) -> None:
         """Keep every delta from now on, until :meth:`release`: the deltas of several IKE
@@ -224,7 +249,7 @@ class SaPublisher:
         """Send what is kept now, as one message, and go on holding."""
         if self._pending:
             pending, self._pending = self._pending, []
-            self.pub.send(json.dumps(pending).encode())
+            self.pub.send(encode_message(pending))
 
     def release(self) -> None:
         """Send what is kept, as one message, and stop holding."""
@@ -341,7 +366,11 @@ class SaSubscriber:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return applied
-            message = json.loads(data)
+            try:
+                message = decode_message(data)
+            except ValueError:
+                self.sync()  # not a frame of ours: start again from a snapshot
+                return applied
             for delta in message if isinstance(message, list) else (message,):
                 version = int(delta["v"])
                 if version <= self.version:

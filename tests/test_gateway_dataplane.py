@@ -16,7 +16,6 @@ real datagrams:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from dataclasses import replace
@@ -30,6 +29,7 @@ from controller.config import parse_config
 from controller.gateway import Gateway
 from controller.ike.events import ChildSaEstablished, Event
 from controller.ike.ike_sa import IkeSa
+from pipeline.sadist import decode_message
 from tests.test_ike_daemon import free_ports
 from tests.test_ike_sa import configs
 
@@ -81,7 +81,7 @@ class Watch:
 
     def drain(self) -> None:
         while self.sub.poll(50):  # a message sent before now arrives well within this
-            message = json.loads(self.sub.recv())
+            message = decode_message(self.sub.recv())
             self.messages.append(message if isinstance(message, list) else [message])
 
     def installs(self) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import queue
 import signal
@@ -23,7 +22,14 @@ from pipeline.batch import Batch
 from pipeline.dataplane import PARK_MAX, PARK_S, DataPlane, Settings
 from pipeline.dispatch import Policy
 from pipeline.region import HEAD
-from pipeline.sadist import SaPublisher, SaSubscriber, decode_record, encode_record
+from pipeline.sadist import (
+    SaPublisher,
+    SaSubscriber,
+    decode_message,
+    decode_record,
+    encode_message,
+    encode_record,
+)
 from pipeline.satable import Direction, SaRecord, UdpEncap
 from pipeline.transport import Direction as BatchDirection
 from tests.test_dataplane import KEY, NET_A, NET_B, QueueIO, RingIO, inner, wait_for
@@ -153,6 +159,29 @@ def test_a_gap_in_versions_forces_a_fresh_snapshot(
         sub.close()
 
 
+def test_a_frame_that_does_not_decode_forces_a_fresh_snapshot(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    ctx, pub = publisher
+    table = SaTable()
+    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
+    try:
+        sub.sync()
+
+        def garble(p: SaPublisher) -> None:
+            assert p.table.sas is not None
+            p.table.sas[0] = record(0x1001, Direction.OUT)
+            p.table.version += 1
+            p.pub.send(encode_message([{"v": 1}])[:-3])  # cut short: not a frame
+            p.install(1, record(0x2001, Direction.IN))
+
+        pub.call(garble)
+        assert sub.wait_for(2, timeout=5)
+        assert sub.resyncs == 2
+        assert sorted(sa.record.spi for sa in table) == [0x1001, 0x2001]
+    finally:
+        sub.close()
+
+
 def test_a_worker_builds_an_sa_only_when_a_batch_needs_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker's sink takes installs as they came (install_encoded) and builds an SA's
@@ -167,7 +196,7 @@ def test_a_worker_builds_an_sa_only_when_a_batch_needs_it(
     records = {i: record(0x1000 + i, Direction.OUT if i % 2 else Direction.IN)
                for i in range(40)}
     for i, r in records.items():
-        sink.install_encoded(i, json.loads(json.dumps(encode_record(r))))  # as on the wire
+        sink.install_encoded(i, decode_message(encode_message(encode_record(r))))  # the wire
     assert built == []  # nothing decoded, no cipher context made
     assert table.lookup_one(50, 0x1000 + 4) == (4, True)  # deferred inbound SAs are indexed
     sink.remove(6)
@@ -197,7 +226,7 @@ def test_a_worker_builds_an_sa_only_when_a_batch_needs_it(
     assert back.packets() == packets and back.verdict_counts() == {}
     assert built == [0x1003, 0x1004]
     # Iterating (a resync) builds the rest; a record that cannot be built is taken out.
-    sink.install_encoded(50, {**encode_record(record(0x3050, Direction.IN)), "enc_key": "00"})
+    sink.install_encoded(50, {**encode_record(record(0x3050, Direction.IN)), "enc_key": b"\0"})
     assert table.lookup_one(50, 0x3050) == (50, True)
     assert sorted(sa.index for sa in table) == sorted({*records, 8} - {6})
     assert table[50] is None and table.lookup_one(50, 0x3050) == (0, False)
@@ -326,12 +355,11 @@ def test_a_batch_of_deltas_travels_as_one_message(
         while sub.sub.poll(200):
             frames.append(sub.sub.recv())
         assert len(frames) == 1  # one send for three versions
-        import json
-        assert [d["v"] for d in json.loads(frames[0])] == [1, 2, 3]
+        assert [d["v"] for d in decode_message(frames[0])] == [1, 2, 3]
         # Fed back in, the subscriber applies all three in order.
         sub.version = 0
         for frame in frames:
-            message = json.loads(frame)
+            message = decode_message(frame)
             for delta in message:
                 sub._apply(delta)
                 sub.version = delta["v"]
@@ -553,7 +581,7 @@ def test_spd_edits_carry_only_the_changed_entries(
             finally:
                 p.pub.send = real  # type: ignore[method-assign]
             real(sent[0])
-            return json.loads(sent[0])
+            return decode_message(sent[0])
 
         delta = pub.call(lambda p: edit(p, {201: site(500)}, []))
         assert (len(delta["put"]), delta["del"]) == (1, [])
