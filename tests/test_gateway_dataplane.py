@@ -101,6 +101,20 @@ async def start(tmp: Path) -> tuple[Gateway, Watch, tuple[int, int]]:
     return gw, watch, (ike, natt)
 
 
+def initiators(ike: int, count: int) -> tuple[socket.socket, list[IkeSa]]:
+    """``count`` initiators of tests/test_ike_sa.py ``configs()`` on one loopback socket,
+    each with its IKE_SA_INIT request ready for the gateway's IKE port ``ike``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LO, 0))
+    sock.setblocking(False)
+    i_cfg, _ = configs()
+    sas = [IkeSa(i_cfg, initiator=True, local=sock.getsockname(), remote=(LO, ike),
+                 random=os.urandom) for _ in range(count)]
+    for sa in sas:
+        sa.initiate(0.0)
+    return sock, sas
+
+
 async def exchange(sock: socket.socket, sas: list[IkeSa], port: int) -> None:
     """Every initiator's pending request to the gateway, sent back to back (so that the
     gateway reads them in one loop turn), then every answer fed back."""
@@ -120,15 +134,8 @@ def test_child_sas_made_answering_requests_go_in_one_message_before_the_answers(
 
     async def main() -> Watch:
         gw, watch, (ike, _) = await start(tmp_path)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LO, 0))
-        sock.setblocking(False)
+        sock, sas = initiators(ike, count)
         try:
-            i_cfg, _ = configs()
-            sas = [IkeSa(i_cfg, initiator=True, local=sock.getsockname(), remote=(LO, ike),
-                         random=os.urandom) for _ in range(count)]
-            for sa in sas:
-                sa.initiate(0.0)
             await exchange(sock, sas, ike)  # IKE_SA_INIT: no SA for the data plane yet
             assert watch.messages == [] or watch.installs() == [0] * len(watch.messages)
             watch.messages.clear()
@@ -197,15 +204,8 @@ def test_a_child_sa_made_from_a_peers_answer_goes_at_once(tmp_path: Path) -> Non
 def test_a_counter_report_reaches_the_child_sas_it_names(tmp_path: Path) -> None:
     async def main() -> None:
         gw, watch, (ike, _) = await start(tmp_path)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LO, 0))
-        sock.setblocking(False)
+        sock, sas = initiators(ike, 3)
         try:
-            i_cfg, _ = configs()
-            sas = [IkeSa(i_cfg, initiator=True, local=sock.getsockname(), remote=(LO, ike),
-                         random=os.urandom) for _ in range(3)]
-            for sa in sas:
-                sa.initiate(0.0)
             await exchange(sock, sas, ike)
             await exchange(sock, sas, ike)
             children = [(entry, child) for entry in gw.ike.values()

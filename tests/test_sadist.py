@@ -134,13 +134,23 @@ def test_snapshot_then_deltas(publisher: tuple[Any, PublisherThread]) -> None:
         sub.close()
 
 
-def test_a_gap_in_versions_forces_a_fresh_snapshot(
-        publisher: tuple[Any, PublisherThread]) -> None:
-    ctx, pub = publisher
+@contextlib.contextmanager
+def synced(ctx: zmq.Context[zmq.Socket[bytes]], pub: PublisherThread
+           ) -> Iterator[tuple[SaTable, SaSubscriber]]:
+    """A worker's table following ``pub``, synced to its snapshot; closed after."""
     table = SaTable()
     sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
     try:
         sub.sync()
+        yield table, sub
+    finally:
+        sub.close()
+
+
+def test_a_gap_in_versions_forces_a_fresh_snapshot(
+        publisher: tuple[Any, PublisherThread]) -> None:
+    ctx, pub = publisher
+    with synced(ctx, pub) as (table, sub):
         pub.call(lambda p: p.install(0, record(0x1001, Direction.OUT)))
         assert sub.wait_for(1, timeout=5)
 
@@ -155,17 +165,12 @@ def test_a_gap_in_versions_forces_a_fresh_snapshot(
         assert sub.wait_for(3, timeout=5)
         assert sub.resyncs == 2  # the gap was noticed and a snapshot fetched
         assert sorted(sa.record.spi for sa in table) == [0x1001, 0x2001, 0x2002]
-    finally:
-        sub.close()
 
 
 def test_a_frame_that_does_not_decode_forces_a_fresh_snapshot(
         publisher: tuple[Any, PublisherThread]) -> None:
     ctx, pub = publisher
-    table = SaTable()
-    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
-    try:
-        sub.sync()
+    with synced(ctx, pub) as (table, sub):
 
         def garble(p: SaPublisher) -> None:
             assert p.table.sas is not None
@@ -178,8 +183,6 @@ def test_a_frame_that_does_not_decode_forces_a_fresh_snapshot(
         assert sub.wait_for(2, timeout=5)
         assert sub.resyncs == 2
         assert sorted(sa.record.spi for sa in table) == [0x1001, 0x2001]
-    finally:
-        sub.close()
 
 
 def test_a_worker_builds_an_sa_only_when_a_batch_needs_it(
@@ -337,10 +340,7 @@ def peer_encap(spi: int, key: bytes, count: int) -> list[bytes]:
 def test_a_batch_of_deltas_travels_as_one_message(
         publisher: tuple[Any, PublisherThread]) -> None:
     ctx, pub = publisher
-    table = SaTable()
-    sub = SaSubscriber(ctx, *pub.endpoints, sink=TableSink(table))
-    try:
-        sub.sync()
+    with synced(ctx, pub) as (table, sub):
 
         def child(p: SaPublisher) -> None:
             with p.batch():
@@ -364,8 +364,6 @@ def test_a_batch_of_deltas_travels_as_one_message(
                 sub._apply(delta)
                 sub.version = delta["v"]
         assert sub.version == 3 and sorted(sa.record.spi for sa in table) == [0x1001, 0x2001]
-    finally:
-        sub.close()
 
 
 def test_esp_for_an_sa_whose_install_is_still_queued_is_looked_up_again(
