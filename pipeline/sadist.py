@@ -13,9 +13,9 @@ stale cache keyed by index can never reach the wrong keys.
 Wire form: one frame per message (a delta ``{"v": version, "op": ..., ...}`` or a list of
 them) and one per snapshot, in Python's ``marshal`` format (:func:`encode_message`): dicts,
 lists, ints, strings and bytes (keys travel raw). Both ends are processes of this one
-program on one interpreter, and it encodes and decodes four times faster than JSON did
-(a Child SA's message: 3.5 against 14.6 us to encode, every subscriber decoding it again;
-bench/ike_rate.py). ``marshal`` is not meant for untrusted input: the endpoints are
+program on one interpreter, and it is cheaper than JSON was at both ends (a Child SA's
+message: 3.5-4.2 against 13-15 us to encode, 5.6 against 11.3 us to decode in each
+subscriber). ``marshal`` is not meant for untrusted input: the endpoints are
 ``ipc://`` paths created mode 0600 in the runtime directory, as they must be anyway since
 records carry key material (DESIGN §5: keys cross local sockets only), and a frame that
 does not decode makes the subscriber fetch a fresh snapshot. Nothing here logs a record's
