@@ -227,16 +227,14 @@ class SaPublisher:
     def batch(self) -> Iterator[None]:
         """Send the deltas made inside as one message (still one version each): a Child SA
         is an inbound SA, an outbound SA and an SPD change, and one send costs ~100 us."""
-        if self._pending is not None:
+        if self._pending is not None:  # inside a batch or a hold: it joins that
             yield
             return
-        self._pending = []
+        self.hold()
         try:
             yield
         finally:
-            pending, self._pending = self._pending, None
-            if pending:
-                self.pub.send(encode_message(pending))
+            self.release()
 
     def hold(self) -> None:
         """Keep every delta from now on, until :meth:`release`: the deltas of several IKE
