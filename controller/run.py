@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from controller.config import Config, ConfigError, DataplaneConfig, StaticSa, load_config
+from pipeline import heap
 from pipeline.batch import Batch
 from pipeline.dataplane import DataPlane, PacketIO, Settings
 from pipeline.dispatch import Policy
@@ -327,13 +328,9 @@ def with_secrets_file(cfg: Config) -> Config:
     return dataclasses.replace(cfg, shared_keys=cfg.shared_keys + extra.shared_keys)
 
 
-# The cyclic garbage collector's first threshold for the controller (Python's default: 700
-# allocations). Each IKE SA set up allocates a few hundred objects, nearly all freed by
-# reference counting; at 700 the collector ran ~110 times per 1000 setups and, with the
-# older generations it drags along, took about 8% of the controller's CPU in
-# bench/ike_rate.py (0.24 s per 3000 setups); at 10000, 0.15 s. Garbage cycles wait a
-# little longer; nothing else changes.
-GC_THRESHOLD0 = 10_000
+# The cyclic garbage collector's first threshold for the controller (pipeline/heap.py says
+# why and what it saved).
+GC_THRESHOLD0 = heap.GC_THRESHOLD0
 
 
 def _serve(cfg: Config, config_path: str) -> int:
@@ -392,8 +389,6 @@ def main(config_path: str, *, reexec: bool = False) -> int:
                   file=sys.stderr)
             return 2
         return _serve(cfg, config_path)
-    from pipeline import heap
-
     if reexec:  # the data plane in this very process: its heap from the start
         heap.reexec(cfg.dataplane.hugepages)
     heap.log_state()
@@ -415,6 +410,7 @@ def main(config_path: str, *, reexec: bool = False) -> int:
         signal.signal(signal.SIGINT, on_signal)
         log.info("data plane up: %d static SA(s), %d worker(s)", len(cfg.static_sas),
                  plane.settings.workers)
+        heap.settle()
         plane.run()
         stats = plane.stats
         log.info("stopped: out %s, in %s, lost batches %d", stats.outbound.snapshot(),

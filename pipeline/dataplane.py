@@ -31,8 +31,8 @@ from pipeline.region import HEAD, SharedRegion, complete
 from pipeline.reorder import Reassembler
 from pipeline.sadist import SaSubscriber
 from pipeline.satable import Direction as SaDirection
+from pipeline.satable import Mode, SaRecord
 from pipeline.satable import Protocol as IpsecProtocol
-from pipeline.satable import SaRecord
 from pipeline.shmpool import BatchPool
 from pipeline.supervisor import Supervisor
 from pipeline.transport import (
@@ -219,15 +219,23 @@ class InsideRoutes:
              removed: Collection[int]) -> tuple[list[str], list[str]]:
         """The routes an SPD edit adds and those it withdraws."""
         before: dict[str, bool] = {}
+        old: dict[int, tuple[Policy, tuple[str, ...]]] = {}
         for rank in {*removed, *put}:
             entry = self._of.pop(rank, None)
-            for route in entry[1] if entry is not None else ():
+            if entry is None:
+                continue
+            old[rank] = entry
+            for route in entry[1]:
                 before.setdefault(route, True)
                 self.count[route] -= 1
                 if not self.count[route]:
                     del self.count[route]
         for rank, p in put.items():
-            entry = self._of[rank] = (p, _remote_routes(p))
+            # A new SA for the same selectors (most edits) keeps the entry's routes.
+            was = old.get(rank)
+            routes = was[1] if was is not None and was[0].remote_ts == p.remote_ts \
+                else _remote_routes(p)
+            entry = self._of[rank] = (p, routes)
             for route in entry[1]:
                 before.setdefault(route, route in self.count)
                 self.count[route] = self.count.get(route, 0) + 1
@@ -325,6 +333,8 @@ class DataPlane:
         self._mss6 = np.full(size + 1, 1 << 16, dtype=np.int64)
         self._outer6 = np.zeros(size + 1, dtype=np.bool_)  # the SA's outer header is IPv6
         self._src: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        # (algorithm, IPv6, UDP-encapsulated, tunnel) -> (inner MTU, MSS4, MSS6)
+        self._shapes: dict[tuple[str, bool, bool, bool], tuple[int, int, int]] = {}
         for i, rec in self.records.items():
             self._limit_one(i, rec)
 
@@ -342,14 +352,19 @@ class DataPlane:
         self._mss4[i] = self._mss6[i] = 1 << 16
         if rec is None or rec.protocol is not IpsecProtocol.ESP:
             return
-        try:
-            esp = parse_esp(rec.alg)  # (from the record: the SA itself may not be built yet)
-        except AlgorithmError:
-            return  # the SA cannot be built either: its packets find none
-        self._inner_mtu[i], self._mss4[i], self._mss6[i] = mtu.sa_limits(
-            self.settings.outside_mtu, self.settings.mss_clamp, esp, rec.ipv6,
-            rec.encap is not None, rec.mode.name == "TUNNEL")
-        self._outer6[i] = rec.ipv6
+        ipv6 = rec.ipv6
+        shape = (rec.alg, ipv6, rec.encap is not None, rec.mode is Mode.TUNNEL)
+        limits = self._shapes.get(shape)
+        if limits is None:
+            try:
+                esp = parse_esp(rec.alg)  # (from the record: the SA may not be built yet)
+            except AlgorithmError:
+                return  # the SA cannot be built either: its packets find none
+            # A concentrator's SAs come in a few shapes: each one's limits computed once.
+            limits = self._shapes[shape] = mtu.sa_limits(
+                self.settings.outside_mtu, self.settings.mss_clamp, esp, *shape[1:])
+        self._inner_mtu[i], self._mss4[i], self._mss6[i] = limits
+        self._outer6[i] = ipv6
         self._src[rec.local_addr.version] = rec.local_addr
 
     # -- the controller's SA table (pipeline/sadist.py SaSink) ------------------------------

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline import heap
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_environ_adds_the_allocator_and_the_tunable() -> None:
@@ -112,3 +116,15 @@ def test_reexec_does_nothing_when_applied_or_disabled(monkeypatch: pytest.Monkey
     assert len(calls) == 1
     executable, argv, env = calls[0]  # type: ignore[misc]
     assert executable and argv and heap.applied(env)
+
+
+def test_settle_freezes_start_up_and_raises_the_first_threshold() -> None:
+    # In a fresh interpreter: the test process's own collector stays as it is.
+    code = ("import gc; from pipeline import heap; before = gc.get_threshold(); "
+            "heap.settle(); after = gc.get_threshold(); "
+            "print(gc.get_freeze_count(), before[0], after[0], before[1:] == after[1:])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO_ROOT).stdout.split()
+    frozen, before, after, rest_kept = int(out[0]), int(out[1]), int(out[2]), out[3]
+    assert frozen > 1000  # the modules' objects, out of the generations
+    assert before == 700 and after == heap.GC_THRESHOLD0 and rest_kept == "True"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import mtu
+from pipeline import heap, mtu
 from pipeline.batch import MSS_CLAMPED, SLOT_SIZE, Batch
 from pipeline.dispatch import Policy
 from pipeline.region import SharedRegion, complete
@@ -208,6 +208,7 @@ def run_worker(spec: WorkerSpec) -> None:
         report.setsockopt(zmq.LINGER, 0)
         report.connect(spec.reports)
     last_report = time.monotonic()
+    heap.settle()  # the collector walks only what the batches make
     try:
         while not stop:
             if updates is not None:
