@@ -99,6 +99,34 @@ def test_text_lines(stream: io.StringIO) -> None:
     assert second.endswith(" WARNING espline.run: plain")
 
 
+def test_ike_sa_lines_without_keywords_take_the_short_way_alike(
+        stream: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IkeSaLogger makes the records of calls without keywords itself: the same line as
+    LoggerAdapter's way, the level honoured, the record factory used, and a bound field
+    named like key material still redacted."""
+    setup_logging("json", "INFO", stream)
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def recording(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(logging, "_logRecordFactory", recording)
+    log = sa_logger("espline.ike", "site-b", 3)
+    log.info("CHILD_SA %s{%d} installed", "lan", 7)  # the short way
+    log.info("CHILD_SA %s{%d} installed", "lan", 7, extra={})  # LoggerAdapter's
+    log.debug("not shown")
+    log.bind(psk="hunter2").warning("bound")
+    short, general, bound = lines(stream)
+    assert short.pop("ts") and general.pop("ts")
+    assert short == general == {"level": "INFO", "logger": "espline.ike",
+                                "msg": "CHILD_SA lan{7} installed", "ike": "site-b",
+                                "ike_id": 3}
+    assert len(made) == 3 and made[0].args == ("lan", 7)
+    assert bound["psk"] == REDACTED and "hunter2" not in stream.getvalue()
+
+
 def test_text_exception(stream: io.StringIO) -> None:
     setup_logging("text", "INFO", stream)
     try:

@@ -43,6 +43,7 @@ from controller.ike.constants import (
     HeaderFlag,
     IdType,
     NotifyType,
+    PrfId,
     ProtocolId,
 )
 from controller.ike.crypto import (
@@ -73,6 +74,7 @@ from controller.ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
 )
+from controller.ike.memo import IdentityMemo
 from controller.ike.message import (
     GENERIC_PAYLOAD_HEADER_LENGTH,
     IkeHeader,
@@ -800,8 +802,7 @@ class IkeSa:
     def _psk_auth(self, ctx: _IkeContext, octets: bytes) -> bytes:
         """AUTH for a shared key (RFC 7296 §2.15): prf(prf(key, pad), signed octets)."""
         assert ctx.suite is not None
-        p = ctx.suite.prf
-        return prf(p, prf(p, self.config.psk, PSK_PAD), octets)
+        return prf(ctx.suite.prf, _psk_pad_key(ctx.suite.prf, self.config.psk), octets)
 
     def _our_auth(self, ctx: _IkeContext, octets: bytes) -> AuthPayload:
         """Our AUTH payload; ``AuthenticationFailed`` if our key cannot sign for this peer."""
@@ -1396,8 +1397,8 @@ class IkeSa:
         (narrowed, RFC 7296 §2.9) and one of whose proposals is offered (§2.7)."""
         selectors_fit = False
         for config in candidates:
-            nar_i = narrow(_ranges(tsi), config.remote_ts)
-            nar_r = narrow(_ranges(tsr), config.local_ts)
+            nar_i = _narrowed(tsi, config.remote_ts)
+            nar_r = _narrowed(tsr, config.local_ts)
             if not nar_i or not nar_r:
                 continue
             selectors_fit = True
@@ -1922,6 +1923,31 @@ def _answer(chosen: ChosenEsp, spi: bytes) -> SaPayload:
     """The responder's SA payload: the chosen proposal with our inbound SPI."""
     p = chosen.proposal
     return SaPayload((Proposal(p.number, ProtocolId.ESP, spi, p.transforms),))
+
+
+@lru_cache(maxsize=64)
+def _psk_pad_key(prf_id: PrfId, psk: bytes) -> bytes:
+    """prf(Shared Secret, "Key Pad for IKEv2") of RFC 7296 §2.15: the same for every AUTH
+    with that key and PRF (two per IKE SA set up), so computed once. It is a key as
+    secret as the PSK itself, kept where the PSK is (this process's memory)."""
+    return prf(prf_id, psk, PSK_PAD)
+
+
+_narrowing: IdentityMemo[tuple[TrafficSelector, ...]] = IdentityMemo()
+
+
+def _narrowed(ts: TsiPayload | TsrPayload | None,
+              allowed: tuple[TrafficSelector, ...]) -> tuple[TrafficSelector, ...]:
+    """``narrow`` of the payload's selectors to ``allowed``, computed once per payload
+    object (the parser's, for the same bytes) and policy: peers offering the same
+    selectors get the very same narrowed tuple (written once, payloads.py)."""
+    if ts is None:
+        return ()
+    inputs = (ts, allowed)
+    out = _narrowing.get(inputs)
+    if out is None:
+        out = _narrowing.put(inputs, narrow(_ranges(ts), allowed))
+    return out
 
 
 def _ranges(ts: TsiPayload | TsrPayload | None) -> tuple[TrafficSelector, ...]:

@@ -43,6 +43,7 @@ from .constants import (
     members_by_value,
 )
 from .errors import InvalidSyntax
+from .memo import IdentityMemo
 
 __all__ = [
     "BODY_PULLERS",
@@ -415,10 +416,25 @@ def _push_proposal(buf: Buffer, proposal: Proposal, last: bool) -> None:
         len(proposal.transforms),
     )
     buf.push_bytes(proposal.spi)
-    last_index = len(proposal.transforms) - 1
-    for index, transform in enumerate(proposal.transforms):
-        _push_transform(buf, transform, last=index == last_index)
+    buf.push_bytes(_transforms_bytes(proposal.transforms))
     _patch_length(buf, start + 2, start, "proposal")
+
+
+# What a tuple of transforms, or of traffic selectors, writes: a responder answers every
+# peer with the same chosen transforms and narrowed selectors (the same objects, from
+# proposals.select_ike/esp_transform_ids and ike_sa's narrowing), so they are written once.
+_written: IdentityMemo[bytes] = IdentityMemo()
+
+
+def _transforms_bytes(transforms: tuple[Transform, ...]) -> bytes:
+    data = _written.get((transforms,))
+    if data is None:
+        buf = Buffer(capacity=64)
+        last_index = len(transforms) - 1
+        for index, transform in enumerate(transforms):
+            _push_transform(buf, transform, last=index == last_index)
+        data = _written.put((transforms,), buf.data)
+    return data
 
 
 def pull_sa_payload(buf: Buffer) -> SaPayload:
@@ -850,11 +866,16 @@ def _pull_traffic_selectors(buf: Buffer) -> tuple[Selector, ...]:
 
 
 def _push_traffic_selectors(buf: Buffer, selectors: tuple[Selector, ...]) -> None:
-    if len(selectors) > MAX_TRAFFIC_SELECTORS:
-        raise ValueError(f"{len(selectors)} traffic selectors, at most 255 fit")
-    buf.push_struct(_TS_COUNT, len(selectors))
-    for selector in selectors:
-        _push_traffic_selector(buf, selector)
+    data = _written.get((selectors,), PayloadType.TSI)
+    if data is None:
+        if len(selectors) > MAX_TRAFFIC_SELECTORS:
+            raise ValueError(f"{len(selectors)} traffic selectors, at most 255 fit")
+        body = Buffer(capacity=64)
+        body.push_struct(_TS_COUNT, len(selectors))
+        for selector in selectors:
+            _push_traffic_selector(body, selector)
+        data = _written.put((selectors,), body.data, PayloadType.TSI)
+    buf.push_bytes(data)
 
 
 def pull_tsi_payload(buf: Buffer) -> TsiPayload:

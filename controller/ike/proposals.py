@@ -23,6 +23,7 @@ from controller.ike.constants import (
     TransformType,
 )
 from controller.ike.crypto import IkeProposal
+from controller.ike.memo import IdentityMemo
 from controller.ike.payloads import Proposal, SaPayload, Transform, TransformAttribute
 from workers.algorithms import CipherKind, EspTransform
 
@@ -58,11 +59,14 @@ def _encr(encr: int, key_bits: int | None) -> Transform:
     return Transform(TransformType.ENCR, encr, attrs)
 
 
+@lru_cache(maxsize=256)
 def esp_transform_ids(
     t: EspTransform, esn: bool, ke_group: int | None = None
 ) -> tuple[Transform, ...]:
     """The transforms of one ESP proposal for ``t`` (RFC 7296 §3.3.3: ENCR, INTEG unless
-    an AEAD, optional KE, ESN). ``ke_group`` is the PFS group of a CREATE_CHILD_SA."""
+    an AEAD, optional KE, ESN). ``ke_group`` is the PFS group of a CREATE_CHILD_SA.
+    Cached: one tuple per configured proposal (so an answer's transforms are written once,
+    payloads._transforms_bytes)."""
     encr = _ESP_ENCR[t.kind]
     key_bits = (
         None
@@ -127,6 +131,9 @@ class ChosenIke:
     peer_spi: bytes = b""  # the offer's SPI: the new initiator SPI of an IKE SA rekey
 
 
+_chosen_ike: IdentityMemo[ChosenIke | None] = IdentityMemo()
+
+
 def select_ike(
     offered: SaPayload, configured: Sequence[IkeProposal], ke_group: int | None
 ) -> ChosenIke | None:
@@ -134,7 +141,20 @@ def select_ike(
 
     ``ke_group`` is the group of the request's KE payload: a proposal is preferred with
     that group (saving a round trip); otherwise the first acceptable group is chosen and
-    the caller answers INVALID_KE_PAYLOAD (RFC 7296 §1.3)."""
+    the caller answers INVALID_KE_PAYLOAD (RFC 7296 §1.3).
+
+    The same offer object (the parser's, for the same bytes) against the same configured
+    tuple gets the same answer object: the choice is made once per distinct offer."""
+    inputs = (offered, configured)
+    chosen = _chosen_ike.get(inputs, ke_group)
+    if chosen is None:
+        chosen = _chosen_ike.put(inputs, _select_ike(offered, configured, ke_group), ke_group)
+    return chosen
+
+
+def _select_ike(
+    offered: SaPayload, configured: Sequence[IkeProposal], ke_group: int | None
+) -> ChosenIke | None:
     candidates: list[ChosenIke] = []
     for config in configured:
         base = _ike_transforms(config)
