@@ -16,7 +16,6 @@ import contextlib
 import heapq
 import itertools
 import logging
-import os
 import socket
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 
 from controller.ike.cookies import CookieGuard
 from controller.ike.ike_sa import Event, IkeConfig, IkeSa
+from controller.ike.randomness import RandomPool
 from controller.ike.state import IkeState
 
 __all__ = ["IkeDaemon", "PeerConfig"]
@@ -68,7 +68,7 @@ class _Endpoint(asyncio.DatagramProtocol):
 class IkeDaemon:
     def __init__(self, peers: Sequence[PeerConfig], local: str, port: int = 500,
                  natt_port: int = 4500, *, on_event: Callable[[IkeSa, Event], None] | None = None,
-                 random: Callable[[int], bytes] = os.urandom,
+                 random: Callable[[int], bytes] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  cookie_threshold: int = 10) -> None:
         self.peers = list(peers)
@@ -76,7 +76,8 @@ class IkeDaemon:
         self.port = port
         self.natt_port = natt_port
         self.on_event = on_event
-        self.random = random
+        # The kernel's CSPRNG, a block per system call (controller/ike/randomness.py).
+        self.random = random if random is not None else RandomPool()
         self.clock = clock
         self.sas: dict[bytes, IkeSa] = {}  # by the SPIs we chose (ours identify the SA)
         self._indexed: dict[int, tuple[bytes, ...]] = {}  # id(sa) -> its SPIs in ``sas``
@@ -91,7 +92,7 @@ class IkeDaemon:
         self.max_half_open = 4096
         # COOKIE challenges from this many half-open SAs on (0: never; strongSwan's
         # charon.cookie_threshold defaults to 10 as well).
-        self.cookies = CookieGuard(cookie_threshold, random) if cookie_threshold else None
+        self.cookies = CookieGuard(cookie_threshold, self.random) if cookie_threshold else None
         # Handling a request from a peer: whatever it changes, the peer can act on it only
         # once our answer reaches it (Gateway holds the SA deltas of such events for the
         # loop turn, and the datagrams with them: hold_sends).
