@@ -328,9 +328,10 @@ def with_secrets_file(cfg: Config) -> Config:
     return dataclasses.replace(cfg, shared_keys=cfg.shared_keys + extra.shared_keys)
 
 
-# The cyclic garbage collector's first threshold for the controller (pipeline/heap.py says
-# why and what it saved).
+# The cyclic garbage collector's first two thresholds for the controller (pipeline/heap.py
+# says why and what they saved).
 GC_THRESHOLD0 = heap.GC_THRESHOLD0
+GC_THRESHOLD1 = heap.GC_THRESHOLD1
 
 
 def _serve(cfg: Config, config_path: str) -> int:
@@ -340,7 +341,7 @@ def _serve(cfg: Config, config_path: str) -> int:
 
     from controller.gateway import serve
 
-    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
+    gc.set_threshold(GC_THRESHOLD0, GC_THRESHOLD1, *gc.get_threshold()[2:])
 
     try:
         import uvloop

@@ -35,8 +35,8 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 
-__all__ = ["GC_THRESHOLD0", "MARKER", "applied", "environ", "log_state", "reexec", "settle",
-           "spawning", "supported"]
+__all__ = ["GC_THRESHOLD0", "GC_THRESHOLD1", "MARKER", "applied", "environ", "log_state",
+           "reexec", "settle", "spawning", "supported"]
 
 log = logging.getLogger("espline.heap")
 
@@ -44,14 +44,19 @@ TUNABLE = "glibc.malloc.hugetlb"
 MARKER = "ESPLINE_HEAP"  # set in the environment this module made: no second re-exec
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb
-# The cyclic garbage collector's first threshold in espline's long-running processes
-# (Python's default: 700 allocations). Their work allocates many short-lived objects, nearly
-# all freed by reference counting, and at 700 the collector runs often and drags its older
-# generations along: in the controller it took about 8% of the CPU of IKE setups
-# (bench/ike_rate.py, 0.24 s per 3000 setups; at 10000, 0.15 s), in the data plane's I/O
-# process about 15% of what installing their Child SAs costs it (perf). Garbage cycles wait
-# a little longer; nothing else changes.
+# The cyclic garbage collector's thresholds in espline's long-running processes (Python's
+# defaults: 700, 10, 10). Their work allocates many short-lived objects, nearly all freed by
+# reference counting; at 700 the collector runs often and drags its older generations along:
+# in the controller it took about 8% of the CPU of IKE setups (bench/ike_rate.py, 0.24 s per
+# 3000 setups; at 10000, 0.15 s), in the data plane's I/O process about 15% of what
+# installing their Child SAs costs it (perf). The second threshold: what survives the young
+# generation on a concentrator is mostly IKE and Child SAs that live for hours, and at 10
+# each was walked again by about ten collections of the middle generation before reaching
+# the old one; at 50, about once (gc.callbacks, 12000 setups: 84 ms in the middle
+# generation's collections against 7 ms). Garbage cycles wait a little longer; nothing else
+# changes.
 GC_THRESHOLD0 = 10_000
+GC_THRESHOLD1 = 50
 
 
 def supported(thp_path: str = THP_ENABLED, libc: str | None = None) -> str | None:
@@ -151,11 +156,12 @@ def reexec(enabled: bool) -> None:
                     sys.executable, exc)
 
 
-def settle(threshold0: int = GC_THRESHOLD0) -> None:
+def settle(threshold0: int = GC_THRESHOLD0, threshold1: int = GC_THRESHOLD1) -> None:
     """Call once a process has started: what start-up made (modules, configuration, sockets,
     tables) lives as long as the process, so it leaves the cyclic collector's generations
     (``gc.freeze``), which then walk only what the work makes; and the collector runs every
-    ``threshold0`` allocations rather than 700."""
+    ``threshold0`` allocations rather than 700, its middle generation after ``threshold1``
+    young collections rather than 10."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(threshold0, *gc.get_threshold()[1:])
+    gc.set_threshold(threshold0, threshold1, *gc.get_threshold()[2:])
