@@ -218,6 +218,15 @@ class InsideRoutes:
     def edit(self, put: Mapping[int, Policy],
              removed: Collection[int]) -> tuple[list[str], list[str]]:
         """The routes an SPD edit adds and those it withdraws."""
+        if not removed:
+            # New SAs for selectors that already have entries (most edits): the entries
+            # change, their routes do not.
+            same = [(rank, p) for rank, p in put.items()
+                    if (was := self._of.get(rank)) is not None and was[0].remote_ts == p.remote_ts]
+            if len(same) == len(put):
+                for rank, p in same:
+                    self._of[rank] = (p, self._of[rank][1])
+                return [], []
         before: dict[str, bool] = {}
         old: dict[int, tuple[Policy, tuple[str, ...]]] = {}
         for rank in {*removed, *put}:
