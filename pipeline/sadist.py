@@ -333,6 +333,11 @@ class SaSubscriber:
         self.sink = sink
         self.policies = policies
         self._install_encoded = getattr(sink, "install_encoded", None)
+        # SPD edits of one drain, merged (encoded): rank -> entry, and ranks removed. The
+        # sink gets one edit per drain, not one per Child SA (under IKE load a drain takes
+        # a hundred deltas, and most edits give the same entries new SAs).
+        self._put: dict[int, Any] = {}
+        self._removed: set[int] = set()
         self.version = -1  # nothing applied yet
         self.resyncs = 0
         self.sub = ctx.socket(zmq.SUB)
@@ -370,32 +375,48 @@ class SaSubscriber:
         return bool(int(self.sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def drain(self) -> int:
-        """Apply every delta waiting on the socket; returns how many were applied."""
+        """Apply every delta waiting on the socket; returns how many were applied. The SPD
+        edits among them reach the sink as one, once the rest is applied (the sink sees
+        the SPD of the last delta; no packet is classified in between)."""
         applied = 0
         while True:
             try:
                 data = self.sub.recv(zmq.NOBLOCK)
             except zmq.Again:
+                self._edit_policies()
                 return applied
             try:
                 message = decode_message(data)
             except ValueError:
-                self.sync()  # not a frame of ours: start again from a snapshot
+                self._resync()  # not a frame of ours: start again from a snapshot
                 return applied
             for delta in message if isinstance(message, list) else (message,):
                 version = int(delta["v"])
                 if version <= self.version:
                     continue  # already in the snapshot
                 if version != self.version + 1:
-                    self.sync()  # a gap: lost deltas; start again from a snapshot
+                    self._resync()  # a gap: lost deltas; start again from a snapshot
                     return applied
                 try:
                     self._apply(delta)
                 except _Resync:
-                    self.sync()
+                    self._resync()
                     return applied
                 self.version = version
                 applied += 1
+
+    def _resync(self) -> None:
+        self._put, self._removed = {}, set()  # the snapshot has what they would have done
+        self.sync()
+
+    def _edit_policies(self) -> None:
+        """The merged SPD edits of this drain, to the sink."""
+        if not self._put and not self._removed:
+            return
+        put, removed = self._put, self._removed
+        self._put, self._removed = {}, set()
+        self.sink.edit_policies(_decode_spd([[rank, p] for rank, p in put.items()]),
+                                sorted(removed))
 
     def wait_for(self, version: int, timeout: float = 1.0) -> bool:
         """Block until ``version`` is applied (a batch was classified with it)."""
@@ -419,11 +440,16 @@ class SaSubscriber:
         elif op in ("spd", "spd-edit"):
             if not self.policies:
                 return  # this sink has no SPD (a worker)
-            if op == "spd":
+            if op == "spd":  # the whole SPD: edits merged so far are moot
+                self._put, self._removed = {}, set()
                 self.sink.set_policies(_decode_spd(delta["policies"]))
             else:
-                self.sink.edit_policies(_decode_spd(delta["put"]),
-                                        [int(rank) for rank in delta["del"]])
+                for rank in delta["del"]:
+                    self._put.pop(int(rank), None)
+                    self._removed.add(int(rank))
+                for rank, policy in delta["put"]:
+                    self._put[int(rank)] = policy  # put wins over removed (edit_policies)
+                    self._removed.discard(int(rank))
         else:
             raise _Resync  # an operation this subscriber does not know
 
