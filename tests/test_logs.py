@@ -248,3 +248,20 @@ def test_the_lines_of_one_loop_turn_are_written_together_in_order() -> None:
         assert stream.getvalue().endswith("fifth\n")
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+@pytest.mark.parametrize("extra", [{}, {"ike": "s", "ike_id": 1}, {"ike": "s", "note": "n"},
+                                   {"a": 1, "b": 2}, {"ike": "s", "ike_id": 1, "psk": "x"},
+                                   {"ike_id": 1}])
+@pytest.mark.parametrize("formatted", [False, True])
+def test_extra_names_by_counting_agree_with_the_set_difference(extra: dict[str, object],
+                                                               formatted: bool) -> None:
+    from controller.logs import _RECORD_ATTRS, _extra_names
+
+    record = logging.getLogger("espline.t").makeRecord("espline.t", logging.INFO, "f", 1,
+                                                       "m", (), None, extra=extra)
+    if formatted:
+        record.message = record.getMessage()  # as a formatter leaves it
+        record.asctime = "now"
+    fields = vars(record)
+    assert _extra_names(fields) == fields.keys() - _RECORD_ATTRS == set(extra)
