@@ -238,6 +238,53 @@ def test_a_peers_sa_payload_is_parsed_once_for_every_exchange_alike(
     assert len(calls) == 5 and len(wire._memo) == 1
 
 
+def test_child_sa_offers_that_differ_by_their_spi_only_are_parsed_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SA payload is remembered by its shape, the body without the proposals' SPIs:
+    the next Child SA offer (a new SPI) is the remembered proposals with its own SPIs,
+    equal to what a parse from scratch gives; an offer without SPIs (IKE_SA_INIT) is the
+    remembered object itself."""
+    from controller.ike import message as wire
+    from controller.ike.payloads import push_sa_payload
+    from controller.ike.proposals import esp_transform_ids
+    from workers.algorithms import parse_esp
+
+    monkeypatch.setattr(wire, "_memo", {})
+    calls: list[int] = []
+    pull = wire.BODY_PULLERS[PayloadType.SA]
+
+    def counted(buf: Buffer) -> Payload:
+        calls.append(1)
+        return pull(buf)
+
+    monkeypatch.setitem(wire.BODY_PULLERS, PayloadType.SA, counted)
+
+    def offer(*spis: bytes) -> SaPayload:
+        esp = parse_esp("aes128gcm16")
+        transforms = esp_transform_ids(esp, False)
+        return SaPayload(tuple(Proposal(k + 1, ProtocolId.ESP, spi, transforms)
+                               for k, spi in enumerate(spis)))
+
+    def body(sa: SaPayload) -> Buffer:
+        buf = Buffer(capacity=64)
+        push_sa_payload(buf, sa)
+        return Buffer(data=buf.data)
+
+    first = offer(b"\xc1\x00\x00\x01", b"\xc1\x00\x00\x02")
+    second = offer(b"\xc2\x00\x00\x01", b"\xc2\x00\x00\x02")
+    got1 = wire._pull_memo(PayloadType.SA, counted, body(first))
+    got2 = wire._pull_memo(PayloadType.SA, counted, body(second))
+    assert (got1, got2) == (first, second) and len(calls) == 1
+    assert isinstance(got2, SaPayload) and isinstance(got1, SaPayload)
+    assert got2.proposals[1].transforms is got1.proposals[1].transforms
+    # The IKE_SA_INIT offer (no SPIs): the same object each time.
+    a, b = parse_message(STRONGSWAN_SA_INIT), parse_message(STRONGSWAN_SA_INIT)
+    assert a.find(SaPayload) is b.find(SaPayload) and len(calls) == 2
+    # Proposal headers that do not tile the body: no shape, the parser's verdict stands.
+    assert wire._sa_shape(b"\x00\x00\x00\x04" + bytes(4)) is None
+    assert wire._sa_shape(b"\x00\x00\x00\x0c\x01\x03\x08\x00" + bytes(4)) is None
+
+
 def test_serialize_strongswan_sa_init() -> None:
     assert serialize_message(STRONGSWAN_SA_INIT_MESSAGE) == STRONGSWAN_SA_INIT
     # Next Payload and Length are computed, whatever the header says

@@ -24,6 +24,8 @@ from .payloads import (
     EncryptedPayload,
     NotifyPayload,
     Payload,
+    Proposal,
+    SaPayload,
     UnknownPayload,
     pull_encrypted_fragment_payload,
     pull_encrypted_payload,
@@ -206,24 +208,66 @@ def _pull_other_payload(
 
 # Payloads a peer sends alike in every exchange of a kind (its IKE SA proposals, its traffic
 # selectors), parsed once: the body's bytes -> the payload (immutable: frozen dataclasses of
-# tuples), so one parse serves every IKE SA. Bounded: emptied when full, so a peer sending
-# a different body each time costs a dict insert, never memory.
+# tuples), so one parse serves every IKE SA. An SA payload is kept by its *shape*, the body
+# without its proposals' SPIs: a Child SA offer differs from the last one by its SPI only,
+# and gets the remembered proposals with its own SPIs (the parser reads nothing from an
+# SPI's value, RFC 7296 §3.3.1; its size is part of the shape). Bounded: emptied when full,
+# so a peer sending a different body each time costs a dict insert, never memory.
 _MEMO_TYPES = frozenset({PayloadType.SA, PayloadType.TSI, PayloadType.TSR})
 _MEMO_MAX = 256
 _memo: dict[tuple[int, bytes], Payload] = {}
+_PROPOSAL_FIXED = 8  # RFC 7296 §3.3.1: the Proposal Substructure's header, before the SPI
+
+
+def _sa_shape(body: bytes) -> tuple[bytes, tuple[bytes, ...]] | None:
+    """An SA payload body without its proposals' SPIs, and those SPIs; None where the
+    proposal headers do not tile the body (the parser then says what is wrong)."""
+    parts: list[bytes] = []
+    spis: list[bytes] = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < _PROPOSAL_FIXED:
+            return None
+        length = body[pos + 2] << 8 | body[pos + 3]
+        spi_end = pos + _PROPOSAL_FIXED + body[pos + 6]  # SPI Size
+        if spi_end > pos + length or pos + length > end:
+            return None
+        parts.append(body[pos:pos + _PROPOSAL_FIXED])
+        parts.append(body[spi_end:pos + length])
+        spis.append(body[pos + _PROPOSAL_FIXED:spi_end])
+        pos += length
+    return b"".join(parts), tuple(spis)
 
 
 def _pull_memo(payload_type: int, puller: Callable[[Buffer], Payload], body: Buffer) -> Payload:
-    key = (payload_type, body.data_slice(0, body.capacity))
+    data = body.data_slice(0, body.capacity)
+    spis: tuple[bytes, ...] = ()
+    if payload_type == PayloadType.SA:
+        shape = _sa_shape(data)
+        if shape is not None:
+            data, spis = shape
+    key = (payload_type, data)
     payload = _memo.get(key)
     if payload is not None:
         body.seek(body.capacity)  # read to its end, as the puller would have
+        if isinstance(payload, SaPayload):
+            return _with_spis(payload, spis)
         return payload
     payload = puller(body)
     if len(_memo) >= _MEMO_MAX:
         _memo.clear()
     _memo[key] = payload
     return payload
+
+
+def _with_spis(sa: SaPayload, spis: tuple[bytes, ...]) -> SaPayload:
+    """``sa`` (the shape's first parse) with these SPIs: the very object where they are its
+    own (an IKE_SA_INIT offer carries none), else its proposals with these SPIs."""
+    proposals = sa.proposals
+    if all(p.spi == spi for p, spi in zip(proposals, spis, strict=True)):
+        return sa
+    return SaPayload(tuple(Proposal(p.number, p.protocol_id, spi, p.transforms)
+                           for p, spi in zip(proposals, spis, strict=True)))
 
 
 def pull_payload_chain(buf: Buffer, first_type: int, end: int) -> list[Payload]:
