@@ -177,6 +177,10 @@ class ChildEntry:
     successor: ChildEntry | None = None  # a rekey we answered: outbound moves on our delete
     rekeying: bool = False  # a volume or sequence limit asked for a rekey
     deleting: bool = False
+    # What it installed at index_in/index_out: removed by identity, as an index is handed
+    # out again once its SA is gone (SaPublisher.allocate).
+    record_in: SaRecord | None = None
+    record_out: SaRecord | None = None
 
 
 class Holders:
@@ -771,7 +775,8 @@ class Gateway:
         child = ChildEntry(self._next_child, e.name, e, index_in, index_out, time.time(),
                            lport, rport, counters=_NO_TRAFFIC,
                            selectors=(selector_networks(e.local_ts),
-                                      selector_networks(e.remote_ts)))
+                                      selector_networks(e.remote_ts)),
+                           record_in=inbound, record_out=out)
         self._by_index[index_in] = self._by_index[index_out] = (entry, child)
         self._next_child += 1
         self._up[(entry.conn, e.name)] = self._up.get((entry.conn, e.name), 0) + 1
@@ -789,7 +794,7 @@ class Gateway:
             if old is not None:
                 # make-before-break: outbound has switched; the old inbound SA stays until
                 # its Delete completes (ChildSaDeleted), and a moment longer.
-                self._remove_later(old.index_out)
+                self._remove_later(old.index_out, old.record_out)
         else:
             old.successor = child  # outbound moves when the old SA is deleted
         self._log(entry).info("CHILD_SA %s{%d} installed, SPIs %08x_i %08x_o%s", e.name,
@@ -806,8 +811,9 @@ class Gateway:
         pub = self.publisher
         if entry.children.pop(child.event.spi_in, None) is None:
             return
-        self._by_index.pop(child.index_in, None)
-        self._by_index.pop(child.index_out, None)
+        for index in (child.index_in, child.index_out):
+            if self._by_index.get(index, (None, None))[1] is child:
+                del self._by_index[index]  # (else the index is another SA's by now)
         holders = self._protect.get(child.selectors) or Holders()
         holders.discard(child.uniqueid)
         successor = child.successor
@@ -826,20 +832,23 @@ class Gateway:
                 # A rekeyed SA lingers a moment after its Delete: packets the peer sent on it
                 # before switching may still be on their way in, and batches classified
                 # before the SPD moved may still be on their way to a worker.
-                self._remove_later(child.index_out)
-                self._remove_later(child.index_in)
+                self._remove_later(child.index_out, child.record_out)
+                self._remove_later(child.index_in, child.record_in)
             else:
-                pub.remove(child.index_out)
-                pub.remove(child.index_in)
+                pub.remove(child.index_out, child.record_out)
+                pub.remove(child.index_in, child.record_in)
         if not child.replaced:
             self._emit("child-updown", entry, child, False)
 
-    def _remove_later(self, index: int) -> None:
-        asyncio.get_running_loop().call_later(REKEY_GRACE, self._remove_index, index)
+    def _remove_later(self, index: int, record: SaRecord | None) -> None:
+        asyncio.get_running_loop().call_later(REKEY_GRACE, self._remove_index, index, record)
 
-    def _remove_index(self, index: int) -> None:
+    def _remove_index(self, index: int, record: SaRecord | None) -> None:
+        """Remove ``record`` at ``index`` unless it went already (a rekeyed SA's outbound
+        index is removed when its successor takes over and again with the SA itself; by
+        then the index may hold another SA)."""
         if self.publisher is not None:
-            self.publisher.remove(index)
+            self.publisher.remove(index, record)
 
     def _publish_policies(self, selectors: Iterable[Selectors] | None = None,
                           children: Iterable[tuple[str, str]] | None = None) -> None:

@@ -236,3 +236,43 @@ def test_a_counter_report_reaches_the_child_sas_it_names(tmp_path: Path) -> None
             gw.close()
 
     uvloop.run(main())
+
+
+def test_a_reused_index_is_never_taken_from_the_sa_that_holds_it_now(tmp_path: Path) -> None:
+    """SA indices come back into use once their SA is gone (SaPublisher.allocate): a late
+    removal of the old SA (a rekeyed Child SA's outbound SA goes when its successor takes
+    over, and again with the Child SA itself) leaves the index's new SA installed, and its
+    counters mapped."""
+    async def main() -> None:
+        gw, watch, (ike, _) = await start(tmp_path)
+        assert gw.publisher is not None and gw.publisher.table.sas is not None
+        gw.publisher.quarantine = 0.0  # (60 s in service)
+        sock, sas = initiators(ike, 1)
+        try:
+            await exchange(sock, sas, ike)
+            await exchange(sock, sas, ike)
+            [(entry_a, a)] = [(e, c) for e in gw.ike.values() for c in e.children.values()]
+            # Its SAs go, as after a rekey (REKEY_GRACE), while the Child SA itself stays.
+            gw._remove_index(a.index_out, a.record_out)
+            gw._remove_index(a.index_in, a.record_in)
+            sock2, sas2 = initiators(ike, 1)
+            try:
+                await exchange(sock2, sas2, ike)
+                await exchange(sock2, sas2, ike)
+            finally:
+                sock2.close()
+            [(_, b)] = [(e, c) for e in gw.ike.values() for c in e.children.values()
+                        if c is not a]
+            assert {b.index_in, b.index_out} == {a.index_in, a.index_out}  # reused
+            gw._remove_child(entry_a, a)  # the old Child SA goes: its indices are b's now
+            await asyncio.sleep(0.05)
+            table = gw.publisher.table.sas
+            assert table[b.index_in] is b.record_in and table[b.index_out] is b.record_out
+            assert gw._by_index[b.index_in][1] is b and gw._by_index[b.index_out][1] is b
+        finally:
+            sock.close()
+            watch.close()
+            gw.daemon.close()
+            gw.close()
+
+    uvloop.run(main())

@@ -646,3 +646,38 @@ def test_the_spd_edits_of_one_drain_reach_the_sink_as_one(
         assert sink.spd == {10: site(149), 30: site(33)}
     finally:
         sub.close()
+
+
+def test_removed_indices_are_reused_after_their_quarantine_and_removed_by_identity() -> None:
+    """SaPublisher.allocate hands a removed index out again once ``quarantine`` seconds
+    passed (the data plane's per-index tables stay as large as the SAs up at once); a
+    removal names the SA it removes, so a late one (a rekeyed SA's second removal) cannot
+    take the index's next SA; an explicit install takes an index out of quarantine."""
+    now = [100.0]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with tempfile.TemporaryDirectory() as rundir:
+        pub = SaPublisher(ctx, f"ipc://{rundir}/p", f"ipc://{rundir}/s", quarantine=60.0,
+                          clock=lambda: now[0])
+        try:
+            first = record(0x1001, Direction.OUT)
+            a, b = pub.allocate(), pub.allocate()
+            pub.install(a, first)
+            pub.install(b, record(0x1002, Direction.IN))
+            assert (a, b) == (0, 1)
+            assert pub.remove(a, first) and not pub.remove(a, first)  # once
+            now[0] += 59.0
+            assert pub.allocate() == 2  # still quarantined: a fresh one
+            now[0] += 1.0
+            assert pub.allocate() == a  # 60 s on: reused
+            second = record(0x2001, Direction.OUT)
+            pub.install(a, second)
+            assert not pub.remove(a, first)  # the late removal of the old SA: refused
+            assert pub.table.sas is not None and pub.table.sas[a] is second
+            assert pub.remove(a, second)
+            pub.install(a, record(0x3001, Direction.OUT))  # explicitly, before its time
+            now[0] += 120.0
+            assert pub.allocate() == 3  # a is in use: not handed out again
+            assert pub.remove(b)  # (no record named: whatever is there)
+        finally:
+            pub.close()
+            ctx.term()
