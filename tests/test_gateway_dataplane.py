@@ -101,6 +101,15 @@ async def start(tmp: Path) -> tuple[Gateway, Watch, tuple[int, int]]:
     return gw, watch, (ike, natt)
 
 
+def stop(gw: Gateway, watch: Watch, *socks: socket.socket) -> None:
+    """Close what a test opened: its initiators' sockets, the watch, the gateway."""
+    for sock in socks:
+        sock.close()
+    watch.close()
+    gw.daemon.close()
+    gw.close()
+
+
 def initiators(ike: int, count: int) -> tuple[socket.socket, list[IkeSa]]:
     """``count`` initiators of tests/test_ike_sa.py ``configs()`` on one loopback socket,
     each with its IKE_SA_INIT request ready for the gateway's IKE port ``ike``."""
@@ -151,10 +160,7 @@ def test_child_sas_made_answering_requests_go_in_one_message_before_the_answers(
                 assert sum(watch.installs()[:seen]) >= 2 * (k + 1)
             return watch
         finally:
-            sock.close()
-            watch.close()
-            gw.daemon.close()
-            gw.close()
+            stop(gw, watch, sock)
 
     watch = uvloop.run(main())  # the controller's loop (controller/run.py)
     assert sum(watch.installs()) == 2 * count  # an inbound and an outbound SA each
@@ -193,9 +199,7 @@ def test_a_child_sa_made_from_a_peers_answer_goes_at_once(tmp_path: Path) -> Non
             watch.drain()
             return at_once, sum(watch.installs())
         finally:
-            watch.close()
-            gw.daemon.close()
-            gw.close()
+            stop(gw, watch)
 
     at_once, total = uvloop.run(main())
     assert at_once == [2] and total == 2
@@ -230,10 +234,7 @@ def test_a_counter_report_reaches_the_child_sas_it_names(tmp_path: Path) -> None
             assert set(gw._by_index) == {busy.index_in, busy.index_out,
                                          idle.index_in, idle.index_out}
         finally:
-            sock.close()
-            watch.close()
-            gw.daemon.close()
-            gw.close()
+            stop(gw, watch, sock)
 
     uvloop.run(main())
 
@@ -270,9 +271,6 @@ def test_a_reused_index_is_never_taken_from_the_sa_that_holds_it_now(tmp_path: P
             assert table[b.index_in] is b.record_in and table[b.index_out] is b.record_out
             assert gw._by_index[b.index_in][1] is b and gw._by_index[b.index_out][1] is b
         finally:
-            sock.close()
-            watch.close()
-            gw.daemon.close()
-            gw.close()
+            stop(gw, watch, sock)
 
     uvloop.run(main())

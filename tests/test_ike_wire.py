@@ -200,11 +200,10 @@ def test_parse_strongswan_sa_init() -> None:
     assert len(message.find_all(NotifyPayload)) == 4
 
 
-def test_a_peers_sa_payload_is_parsed_once_for_every_exchange_alike(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """controller/ike/message.py ``_pull_memo``: strongSwan's IKE_SA_INIT twice gives the
-    same message; the second time its SA payload comes from the memo (the SA puller is not
-    called again), not from a second parse. A body that fails to parse is never kept."""
+def counted_sa_parses(monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[list[int], Callable[[Buffer], Payload]]:
+    """An empty parser memo, and the SA payload puller counting its calls (one per parse
+    the memo did not spare): the list of calls, and the counting puller."""
     from controller.ike import message as wire
 
     monkeypatch.setattr(wire, "_memo", {})
@@ -216,6 +215,17 @@ def test_a_peers_sa_payload_is_parsed_once_for_every_exchange_alike(
         return pull(buf)
 
     monkeypatch.setitem(wire.BODY_PULLERS, PayloadType.SA, counted)
+    return calls, counted
+
+
+def test_a_peers_sa_payload_is_parsed_once_for_every_exchange_alike(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """controller/ike/message.py ``_pull_memo``: strongSwan's IKE_SA_INIT twice gives the
+    same message; the second time its SA payload comes from the memo (the SA puller is not
+    called again), not from a second parse. A body that fails to parse is never kept."""
+    from controller.ike import message as wire
+
+    calls, _ = counted_sa_parses(monkeypatch)
     first, second = parse_message(STRONGSWAN_SA_INIT), parse_message(STRONGSWAN_SA_INIT)
     assert first == second == STRONGSWAN_SA_INIT_MESSAGE and len(calls) == 1
     # A different SA body (the proposal's number changed) is parsed, and kept beside it.
@@ -249,15 +259,7 @@ def test_child_sa_offers_that_differ_by_their_spi_only_are_parsed_once(
     from controller.ike.proposals import esp_transform_ids
     from workers.algorithms import parse_esp
 
-    monkeypatch.setattr(wire, "_memo", {})
-    calls: list[int] = []
-    pull = wire.BODY_PULLERS[PayloadType.SA]
-
-    def counted(buf: Buffer) -> Payload:
-        calls.append(1)
-        return pull(buf)
-
-    monkeypatch.setitem(wire.BODY_PULLERS, PayloadType.SA, counted)
+    calls, counted = counted_sa_parses(monkeypatch)
 
     def offer(*spis: bytes) -> SaPayload:
         esp = parse_esp("aes128gcm16")
