@@ -125,3 +125,19 @@ def test_the_psk_pad_key_is_rfc_7296_s2_15_for_each_prf() -> None:
         want = hmac.new(psk, b"Key Pad for IKEv2", getattr(hashlib, name)).digest()
         assert ike_sa._psk_pad_key(prf_id, psk) == want
         assert ike_sa._psk_pad_key(prf_id, psk + b"!") != want  # per key, not one for all
+
+
+def test_mutable_inputs_are_never_remembered() -> None:
+    """A list could change under the same identity: only tuples are kept."""
+    i_cfg, _ = configs()
+    assert i_cfg.child is not None
+    payloads._written.clear()
+    proposals._chosen_ike.clear()
+    selectors = list(i_cfg.child.local_ts)
+    buf = Buffer(capacity=64)
+    payloads._push_traffic_selectors(buf, selectors)  # type: ignore[arg-type]
+    transforms = list(proposals.esp_transform_ids(i_cfg.child.esp_proposals[0][0], False))
+    assert payloads._transforms_bytes(transforms)  # type: ignore[arg-type]
+    offer = SaPayload((payloads.Proposal(1, 1, b"", tuple(transforms)),))
+    proposals.select_ike(offer, list(i_cfg.proposals), None)
+    assert len(payloads._written) == 0 and len(proposals._chosen_ike) == 0

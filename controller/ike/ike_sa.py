@@ -1943,6 +1943,8 @@ def _narrowed(ts: TsiPayload | TsrPayload | None,
     selectors get the very same narrowed tuple (written once, payloads.py)."""
     if ts is None:
         return ()
+    if type(allowed) is not tuple:  # only immutable inputs are remembered
+        return narrow(_ranges(ts), allowed)
     inputs = (ts, allowed)
     out = _narrowing.get(inputs)
     if out is None:

@@ -145,6 +145,8 @@ def select_ike(
 
     The same offer object (the parser's, for the same bytes) against the same configured
     tuple gets the same answer object: the choice is made once per distinct offer."""
+    if type(configured) is not tuple:  # only immutable inputs are remembered
+        return _select_ike(offered, configured, ke_group)
     inputs = (offered, configured)
     chosen = _chosen_ike.get(inputs, ke_group)
     if chosen is None:
