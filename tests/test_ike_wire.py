@@ -282,6 +282,12 @@ def test_child_sa_offers_that_differ_by_their_spi_only_are_parsed_once(
     # The IKE_SA_INIT offer (no SPIs): the same object each time.
     a, b = parse_message(STRONGSWAN_SA_INIT), parse_message(STRONGSWAN_SA_INIT)
     assert a.find(SaPayload) is b.find(SaPayload) and len(calls) == 2
+    # A body that is, byte for byte, a remembered shape (the SPIs cut out of an offer seen
+    # before) is not that offer: it is parsed, and refused as the parser refuses it.
+    shape, _ = wire._sa_shape(body(first).data_slice(0, body(first).capacity)) or (b"", ())
+    with pytest.raises(IkeProtocolError):
+        wire._pull_memo(PayloadType.SA, counted, Buffer(data=shape))
+    assert len(calls) == 3
     # Proposal headers that do not tile the body: no shape, the parser's verdict stands.
     assert wire._sa_shape(b"\x00\x00\x00\x04" + bytes(4)) is None
     assert wire._sa_shape(b"\x00\x00\x00\x0c\x01\x03\x08\x00" + bytes(4)) is None

@@ -215,7 +215,7 @@ def _pull_other_payload(
 # so a peer sending a different body each time costs a dict insert, never memory.
 _MEMO_TYPES = frozenset({PayloadType.SA, PayloadType.TSI, PayloadType.TSR})
 _MEMO_MAX = 256
-_memo: dict[tuple[int, bytes], Payload] = {}
+_memo: dict[tuple[int, bytes, int], Payload] = {}  # (type, body or shape, SPIs or -1)
 _PROPOSAL_FIXED = 8  # RFC 7296 §3.3.1: the Proposal Substructure's header, before the SPI
 
 
@@ -241,18 +241,22 @@ def _sa_shape(body: bytes) -> tuple[bytes, tuple[bytes, ...]] | None:
 
 def _pull_memo(payload_type: int, puller: Callable[[Buffer], Payload], body: Buffer) -> Payload:
     data = body.data_slice(0, body.capacity)
-    spis: tuple[bytes, ...] = ()
+    spis: tuple[bytes, ...] | None = None
     if payload_type == PayloadType.SA:
         shape = _sa_shape(data)
         if shape is not None:
             data, spis = shape
-    key = (payload_type, data)
+    # A shape and a whole body are keys of their own (a body may be bytes for bytes
+    # another's shape), and a shape's key says how many SPIs it lost.
+    key = (payload_type, data, -1 if spis is None else len(spis))
     payload = _memo.get(key)
     if payload is not None:
         body.seek(body.capacity)  # read to its end, as the puller would have
-        if isinstance(payload, SaPayload):
+        if spis is None or not isinstance(payload, SaPayload):
+            return payload
+        if len(payload.proposals) == len(spis):  # (as the key says; never trusted blindly)
             return _with_spis(payload, spis)
-        return payload
+        body.seek(0)
     payload = puller(body)
     if len(_memo) >= _MEMO_MAX:
         _memo.clear()
