@@ -7,8 +7,11 @@ a snapshot; deltas that arrive before the snapshot are kept and replayed if newe
 gap in the version numbers (a slow subscriber lost messages to the high-water mark) makes the
 subscriber ask for a fresh snapshot, so it can never run on a silently stale table.
 
-Indices are never reused for a different SA (the controller allocates them upwards), so a
-stale cache keyed by index can never reach the wrong keys.
+An SA index is handed out again only 60 s after its SA was removed (``INDEX_QUARANTINE_S``),
+and never while a PROTECT policy still names it: far longer than any batch classified with
+the old SA can live (``reorder_hold``, 1 s; a later batch is dropped, never sent), so no
+packet of the old SA meets the new one's keys or sequence numbers. The data plane's
+per-index tables stay as large as the SAs up at once.
 
 Wire form: one frame per message (a delta ``{"v": version, "op": ..., ...}`` or a list of
 them) and one per snapshot, in Python's ``marshal`` format (:func:`encode_message`): dicts,
@@ -213,10 +216,14 @@ class SaPublisher:
         self.table = SaTableSnapshot()
         self.quarantine = quarantine
         self._clock = clock
-        # Removed indices, oldest first, and the set of them not taken back since (an
-        # explicit install takes one back; its deque entry is then skipped).
+        # Removed indices, oldest first, and when each still in quarantine was removed (an
+        # explicit install takes one back; a deque entry whose time is not its index's
+        # there is stale and skipped).
         self._released: deque[tuple[float, int]] = deque()
-        self._quarantined: set[int] = set()
+        self._quarantined: dict[int, float] = {}
+        # PROTECT policies per outbound SA index they name: such an index is not handed out
+        # again, even with its SA gone, until no policy names it.
+        self._named: dict[int, int] = {}
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -240,16 +247,34 @@ class SaPublisher:
         year). The quarantine outlasts, by far, any batch classified with the old SA
         (``reorder_hold``, 1 s: a later one is dropped by the reassembler, never sent), so
         no packet of the old SA can meet the new one's keys or sequence numbers."""
-        released = self._released
-        while released and released[0][1] not in self._quarantined:
-            released.popleft()  # taken back by an explicit install meanwhile
-        if released and released[0][0] <= self._clock() - self.quarantine:
-            index = released.popleft()[1]
-            self._quarantined.discard(index)
+        released, quarantined = self._released, self._quarantined
+        now = self._clock()
+        for _ in range(len(released)):
+            since, index = released[0]
+            if quarantined.get(index) != since:
+                released.popleft()  # taken back by an explicit install meanwhile
+                continue
+            if since > now - self.quarantine:
+                break  # the oldest is still in quarantine, and so are the rest
+            released.popleft()
+            if index in self._named:
+                # A policy still names it (its holder is going, say): not while it does.
+                quarantined[index] = now
+                released.append((now, index))
+                continue
+            del quarantined[index]
             return index
         index = self._next_index
         self._next_index += 1
         return index
+
+    def _name(self, policy: Policy | None, step: int) -> None:
+        if policy is not None and policy.action is Action.PROTECT:
+            count = self._named.get(policy.sa_index, 0) + step
+            if count > 0:
+                self._named[policy.sa_index] = count
+            else:
+                self._named.pop(policy.sa_index, None)
 
     def _publish(self, delta: dict[str, Any]) -> None:
         self.table.version += 1
@@ -292,7 +317,7 @@ class SaPublisher:
 
     def install(self, index: int, record: SaRecord) -> None:
         assert self.table.sas is not None
-        self._quarantined.discard(index)
+        self._quarantined.pop(index, None)
         self.table.sas[index] = record
         self._next_index = max(self._next_index, index + 1)
         self._publish({"op": "install", "index": index, "sa": encode_record(record)})
@@ -306,24 +331,35 @@ class SaPublisher:
             return False
         del self.table.sas[index]
         self._publish({"op": "remove", "index": index})
-        self._released.append((self._clock(), index))
-        self._quarantined.add(index)
+        now = self._clock()
+        self._released.append((now, index))
+        self._quarantined[index] = now
         return True
 
     def set_policies(self, policies: Spd) -> None:
         """Replace the whole SPD: ``policies`` in order, or by rank (smaller first). For a
         change of a few entries, :meth:`edit_policies` sends only them."""
         self.table.policies = ranked(policies)
+        self._named = {}
+        for policy in self.table.policies.values():
+            self._name(policy, 1)
         self._publish({"op": "spd", "policies": _encode_spd(self.table.policies)})
 
     def edit_policies(self, put: Mapping[int, Policy], removed: Iterable[int] = ()) -> None:
         """Change some SPD entries: ``put`` (new or replacing, by rank) and the ``removed``
         ranks. On a concentrator one Child SA changes one entry of thousands: the delta
         carries that entry, and the subscribers rework only it."""
-        assert self.table.policies is not None
-        gone = [rank for rank in removed if rank not in put
-                and self.table.policies.pop(rank, None) is not None]
-        self.table.policies.update(put)
+        policies = self.table.policies
+        assert policies is not None
+        gone = []
+        for rank in removed:
+            if rank not in put and (old := policies.pop(rank, None)) is not None:
+                gone.append(rank)
+                self._name(old, -1)
+        for rank, policy in put.items():
+            self._name(policies.get(rank), -1)
+            self._name(policy, 1)
+            policies[rank] = policy
         if put or gone:
             self._publish({"op": "spd-edit", "put": _encode_spd(put), "del": gone})
 

@@ -681,3 +681,41 @@ def test_removed_indices_are_reused_after_their_quarantine_and_removed_by_identi
         finally:
             pub.close()
             ctx.term()
+
+
+def test_an_index_a_policy_still_names_or_removed_anew_waits() -> None:
+    """A removed index that a PROTECT policy still names (its Child SA's successor is not
+    in place yet, say) is not handed out until no policy names it; an index taken back by
+    an explicit install and removed again waits its full quarantine from the new removal."""
+    now = [0.0]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with tempfile.TemporaryDirectory() as rundir:
+        pub = SaPublisher(ctx, f"ipc://{rundir}/p", f"ipc://{rundir}/s", quarantine=60.0,
+                          clock=lambda: now[0])
+        try:
+            a, b = pub.allocate(), pub.allocate()
+            ra, rb = record(0x1001, Direction.OUT), record(0x1002, Direction.OUT)
+            pub.install(a, ra)
+            pub.install(b, rb)
+            pub.edit_policies({5: Policy((NET_A,), (NET_A,), sa_index=a)})
+            assert pub.remove(a, ra) and pub.remove(b, rb)
+            now[0] += 61.0
+            assert pub.allocate() == b  # a: still named by rank 5
+            pub.edit_policies({}, [5])
+            assert pub.allocate() == 2  # a: named until just now, quarantined again
+            now[0] += 61.0
+            assert pub.allocate() == a
+            # Taken back by an explicit install, removed again 30 s later: not 30 s early.
+            c = pub.allocate()
+            pub.install(c, record(0x3001, Direction.OUT))
+            pub.remove(c)
+            now[0] += 30.0
+            pub.install(c, record(0x3002, Direction.OUT))
+            pub.remove(c)
+            now[0] += 31.0  # 61 s after the first removal, 31 after the second
+            assert pub.allocate() != c
+            now[0] += 30.0
+            assert pub.allocate() == c
+        finally:
+            pub.close()
+            ctx.term()
