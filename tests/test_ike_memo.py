@@ -115,16 +115,20 @@ def test_remembered_bytes_of_selectors_and_transforms_are_the_payloads_own() -> 
 def test_the_psk_pad_key_is_rfc_7296_s2_15_for_each_prf() -> None:
     import hashlib
     import hmac
+    from dataclasses import replace
 
     from controller.ike.constants import PrfId
 
-    psk = b"a long pre-shared key"
+    config, _ = configs()
+    rotated = replace(config, psk=config.psk + b"!")  # a new PSK: a new cache
     for prf_id, name in ((PrfId.PRF_HMAC_SHA2_256, "sha256"),
                          (PrfId.PRF_HMAC_SHA2_384, "sha384"),
                          (PrfId.PRF_HMAC_SHA2_512, "sha512")):
-        want = hmac.new(psk, b"Key Pad for IKEv2", getattr(hashlib, name)).digest()
-        assert ike_sa._psk_pad_key(prf_id, psk) == want
-        assert ike_sa._psk_pad_key(prf_id, psk + b"!") != want  # per key, not one for all
+        want = hmac.new(config.psk, b"Key Pad for IKEv2", getattr(hashlib, name)).digest()
+        assert config.psk_pad_key(prf_id) == want == config.psk_pad_key(prf_id)
+        assert rotated.psk_pad_key(prf_id) == hmac.new(
+            rotated.psk, b"Key Pad for IKEv2", getattr(hashlib, name)).digest() != want
+    assert "pad" not in repr(config) and config == replace(config)  # not part of its value
 
 
 def test_mutable_inputs_are_never_remembered() -> None:

@@ -193,6 +193,18 @@ class IkeConfig:
     # the peer authenticates with ``psk``). Each direction is authenticated on its own.
     credential: auth.Credential | None = None
     trust: auth.TrustAnchors | None = None
+    # prf(psk, "Key Pad for IKEv2") by PRF, worked out once (psk_pad_key): as secret as the
+    # PSK, and kept with it (a new configuration, a new PSK: a new cache).
+    _pad_keys: dict[PrfId, bytes] = field(default_factory=dict, init=False, repr=False,
+                                          compare=False, hash=False)
+
+    def psk_pad_key(self, prf_id: PrfId) -> bytes:
+        """prf(Shared Secret, "Key Pad for IKEv2") of RFC 7296 §2.15: the same for every
+        AUTH with this key and PRF (two per IKE SA set up), so computed once."""
+        key = self._pad_keys.get(prf_id)
+        if key is None:
+            key = self._pad_keys[prf_id] = prf(prf_id, self.psk, PSK_PAD)
+        return key
 
     @property
     def uses_certificates(self) -> bool:
@@ -802,7 +814,7 @@ class IkeSa:
     def _psk_auth(self, ctx: _IkeContext, octets: bytes) -> bytes:
         """AUTH for a shared key (RFC 7296 §2.15): prf(prf(key, pad), signed octets)."""
         assert ctx.suite is not None
-        return prf(ctx.suite.prf, _psk_pad_key(ctx.suite.prf, self.config.psk), octets)
+        return prf(ctx.suite.prf, self.config.psk_pad_key(ctx.suite.prf), octets)
 
     def _our_auth(self, ctx: _IkeContext, octets: bytes) -> AuthPayload:
         """Our AUTH payload; ``AuthenticationFailed`` if our key cannot sign for this peer."""
@@ -1923,14 +1935,6 @@ def _answer(chosen: ChosenEsp, spi: bytes) -> SaPayload:
     """The responder's SA payload: the chosen proposal with our inbound SPI."""
     p = chosen.proposal
     return SaPayload((Proposal(p.number, ProtocolId.ESP, spi, p.transforms),))
-
-
-@lru_cache(maxsize=64)
-def _psk_pad_key(prf_id: PrfId, psk: bytes) -> bytes:
-    """prf(Shared Secret, "Key Pad for IKEv2") of RFC 7296 §2.15: the same for every AUTH
-    with that key and PRF (two per IKE SA set up), so computed once. It is a key as
-    secret as the PSK itself, kept where the PSK is (this process's memory)."""
-    return prf(prf_id, psk, PSK_PAD)
 
 
 _narrowing: IdentityMemo[tuple[TrafficSelector, ...]] = IdentityMemo()

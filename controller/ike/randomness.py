@@ -6,10 +6,12 @@ nonces, the key exchange's private value, the SK payload's IV, timer jitter). Ea
 more than the bytes it returns; one call per ``BLOCK`` bytes serves dozens of draws.
 
 The bytes are the kernel's, unchanged (no generator of our own). Bytes handed out are
-overwritten with zeros in the block, so the block never holds a secret already used (a
-private value or a nonce) longer than the draw that took it; what the block holds is only
-what no one has taken yet. A forked child starts with an empty block (``os.register_at_fork``)
-and never repeats its parent's bytes.
+overwritten with zeros in the block, so the block holds only what no one has taken yet, not
+the private values and nonces already drawn from it. (What Python frees it does not zero:
+the bytes object each read returns, copied into the block, stays in freed heap memory as
+every ``os.urandom`` result and every key derived in Python does; this is no guarantee
+against reading the process's memory.) A forked child starts with an empty block
+(``os.register_at_fork``) and never repeats its parent's bytes.
 """
 
 from __future__ import annotations
