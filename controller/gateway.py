@@ -450,9 +450,13 @@ class Gateway:
                 by_index[sa["index"]] = sa
                 carried[owner[1].uniqueid] = owner
         specs: dict[tuple[str, str], ChildSpec | None] = {}  # each child's, once a report
+        def own(child: ChildEntry, index: int) -> dict[str, Any]:
+            # (an index of a rekeyed Child SA, gone before the Child SA, may be another's)
+            owner = self._by_index.get(index)
+            return by_index.get(index, {}) if owner is not None and owner[1] is child else {}
+
         for entry, child in carried.values():
-            cin = by_index.get(child.index_in, {})
-            cout = by_index.get(child.index_out, {})
+            cin, cout = own(child, child.index_in), own(child, child.index_out)
             child.counters = {"bytes-in": cin.get("bytes", 0),
                               "packets-in": cin.get("packets", 0),
                               "bytes-out": cout.get("bytes", 0),
