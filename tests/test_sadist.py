@@ -648,39 +648,46 @@ def test_the_spd_edits_of_one_drain_reach_the_sink_as_one(
         sub.close()
 
 
+@contextlib.contextmanager
+def clocked_publisher(now: list[float]) -> Iterator[SaPublisher]:
+    """A publisher on its own context, its index quarantine 60 s by the clock ``now[0]``."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with tempfile.TemporaryDirectory() as rundir:
+        pub = SaPublisher(ctx, f"ipc://{rundir}/p", f"ipc://{rundir}/s", quarantine=60.0,
+                          clock=lambda: now[0])
+        try:
+            yield pub
+        finally:
+            pub.close()
+            ctx.term()
+
+
 def test_removed_indices_are_reused_after_their_quarantine_and_removed_by_identity() -> None:
     """SaPublisher.allocate hands a removed index out again once ``quarantine`` seconds
     passed (the data plane's per-index tables stay as large as the SAs up at once); a
     removal names the SA it removes, so a late one (a rekeyed SA's second removal) cannot
     take the index's next SA; an explicit install takes an index out of quarantine."""
     now = [100.0]
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    with tempfile.TemporaryDirectory() as rundir:
-        pub = SaPublisher(ctx, f"ipc://{rundir}/p", f"ipc://{rundir}/s", quarantine=60.0,
-                          clock=lambda: now[0])
-        try:
-            first = record(0x1001, Direction.OUT)
-            a, b = pub.allocate(), pub.allocate()
-            pub.install(a, first)
-            pub.install(b, record(0x1002, Direction.IN))
-            assert (a, b) == (0, 1)
-            assert pub.remove(a, first) and not pub.remove(a, first)  # once
-            now[0] += 59.0
-            assert pub.allocate() == 2  # still quarantined: a fresh one
-            now[0] += 1.0
-            assert pub.allocate() == a  # 60 s on: reused
-            second = record(0x2001, Direction.OUT)
-            pub.install(a, second)
-            assert not pub.remove(a, first)  # the late removal of the old SA: refused
-            assert pub.table.sas is not None and pub.table.sas[a] is second
-            assert pub.remove(a, second)
-            pub.install(a, record(0x3001, Direction.OUT))  # explicitly, before its time
-            now[0] += 120.0
-            assert pub.allocate() == 3  # a is in use: not handed out again
-            assert pub.remove(b)  # (no record named: whatever is there)
-        finally:
-            pub.close()
-            ctx.term()
+    with clocked_publisher(now) as pub:
+        first = record(0x1001, Direction.OUT)
+        a, b = pub.allocate(), pub.allocate()
+        pub.install(a, first)
+        pub.install(b, record(0x1002, Direction.IN))
+        assert (a, b) == (0, 1)
+        assert pub.remove(a, first) and not pub.remove(a, first)  # once
+        now[0] += 59.0
+        assert pub.allocate() == 2  # still quarantined: a fresh one
+        now[0] += 1.0
+        assert pub.allocate() == a  # 60 s on: reused
+        second = record(0x2001, Direction.OUT)
+        pub.install(a, second)
+        assert not pub.remove(a, first)  # the late removal of the old SA: refused
+        assert pub.table.sas is not None and pub.table.sas[a] is second
+        assert pub.remove(a, second)
+        pub.install(a, record(0x3001, Direction.OUT))  # explicitly, before its time
+        now[0] += 120.0
+        assert pub.allocate() == 3  # a is in use: not handed out again
+        assert pub.remove(b)  # (no record named: whatever is there)
 
 
 def test_an_index_a_policy_still_names_or_removed_anew_waits() -> None:
@@ -688,34 +695,27 @@ def test_an_index_a_policy_still_names_or_removed_anew_waits() -> None:
     in place yet, say) is not handed out until no policy names it; an index taken back by
     an explicit install and removed again waits its full quarantine from the new removal."""
     now = [0.0]
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    with tempfile.TemporaryDirectory() as rundir:
-        pub = SaPublisher(ctx, f"ipc://{rundir}/p", f"ipc://{rundir}/s", quarantine=60.0,
-                          clock=lambda: now[0])
-        try:
-            a, b = pub.allocate(), pub.allocate()
-            ra, rb = record(0x1001, Direction.OUT), record(0x1002, Direction.OUT)
-            pub.install(a, ra)
-            pub.install(b, rb)
-            pub.edit_policies({5: Policy((NET_A,), (NET_A,), sa_index=a)})
-            assert pub.remove(a, ra) and pub.remove(b, rb)
-            now[0] += 61.0
-            assert pub.allocate() == b  # a: still named by rank 5
-            pub.edit_policies({}, [5])
-            assert pub.allocate() == 2  # a: named until just now, quarantined again
-            now[0] += 61.0
-            assert pub.allocate() == a
-            # Taken back by an explicit install, removed again 30 s later: not 30 s early.
-            c = pub.allocate()
-            pub.install(c, record(0x3001, Direction.OUT))
-            pub.remove(c)
-            now[0] += 30.0
-            pub.install(c, record(0x3002, Direction.OUT))
-            pub.remove(c)
-            now[0] += 31.0  # 61 s after the first removal, 31 after the second
-            assert pub.allocate() != c
-            now[0] += 30.0
-            assert pub.allocate() == c
-        finally:
-            pub.close()
-            ctx.term()
+    with clocked_publisher(now) as pub:
+        a, b = pub.allocate(), pub.allocate()
+        ra, rb = record(0x1001, Direction.OUT), record(0x1002, Direction.OUT)
+        pub.install(a, ra)
+        pub.install(b, rb)
+        pub.edit_policies({5: Policy((NET_A,), (NET_A,), sa_index=a)})
+        assert pub.remove(a, ra) and pub.remove(b, rb)
+        now[0] += 61.0
+        assert pub.allocate() == b  # a: still named by rank 5
+        pub.edit_policies({}, [5])
+        assert pub.allocate() == 2  # a: named until just now, quarantined again
+        now[0] += 61.0
+        assert pub.allocate() == a
+        # Taken back by an explicit install, removed again 30 s later: not 30 s early.
+        c = pub.allocate()
+        pub.install(c, record(0x3001, Direction.OUT))
+        pub.remove(c)
+        now[0] += 30.0
+        pub.install(c, record(0x3002, Direction.OUT))
+        pub.remove(c)
+        now[0] += 31.0  # 61 s after the first removal, 31 after the second
+        assert pub.allocate() != c
+        now[0] += 30.0
+        assert pub.allocate() == c
