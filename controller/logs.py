@@ -206,7 +206,10 @@ class IkeSaLogger(logging.LoggerAdapter[logging.Logger]):
     record, keeping the call's own ``extra`` fields (the bound ones win)."""
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if kwargs:  # exc_info, extra, stacklevel...: LoggerAdapter's way
+        if kwargs or logging._srcfile:
+            # exc_info, extra, stacklevel..., or the caller's frame wanted (setup_logging
+            # turns that off): LoggerAdapter's way, the caller being this method's caller
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
             super().log(level, msg, *args, **kwargs)
             return
         logger = self.logger

@@ -125,6 +125,13 @@ def test_ike_sa_lines_without_keywords_take_the_short_way_alike(
                                 "ike_id": 3}
     assert len(made) == 3 and made[0].args == ("lan", 7)
     assert bound["psk"] == REDACTED and "hunter2" not in stream.getvalue()
+    # Where the caller's frame is wanted (not under setup_logging), it is gathered.
+    import os
+
+    monkeypatch.setattr(logging, "_srcfile",
+                        os.path.normcase(logging.addLevelName.__code__.co_filename))
+    log.info("with its caller")
+    assert made[-1].filename == os.path.basename(__file__) and made[-1].lineno > 0
 
 
 def test_text_exception(stream: io.StringIO) -> None:
