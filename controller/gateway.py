@@ -442,21 +442,17 @@ class Gateway:
         checked. The report lists only SAs that carried traffic: the others keep zero
         counters (``_NO_TRAFFIC``, which no limit reaches: volumes are >= 0), and a report
         costs what those few SAs cost, not a visit of every Child SA of a concentrator."""
-        by_index: dict[int, dict[str, Any]] = {}
-        carried: dict[int, tuple[IkeEntry, ChildEntry]] = {}  # by unique id
+        # Each Child SA that carried traffic, with the report's figures of the indices it
+        # owns (an index of a rekeyed Child SA, gone before the Child SA, may be another's).
+        carried: dict[int, tuple[IkeEntry, ChildEntry, dict[int, dict[str, Any]]]] = {}
         for sa in self.stats.get("sas", []):
             owner = self._by_index.get(sa["index"])
             if owner is not None:
-                by_index[sa["index"]] = sa
-                carried[owner[1].uniqueid] = owner
+                entry, child = owner
+                carried.setdefault(child.uniqueid, (entry, child, {}))[2][sa["index"]] = sa
         specs: dict[tuple[str, str], ChildSpec | None] = {}  # each child's, once a report
-        def own(child: ChildEntry, index: int) -> dict[str, Any]:
-            # (an index of a rekeyed Child SA, gone before the Child SA, may be another's)
-            owner = self._by_index.get(index)
-            return by_index.get(index, {}) if owner is not None and owner[1] is child else {}
-
-        for entry, child in carried.values():
-            cin, cout = own(child, child.index_in), own(child, child.index_out)
+        for entry, child, figures in carried.values():
+            cin, cout = figures.get(child.index_in, {}), figures.get(child.index_out, {})
             child.counters = {"bytes-in": cin.get("bytes", 0),
                               "packets-in": cin.get("packets", 0),
                               "bytes-out": cout.get("bytes", 0),
