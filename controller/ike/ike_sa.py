@@ -1947,13 +1947,7 @@ def _narrowed(ts: TsiPayload | TsrPayload | None,
     selectors get the very same narrowed tuple (written once, payloads.py)."""
     if ts is None:
         return ()
-    if type(allowed) is not tuple:  # only immutable inputs are remembered
-        return narrow(_ranges(ts), allowed)
-    inputs = (ts, allowed)
-    out = _narrowing.get(inputs)
-    if out is None:
-        out = _narrowing.put(inputs, narrow(_ranges(ts), allowed))
-    return out
+    return _narrowing.get_or((ts, allowed), lambda: narrow(_ranges(ts), allowed))
 
 
 def _ranges(ts: TsiPayload | TsrPayload | None) -> tuple[TrafficSelector, ...]:

@@ -15,12 +15,14 @@ never repeat cost a dict insert, never memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 __all__ = ["IdentityMemo"]
 
 T = TypeVar("T")
-_MISSING = object()
+# Inputs of these types could change under the same identity: never remembered.
+_MUTABLE = (list, dict, set, bytearray)
 
 
 class IdentityMemo(Generic[T]):
@@ -46,6 +48,19 @@ class IdentityMemo(Generic[T]):
         if len(self._entries) >= self.limit:
             self._entries.clear()
         self._entries[(*map(id, inputs), extra)] = (inputs, result)
+        return result
+
+    def get_or(self, inputs: tuple[object, ...], compute: Callable[[], T],
+               extra: object = None) -> T:
+        """The result remembered for these very objects, else ``compute()`` (remembered,
+        unless it is None or an input is of a mutable type)."""
+        if any(isinstance(x, _MUTABLE) for x in inputs):
+            return compute()
+        result = self.get(inputs, extra)
+        if result is None:
+            result = compute()
+            if result is not None:
+                self.put(inputs, result, extra)
         return result
 
     def clear(self) -> None:

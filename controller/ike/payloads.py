@@ -427,15 +427,14 @@ _written: IdentityMemo[bytes] = IdentityMemo()
 
 
 def _transforms_bytes(transforms: tuple[Transform, ...]) -> bytes:
-    memo = type(transforms) is tuple  # only immutable inputs are remembered
-    data = _written.get((transforms,)) if memo else None
-    if data is None:
+    def write() -> bytes:
         buf = Buffer(capacity=64)
         last_index = len(transforms) - 1
         for index, transform in enumerate(transforms):
             _push_transform(buf, transform, last=index == last_index)
-        data = _written.put((transforms,), buf.data) if memo else buf.data
-    return data
+        return buf.data
+
+    return _written.get_or((transforms,), write)
 
 
 def pull_sa_payload(buf: Buffer) -> SaPayload:
@@ -867,17 +866,16 @@ def _pull_traffic_selectors(buf: Buffer) -> tuple[Selector, ...]:
 
 
 def _push_traffic_selectors(buf: Buffer, selectors: tuple[Selector, ...]) -> None:
-    memo = type(selectors) is tuple  # only immutable inputs are remembered
-    data = _written.get((selectors,), PayloadType.TSI) if memo else None
-    if data is None:
+    def write() -> bytes:
         if len(selectors) > MAX_TRAFFIC_SELECTORS:
             raise ValueError(f"{len(selectors)} traffic selectors, at most 255 fit")
         body = Buffer(capacity=64)
         body.push_struct(_TS_COUNT, len(selectors))
         for selector in selectors:
             _push_traffic_selector(body, selector)
-        data = _written.put((selectors,), body.data, PayloadType.TSI) if memo else body.data
-    buf.push_bytes(data)
+        return body.data
+
+    buf.push_bytes(_written.get_or((selectors,), write, PayloadType.TSI))
 
 
 def pull_tsi_payload(buf: Buffer) -> TsiPayload:

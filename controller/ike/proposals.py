@@ -145,13 +145,8 @@ def select_ike(
 
     The same offer object (the parser's, for the same bytes) against the same configured
     tuple gets the same answer object: the choice is made once per distinct offer."""
-    if type(configured) is not tuple:  # only immutable inputs are remembered
-        return _select_ike(offered, configured, ke_group)
-    inputs = (offered, configured)
-    chosen = _chosen_ike.get(inputs, ke_group)
-    if chosen is None:
-        chosen = _chosen_ike.put(inputs, _select_ike(offered, configured, ke_group), ke_group)
-    return chosen
+    return _chosen_ike.get_or((offered, configured),
+                              lambda: _select_ike(offered, configured, ke_group), ke_group)
 
 
 def _select_ike(
