@@ -228,23 +228,15 @@ class InsideRoutes:
                     self._of[rank] = (p, self._of[rank][1])
                 return [], []
         before: dict[str, bool] = {}
-        old: dict[int, tuple[Policy, tuple[str, ...]]] = {}
         for rank in {*removed, *put}:
             entry = self._of.pop(rank, None)
-            if entry is None:
-                continue
-            old[rank] = entry
-            for route in entry[1]:
+            for route in entry[1] if entry is not None else ():
                 before.setdefault(route, True)
                 self.count[route] -= 1
                 if not self.count[route]:
                     del self.count[route]
         for rank, p in put.items():
-            # A new SA for the same selectors (most edits) keeps the entry's routes.
-            was = old.get(rank)
-            routes = was[1] if was is not None and was[0].remote_ts == p.remote_ts \
-                else _remote_routes(p)
-            entry = self._of[rank] = (p, routes)
+            entry = self._of[rank] = (p, _remote_routes(p))
             for route in entry[1]:
                 before.setdefault(route, route in self.count)
                 self.count[route] = self.count.get(route, 0) + 1
