@@ -11,6 +11,11 @@ the peer merely sees a gap.
 For inbound batches the window of each SA moves here, in order, for the packets the worker
 verified (RFC 4303 §3.4.3): a duplicate that slipped past the dispatcher's pre-check because
 both copies were in flight at once is caught now.
+
+The order that matters is per direction: an outbound batch's sequence numbers are its SAs'
+alone, an inbound batch moves only inbound windows. :meth:`idle` answers per direction, so
+that packets the I/O process sends at once (pipeline/onepacket.py) may pass batches of the
+other direction, never one of their own.
 """
 
 from __future__ import annotations
@@ -41,11 +46,26 @@ class Reassembler:
         self.lost_packets = 0  # the packets they held
         self.emitted = 0
         self._sizes: dict[int, int] = {}
+        # Every batch sent or held, until released or skipped: its direction (None: not
+        # told), and how many of each there are.
+        self._pending: dict[int, Direction | None] = {}
+        self._busy: dict[Direction | None, int] = {Direction.INBOUND: 0, Direction.OUTBOUND: 0,
+                                                   None: 0}
 
-    def sent(self, batch_id: int, count: int) -> None:
+    def sent(self, batch_id: int, count: int, direction: Direction | None = None) -> None:
         """The dispatcher sent this batch to a worker: if it never returns, ``count``
         packets are lost."""
         self._sizes[batch_id] = count
+        self._track(batch_id, direction)
+
+    def _track(self, batch_id: int, direction: Direction | None) -> None:
+        if batch_id not in self._pending:
+            self._pending[batch_id] = direction
+            self._busy[direction] += 1
+
+    def _untrack(self, batch_id: int) -> None:
+        if batch_id in self._pending:
+            self._busy[self._pending.pop(batch_id)] -= 1
 
     def push(self, batch: Batch, direction: Direction, now: float) -> bool:
         """Take a finished batch; False if its turn has passed (skipped: its packets are
@@ -53,6 +73,7 @@ class Reassembler:
         if batch.batch_id < self.next_id or batch.batch_id in self._lost:
             return False
         self._held[batch.batch_id] = (batch, direction)
+        self._track(batch.batch_id, direction)
         if batch.batch_id != self.next_id and self._waiting_since is None:
             self._waiting_since = now
         return True
@@ -71,6 +92,7 @@ class Reassembler:
             if held is not None:
                 batch, direction = held
                 self._sizes.pop(self.next_id, None)
+                self._untrack(self.next_id)
                 if direction is Direction.INBOUND:
                     self._commit(batch)
                 self.next_id += 1
@@ -94,11 +116,15 @@ class Reassembler:
     def _skip(self) -> None:
         self.skipped += 1
         self.lost_packets += self._sizes.pop(self.next_id, 0)
+        self._untrack(self.next_id)
         self.next_id += 1
 
-    def idle(self) -> bool:
-        """Nothing in flight and nothing held: a packet sent now overtakes no batch."""
-        return not self._sizes and not self._held
+    def idle(self, direction: Direction | None = None) -> bool:
+        """Nothing in flight and nothing held (of ``direction``, and of no direction told):
+        a packet sent now overtakes no batch (of its direction)."""
+        if direction is None:
+            return not self._pending
+        return not self._busy[direction] and not self._busy[None]
 
     def outstanding(self) -> int:
         """Batches sent to workers and neither released nor given up on yet."""

@@ -177,6 +177,7 @@ def running(io: tuple[QueueIO, QueueIO] | None = None,
     of two packets or more goes to one (by default only full batches do: see
     test_batches_the_io_process_keeps_up_with_stay_there)."""
     settings.setdefault("handoff_min", 2)
+    settings.setdefault("one_by_one", 1)  # a small batch is a batch (test_small_batches_...)
     settings.setdefault("sparse_wait", None)  # batches as big as what waits (see below)
     inside, outside = io or (QueueIO(), QueueIO())
     with tempfile.TemporaryDirectory() as rundir:
@@ -608,6 +609,79 @@ def test_a_worker_killed_with_packet_heads_gives_their_memory_back() -> None:
         assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
         wait_for(lambda: not inside.held and len(plane._free) == len(plane.pool))
         assert inside.releases == inside.heads_reads
+
+
+def test_small_batches_go_one_by_one_in_order() -> None:
+    """Settings.one_by_one: a batch of at most that many packets, nothing of its direction
+    in flight, goes packet by packet through the one-packet path (no worker, no batch
+    path); a bigger one goes to a worker as before. Both ways every packet leaves once, in
+    order, with sequence numbers 1, 2, ..."""
+    with running(one_by_one=8) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        send_bursts(inside, outside, [[inner(10 * k + i) for i in range(size)]
+                                      for k, size in enumerate([5, 8, 9, 1])])
+        assert plane.stats.single_packets == 5 + 8 + 1
+        assert plane.stats.inline_batches == 0
+        assert sum(plane.stats.worker_batches.values()) == 1  # the 9
+        wire = peer_wire([100] * 6 + [1000] * 3)
+        outside.put(wire[:6])
+        wait_for(lambda: len(inside.outbox) == 6)
+        assert inside.outbox == [inner(i) for i in range(6)]
+        assert plane.stats.single_packets == 14 + 6
+        # Inbound packets long enough to be TCP segments worth coalescing: a batch.
+        outside.put(wire[6:])
+        wait_for(lambda: len(inside.outbox) == 9)
+        assert inside.outbox[6:] == [inner(i, 1000) for i in range(6, 9)]
+        assert plane.stats.single_packets == 20
+        assert sum(plane.stats.worker_batches.values()) == 2
+
+
+def _syn(i: int, mss: int) -> bytes:
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import raw
+    return raw(IP(src="10.1.0.1", dst="10.2.0.1", id=i) / TCP(
+        sport=40000 + i, dport=443, flags="S", options=[("NOP", None), ("MSS", mss)]))
+
+
+@pytest.mark.parametrize("handoff_min", [2, None], ids=["worker", "inline"])
+def test_a_packet_declined_one_by_one_takes_the_rest_of_its_batch_along(
+        handoff_min: int | None) -> None:
+    """The one-packet path declines a SYN to clamp: the packets before it have left, it and
+    those after it go through the batch path (a worker's, or this process's), moved to the
+    front of the batch. Every packet leaves once, in order, the SYN clamped."""
+    from scapy.layers.inet import IP, TCP
+
+    with running(one_by_one=8, handoff_min=handoff_min) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        limit = int(plane._mss4[0])
+        burst = [inner(0), inner(1, 300), _syn(2, 1460), inner(3, 40), inner(4, 1400),
+                 inner(5)]
+        inside.put(burst)
+        wait_for(lambda: len(outside.outbox) == len(burst))
+        plain, seqs = peer_decap(outside.outbox)
+        assert seqs == list(range(1, len(burst) + 1))
+        assert plain[:2] == burst[:2] and plain[3:] == burst[3:]
+        assert dict(IP(plain[2])[TCP].options)["MSS"] == limit
+        assert plane.stats.single_packets == 2 and plane.stats.mss_clamped == 1
+        assert (sum(plane.stats.worker_batches.values()), plane.stats.inline_batches) == (
+            (1, 0) if handoff_min == 2 else (0, 1))
+
+
+def test_a_tampered_packet_among_a_few_is_dropped_alone_and_counted() -> None:
+    """Inbound, the one-packet path declines a packet whose ICV does not verify: the batch
+    path takes it and what follows, drops it (counted as ``integrity``) and delivers the
+    rest, in order."""
+    with running(one_by_one=8, handoff_min=None) as (plane, inside, outside):
+        wait_for(lambda: plane.ready == [0, 1])
+        wire = peer_wire([60, 80, 100, 120, 140])  # ESP-in-UDP of at most 204 bytes
+        bad = bytearray(wire[2])
+        bad[-20] ^= 0x01  # in the ciphertext
+        outside.put([wire[0], wire[1], bytes(bad), wire[3], wire[4]])
+        wait_for(lambda: plane.stats.inbound.snapshot()["drops"] == {"integrity": 1})
+        wait_for(lambda: len(inside.outbox) == 4)
+        assert inside.outbox == [inner(i, size) for i, size in
+                                 ((0, 60), (1, 80), (3, 120), (4, 140))]
+        assert plane.stats.single_packets == 2 and plane.stats.inline_batches == 1
 
 
 @pytest.mark.parametrize("reader", [QueueIO, RingIO], ids=["whole", "heads"])

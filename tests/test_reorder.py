@@ -71,3 +71,27 @@ def test_a_batch_that_comes_back_after_its_turn_is_refused() -> None:
     r.sent(2, 1)
     r.lost(2)
     assert not r.push(batch(2), Direction.OUTBOUND, 0.8)  # declared lost: never released
+
+
+def test_idle_is_told_per_direction() -> None:
+    """A batch out at a worker or held keeps its own direction busy, not the other one, until
+    it is released or skipped; a batch sent without a direction keeps both busy."""
+    r = Reassembler(SaTable(), timeout=1.0)
+    assert r.idle() and r.idle(Direction.INBOUND) and r.idle(Direction.OUTBOUND)
+    r.sent(0, 2, Direction.INBOUND)
+    r.push(batch(1), Direction.OUTBOUND, 0.0)  # done, waiting for batch 0
+    assert not r.idle() and not r.idle(Direction.INBOUND) and not r.idle(Direction.OUTBOUND)
+    r.sent(2, 2, Direction.INBOUND)
+    r.push(batch(0), Direction.INBOUND, 0.0)
+    out: list[int] = []
+    r.pop(0.0, lambda b, d: out.append(b.batch_id))
+    assert out == [0, 1]
+    assert r.idle(Direction.OUTBOUND) and not r.idle(Direction.INBOUND) and not r.idle()
+    r.lost(2)
+    r.pop(0.0, lambda b, d: out.append(b.batch_id))  # skipped: its worker died
+    assert r.idle() and r.idle(Direction.INBOUND) and r.skipped == 1
+    r.sent(3, 1)  # direction not told
+    assert not r.idle(Direction.INBOUND) and not r.idle(Direction.OUTBOUND)
+    r.push(batch(3), Direction.OUTBOUND, 0.0)
+    r.pop(0.0, lambda b, d: out.append(b.batch_id))
+    assert out == [0, 1, 3] and r.idle(Direction.INBOUND) and r.idle(Direction.OUTBOUND)
