@@ -371,6 +371,86 @@ def test_other_traffic_is_not_coalesced() -> None:
     assert _runs([udp, udp]) == []
 
 
+# --- coalescing UDP (GSO_UDP_L4 writes) --------------------------------------------------------
+def _datagrams(v6: bool, sizes: list[int], ipflags: str = "DF", sport: int = 4433,
+               ident0: int = 200) -> list[bytes]:
+    """One UDP flow's datagrams (what a QUIC sender's UDP_SEGMENT send becomes)."""
+    from scapy.layers.inet import UDP
+    return [bytes(_ip(v6, id=ident0 + k, ipflags=ipflags) / UDP(sport=sport, dport=443)
+                  / (bytes([k & 0xFF]) * size)) for k, size in enumerate(sizes)]
+
+
+def _udp_runs(pkts: list[bytes]) -> list[Run]:
+    batch = _batch_of(pkts)
+    n = len(pkts)
+    return coalesce(batch.data, batch.meta["offset"][:n].astype(np.int64),
+                    batch.meta["length"][:n].astype(np.int64), batch.slot_size, udp=True)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_datagrams_coalesce_into_what_the_kernel_cuts_back(v6: bool) -> None:
+    """A UDP flow's datagrams of one size (the last shorter) become one GSO_UDP_L4 packet,
+    only where the device takes them (``udp``); its header is scapy's for the whole payload
+    but for the checksum, left partial: completed, it verifies."""
+    from scapy.layers.inet import UDP
+
+    sizes = [1200] * 9 + [100]
+    pkts = _datagrams(v6, sizes)
+    assert _runs(pkts) == []  # TCP only
+    assert _udp_runs(pkts) == [Run(0, 9, True)]
+    batch = _batch_of(pkts)
+    l4 = 40 if v6 else 20
+    vnet, hdr = run_header(batch.data, int(batch.meta["offset"][0]), l4 + 8, l4,
+                           sum(sizes), 1200, False, udp=True)
+    flags, gso, hdr_len, gso_size, start, field = offload.VNET_HDR.unpack(vnet)
+    assert (flags, gso, hdr_len, gso_size, start, field) == (F_NEEDS_CSUM, GSO_UDP_L4, l4 + 8,
+                                                              1200, l4, 6)
+    pkt = hdr + b"".join(p[l4 + 8:] for p in pkts)
+    whole = bytes(_ip(v6, id=200) / UDP(sport=4433, dport=443)
+                  / b"".join(bytes([k]) * size for k, size in enumerate(sizes)))
+    raw = bytearray(pkt)
+    csum = 0xFFFF - ones_sum(bytes(raw[start:]))
+    raw[start + field:start + field + 2] = (csum or 0xFFFF).to_bytes(2, "big")
+    assert _verifies(bytes(raw), 17)
+    assert raw[:l4 + 6] == whole[:l4 + 6] if v6 else (
+        raw[:10] == whole[:10] and raw[12:l4 + 6] == whole[12:l4 + 6])
+    assert raw[l4 + 8:] == whole[l4 + 8:]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_what_breaks_a_udp_run(v6: bool) -> None:
+    s = _datagrams(v6, [1000] * 6)
+    assert _udp_runs(s) == [Run(0, 5, True)]
+    # another flow (port), a longer datagram after a shorter one
+    other = _datagrams(v6, [1000], sport=4434)
+    assert _udp_runs(s[:3] + other + s[4:]) == [Run(0, 2, True), Run(4, 5, True)]
+    assert _udp_runs(_datagrams(v6, [1000, 1000, 500, 1000, 1000])) == [Run(0, 2, True),
+                                                                         Run(3, 4, True)]
+    # a bad checksum: the datagram stays alone, for the kernel to drop
+    bad = bytearray(s[2])
+    bad[-1] ^= 0xFF
+    assert _udp_runs(s[:2] + [bytes(bad)] + s[3:]) == [Run(0, 1, True), Run(3, 5, True)]
+    # no checksum (0): an IPv4 datagram may say so (RFC 768), an IPv6 one may not (RFC 8200)
+    l4 = 40 if v6 else 20
+    none = [p[:l4 + 6] + b"\0\0" + p[l4 + 8:] for p in s]
+    assert _udp_runs(none) == ([] if v6 else [Run(0, 5, True)])
+    # TCP and UDP side by side: each its own runs
+    tcp = _stream(v6, [1000] * 3)
+    assert _udp_runs([*tcp, *s[:3]]) == [Run(0, 2), Run(3, 5, True)]
+
+
+def test_udp_ipv4_identification_must_follow_on_without_df_and_runs_stay_short() -> None:
+    s = _datagrams(False, [500] * 4, ipflags="")
+    assert _udp_runs(s) == [Run(0, 3, True)]
+    jumped = _datagrams(False, [500] * 4, ipflags="", ident0=900)
+    assert _udp_runs(s[:2] + jumped[2:]) == [Run(0, 1, True), Run(2, 3, True)]
+    # at most UDP_MAX_RUN datagrams (the kernel's UDP_MAX_SEGMENTS before 6.3), 64 KiB
+    runs = _udp_runs(_datagrams(False, [100] * 150))
+    assert [r.last - r.first + 1 for r in runs] == [64, 64, 22]
+    runs = _udp_runs(_datagrams(False, [1400] * 60))
+    assert [r.last - r.first + 1 for r in runs] == [46, 14]
+
+
 @pytest.mark.parametrize("count", [1, 3, 40])  # plain Python below tun._PLAIN_MAX, numpy above
 def test_a_tun_read_completes_partial_checksums_either_way(count: int) -> None:
     """What pipeline/tun.py does with the packets of a read flagged NEEDS_CSUM: TCP and UDP,
