@@ -90,7 +90,7 @@ class TunIO:
         return {"rx_packets": q.rx_packets, "rx_too_big": q.rx_too_big,
                 "rx_gso": q.rx_gso, "rx_gso_errors": q.rx_gso_errors,
                 "tx_packets": q.tx_packets, "tx_errors": q.tx_errors,
-                "tx_coalesced": q.tx_coalesced, "tx_udp_coalesced": q.tx_udp_coalesced}
+                "tx_coalesced": q.tx_coalesced}
 
 
 class AfPacketIO:

@@ -388,16 +388,10 @@ def complete_one(mv: memoryview, off: int, length: int, start: int, field: int) 
 # --- coalescing (writes) ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
-    """Packets ``first .. last`` (indices into the passing packets) to write as one: TCP
-    segments, or with ``udp`` UDP datagrams (GSO_UDP_L4)."""
+    """Packets ``first .. last`` (indices into the passing packets) to write as one."""
 
     first: int
     last: int
-    udp: bool = False
-
-
-# The most datagrams in one UDP GSO packet (the kernel's UDP_MAX_SEGMENTS before Linux 6.3).
-UDP_MAX_RUN = 64
 
 
 _GATHER = 128  # bytes of each packet compared: IPv6 (40) + the longest TCP header (60), padded
@@ -408,14 +402,11 @@ _VARYING = {IPV4_MIN: (2, 3, 4, 5, 10, 11), IPV6_LEN: (4, 5)}
 
 
 @lru_cache(maxsize=4)
-def _compared(l4: int, udp: bool) -> npt.NDArray[np.bool_]:
+def _compared(l4: int) -> npt.NDArray[np.bool_]:
     keep = np.ones(_GATHER, dtype=bool)
     keep[list(_VARYING[l4])] = False
-    if udp:  # UDP length and checksum
-        keep[[l4 + UDP_LEN + k for k in range(4)]] = False
-    else:
-        keep[[l4 + TCP_SEQ + k for k in range(4)]] = False
-        keep[[l4 + TCP_FLAGS, l4 + TCP_CSUM, l4 + TCP_CSUM + 1]] = False
+    keep[[l4 + TCP_SEQ + k for k in range(4)]] = False
+    keep[[l4 + TCP_FLAGS, l4 + TCP_CSUM, l4 + TCP_CSUM + 1]] = False
     return keep
 
 
@@ -428,48 +419,37 @@ def _heads(data: Buf, offsets: I64, lengths: I64) -> Buf:
     return np.pad(rows, ((0, 0), (0, _GATHER - rows.shape[1])))
 
 
-def _joins(data: Buf, offsets: I64, lengths: I64, heads: Buf, l4: int, stride: int,
-           udp: bool = False) -> tuple[npt.NDArray[np.bool_], I64]:
-    """For IP version ``l4`` (20: IPv4, 40: IPv6) and TCP (or ``udp``): whether packet i + 1
-    may follow packet i in a run, and each packet's header length."""
+def _joins(data: Buf, offsets: I64, lengths: I64, heads: Buf, l4: int, stride: int
+           ) -> tuple[npt.NDArray[np.bool_], I64]:
+    """For IP version ``l4`` (20: IPv4, 40: IPv6): whether packet i + 1 may follow packet i
+    in a run, and each packet's header length."""
     h = heads
-    proto = PROTO_UDP if udp else PROTO_TCP
     if l4 == IPV4_MIN:
-        ok = ((h[:, 0] == 0x45) & (h[:, 9] == proto) & ((h[:, 6] & 0x3F) == 0)
+        ok = ((h[:, 0] == 0x45) & (h[:, 9] == PROTO_TCP) & ((h[:, 6] & 0x3F) == 0)
               & (h[:, 7] == 0) & (h[:, 2:4].view(">u2")[:, 0] == lengths))
         addrs = h[:, 12:20]
     else:
-        ok = (((h[:, 0] >> 4) == 6) & (h[:, 6] == proto)
+        ok = (((h[:, 0] >> 4) == 6) & (h[:, 6] == PROTO_TCP)
               & (h[:, 4:6].view(">u2")[:, 0] + IPV6_LEN == lengths))
         addrs = h[:, 8:40]
-    if udp:
-        header = np.full(len(offsets), l4 + UDP_HDR, dtype=np.int64)
-        ok &= ((h[:, l4 + UDP_LEN:l4 + UDP_LEN + 2].view(">u2")[:, 0] == lengths - l4)
-               & (lengths > header))
-    else:
-        doff = (h[:, l4 + TCP_DOFF] >> 4).astype(np.int64) * 4
-        flags = h[:, l4 + TCP_FLAGS]
-        header = l4 + doff
-        ok &= ((doff >= TCP_MIN) & ((flags & (~(ACK | PSH) & 0xFF)) == 0)
-               & ((flags & ACK) != 0) & (lengths > header) & (header <= _GATHER))
+    doff = (h[:, l4 + TCP_DOFF] >> 4).astype(np.int64) * 4
+    flags = h[:, l4 + TCP_FLAGS]
+    header = l4 + doff
+    ok &= ((doff >= TCP_MIN) & ((flags & (~(ACK | PSH) & 0xFF)) == 0) & ((flags & ACK) != 0)
+           & (lengths > header) & (header <= _GATHER))
     if ok.sum() < 2:
         return np.zeros(len(offsets) - 1, dtype=bool), header
-    # Checksums: only packets that verify are coalesced (the kernel drops the others); an
-    # IPv4 UDP datagram may carry none (RFC 768: 0), and gets one when the kernel cuts it.
+    # Checksums: only segments that verify are coalesced (the kernel drops the others).
     sel = np.flatnonzero(ok)
-    pseudo = addrs[sel].view(">u2").sum(axis=1, dtype=np.int64) + proto + lengths[sel] - l4
+    pseudo = addrs[sel].view(">u2").sum(axis=1, dtype=np.int64) + PROTO_TCP + lengths[sel] - l4
     sums = row_sums(data, offsets[sel] + l4, lengths[sel] - l4, stride) + pseudo
-    valid = sums % 0xFFFF == 0
-    if udp and l4 == IPV4_MIN:
-        valid |= h[sel, l4 + UDP_CSUM:l4 + UDP_CSUM + 2].view(">u2")[:, 0] == 0
-    ok[sel] = valid
+    ok[sel] = sums % 0xFFFF == 0
     join = ok[:-1] & ok[1:] & (header[:-1] == header[1:])
-    differ = (h[:-1] != h[1:]) & _compared(l4, udp) & (np.arange(_GATHER) < header[:-1, None])
+    differ = (h[:-1] != h[1:]) & _compared(l4) & (np.arange(_GATHER) < header[:-1, None])
     join &= ~differ.any(axis=1)
-    if not udp:
-        join &= ((flags[:-1] & PSH) == 0) & ((flags[:-1] | PSH) == (flags[1:] | PSH))
-        seq = h[:, l4 + TCP_SEQ:l4 + TCP_SEQ + 4].view(">u4")[:, 0].astype(np.int64)
-        join &= ((seq[:-1] + lengths[:-1] - header[:-1]) & 0xFFFFFFFF) == seq[1:]
+    join &= ((flags[:-1] & PSH) == 0) & ((flags[:-1] | PSH) == (flags[1:] | PSH))
+    seq = h[:, l4 + TCP_SEQ:l4 + TCP_SEQ + 4].view(">u4")[:, 0].astype(np.int64)
+    join &= ((seq[:-1] + lengths[:-1] - header[:-1]) & 0xFFFFFFFF) == seq[1:]
     if l4 == IPV4_MIN:
         ident = h[:, 4:6].view(">u2")[:, 0].astype(np.int64)
         df = (h[:, 6] & 0x40) != 0
@@ -477,41 +457,26 @@ def _joins(data: Buf, offsets: I64, lengths: I64, heads: Buf, l4: int, stride: i
     return join, header
 
 
-def coalesce(data: Buf, offsets: I64, lengths: I64, stride: int, udp: bool = False
-             ) -> list[Run]:
+def coalesce(data: Buf, offsets: I64, lengths: I64, stride: int) -> list[Run]:
     """Runs of two or more consecutive packets that one write may carry as one TCP packet
     with a GSO header: one connection (addresses, ports, every header byte but length,
     identification, checksums and sequence number equal, TCP options included, so ACK
     number and window too), sequence numbers following on, equal payloads but for a shorter
     last, PSH only on the last, IPv4 identification following on or DF set, checksums valid,
-    at most 64 KiB in all. Packets must start 4-byte aligned (else nothing is coalesced).
-
-    With ``udp`` (a TUN device that takes GSO_UDP_L4, Linux 6.2 and later), UDP datagrams
-    of one flow the same way (every IP and UDP header byte but lengths, identification and
-    checksums equal), at most ``UDP_MAX_RUN`` of them: what a sender's UDP_SEGMENT (QUIC)
-    or a NIC's UDP GRO makes, which the kernel cuts again into the same datagrams."""
+    at most 64 KiB in all. Packets must start 4-byte aligned (else nothing is coalesced)."""
     n = len(offsets)
     if n < 2 or (offsets % 4).any():
         return []
     heads = _heads(data, offsets, lengths)
     version = heads[:, 0] >> 4
     joins = np.zeros(n - 1, dtype=bool)
-    is_udp = np.zeros(n, dtype=bool)
     header = np.zeros(n, dtype=np.int64)
     for v, l4 in ((4, IPV4_MIN), (6, IPV6_LEN)):
         mine = version == v
-        if mine.sum() < 2:
-            continue
-        pairs, hl = _joins(data, offsets, lengths, heads, l4, stride)
-        joins |= pairs & mine[:-1]
-        header = np.where(mine, hl, header)
-        if udp:
-            datagram = mine & (heads[:, 9 if v == 4 else 6] == PROTO_UDP)
-            if datagram.sum() >= 2:
-                pairs, hl = _joins(data, offsets, lengths, heads, l4, stride, udp=True)
-                joins |= pairs & datagram[:-1]
-                header = np.where(datagram, hl, header)
-                is_udp |= datagram
+        if mine.sum() >= 2:
+            pairs, hl = _joins(data, offsets, lengths, heads, l4, stride)
+            joins |= pairs & mine[:-1]
+            header = np.where(mine, hl, header)
     if not joins.any():
         return []
     runs: list[Run] = []
@@ -519,7 +484,6 @@ def coalesce(data: Buf, offsets: I64, lengths: I64, stride: int, udp: bool = Fal
     head = header.tolist()
     pay = (lengths - header).tolist()
     v6 = (version == 6).tolist()
-    kind = is_udp.tolist()
     i = 0
     while i < n - 1:
         if not join[i]:
@@ -527,43 +491,36 @@ def coalesce(data: Buf, offsets: I64, lengths: I64, stride: int, udp: bool = Fal
             continue
         size, total, j = pay[i], pay[i], i
         limit = MAX_IP_PAYLOAD - head[i] + (IPV6_LEN if v6[i] else 0)
-        most = i + UDP_MAX_RUN - 1 if kind[i] else n
         while j < n - 1 and join[j] and pay[j] == size and pay[j + 1] <= size \
-                and total + pay[j + 1] <= limit and j < most:
+                and total + pay[j + 1] <= limit:
             j += 1
             total += pay[j]
         if j > i:
-            runs.append(Run(i, j, kind[i]))
+            runs.append(Run(i, j))
         i = j + 1
     return runs
 
 
 def run_header(data: Buf | memoryview, offset: int, header: int, l4: int, payload: int,
-               gso_size: int, psh: bool, udp: bool = False) -> tuple[bytes, bytes]:
-    """The virtio-net header and the IP + TCP (``udp``: UDP) header of a coalesced run: the
-    first packet's headers (at ``offset``, ``header`` bytes, TCP or UDP at ``l4``) with the
-    run's ``payload`` length, PSH if the last had it (TCP), and the checksum left partial
-    (the pseudo-header sum) for the kernel's segmentation or receive path."""
+               gso_size: int, psh: bool) -> tuple[bytes, bytes]:
+    """The virtio-net header and the IP + TCP header of a coalesced run: the first packet's
+    headers (at ``offset``, ``header`` bytes, TCP at ``l4``) with the run's ``payload``
+    length, PSH if the last had it, and the TCP checksum left partial (the pseudo-header
+    sum) for the kernel's segmentation or receive path."""
     hdr = bytearray(bytes(data[offset:offset + header]))
-    l4_len = header - l4 + payload
-    proto = PROTO_UDP if udp else PROTO_TCP
+    tcp_len = header - l4 + payload
     if l4 == IPV6_LEN:
-        hdr[4:6] = (l4_len + l4 - IPV6_LEN).to_bytes(2, "big")
-        pseudo = ones_sum(hdr[8:40], proto + l4_len)
+        hdr[4:6] = (tcp_len + l4 - IPV6_LEN).to_bytes(2, "big")
+        pseudo = ones_sum(hdr[8:40], PROTO_TCP + tcp_len)
         kind = GSO_TCPV6
     else:
         hdr[2:4] = (header + payload).to_bytes(2, "big")
         hdr[10:12] = b"\0\0"
         hdr[10:12] = (0xFFFF - ones_sum(hdr[:l4])).to_bytes(2, "big")
-        pseudo = ones_sum(hdr[12:20], proto + l4_len)
+        pseudo = ones_sum(hdr[12:20], PROTO_TCP + tcp_len)
         kind = GSO_TCPV4
-    if udp:
-        hdr[l4 + UDP_LEN:l4 + UDP_LEN + 2] = l4_len.to_bytes(2, "big")
-        field, kind = UDP_CSUM, GSO_UDP_L4
-    else:
-        if psh:
-            hdr[l4 + TCP_FLAGS] |= PSH
-        field = TCP_CSUM
-    hdr[l4 + field:l4 + field + 2] = pseudo.to_bytes(2, "big")
-    vnet = VNET_HDR.pack(F_NEEDS_CSUM, kind, header, gso_size, l4, field)
+    if psh:
+        hdr[l4 + TCP_FLAGS] |= PSH
+    hdr[l4 + TCP_CSUM:l4 + TCP_CSUM + 2] = pseudo.to_bytes(2, "big")
+    vnet = VNET_HDR.pack(F_NEEDS_CSUM, kind, header, gso_size, l4, TCP_CSUM)
     return vnet, bytes(hdr)

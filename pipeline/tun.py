@@ -83,15 +83,12 @@ class TunError(OSError):
     """Opening or configuring the TUN device failed; the message says what is needed."""
 
 
-def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False
-                   ) -> tuple[int, str, bool]:
+def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False) -> tuple[int, str]:
     """Open /dev/net/tun and attach it to (or create) the TUN device ``name``.
 
-    Returns the non-blocking fd, the device's name as the kernel settled it (a ``%d``
-    pattern in ``name`` is filled in by the kernel) and whether the kernel took UDP
-    segmentation offload (Linux 6.2 and later: it then takes GSO_UDP_L4 writes too).
-    ``offload``: with virtio-net headers, partial checksums and TSO (pipeline/offload.py);
-    every queue of a device must agree.
+    Returns the non-blocking fd and the device's name as the kernel settled it (a ``%d``
+    pattern in ``name`` is filled in by the kernel). ``offload``: with virtio-net headers,
+    partial checksums and TSO (pipeline/offload.py); every queue of a device must agree.
     """
     encoded = name.encode()
     if not encoded or len(encoded) >= IFNAMSIZ:
@@ -104,13 +101,11 @@ def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False
         raise TunError(exc.errno, f"cannot open {TUN_PATH}: {_CAP_HINT}") from exc
     flags = (IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
              | (IFF_VNET_HDR if offload else 0))
-    uso = False
     try:
         ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(encoded, flags))
         if offload:
             try:
                 fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
-                uso = True
             except OSError as exc:  # an older kernel: no UDP segmentation offload
                 if exc.errno != errno.EINVAL:
                     raise
@@ -134,7 +129,7 @@ def _open_queue_fd(name: str, multi_queue: bool, offload: bool = False
         raise TunError(exc.errno, f"TUNSETIFF/TUNSETOFFLOAD {name!r} failed: {exc.strerror}"
                        ) from exc
     raw_name, _ = _IFREQ.unpack(ifr)
-    return fd, raw_name.rstrip(b"\0").decode(), uso
+    return fd, raw_name.rstrip(b"\0").decode()
 
 
 class TunQueue:
@@ -146,20 +141,17 @@ class TunQueue:
     With ``offload`` (the device was opened with ``IFF_VNET_HDR`` and TSO, see
     pipeline/offload.py), reads cut the kernel's 64 KiB TCP packets into segments and
     complete partial checksums, and writes coalesce consecutive TCP segments of one
-    connection (and with ``uso``, UDP datagrams of one flow). A packet cut into more
-    segments than the batch has room for leaves the rest :meth:`pending`, for the next read
-    (the fd may not be readable again meanwhile).
+    connection. A packet cut into more segments than the batch has room for leaves the rest
+    :meth:`pending`, for the next read (the fd may not be readable again meanwhile).
     """
 
     __slots__ = ("_fd", "_pending", "name", "offload", "rx_gso", "rx_gso_errors",
-                 "rx_packets", "rx_too_big", "tx_coalesced", "tx_errors", "tx_packets",
-                 "tx_udp_coalesced", "uso")
+                 "rx_packets", "rx_too_big", "tx_coalesced", "tx_errors", "tx_packets")
 
-    def __init__(self, fd: int, name: str, offload: bool = False, uso: bool = False) -> None:
+    def __init__(self, fd: int, name: str, offload: bool = False) -> None:
         self._fd = fd
         self.name = name
         self.offload = offload
-        self.uso = offload and uso  # UDP runs written with GSO_UDP_L4
         self._pending: Superpacket | None = None  # segments left to emit
         self.rx_packets = 0
         self.rx_too_big = 0  # longer than a slot's payload area: truncated, marked TOO_BIG
@@ -168,13 +160,12 @@ class TunQueue:
         self.tx_packets = 0
         self.tx_errors = 0  # writes the kernel refused (e.g. not an IPv4/IPv6 packet)
         self.tx_coalesced = 0  # packets written as part of a coalesced run
-        self.tx_udp_coalesced = 0  # ... of UDP datagrams (GSO_UDP_L4)
 
     @classmethod
     def attach(cls, name: str, offload: bool = False) -> TunQueue:
         """Attach a new queue to the existing multi-queue device ``name`` (e.g. in a worker)."""
-        fd, settled, uso = _open_queue_fd(name, multi_queue=True, offload=offload)
-        return cls(fd, settled, offload, uso)
+        fd, settled = _open_queue_fd(name, multi_queue=True, offload=offload)
+        return cls(fd, settled, offload)
 
     @property
     def fd(self) -> int:
@@ -354,7 +345,7 @@ class TunQueue:
         """Write with virtio-net headers: coalesced runs as one packet, the rest alone."""
         fd = self.fd
         data = batch.memory()[0]
-        runs = offload.coalesce(batch.data, offsets, lengths, batch.slot_size, self.uso)
+        runs = offload.coalesce(batch.data, offsets, lengths, batch.slot_size)
         offs = offsets.tolist()
         lens = lengths.tolist()
         sent = errors = coalesced = 0
@@ -369,22 +360,19 @@ class TunQueue:
             first, last = run.first, run.last
             off = offs[first]
             l4 = offload.IPV6_LEN if data[off] >> 4 == 6 else (data[off] & 0xF) * 4
-            header = l4 + (offload.UDP_HDR if run.udp
-                           else (data[off + l4 + offload.TCP_DOFF] >> 4) * 4)
+            header = l4 + (data[off + l4 + offload.TCP_DOFF] >> 4) * 4
             parts = [data[o + header : o + m] for o, m in
                      zip(offs[first : last + 1], lens[first : last + 1], strict=True)]
             payload = sum(lens[first : last + 1]) - header * (last - first + 1)
             end = offs[last]
             vnet, head = offload.run_header(data, off, header, l4, payload, lens[first] - header,
                                             bool(data[end + l4 + offload.TCP_FLAGS]
-                                                 & offload.PSH), run.udp)
+                                                 & offload.PSH))
             count = last - first + 1
             try:
                 os.writev(fd, [vnet, head, *parts])
                 sent += count
                 coalesced += count
-                if run.udp:
-                    self.tx_udp_coalesced += count
             except OSError:
                 errors += count
             i = last + 1
@@ -506,13 +494,13 @@ class TunDevice:
         self._netlink: RouteSocket | None = None
         self.queues: tuple[TunQueue, ...] = ()
         self.ifindex = 0
-        fd, self.name, uso = _open_queue_fd(name, mq, offload)
-        opened = [TunQueue(fd, self.name, offload, uso)]
+        fd, self.name = _open_queue_fd(name, mq, offload)
+        opened = [TunQueue(fd, self.name, offload)]
         self.queues = tuple(opened)
         try:
             for _ in range(queues - 1):
-                fd, _same, uso = _open_queue_fd(self.name, True, offload)
-                opened.append(TunQueue(fd, self.name, offload, uso))
+                fd, _same = _open_queue_fd(self.name, True, offload)
+                opened.append(TunQueue(fd, self.name, offload))
                 self.queues = tuple(opened)
             self._configure(mtu, address, routes)
         except BaseException:
