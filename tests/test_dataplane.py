@@ -636,11 +636,12 @@ def test_small_batches_go_one_by_one_in_order() -> None:
         assert sum(plane.stats.worker_batches.values()) == 2
 
 
-def _syn(i: int, mss: int) -> bytes:
+def _syn(i: int, mss: int, flags: str = "S") -> bytes:
+    """A TCP SYN (or ``flags``) from 10.1.0.1 with an MSS option of ``mss``."""
     from scapy.layers.inet import IP, TCP
     from scapy.packet import raw
     return raw(IP(src="10.1.0.1", dst="10.2.0.1", id=i) / TCP(
-        sport=40000 + i, dport=443, flags="S", options=[("NOP", None), ("MSS", mss)]))
+        sport=40000 + i, dport=443, flags=flags, options=[("NOP", None), ("MSS", mss)]))
 
 
 @pytest.mark.parametrize("handoff_min", [2, None], ids=["worker", "inline"])
@@ -693,15 +694,11 @@ def test_workers_clamp_the_mss_of_the_syns_they_take(reader: type[QueueIO]) -> N
     from scapy.layers.inet import IP, TCP
     from scapy.packet import raw
 
-    def syn(i: int, mss: int, flags: str = "S") -> bytes:
-        return raw(IP(src="10.1.0.1", dst="10.2.0.1", id=i) / TCP(
-            sport=40000 + i, dport=443, flags=flags, options=[("NOP", None), ("MSS", mss)]))
-
     with running(io=(reader(), QueueIO())) as (plane, inside, outside):
         wait_for(lambda: plane.ready == [0, 1])
         limit = int(plane._mss4[0])
         assert 1200 < limit < 1460
-        burst = [syn(0, 1460), inner(1), syn(2, 1000), syn(3, 8960, "SA"), inner(4, 1400)]
+        burst = [_syn(0, 1460), inner(1), _syn(2, 1000), _syn(3, 8960, "SA"), inner(4, 1400)]
         inside.put(burst)
         wait_for(lambda: len(outside.outbox) == len(burst))
         plain, _ = peer_decap(outside.outbox)
